@@ -1,5 +1,17 @@
 """fused_train: packed, varlen fine-tuning of Hugging Face LLMs with Triton kernels."""
 
 from fused_train.attention import varlen_attention
+from fused_train.collator import PackedCollator, block_diagonal_causal_mask
+from fused_train.packing import plan_packing
+from fused_train.patching import TESTED_MODEL_TYPES, is_patched, patch, unpatch
 
-__all__ = ["varlen_attention"]
+__all__ = [
+    "PackedCollator",
+    "TESTED_MODEL_TYPES",
+    "block_diagonal_causal_mask",
+    "is_patched",
+    "patch",
+    "plan_packing",
+    "unpatch",
+    "varlen_attention",
+]

@@ -1,0 +1,32 @@
+# Each target sets up its own .venv on a fresh machine. TORCH picks the torch build: the default
+# is the CPU wheel this project's CI uses; on a GPU machine use e.g. `make test TORCH=torch`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+demo: $(STAMP)
+	$(PY) bench/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_packing.py
+	$(PY) bench/bench_varlen_attention.py
+	$(PY) bench/bench_lora.py
+
+# --no-build-isolation: the build imports the torch installed here; an isolated build would fetch
+# torch again (a multi-GB CUDA wheel).
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet "setuptools>=64" "pybind11>=2.12" ninja
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info fused_train/_C*.so

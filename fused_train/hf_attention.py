@@ -1,0 +1,153 @@
+"""The `"fused_train"` attention implementation for transformers' `AttentionInterface`.
+
+transformers hands every attention layer `[batch, heads, tokens, head_dim]` tensors plus the
+model's kwargs. This module turns them into varlen form, one sequence per document, and calls
+`fused_train.attention.varlen_attention`. Document boundaries come, in this order, from:
+  1. `cu_seq_lens_q` / `cu_seq_lens_k` (flash-attention kwargs, e.g. from `PackedCollator`),
+     over the flattened `batch * tokens` stream;
+  2. otherwise, each row of the batch, cut where `position_ids` restart (packed rows without
+     cu_seq_lens, e.g. `DataCollatorWithFlattening`) and stripped of the padding that the 2-D
+     attention mask marks (ordinary left- or right-padded batches, generation with a KV cache).
+Position resets are only read when queries and keys cover the same tokens (no cache prefix).
+This is why `use_cache=True` in train mode stays correct: an empty cache adds no prefix, and the
+documents still come from the position ids rather than from a mask built for one sequence.
+"""
+
+import torch
+from transformers.masking_utils import flash_attention_mask
+
+from fused_train.attention import varlen_attention
+
+ATTENTION_NAME = "fused_train"
+
+# The mask interface of flash attention fits varlen exactly: None when nothing is padded,
+# otherwise the 2-D padding mask sliced to the keys' length (which we unpad below).
+fused_train_mask = flash_attention_mask
+
+
+def fused_train_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+):
+    if dropout > 0.0:
+        raise ValueError(
+            f"fused_train attention has no attention dropout, got dropout={dropout} in {type(module).__name__}; "
+            "set config.attention_dropout = 0.0"
+        )
+    batch, num_heads, len_q, head_dim = query.shape
+    len_k = key.shape[2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"fused_train attention expects a 2-D padding mask or None, got attention_mask of shape "
+            f"{tuple(attention_mask.shape)}; custom 4-D masks need attn_implementation='sdpa' or 'eager'"
+        )
+    q = query.transpose(1, 2).reshape(batch * len_q, num_heads, head_dim)
+    k = key.transpose(1, 2).reshape(batch * len_k, key.shape[1], head_dim)
+    v = value.transpose(1, 2).reshape(batch * len_k, value.shape[1], head_dim)
+
+    layout = _varlen_layout(batch, len_q, len_k, attention_mask, kwargs)
+    if layout.keep_q is not None:
+        q = q[layout.keep_q]
+    if layout.keep_k is not None:
+        k, v = k[layout.keep_k], v[layout.keep_k]
+    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    out = varlen_attention(
+        q,
+        k,
+        v,
+        layout.cu_seqlens_q,
+        layout.cu_seqlens_k,
+        layout.max_seqlen_q,
+        layout.max_seqlen_k,
+        causal=is_causal,
+        softmax_scale=scaling,
+        # transformers' sliding window of w lets a query see itself and the w - 1 keys before it.
+        window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1),
+        softcap=softcap or 0.0,
+    )
+    if layout.keep_q is not None:
+        # Padding positions get zeros: their outputs are never used by a loss or the next token.
+        out = out.new_zeros(batch * len_q, num_heads, head_dim).index_copy(0, layout.keep_q, out)
+    return out.view(batch, len_q, num_heads, head_dim), None
+
+
+class _Layout:
+    __slots__ = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "keep_q", "keep_k")
+
+    def __init__(self, cu_seqlens_q, cu_seqlens_k, keep_q=None, keep_k=None):
+        lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
+        self.max_seqlen_q = int(lengths_q.max()) if lengths_q.numel() else 0
+        self.max_seqlen_k = int(lengths_k.max()) if lengths_k.numel() else 0
+        self.keep_q, self.keep_k = keep_q, keep_k
+
+
+# Every layer of one forward sees the same kwargs tensors; the layout is computed once per forward.
+_last_layout: tuple[tuple, _Layout] | None = None
+
+
+def _varlen_layout(batch, len_q, len_k, attention_mask, kwargs) -> _Layout:
+    global _last_layout
+    position_ids = kwargs.get("position_ids")
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    cache_key = (batch, len_q, len_k, attention_mask, position_ids, cu_q, cu_k)
+    if _last_layout is not None and _same_key(_last_layout[0], cache_key):
+        return _last_layout[1]
+    if cu_q is not None:
+        layout = _layout_from_cu_seqlens(batch, len_q, len_k, cu_q, cu_k)
+    else:
+        layout = _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids)
+    _last_layout = (cache_key, layout)
+    return layout
+
+
+def _same_key(a, b):
+    return len(a) == len(b) and all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def _layout_from_cu_seqlens(batch, len_q, len_k, cu_q, cu_k):
+    cu_k = cu_q if cu_k is None else cu_k
+    for name, cu, total in (("cu_seq_lens_q", cu_q, batch * len_q), ("cu_seq_lens_k", cu_k, batch * len_k)):
+        if cu.dim() != 1 or int(cu[-1]) != total:
+            raise ValueError(
+                f"{name} must be 1-D and end at batch * tokens = {total} (it describes the flattened batch), "
+                f"got shape {tuple(cu.shape)} ending at {int(cu[-1]) if cu.numel() else None}"
+            )
+    return _Layout(cu_q.to(torch.int32), cu_k.to(torch.int32))
+
+
+def _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids):
+    if attention_mask is None:
+        device = position_ids.device if position_ids is not None else None
+        valid_k = torch.ones(batch, len_k, dtype=torch.bool, device=device)
+    else:
+        valid_k = attention_mask[:, -len_k:].bool()
+    valid_q = valid_k[:, -len_q:]
+    keep_q = None if bool(valid_q.all()) else valid_q.flatten().nonzero().squeeze(1)
+    if len_q != len_k:
+        # Decoding after a cache prefix: one sequence per row, its queries the last of its keys.
+        keep_k = None if bool(valid_k.all()) else valid_k.flatten().nonzero().squeeze(1)
+        return _Layout(_cu_from_lengths(valid_q.sum(1)), _cu_from_lengths(valid_k.sum(1)), keep_q, keep_k)
+    # A sequence starts at the first real token of a row, after padding, and where positions restart.
+    starts = valid_q & ~torch.nn.functional.pad(valid_q, (1, 0))[:, :-1]
+    if position_ids is not None:
+        positions = position_ids.expand(batch, -1)
+        starts[:, 1:] |= valid_q[:, 1:] & (positions[:, 1:] != positions[:, :-1] + 1)
+    segment = torch.cumsum(starts.flatten(), 0)[valid_q.flatten()] - 1
+    cu = _cu_from_lengths(torch.bincount(segment))
+    return _Layout(cu, cu, keep_q, keep_q)
+
+
+def _cu_from_lengths(lengths):
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return cu

@@ -1,0 +1,87 @@
+"""`patch(model)` / `unpatch(model)`: route a Hugging Face model's attention through fused_train.
+
+How `patch` decides whether it can handle a model:
+  - the model types in `TESTED_MODEL_TYPES` are tested end to end (packed == per-document loss and
+    gradients, padded batches, generation with a cache);
+  - any other decoder whose attention layers call transformers' `AttentionInterface` (the class can
+    switch its attention implementation at run time) is accepted too: it gets the same varlen
+    path, with sliding windows and softcapping read from the arguments its attention passes;
+  - encoder-decoders, models whose attention is hard-coded, and models with attention dropout are
+    refused with a ValueError that says why.
+Patching changes no parameter, buffer or `state_dict` key: only the name of the attention
+implementation in the config, which `unpatch` restores.
+"""
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+from fused_train.hf_attention import ATTENTION_NAME, fused_train_attention, fused_train_mask
+
+TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+
+_ORIGINAL_ATTENTION = "_fused_train_original_attn_implementation"
+
+AttentionInterface.register(ATTENTION_NAME, fused_train_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, fused_train_mask)
+
+
+def patch(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch `model` (a transformers model, or a peft model around one) to fused_train attention.
+
+    Idempotent; `unpatch` restores the previous attention implementation. Returns the model.
+    """
+    base = _transformers_model(model)
+    if getattr(base, _ORIGINAL_ATTENTION, None) is not None:
+        return model
+    _check_supported(base)
+    original = base.config._attn_implementation
+    base.set_attn_implementation(ATTENTION_NAME)
+    if base.config._attn_implementation != ATTENTION_NAME:
+        raise ValueError(
+            f"{type(base).__name__} did not accept attn_implementation={ATTENTION_NAME!r} "
+            f"(it kept {base.config._attn_implementation!r}); fused_train cannot patch it"
+        )
+    setattr(base, _ORIGINAL_ATTENTION, original)
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `patch`: the model gets back the attention implementation it had. A no-op if unpatched."""
+    base = _transformers_model(model)
+    original = getattr(base, _ORIGINAL_ATTENTION, None)
+    if original is None:
+        return model
+    base.set_attn_implementation(original)
+    delattr(base, _ORIGINAL_ATTENTION)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return getattr(_transformers_model(model), _ORIGINAL_ATTENTION, None) is not None
+
+
+def _transformers_model(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel):
+        raise ValueError(
+            f"model must be a transformers PreTrainedModel or a peft model wrapping one, got {type(model).__name__}"
+        )
+    return base
+
+
+def _check_supported(model: PreTrainedModel) -> None:
+    config = model.config
+    name = f"{type(model).__name__} (model_type={config.model_type!r})"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder; fused_train patches decoder-only causal LMs")
+    if config.model_type not in TESTED_MODEL_TYPES and not type(model)._can_set_attn_implementation():
+        raise ValueError(
+            f"{name} does not route its attention through transformers' AttentionInterface, so fused_train "
+            f"cannot replace it; tested model types: {', '.join(TESTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"{name} has attention_dropout={config.attention_dropout}; fused_train attention has no dropout, "
+            "set config.attention_dropout = 0.0 before patching"
+        )
