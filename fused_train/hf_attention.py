@@ -42,6 +42,11 @@ def fused_train_attention(
             f"fused_train attention has no attention dropout, got dropout={dropout} in {type(module).__name__}; "
             "set config.attention_dropout = 0.0"
         )
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As SDPA does under autocast: rotary embeddings leave q and k in float32, v is already cast.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     batch, num_heads, len_q, head_dim = query.shape
     len_k = key.shape[2]
     if attention_mask is not None and attention_mask.dim() != 2:
