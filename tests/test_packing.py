@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.packing_oracle import plan_packing_python
+from fused_train.packing import chunk_spans, plan_packing
+
+
+@st.composite
+def packing_problems(draw):
+    max_tokens = draw(st.integers(1, 64))
+    lengths = draw(st.lists(st.integers(1, 3 * max_tokens + 1), max_size=120))
+    return lengths, max_tokens
+
+
+@settings(max_examples=300, deadline=None)
+@given(packing_problems())
+def test_plan_covers_every_token_once_within_capacity(problem):
+    lengths, max_tokens = problem
+    rows = plan_packing(lengths, max_tokens)
+    spans = chunk_spans(rows, lengths, max_tokens)
+
+    covered = [[] for _ in lengths]
+    for row in spans:
+        assert row, "a row without documents"
+        assert sum(end - start for _, start, end in row) <= max_tokens
+        for doc, start, end in row:
+            covered[doc].append((start, end))
+    for doc, length in enumerate(lengths):
+        tokens = [t for start, end in sorted(covered[doc]) for t in range(start, end)]
+        assert tokens == list(range(length)), f"document {doc}"
+
+    loads = [sum(end - start for _, start, end in row) for row in spans]
+    # Best fit never opens a row while an open one has room, so at most one row is half full or less.
+    assert sum(2 * load <= max_tokens for load in loads) <= 1
+    # Full rows (one max_tokens piece) come first: the chunk-by-occurrence contract relies on it.
+    full = [len(row) == 1 and load == max_tokens for row, load in zip(rows, loads)]
+    assert full == sorted(full, reverse=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(packing_problems(), st.booleans())
+def test_cpp_equals_python_oracle(problem, split_long):
+    lengths, max_tokens = problem
+    if not split_long:
+        lengths = [min(length, max_tokens) for length in lengths]
+    expected = plan_packing_python(lengths, max_tokens, split_long)
+    assert plan_packing(lengths, max_tokens, split_long=split_long) == expected
+    assert plan_packing(lengths, max_tokens, split_long=split_long) == expected  # deterministic
+
+
+@pytest.mark.parametrize("max_tokens", [512, 2**21 + 3])
+def test_cpp_equals_python_oracle_on_many_documents(max_tokens):
+    # Thousands of open rows and many equal free counts: exercises the tie-breaking at scale; rows
+    # of millions of tokens too, where a planner cannot index tables by token count.
+    rng = np.random.default_rng(0)
+    lengths = rng.lognormal(np.log(max_tokens / 5), 1.0, size=20_000).round()
+    lengths = np.clip(lengths, 1, 2.5 * max_tokens).astype(np.int64)
+    assert plan_packing(lengths, max_tokens) == plan_packing_python(lengths.tolist(), max_tokens)
+
+
+def test_hand_made_plan_and_spans():
+    # max_tokens 4: documents 0 and 3 are cut (4+1, 4+4+1); full pieces take rows 0-3 in document
+    # order, then 3 opens a row, 2 another, and the two 1-token remainders fill the tightest rows.
+    rows = plan_packing([5, 3, 2, 9, 4], 4)
+    assert rows == [[0], [3], [3], [4], [1, 0], [2, 3]]
+    assert chunk_spans(rows, [5, 3, 2, 9, 4], 4) == [
+        [(0, 0, 4)],
+        [(3, 0, 4)],
+        [(3, 4, 8)],
+        [(4, 0, 4)],
+        [(1, 0, 3), (0, 4, 5)],
+        [(2, 0, 2), (3, 8, 9)],
+    ]
+
+
+def test_best_fit_not_first_fit():
+    # After 7 | 4+4 the free counts are 3 and 2: the last token goes to the tighter, later row.
+    assert plan_packing([7, 4, 4, 1], 10) == [[0], [1, 2, 3]]
+
+
+def test_ties_go_to_the_lower_document_and_row():
+    assert plan_packing([6, 6, 4], 10) == [[0, 2], [1]]
+    assert plan_packing([3, 3, 3, 3], 6) == [[0, 1], [2, 3]]
+
+
+def test_exact_multiples_and_single_tokens():
+    assert plan_packing([8], 4) == [[0], [0]]
+    assert plan_packing([1, 1, 1], 1) == [[0], [1], [2]]
+    assert plan_packing([4, 4], 4, split_long=False) == [[0], [1]]
+
+
+def test_long_document_rejected_without_split():
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 5 exceeds max_tokens = 4"):
+        plan_packing([2, 5], 4, split_long=False)
+
+
+def test_input_types_give_the_same_plan():
+    lengths = [9, 2, 7, 3, 3, 12]
+    expected = plan_packing(lengths, 8)
+    assert plan_packing(tuple(lengths), 8) == expected
+    assert plan_packing(np.array(lengths, dtype=np.int32), 8) == expected
+    assert plan_packing(np.array(lengths, dtype=np.uint16), 8) == expected
+    assert plan_packing(torch.tensor(lengths), np.int64(8)) == expected
+    assert plan_packing(torch.tensor(lengths, dtype=torch.int32), 8) == expected
+    assert plan_packing(np.repeat(lengths, 2)[::2], 8) == expected  # not contiguous
+
+
+def test_empty_lengths():
+    assert plan_packing([], 8) == []
+    assert plan_packing(np.zeros(0, dtype=np.int64), 8) == []
+    assert chunk_spans([], [], 8) == []
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_tokens", "message"),
+    [
+        ([1.0, 2.0], 4, "lengths must hold integers"),
+        (torch.tensor([1.0, 2.0]), 4, "lengths must hold integers"),
+        (torch.tensor([True]), 4, "lengths must hold integers"),
+        (["3"], 4, "lengths must hold integers"),
+        ([[1, 2]], 4, "lengths must be one-dimensional"),
+        (torch.ones(2, 2, dtype=torch.long), 4, "lengths must be one-dimensional"),
+        ([3, 0], 4, r"lengths\[1\] must be >= 1, got 0"),
+        (np.array([-2]), 4, r"lengths\[0\] must be >= 1, got -2"),
+        ([3], 0, "max_tokens must be a positive int"),
+        ([3], 2.5, "max_tokens must be a positive int"),
+        ([3], True, "max_tokens must be a positive int"),
+    ],
+)
+def test_bad_inputs_raise_value_error(lengths, max_tokens, message):
+    with pytest.raises(ValueError, match=message):
+        plan_packing(lengths, max_tokens)
+
+
+def test_chunk_spans_rejects_a_plan_that_does_not_fit_the_lengths():
+    with pytest.raises(ValueError, match="document 0"):
+        chunk_spans([[0], [0]], [4], 4)
