@@ -2,16 +2,20 @@
 
 from fused_train.attention import varlen_attention
 from fused_train.collator import PackedCollator, block_diagonal_causal_mask
+from fused_train.lora import lora_linear
 from fused_train.packing import plan_packing
 from fused_train.patching import TESTED_MODEL_TYPES, is_patched, patch, unpatch
+from fused_train.quantize import quantize_base
 
 __all__ = [
     "PackedCollator",
     "TESTED_MODEL_TYPES",
     "block_diagonal_causal_mask",
     "is_patched",
+    "lora_linear",
     "patch",
     "plan_packing",
+    "quantize_base",
     "unpatch",
     "varlen_attention",
 ]

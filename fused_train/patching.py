@@ -8,15 +8,23 @@ How `patch` decides whether it can handle a model:
     path, with sliding windows and softcapping read from the arguments its attention passes;
   - encoder-decoders, models whose attention is hard-coded, and models with attention dropout are
     refused with a ValueError that says why.
+On a peft model, `patch` also routes its LoRA `Linear` layers through the fused LoRA kernel
+(`fused_train.peft_patch`), per call, whenever a layer's state allows, and logs which layers were
+fused and why the others fall back (a warning when any does).
 Patching changes no parameter, buffer or `state_dict` key: only the name of the attention
-implementation in the config, which `unpatch` restores.
+implementation in the config and the forward of LoRA layers, which `unpatch` restores.
 """
+
+import logging
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from fused_train.hf_attention import ATTENTION_NAME, fused_train_attention, fused_train_mask
+from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
+
+logger = logging.getLogger("fused_train")
 
 TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 
@@ -27,33 +35,37 @@ AttentionMaskInterface.register(ATTENTION_NAME, fused_train_mask)
 
 
 def patch(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch `model` (a transformers model, or a peft model around one) to fused_train attention.
+    """Switch `model` (a transformers model, or a peft model around one) to fused_train attention,
+    and its peft LoRA `Linear` layers to the fused LoRA path.
 
-    Idempotent; `unpatch` restores the previous attention implementation. Returns the model.
+    Idempotent; `unpatch` restores the previous attention implementation and LoRA forwards.
+    Returns the model.
     """
     base = _transformers_model(model)
-    if getattr(base, _ORIGINAL_ATTENTION, None) is not None:
-        return model
-    _check_supported(base)
-    original = base.config._attn_implementation
-    base.set_attn_implementation(ATTENTION_NAME)
-    if base.config._attn_implementation != ATTENTION_NAME:
-        raise ValueError(
-            f"{type(base).__name__} did not accept attn_implementation={ATTENTION_NAME!r} "
-            f"(it kept {base.config._attn_implementation!r}); fused_train cannot patch it"
-        )
-    setattr(base, _ORIGINAL_ATTENTION, original)
+    if getattr(base, _ORIGINAL_ATTENTION, None) is None:
+        _check_supported(base)
+        original = base.config._attn_implementation
+        base.set_attn_implementation(ATTENTION_NAME)
+        if base.config._attn_implementation != ATTENTION_NAME:
+            raise ValueError(
+                f"{type(base).__name__} did not accept attn_implementation={ATTENTION_NAME!r} "
+                f"(it kept {base.config._attn_implementation!r}); fused_train cannot patch it"
+            )
+        setattr(base, _ORIGINAL_ATTENTION, original)
+    report = patch_lora_layers(model)
+    if report.num_fallback:
+        logger.warning("%s", report)
     return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `patch`: the model gets back the attention implementation it had. A no-op if unpatched."""
     base = _transformers_model(model)
+    unpatch_lora_layers(model)
     original = getattr(base, _ORIGINAL_ATTENTION, None)
-    if original is None:
-        return model
-    base.set_attn_implementation(original)
-    delattr(base, _ORIGINAL_ATTENTION)
+    if original is not None:
+        base.set_attn_implementation(original)
+        delattr(base, _ORIGINAL_ATTENTION)
     return model
 
 

@@ -1,6 +1,7 @@
 """patch/unpatch behaviour: idempotent, reversible, state_dict untouched, clear refusals."""
 
 import copy
+import logging
 
 import peft
 import pytest
@@ -34,13 +35,15 @@ def test_unpatched_model_computes_what_it_did_before():
     assert torch.equal(before, after)
 
 
-def test_patch_peft_model_keeps_adapter_keys_and_matches_documents_alone():
+def test_patch_peft_model_keeps_adapter_keys_and_matches_documents_alone(caplog):
     base = tiny_model("llama")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     reference = peft.get_peft_model(base, config)
     model = copy.deepcopy(reference)
     keys = list(model.state_dict())
-    fused_train.patch(model)
+    with caplog.at_level(logging.INFO, logger="fused_train"):
+        fused_train.patch(model)
+    assert "fused LoRA: 4 of 4 LoRA layers fused" in caplog.text
     assert list(model.state_dict()) == keys
     assert model.get_base_model().config._attn_implementation == "fused_train"
 
@@ -51,6 +54,10 @@ def test_patch_peft_model_keeps_adapter_keys_and_matches_documents_alone():
         alone = [reference(input_ids=d[None], labels=d[None]).loss * (len(d) - 1) for d in docs]
     expected = torch.stack(alone).sum() / sum(len(d) - 1 for d in docs)
     assert abs(packed_loss.item() - expected.item()) <= 1e-5
+
+    fused_train.unpatch(model)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    assert model.get_base_model().config._attn_implementation == "eager"
 
 
 def test_refuses_what_it_cannot_patch():

@@ -1,0 +1,166 @@
+"""Fused LoRA linear vs peft's LoRA layer vs the frozen base matmul alone, forward and forward+backward.
+
+Providers, side by side on the same random inputs:
+- `base`:  `x·Wᵀ` alone (forward), plus `dx = dy·W` (backward; W frozen, so no dW);
+- `peft`:  peft's `lora.Linear` (adapters in float32, as `get_peft_model` keeps them by default);
+- `fused`: `fused_train.lora_linear` (Triton on the GPU; on CPU its PyTorch reference runs, since
+  the Triton interpreter would time Python, so CPU figures only compare base and peft-style math).
+Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), and the ratios
+fused/base and peft/fused; writes JSON and a PNG chart under bench/results/.
+
+    python bench/bench_lora.py            # 7B-class shapes on a GPU, reduced shapes on CPU
+    python bench/bench_lora.py --quick    # the shape of the acceptance: 4096×4096, r=16, 8k tokens
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as LoraLinear
+from tqdm import tqdm
+
+from fused_train.lora import lora_linear
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# (tokens, in_features, out_features, rank): attention and MLP projections of 7B-class models.
+GPU_SHAPES = [
+    (tokens, fan_in, fan_out, rank)
+    for tokens in (4096, 8192, 16384)
+    for fan_in, fan_out in ((4096, 4096), (4096, 14336), (14336, 4096))
+    for rank in (8, 16, 64)
+]
+QUICK_SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16)]
+CPU_SHAPES = [(256, 512, 512, 16), (256, 512, 1376, 16)]
+
+
+def _time_ms(fn, device):
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    fn()
+    samples = []
+    for _ in range(10):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _providers(tokens, fan_in, fan_out, rank, dtype, device):
+    torch.manual_seed(0)
+    x = torch.randn(tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(tokens, fan_out, device=device, dtype=dtype)
+    base = torch.nn.Linear(fan_in, fan_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    layer = LoraLinear(base, "default", LoraConfig(r=rank, lora_alpha=2 * rank), r=rank, lora_alpha=2 * rank)
+    layer.lora_A["default"].float()
+    layer.lora_B["default"].float()
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scaling = layer.scaling["default"]
+    forwards = {
+        "base": lambda: x @ base.weight.t(),
+        "peft": lambda: layer(x),
+        "fused": lambda: lora_linear(x, base.weight, lora_a, lora_b, scaling),
+    }
+    return forwards, grad_y, [x, lora_a, lora_b]
+
+
+def _measure(forward, grad_y, leaves, mode, device):
+    def run():
+        if mode == "fwd":
+            with torch.no_grad():
+                forward()
+        else:
+            forward().backward(grad_y)
+            for leaf in leaves:
+                leaf.grad = None
+
+    peak_mb = None
+    if device == "cuda":
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return _time_ms(run, device), peak_mb
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the acceptance shapes")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    dtype = getattr(torch, args.dtype)
+    if device == "cpu":
+        shapes = CPU_SHAPES
+        print("CPU: reduced shapes; 'fused' runs lora_linear's PyTorch reference (no Triton off the GPU).")
+    else:
+        shapes = QUICK_SHAPES if args.quick else GPU_SHAPES
+
+    rows = []
+    for tokens, fan_in, fan_out, rank in tqdm(shapes, desc="bench_lora"):
+        forwards, grad_y, leaves = _providers(tokens, fan_in, fan_out, rank, dtype, device)
+        for mode in ("fwd", "fwd+bwd"):
+            # base matmul work: x·Wᵀ forward, and dy·W in the backward
+            flop = 2 * tokens * fan_in * fan_out * (1 if mode == "fwd" else 2)
+            row = dict(tokens=tokens, fan_in=fan_in, fan_out=fan_out, rank=rank, mode=mode, dtype=args.dtype)
+            for name, forward in forwards.items():
+                ms, peak_mb = _measure(forward, grad_y, leaves, mode, device)
+                row[f"{name}_ms"] = ms
+                row[f"{name}_tflops"] = flop / ms / 1e9
+                row[f"{name}_peak_mb"] = peak_mb
+            row["fused_over_base"] = row["fused_ms"] / row["base_ms"]
+            row["peft_over_fused"] = row["peft_ms"] / row["fused_ms"]
+            rows.append(row)
+        del forwards, grad_y, leaves
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench_lora_{device}{'_quick' if args.quick else ''}")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(device=device_name, torch=torch.__version__, rows=rows), f, indent=1)
+    _chart(rows, stem + ".png", device_name)
+
+    header = f"{'tokens':>6} {'in':>6} {'out':>6} {'r':>3} {'mode':>8} {'base ms':>8} {'peft ms':>8} {'fused ms':>8} {'fused/base':>10} {'peft/fused':>10}"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['tokens']:>6} {r['fan_in']:>6} {r['fan_out']:>6} {r['rank']:>3} {r['mode']:>8} "
+            f"{r['base_ms']:>8.3f} {r['peft_ms']:>8.3f} {r['fused_ms']:>8.3f} {r['fused_over_base']:>10.3f} {r['peft_over_fused']:>10.3f}"
+        )
+    print(f"wrote {stem}.json and {stem}.png")
+
+
+def _chart(rows, path, device_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['tokens']}x{r['fan_in']}x{r['fan_out']} r{r['rank']}\n{r['mode']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    width = 0.27
+    for i, name in enumerate(("base", "peft", "fused")):
+        ax.bar([j + (i - 1) * width for j in range(len(rows))], [r[f"{name}_ms"] for r in rows], width, label=name)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("ms (lower is better)")
+    ax.set_title(f"LoRA linear, {rows[0]['dtype']}, {device_name}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Public fused LoRA linear: custom ops over the Triton kernels, their autograd, input checks, dispatch.
+
+`lora_linear` computes `y = x·Wᵀ + bias + scaling · (dropout(x)·Aᵀ)·Bᵀ` (the math and its
+gradients are written out in `fused_train.kernels.lora`). The dropout mask is drawn here with
+`torch.bernoulli` from torch's generator, so `torch.manual_seed` and activation checkpointing
+(which replays the RNG state) reproduce it; on CPU it is the same mask `nn.Dropout` would draw.
+The backward keeps `x`, the bool mask and the fp32 `[tokens, r]` product `S`; it never computes dW.
+"""
+
+import torch
+
+from fused_train.dispatch import triton_runs_on
+from fused_train.kernels.lora import MAX_RANK, lora_linear_bwd, lora_linear_fwd, lora_linear_ref
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.library.custom_op("fused_train::lora_linear_fwd", mutates_args=())
+def _lora_linear_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None,
+    keep_mask: torch.Tensor | None,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(y, S)` for 2-D contiguous `x` `[T, in]`; `S` `[T, r]` fp32 is what the backward needs."""
+    return lora_linear_fwd(x, weight, weight_scale, lora_a, lora_b, scaling, bias, keep_mask, dropout_p)
+
+
+@_lora_linear_fwd_op.register_fake
+def _(x, weight, weight_scale, lora_a, lora_b, scaling, bias, keep_mask, dropout_p):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_train::lora_linear_bwd", mutates_args=())
+def _lora_linear_bwd_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    lora_s: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    keep_mask: torch.Tensor | None,
+    dropout_p: float,
+    compute_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(dx, dA, dB)`; `dx` is an empty tensor when `compute_dx` is false (x needs no gradient)."""
+    grad_x, grad_a, grad_b = lora_linear_bwd(
+        grad_y.contiguous(), x, lora_s, weight, weight_scale, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx
+    )
+    return (grad_x if compute_dx else x.new_empty(0)), grad_a, grad_b
+
+
+@_lora_linear_bwd_op.register_fake
+def _(grad_y, x, lora_s, weight, weight_scale, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx):
+    grad_x = torch.empty_like(x) if compute_dx else x.new_empty(0)
+    return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, weight_scale, lora_a, lora_b, scaling, bias, keep_mask, dropout_p = inputs
+    ctx.save_for_backward(x, output[1], weight, weight_scale, lora_a, lora_b, keep_mask)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, grad_y, grad_lora_s):
+    x, lora_s, weight, weight_scale, lora_a, lora_b, keep_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_x, grad_a, grad_b = _lora_linear_bwd_op(
+        grad_y, x, lora_s, weight, weight_scale, lora_a, lora_b, ctx.scaling, keep_mask, ctx.dropout_p, needs[0]
+    )
+    # dbias = Σ_tokens dy; a plain reduction that only LoRA-bias training asks for.
+    grad_bias = grad_y.sum(0) if needs[6] else None
+    return (grad_x if needs[0] else None), None, None, grad_a, grad_b, None, grad_bias, None, None
+
+
+torch.library.register_autograd("fused_train::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+def dropout_keep_mask(x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Bool keep-mask of `x`'s shape, each element kept with probability `1 - dropout_p`."""
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    weight_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LoRA linear layer in one fused pass: `y = x·Wᵀ + bias + scaling · (dropout(x)·Aᵀ)·Bᵀ`.
+
+    Args:
+        x: `[..., in]`, float16, bfloat16 or float32.
+        weight: frozen `W` `[out, in]`, the dtype of `x`, or int8 with `weight_scale`.
+        lora_a: `A` `[r, in]`, 1 <= r <= 128; `lora_b`: `B` `[out, r]`; both of one float dtype
+            (that of `x`, or float32 as peft keeps adapters); gradients flow to both.
+        scaling: the LoRA scale `s` (peft: `lora_alpha / r`).
+        bias: `[out]` (dtype of `x` or float32) or None; may require grad.
+        dropout_p: probability of zeroing an element of the LoRA branch's input (the base matmul
+            sees the undropped `x`); pass 0 in eval mode.
+        weight_scale: `[out]` float, per-output-channel scale of an int8 `weight`
+            (`W[o, :] = weight[o, :] · weight_scale[o]`).
+
+    Returns `y` `[..., out]` in the dtype of `x`. No gradient for `weight`: it must not require one.
+    Runs the Triton kernels where `fused_train.dispatch.triton_runs_on` allows, else the reference.
+    """
+    _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale)
+    x2d = x.reshape(-1, x.shape[-1])
+    keep_mask = dropout_keep_mask(x2d, dropout_p) if dropout_p > 0 else None
+    tensors = [t for t in (x2d, weight, lora_a, lora_b, bias, weight_scale) if t is not None]
+    if triton_runs_on(*tensors):
+        y, _ = _lora_linear_fwd_op(
+            x2d.contiguous(), weight, weight_scale, lora_a, lora_b, float(scaling), bias, keep_mask, float(dropout_p)
+        )
+    else:
+        y = lora_linear_ref(x2d, weight, lora_a, lora_b, scaling, bias, keep_mask, dropout_p, weight_scale)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale):
+    """Raise ValueError naming the argument when the inputs break `lora_linear`'s contract."""
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be a float16/bfloat16/float32 tensor [..., in], got {x.dtype} {tuple(x.shape)}")
+    in_features = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(f"weight must be [out, in={in_features}], got {tuple(weight.shape)}")
+    out_features = weight.shape[0]
+    if weight.dtype == torch.int8:
+        if weight_scale is None:
+            raise ValueError("weight_scale must be given for an int8 weight")
+        if weight_scale.shape != (out_features,) or weight_scale.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"weight_scale must be a float tensor [out={out_features}], got {weight_scale.dtype} {tuple(weight_scale.shape)}"
+            )
+    elif weight.dtype != x.dtype:
+        raise ValueError(f"weight must have the dtype of x ({x.dtype}) or be int8, got {weight.dtype}")
+    elif weight_scale is not None:
+        raise ValueError(f"weight_scale is only for an int8 weight, got a {weight.dtype} weight")
+    if weight.requires_grad:
+        raise ValueError("weight must be frozen (requires_grad=False): lora_linear computes no weight gradient")
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_features or not 1 <= lora_a.shape[0] <= MAX_RANK:
+        raise ValueError(f"lora_a must be [r, in={in_features}] with 1 <= r <= {MAX_RANK}, got {tuple(lora_a.shape)}")
+    rank = lora_a.shape[0]
+    if lora_b.dim() != 2 or lora_b.shape != (out_features, rank):
+        raise ValueError(f"lora_b must be [out={out_features}, r={rank}] (r from lora_a), got {tuple(lora_b.shape)}")
+    if lora_a.dtype not in (x.dtype, torch.float32) or lora_b.dtype != lora_a.dtype:
+        raise ValueError(
+            f"lora_a and lora_b must share one dtype, that of x ({x.dtype}) or float32, got {lora_a.dtype} and {lora_b.dtype}"
+        )
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (x.dtype, torch.float32)):
+        raise ValueError(f"bias must be [out={out_features}] in {x.dtype} or float32, got {bias.dtype} {tuple(bias.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    devices = {t.device for t in (x, weight, lora_a, lora_b, bias, weight_scale) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"x, weight, lora_a, lora_b, bias, weight_scale must be on one device, got {sorted(map(str, devices))}")

@@ -1,0 +1,401 @@
+"""Fused LoRA linear layer: Triton kernels, their launchers and the plain-PyTorch reference.
+
+Forward, with `x` `[T, in]`, frozen `W` `[out, in]`, `A` `[r, in]`, `B` `[out, r]`, scaling `s`,
+dropout keep-mask `m` (`p` the drop probability; `m = 1`, `p = 0` without dropout):
+
+    x_d = x ⊙ m / (1 - p)
+    S   = x_d · Aᵀ                                   [T, r], saved for the backward
+    y   = x · Wᵀ + bias + s · S · Bᵀ
+
+`W` is float, or int8 with a per-output-channel scale: `W = W_int8 · diag(weight_scale)` row-wise
+(`W[o, :] = W_int8[o, :] · weight_scale[o]`). Backward, given `dy` `[T, out]`:
+
+    dS  = s · dy · B                                 [T, r]
+    dB  = s · dyᵀ · S                                [out, r]
+    dA  = dSᵀ · x_d                                  [r, in]
+    dx  = dy · W + (dS · A) ⊙ m / (1 - p)            [T, in]
+    dW  is never computed (W is frozen).
+
+Kernels, three in all:
+- `_lora_gemm_kernel`: one accumulator for `out = lora_left · lora_right (⊙ mask) + a · Wk + bias`.
+  The rank-r term is a single extra `tl.dot` that seeds the accumulator before the main K loop, so
+  the LoRA product never exists as a full-size tensor; the mask multiplies only that seed. Forward:
+  `a = x`, `Wk = Wᵀ`, seed `s·S·Bᵀ`. Backward dx: `a = dy`, `Wk = W`, seed `(dS·A) ⊙ m/(1-p)`.
+- `_lora_shrink_kernel`: `out = scale · (a ⊙ m) · Mᵀ` with `M` `[r, K]`; gives `S` and `dS`.
+- `_lora_reduce_tokens_kernel`: `out = scale · (q ⊙ m)ᵀ · P`, a reduction over tokens split into
+  chunks whose fp32 partial sums are added by the launcher (deterministic, no atomics); gives
+  `dB` and `dAᵀ`.
+
+Matmul inputs are cast to the compute dtype, the dtype of `x` (bf16/fp16 MMA, fp32 as tf32 on the
+GPU); accumulators are fp32; `S` and `dS` are kept in fp32. The rank is padded to 16 inside the
+kernels (masked loads), the smallest `tl.dot` the GPU accepts. Offsets are int32: every tensor
+must hold fewer than 2³¹ elements (checked by the launchers).
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Triton's interpreter computes bf16 arithmetic (tl.dot included) wrongly; there, tiles are cast
+# to fp32 right after loading. Compiled kernels keep the input dtype for the tensor cores.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_MAX_ELEMENTS = 2**31
+# The largest LoRA rank the kernels are compiled and checked for (sm_90, no spills).
+MAX_RANK = 128
+
+
+def lora_linear_ref(x, weight, lora_a, lora_b, scaling, bias=None, keep_mask=None, dropout_p=0.0, weight_scale=None):
+    """Plain-PyTorch `y = x·Wᵀ + bias + scaling · ((x ⊙ keep_mask / (1-dropout_p)) · Aᵀ) · Bᵀ`.
+
+    `keep_mask` (bool, shape of `x`) is the dropout mask; None means no dropout. An int8 `weight`
+    is dequantized with `weight_scale` `[out]`. The LoRA branch runs in the dtype of `lora_a`,
+    like peft does, and the sum is returned in the dtype of `x`.
+    """
+    if weight_scale is not None:
+        weight = weight.to(x.dtype) * weight_scale.to(x.dtype)[:, None]
+    base = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    dropped = x if keep_mask is None else x * keep_mask / (1.0 - dropout_p)
+    lora = F.linear(F.linear(dropped.to(lora_a.dtype), lora_a), lora_b) * scaling
+    return (base + lora).to(x.dtype)
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    a_ptr, w_ptr, w_scale_ptr, lora_left_ptr, lora_right_ptr, bias_ptr, keep_ptr, out_ptr,
+    M, N, K, rank,
+    stride_am, stride_ak, stride_wk, stride_wn,
+    stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_keep_m, stride_om,
+    lora_scale, keep_scale,
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, W_INT8: tl.constexpr, SCALE_ALONG_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """out[M, N] = (lora_scale · L·R) ⊙ keep · keep_scale + a·Wk + bias, one fp32 accumulator.
+
+    `a` `[M, K]`, `Wk[k, n]` (strides given, so `Wᵀ` needs no copy), `L` `[M, rank]`,
+    `R` `[rank, N]`, `keep` `[M, N]`. An int8 `Wk` is scaled per column (`SCALE_ALONG_K` false,
+    forward: `Wk = Wᵀ`, scale per output channel n) or per row (true, backward: `Wk = W`).
+    """
+    # Grouped program order: GROUP_M row-blocks share each column-block of Wk while it sits in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows and columns past the edge wrap onto valid ones, so loads need no row/column mask;
+    # only the store is masked.
+    rows = offs_m % M
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    if UPCAST:
+        compute_dtype = tl.float32
+    else:
+        compute_dtype = a_ptr.dtype.element_ty
+
+    # The rank-r term seeds the accumulator: [a | lora_scale·L] · [Wk ; R] in one accumulator.
+    lora_left = tl.load(
+        lora_left_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+        mask=offs_r[None, :] < rank, other=0.0,
+    )  # fmt: skip
+    lora_right = tl.load(
+        lora_right_ptr + offs_r[:, None] * stride_rr + cols[None, :] * stride_rn,
+        mask=offs_r[:, None] < rank, other=0.0,
+    )  # fmt: skip
+    acc = tl.dot((lora_left.to(tl.float32) * lora_scale).to(compute_dtype), lora_right.to(compute_dtype))
+    if HAS_KEEP:
+        # Dropout acts on the LoRA input only, so in dx its mask multiplies only the LoRA term.
+        keep = tl.load(keep_ptr + rows[:, None] * stride_keep_m + cols[None, :])
+        acc = tl.where(keep != 0, acc * keep_scale, 0.0)
+
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    if W_INT8 and not SCALE_ALONG_K:
+        col_scale = tl.load(w_scale_ptr + cols).to(tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        if W_INT8:
+            if SCALE_ALONG_K:
+                row_scale = tl.load(w_scale_ptr + k * BLOCK_K + offs_k, mask=offs_k < k_left, other=0.0)
+                w = w.to(tl.float32) * row_scale.to(tl.float32)[:, None]
+            else:
+                w = w.to(tl.float32) * col_scale[None, :]
+        acc = tl.dot(a.to(compute_dtype), w.to(compute_dtype), acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    a_ptr, m_ptr, keep_ptr, out_ptr,
+    M, K, rank,
+    stride_am, stride_ak, stride_mr, stride_mk, stride_keep_m, stride_om,
+    scale,
+    HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """out[M, rank] (fp32) = scale · (a ⊙ keep) · Mᵀ, `a` `[M, K]`, `M` `[rank, K]` (strided)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m % M
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    if UPCAST:
+        compute_dtype = tl.float32
+    else:
+        compute_dtype = a_ptr.dtype.element_ty
+
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    m_ptrs = m_ptr + offs_k[:, None] * stride_mk + offs_r[None, :] * stride_mr
+    keep_ptrs = keep_ptr + rows[:, None] * stride_keep_m + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            a = tl.where(keep != 0, a, 0.0)
+            keep_ptrs += BLOCK_K
+        m = tl.load(m_ptrs, mask=(offs_k[:, None] < k_left) & (offs_r[None, :] < rank), other=0.0)
+        acc = tl.dot(a.to(compute_dtype), m.to(compute_dtype), acc)
+        a_ptrs += BLOCK_K * stride_ak
+        m_ptrs += BLOCK_K * stride_mk
+
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :]
+    tl.store(out_ptrs, acc * scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < rank))
+
+
+@triton.jit
+def _lora_reduce_tokens_kernel(
+    p_ptr, q_ptr, keep_ptr, out_ptr,
+    T, N, rank, tokens_per_split,
+    stride_pt, stride_pr, stride_qt, stride_qn, stride_keep_t, stride_os, stride_on,
+    scale,
+    HAS_KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """out[split, N, rank] (fp32) = scale · Σ_{t in split} (q[t, :] ⊙ keep[t, :])ᵀ · P[t, :].
+
+    `P` `[T, rank]`, `q` `[T, N]`; program (n-block, split) owns `tokens_per_split` tokens. The
+    wide side (N) is the dot's M so the dot is BLOCK_N rows tall (wgmma) rather than rank rows.
+    """
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % N
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_t = tl.arange(0, BLOCK_T)
+    if UPCAST:
+        compute_dtype = tl.float32
+    else:
+        compute_dtype = q_ptr.dtype.element_ty
+
+    t_start = split * tokens_per_split
+    t_end = min(T, t_start + tokens_per_split)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for t in range(t_start, t_end, BLOCK_T):
+        tokens = t + offs_t
+        in_split = tokens < t_end
+        p = tl.load(
+            p_ptr + tokens[:, None] * stride_pt + offs_r[None, :] * stride_pr,
+            mask=in_split[:, None] & (offs_r[None, :] < rank), other=0.0,
+        )  # fmt: skip
+        q = tl.load(q_ptr + tokens[:, None] * stride_qt + cols[None, :] * stride_qn, mask=in_split[:, None], other=0.0)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + tokens[:, None] * stride_keep_t + cols[None, :], mask=in_split[:, None], other=0)
+            q = tl.where(keep != 0, q, 0.0)
+        acc = tl.dot(tl.trans(q.to(compute_dtype)), p.to(compute_dtype), acc)
+
+    out_ptrs = out_ptr + split * stride_os + offs_n[:, None] * stride_on + offs_r[None, :]
+    tl.store(out_ptrs, acc * scale, mask=(offs_n[:, None] < N) & (offs_r[None, :] < rank))
+
+
+# Configs, each compiled for sm_90 in tests/kernels/test_compile_sm90_lora.py.
+# Main GEMM: the tiles of Triton's Hopper matmul tutorial (wgmma needs BLOCK_M % 64 == 0 and
+# 4k warps). 128×256 for large problems; 128×128 when the grid would not fill the GPU, and for an
+# int8 W, whose in-register dequantization does not fit beside a 128×256 accumulator, and for fp32
+# (tf32), whose tiles take twice the shared memory per element (hence also BLOCK_K 32).
+GEMM_CONFIGS = {
+    "large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "medium": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    "medium_fp32": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+}
+# Shrink and token reductions are memory-bound (rank columns only): many small programs keep every
+# SM streaming. The reduction's [rank, n] dot is below wgmma's 64 rows for rank < 64 (mma.sync).
+# Measured on an H200 at 8k tokens × 4096, r=16 (bf16): shrink 28.6 µs with 32×128 tiles (64×128:
+# 46.6 µs), reduction 33.5 µs with 4 warps (8 warps, 3 stages: 81 µs). Those fast configs spill
+# once a dropout mask is loaded too, or above rank 64; there the "careful" configs run, whose
+# smaller tiles or extra warps keep everything in registers.
+SHRINK_CONFIG_FAST = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4)
+SHRINK_CONFIG_CAREFUL = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4)
+SHRINK_CONFIG_WIDE = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=4)
+REDUCE_CONFIG_FAST = dict(BLOCK_T=64, BLOCK_N=128, num_warps=4, num_stages=4)
+REDUCE_CONFIG_CAREFUL = dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3)
+
+
+def shrink_config(rank, has_keep):
+    if rank > 64:
+        return SHRINK_CONFIG_WIDE
+    return SHRINK_CONFIG_CAREFUL if has_keep else SHRINK_CONFIG_FAST
+
+
+def reduce_config(rank, has_keep):
+    return REDUCE_CONFIG_CAREFUL if has_keep or rank > 64 else REDUCE_CONFIG_FAST
+
+
+def gemm_config_name(M, N, K, dtype, w_int8):
+    """Which of GEMM_CONFIGS the launcher uses for an [M, N] output over K."""
+    # 128×256 needs a full wave of tiles (132 SMs), 16-divisible sizes (else the loads are not
+    # vectorized and the tile spills) and a 16-bit float W; fp32 (tf32) always spills there.
+    if dtype == torch.float32:
+        return "medium_fp32"
+    large = triton.cdiv(M, 128) * triton.cdiv(N, 256) >= 132 and N % 16 == 0 and K % 16 == 0 and not w_int8
+    return "large" if large else "medium"
+
+
+def _output(shape, device, dtype):
+    """An output buffer; NaN-filled (poisoned) under the interpreter, where the tests run, so an
+    element a kernel forgets to write fails them. Compiled runs skip the fill: it would cost a full
+    write of the output (~25 µs for 8k×4096 bf16 on an H200)."""
+    if _INTERPRET:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _block_r(rank):
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _check_size(**numels):
+    for name, numel in numels.items():
+        if numel >= _MAX_ELEMENTS:
+            raise ValueError(f"{name} must hold fewer than 2**31 elements (int32 offsets), got {numel}")
+
+
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def lora_gemm(a, w, w_is_transposed, weight_scale, lora_left, lora_right, lora_scale, bias, keep_mask, keep_scale, out_dtype):
+    """out = (lora_scale · lora_left · lora_right) ⊙ keep_mask · keep_scale + a · Wk + bias.
+
+    `Wk = wᵀ` when `w_is_transposed` (forward, `w` is `[N, K]`), else `Wk = w` (`[K, N]`); an int8
+    `w` is scaled by `weight_scale` per output channel of `w` (its dim 0 in both cases).
+    `lora_left` `[M, r]`, `lora_right` `[r, N]` (any strides). Inputs are assumed valid.
+    """
+    M, K = a.shape
+    N = w.shape[0] if w_is_transposed else w.shape[1]
+    rank = lora_left.shape[1]
+    _check_size(a=a.numel(), w=w.numel(), out=M * N)
+    out = _output((M, N), a.device, out_dtype)
+    w_int8 = w.dtype == torch.int8
+    bias = None if bias is None else bias.contiguous()
+    weight_scale = None if weight_scale is None else weight_scale.contiguous()
+    config = GEMM_CONFIGS[gemm_config_name(M, N, K, a.dtype, w_int8)]
+    meta = {k: v for k, v in config.items() if k.startswith(("BLOCK", "GROUP"))}
+    stride_wk, stride_wn = (w.stride(1), w.stride(0)) if w_is_transposed else (w.stride(0), w.stride(1))
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    _lora_gemm_kernel[grid](
+        a, w, weight_scale if w_int8 else w, lora_left, lora_right,
+        bias if bias is not None else a, keep_mask if keep_mask is not None else a, out,
+        M, N, K, rank,
+        a.stride(0), a.stride(1), stride_wk, stride_wn,
+        lora_left.stride(0), lora_left.stride(1), lora_right.stride(0), lora_right.stride(1),
+        keep_mask.stride(0) if keep_mask is not None else 0, out.stride(0),
+        float(lora_scale), float(keep_scale),
+        HAS_BIAS=bias is not None, HAS_KEEP=keep_mask is not None, W_INT8=w_int8,
+        SCALE_ALONG_K=not w_is_transposed, BLOCK_R=_block_r(rank), UPCAST=_INTERPRET,
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **meta,
+    )  # fmt: skip
+    return out
+
+
+def lora_shrink(a, m, scale, keep_mask=None):
+    """fp32 `[M, r]` = scale · (a ⊙ keep_mask) · mᵀ for `a` `[M, K]`, `m` `[r, K]` (any strides)."""
+    M, K = a.shape
+    rank = m.shape[0]
+    _check_size(a=a.numel())
+    out = _output((M, rank), a.device, torch.float32)
+    config = shrink_config(rank, keep_mask is not None)
+    grid = (triton.cdiv(M, config["BLOCK_M"]),)
+    _lora_shrink_kernel[grid](
+        a, m, keep_mask if keep_mask is not None else a, out,
+        M, K, rank,
+        a.stride(0), a.stride(1), m.stride(0), m.stride(1),
+        keep_mask.stride(0) if keep_mask is not None else 0, out.stride(0),
+        float(scale),
+        HAS_KEEP=keep_mask is not None, BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"],
+        BLOCK_R=_block_r(rank), UPCAST=_INTERPRET, num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+    return out
+
+
+def lora_reduce_tokens(p, q, scale, keep_mask=None):
+    """fp32 `[N, r]` = scale · (q ⊙ keep_mask)ᵀ · p for `p` `[T, r]`, `q` `[T, N]`."""
+    T, N = q.shape
+    rank = p.shape[1]
+    _check_size(q=q.numel())
+    config = reduce_config(rank, keep_mask is not None)
+    blocks_n = triton.cdiv(N, config["BLOCK_N"])
+    # Split the tokens so that about two programs per SM run; each split writes its own partial sum.
+    splits = max(1, min(triton.cdiv(T, config["BLOCK_T"]), triton.cdiv(2 * _sm_count(q.device), blocks_n)))
+    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), config["BLOCK_T"]) * config["BLOCK_T"]
+    splits = triton.cdiv(T, tokens_per_split) if T > 0 else 1
+    partial = _output((splits, N, rank), q.device, torch.float32)
+    if T == 0:
+        partial.zero_()
+        return partial.sum(0)
+    _lora_reduce_tokens_kernel[(blocks_n, splits)](
+        p, q, keep_mask if keep_mask is not None else q, partial,
+        T, N, rank, tokens_per_split,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        keep_mask.stride(0) if keep_mask is not None else 0, partial.stride(0), partial.stride(1),
+        float(scale),
+        HAS_KEEP=keep_mask is not None, BLOCK_T=config["BLOCK_T"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_R=_block_r(rank), UPCAST=_INTERPRET, num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+    return partial.sum(0)
+
+
+def lora_linear_fwd(x, weight, weight_scale, lora_a, lora_b, scaling, bias, keep_mask, dropout_p):
+    """Forward of the docstring's math: returns `(y [T, out] in x.dtype, S [T, r] fp32)`.
+
+    `x` `[T, in]` contiguous; `keep_mask` bool `[T, in]` or None.
+    """
+    keep = None if keep_mask is None else keep_mask.view(torch.uint8)
+    lora_s = lora_shrink(x, lora_a, 1.0 / (1.0 - dropout_p), keep)
+    y = lora_gemm(x, weight, True, weight_scale, lora_s, lora_b.t(), scaling, bias, None, 1.0, x.dtype)
+    return y, lora_s
+
+
+def lora_linear_bwd(grad_y, x, lora_s, weight, weight_scale, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx):
+    """Backward of the docstring's math: returns `(dx or None, dA, dB)`, dA/dB in lora_a's dtype."""
+    keep = None if keep_mask is None else keep_mask.view(torch.uint8)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    grad_s = lora_shrink(grad_y, lora_b.t(), scaling)
+    grad_b = lora_reduce_tokens(lora_s, grad_y, scaling).to(lora_b.dtype)
+    grad_a = lora_reduce_tokens(grad_s, x, keep_scale, keep).t().contiguous().to(lora_a.dtype)
+    grad_x = None
+    if compute_dx:
+        grad_x = lora_gemm(grad_y, weight, False, weight_scale, grad_s, lora_a, 1.0, None, keep, keep_scale, x.dtype)
+    return grad_x, grad_a, grad_b

@@ -1,0 +1,166 @@
+"""peft LoRA models patched with the fused path behave exactly like unpatched ones."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fused_train.lora import dropout_keep_mask
+from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
+from fused_train.quantize import Int8Linear, quantize_base
+from tests.conftest import DEVICE
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Largest error allowed, relative to the largest expected value: fp32 kernels run exactly in the
+# interpreter, as tf32 on the GPU.
+TOLERANCE = 1e-2 if DEVICE == "cuda" else 1e-5
+
+
+def _assert_close(actual, expected, name=""):
+    error = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert error <= TOLERANCE * scale, f"{name}: error {error:.3g} vs largest value {scale:.3g}"
+
+
+def _tiny_llama(bias=False, dtype=torch.float32):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attention_bias=bias, mlp_bias=bias,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype)
+
+
+def _lora_model(dropout=0.0, bias=False, dtype=torch.float32):
+    # init_lora_weights=False: B random too, so the LoRA branch and dA are not zero.
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout, lora_bias=bias, init_lora_weights=False
+    )
+    return get_peft_model(_tiny_llama(bias, dtype), config)
+
+
+class _SameMaskDropout(torch.nn.Module):
+    """Dropout drawing its mask as the fused path does (on CUDA, nn.Dropout draws another one)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x * dropout_keep_mask(x, self.p) / (1 - self.p) if self.training else x
+
+
+def _input_ids():
+    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+
+def _logits_and_lora_grads(model, seed=5):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    logits = model(input_ids=_input_ids()).logits
+    logits.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("dropout, bias", [(0.0, False), (0.1, True)])
+def test_patched_model_matches_peft(dropout, bias):
+    reference = _lora_model(dropout, bias).train()
+    patched = copy.deepcopy(reference)
+    if DEVICE == "cuda" and dropout > 0:
+        for module in reference.modules():
+            if isinstance(module, torch.nn.Dropout) and module.p == dropout:
+                module.forward = _SameMaskDropout(dropout).forward
+    keys = list(patched.state_dict())
+    report = patch_lora_layers(patched)
+    assert report.num_fused == 7 and report.num_fallback == 0, str(report)
+    assert "7 of 7 LoRA layers fused" in str(report)
+    assert list(patched.state_dict()) == keys
+
+    expected_logits, expected_grads = _logits_and_lora_grads(reference)
+    logits, grads = _logits_and_lora_grads(patched)
+    _assert_close(logits, expected_logits)
+    assert grads.keys() == expected_grads.keys() and len(grads) == 7 * (3 if bias else 2)
+    for name in grads:
+        _assert_close(grads[name], expected_grads[name], name)
+
+
+def test_adapter_state_changes_behave_as_in_peft(tmp_path):
+    reference = _lora_model().eval()
+    patched = copy.deepcopy(reference)
+    patch_lora_layers(patched)
+    ids = _input_ids()
+
+    def assert_same():
+        _assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+    assert_same()
+    with reference.disable_adapter(), patched.disable_adapter():
+        assert_same()
+    for model in (reference, patched):
+        model.merge_adapter()
+    assert "merged" in str(patch_lora_layers(patched))
+    assert_same()
+    for model in (reference, patched):
+        model.unmerge_adapter()
+    assert_same()
+
+    second = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    for model in (reference, patched):
+        torch.manual_seed(7)
+        model.add_adapter("second", second)
+        model.set_adapter("second")
+    assert_same()
+    for model in (reference, patched):
+        model.set_adapter("default")
+    assert_same()
+
+    patched.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_tiny_llama(), tmp_path).eval()
+    assert patch_lora_layers(loaded).num_fused == 7
+    _assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_patch_is_idempotent_and_reversible():
+    model = _lora_model()
+    first = patch_lora_layers(model)
+    assert patch_lora_layers(model).fused == first.fused
+    assert unpatch_lora_layers(model) == 7
+    assert unpatch_lora_layers(model) == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_int8_base_within_rounding_and_trains():
+    model = _lora_model(dtype=torch.bfloat16)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    float_weight = layer.base_layer.weight.detach().float()
+    float_bytes = float_weight.numel() * 2
+    assert quantize_base(model) == 7
+    base = layer.base_layer
+    assert isinstance(base, Int8Linear) and base.weight.dtype == torch.int8
+    assert base.weight.numel() + 4 * base.weight_scale.numel() < 0.6 * float_bytes
+    assert any(k.endswith("q_proj.base_layer.weight_scale") for k in model.state_dict())
+    patch_lora_layers(model)
+
+    # |x·(W_int8·s − W)ᵀ| ≤ |x|·(s/2)ᵀ per element, plus the bf16 rounding of the output.
+    x = torch.randn(11, 48, device=DEVICE, dtype=torch.bfloat16)
+    with model.disable_adapter():
+        exact = x.float() @ float_weight.t()
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    lora = (x.float() @ lora_a.float().t() @ lora_b.float().t()) * layer.scaling["default"]
+    error = (layer(x).float() - exact - lora).abs()
+    bound = x.float().abs() @ (base.weight_scale[None, :] / 2).expand(48, -1) + 2e-2 * exact.abs().max()
+    assert (error <= bound).all()
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _input_ids()
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
