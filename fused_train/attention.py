@@ -2,7 +2,14 @@
 
 import torch
 
-from fused_train.kernels.varlen_attention import check_varlen_inputs, varlen_attention_ref
+from fused_train.attention_ops import varlen_attention_triton
+from fused_train.dispatch import triton_runs_on
+from fused_train.kernels.varlen_attention import (
+    MAX_HEAD_DIM,
+    check_varlen_inputs,
+    kernel_supports,
+    varlen_attention_ref,
+)
 
 
 def varlen_attention(
@@ -26,7 +33,8 @@ def varlen_attention(
         q: `[total_q, num_heads, head_dim]`.
         k, v: `[total_k, num_kv_heads, head_dim]`; `num_heads` a multiple of `num_kv_heads` (GQA/MQA).
         cu_seqlens_q, cu_seqlens_k: int32 `[batch + 1]`, cumulative sequence starts, first 0, last total.
-        max_seqlen_q, max_seqlen_k: the longest sequence in each (Python ints).
+        max_seqlen_q, max_seqlen_k: the longest sequence in each (Python ints). Accepted for
+            flash-attn compatibility; the kernel reads lengths from `cu_seqlens_*` (no recompiles).
         causal: mask aligned bottom-right when a sequence has more keys than queries.
         softmax_scale: defaults to `head_dim ** -0.5`.
         window_size: `(left, right)` keys visible around the diagonal, -1 meaning unbounded.
@@ -34,7 +42,21 @@ def varlen_attention(
         return_lse: also return the log-sum-exp, `[num_heads, total_q]` float32.
 
     Returns `out` (shape and dtype of `q`), or `(out, lse)`.
+
+    The Triton kernel runs where `triton_runs_on` says so, for float16/bfloat16 with head_dim up to
+    256 (larger raises ValueError) and float32 up to 128 (its matmuls run as tf32 on the GPU);
+    float64, float32 beyond head_dim 128 and other devices use the PyTorch reference. The kernel's
+    launcher validates the inputs inside the custom op (reading `cu_seqlens_*` on the host, one sync),
+    so the checks also run under `torch.compile`.
     """
+    if triton_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        if q.dim() == 3 and q.shape[2] > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {q.shape[2]}")
+        if kernel_supports(q):
+            out, lse = varlen_attention_triton(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap
+            )
+            return (out, lse) if return_lse else out
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap)
     return varlen_attention_ref(
         q,

@@ -1,0 +1,124 @@
+"""Every shipped varlen attention config compiles for sm_90: wgmma, shared memory, no spills.
+
+The compile runs in a subprocess (this file run as a script): the tests set TRITON_INTERPRET=1,
+under which `@triton.jit` yields interpreter functions that cannot be compiled for a GPU.
+Pointers and strides carry the 16-divisibility Triton gives them at launch for real shapes
+(head_dim 80 and 96 rows too: their strides are multiples of 16 elements).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+SHARED_LIMIT = 232448
+HEAD_DIMS_16BIT = (32, 64, 80, 96, 128, 256)
+HEAD_DIMS_FP32 = (32, 64, 128)
+KERNELS = ("fwd", "dkdv", "dq")
+
+
+def _variants():
+    """(dtype, head_dim, softcap) for every config in the tables, plus softcap (Gemma 2: head_dim 256) and fp16."""
+    variants = [("bf16", head_dim, False) for head_dim in HEAD_DIMS_16BIT]
+    variants += [("fp32", head_dim, False) for head_dim in HEAD_DIMS_FP32]
+    variants += [("bf16", 128, True), ("bf16", 256, True), ("fp16", 128, False)]
+    return variants
+
+
+def _compile_all():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fused_train.kernels import varlen_attention as va
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    kernels = {
+        "fwd": (va._varlen_attention_fwd_kernel, (va.FWD_CONFIGS, va.FWD_CONFIGS_FP32)),
+        "dkdv": (va._varlen_attention_bwd_dkdv_kernel, (va.BWD_DKDV_CONFIGS, va.BWD_DKDV_CONFIGS_FP32)),
+        "dq": (va._varlen_attention_bwd_dq_kernel, (va.BWD_DQ_CONFIGS, va.BWD_DQ_CONFIGS_FP32)),
+    }
+    # Runtime integers that Triton does not specialize (do_not_specialize), or that vary.
+    unaligned = {"batch", "group", "stride_lse_h", "window_left", "window_right", "total_q", "stride_delta_h"}
+
+    def signature_of(fn, dtype):
+        signature = {}
+        for name in (param.name for param in fn.params if not param.is_constexpr):
+            if name in ("Lse", "Delta", "dLse"):
+                signature[name] = "*fp32"
+            elif name.startswith("cu_seqlens"):
+                signature[name] = "*i32"
+            elif name[0].isupper() or name[:2] in ("dK", "dV", "dQ", "dO"):
+                signature[name] = f"*{dtype}"
+            elif "scale" in name or "softcap" in name:
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+        return signature
+
+    def compile_one(name, fn, dtype, constexprs, num_warps, num_stages):
+        signature = signature_of(fn, dtype)
+        attrs = {
+            (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
+            for arg, kind in signature.items()
+            if kind.startswith("*") or (kind == "i32" and arg not in unaligned)
+        }
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": num_warps, "num_stages": num_stages},
+        )
+        path = f"/tmp/fused_train_varlen_attention_{os.getpid()}.cubin"
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        os.remove(path)
+        fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+        return dict(
+            name=name,
+            wgmma="nvidia_mma<{versionMajor = 3" in kernel.asm["ttgir"],
+            shared=kernel.metadata.shared,
+            **fields,
+        )
+
+    results = []
+    for dtype, head_dim, softcap in _variants():
+        block_d = va.block_d_of(head_dim)
+        for kind in KERNELS:
+            fn, (table_16bit, table_fp32) = kernels[kind]
+            config = (table_fp32 if dtype == "fp32" else table_16bit)[block_d]
+            block_m, block_n, num_warps, num_stages = config[:4]
+            constexprs = dict(SOFTCAP=softcap, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+                              UPCAST=False)
+            if kind == "dkdv":
+                constexprs["D_SPLIT"] = config[4]
+            name = f"{kind} {dtype} head_dim {head_dim}{' softcap' if softcap else ''}"
+            results.append(compile_one(name, fn, dtype, constexprs, num_warps, num_stages))
+    delta = compile_one("delta bf16 head_dim 128", va._varlen_attention_bwd_delta_kernel, "bf16",
+                        dict(HAS_DLSE=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=va._DELTA_BLOCK_T), 4, 1)
+    delta["wgmma"] = None  # a row reduction, no matmul
+    results.append(delta)
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_every_varlen_attention_config_compiles_for_sm90(compiled):
+    assert len(compiled) == len(_variants()) * len(KERNELS) + 1
+    for kernel in compiled:
+        assert kernel["wgmma"] in (True, None), kernel
+        assert kernel["shared"] <= SHARED_LIMIT, kernel
+        assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))

@@ -1,0 +1,40 @@
+"""A patched model runs the Triton kernels wherever they can run (on CUDA, or in the interpreter)."""
+
+import peft
+import torch
+
+import fused_train
+import fused_train.attention
+import fused_train.lora
+from tests.conftest import DEVICE
+from tests.patching.tiny_models import tiny_model
+
+
+def test_patched_peft_model_trains_through_both_kernels(monkeypatch):
+    calls = {"attention": 0, "lora": 0}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        fused_train.attention, "varlen_attention_triton", counting("attention", fused_train.attention.varlen_attention_triton)
+    )
+    monkeypatch.setattr(
+        fused_train.lora, "_lora_linear_fwd_op", counting("lora", fused_train.lora._lora_linear_fwd_op)
+    )
+    model = tiny_model("llama").to(DEVICE, torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
+    fused_train.patch(model)
+    docs = [torch.randint(3, 97, (n,)) for n in (9, 20, 4)]
+    batch = fused_train.PackedCollator(max_tokens=32)([{"input_ids": d} for d in docs])
+    batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    loss = model(**batch).loss
+    loss.backward()
+    layers = model.get_base_model().config.num_hidden_layers
+    assert calls == {"attention": layers, "lora": 2 * layers}
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
