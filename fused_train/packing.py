@@ -15,7 +15,9 @@ def plan_packing(lengths, max_tokens: int, *, split_long: bool = True) -> list[l
     Best-fit-decreasing: the pieces are taken longest first (equal lengths by document index),
     and each goes into the open row whose free space `max_tokens - sum(row)` is the smallest that
     still holds it (equal free space: the lower row index), or opens a new row if none does. The
-    C++ planner finds that row in O(log n), so planning n pieces costs O(n log n).
+    C++ planner finds that row in O(log n), so planning n pieces costs O(n log n). (Up to
+    `max_tokens` = 2^20 it sorts the pieces by counting and keeps the open rows in tables indexed
+    by free space; above, in an ordered set. Both give the same plan.)
 
     A document longer than `max_tokens` is never dropped or truncated. With `split_long=True` it
     is cut into ceil(length / max_tokens) pieces: full chunks of `max_tokens` tokens, then the
@@ -32,16 +34,35 @@ def plan_packing(lengths, max_tokens: int, *, split_long: bool = True) -> list[l
 
     Returns:
         One list per row of the document indices placed in it, in placement order. An empty
-        `lengths` gives no rows.
+        `lengths` gives no rows. For millions of documents `plan_packing_arrays` returns the same
+        plan without building a Python int per document.
+    """
+    row_offsets, doc_ids = plan_packing_arrays(lengths, max_tokens, split_long=split_long)
+    docs = doc_ids.tolist()
+    offsets = row_offsets.tolist()
+    return [docs[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+
+
+def plan_packing_arrays(lengths, max_tokens: int, *, split_long: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`plan_packing` as two flat int64 arrays (compressed rows), for large datasets.
+
+    Row r holds the documents `doc_ids[row_offsets[r]:row_offsets[r + 1]]`, in the order of
+    `plan_packing(lengths, max_tokens, split_long=split_long)[r]`; `row_offsets` has rows + 1
+    entries, from 0 to the number of pieces. Planning a whole corpus offline (millions of
+    documents) this way costs no Python object per document: save the two arrays, and slice them
+    per batch. A document cut into chunks appears once per chunk, as in `plan_packing`: its k-th
+    occurrence in `doc_ids` is its chunk k.
+
+    Args: as for `plan_packing`.
+
+    Returns:
+        (row_offsets, doc_ids), both 1-D np.int64. An empty `lengths` gives ([0], []).
     """
     if not isinstance(max_tokens, Integral) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-    lengths = _as_int64_array(lengths)
-    if lengths.size == 0:
-        return []
     # The C++ side checks the values (lengths >= 1, not over-long without split_long) and raises
     # ValueError naming the offending `lengths[i]`.
-    return _C.plan_packing(lengths, int(max_tokens), bool(split_long))
+    return _C.plan_packing(_as_int64_array(lengths), int(max_tokens), bool(split_long))
 
 
 def chunk_spans(rows: Sequence[Sequence[int]], lengths, max_tokens: int) -> list[list[tuple[int, int, int]]]:

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.packing_oracle import plan_packing_python
-from fused_train.packing import chunk_spans, plan_packing
+from fused_train import _C
+from fused_train.packing import chunk_spans, plan_packing, plan_packing_arrays
 
 
 @st.composite
@@ -40,6 +41,13 @@ def test_plan_covers_every_token_once_within_capacity(problem):
     assert full == sorted(full, reverse=True)
 
 
+def assert_arrays_hold_plan(arrays, rows):
+    row_offsets, doc_ids = arrays
+    assert row_offsets.dtype == np.int64 and doc_ids.dtype == np.int64
+    assert row_offsets.tolist() == np.cumsum([0] + [len(row) for row in rows]).tolist()
+    assert doc_ids.tolist() == [doc for row in rows for doc in row]
+
+
 @settings(max_examples=300, deadline=None)
 @given(packing_problems(), st.booleans())
 def test_cpp_equals_python_oracle(problem, split_long):
@@ -49,16 +57,33 @@ def test_cpp_equals_python_oracle(problem, split_long):
     expected = plan_packing_python(lengths, max_tokens, split_long)
     assert plan_packing(lengths, max_tokens, split_long=split_long) == expected
     assert plan_packing(lengths, max_tokens, split_long=split_long) == expected  # deterministic
+    assert_arrays_hold_plan(plan_packing_arrays(lengths, max_tokens, split_long=split_long), expected)
 
 
-@pytest.mark.parametrize("max_tokens", [512, 2**21 + 3])
+@settings(max_examples=100, deadline=None)
+@given(packing_problems())
+def test_cpp_equals_python_oracle_beyond_the_dense_limit(problem):
+    # Above _C.DENSE_MAX_TOKENS the planner keeps open rows in an ordered set instead of tables
+    # indexed by free space. Scaling every length and max_tokens by one factor keeps the many
+    # equal lengths and free counts of the small problem, so the tie-breaking is tested there too.
+    lengths, max_tokens = problem
+    scale = _C.DENSE_MAX_TOKENS // max_tokens + 1
+    lengths = [length * scale for length in lengths]
+    max_tokens *= scale
+    assert max_tokens > _C.DENSE_MAX_TOKENS
+    assert plan_packing(lengths, max_tokens) == plan_packing_python(lengths, max_tokens)
+
+
+@pytest.mark.parametrize("max_tokens", [512, _C.DENSE_MAX_TOKENS, _C.DENSE_MAX_TOKENS + 1])
 def test_cpp_equals_python_oracle_on_many_documents(max_tokens):
-    # Thousands of open rows and many equal free counts: exercises the tie-breaking at scale; rows
-    # of millions of tokens too, where a planner cannot index tables by token count.
+    # Thousands of open rows and many equal free counts: exercises the tie-breaking at scale; and
+    # rows at and just above the largest max_tokens the planner indexes tables by.
     rng = np.random.default_rng(0)
     lengths = rng.lognormal(np.log(max_tokens / 5), 1.0, size=20_000).round()
     lengths = np.clip(lengths, 1, 2.5 * max_tokens).astype(np.int64)
-    assert plan_packing(lengths, max_tokens) == plan_packing_python(lengths.tolist(), max_tokens)
+    expected = plan_packing_python(lengths.tolist(), max_tokens)
+    assert plan_packing(lengths, max_tokens) == expected
+    assert_arrays_hold_plan(plan_packing_arrays(lengths, max_tokens), expected)
 
 
 def test_hand_made_plan_and_spans():
@@ -111,6 +136,7 @@ def test_input_types_give_the_same_plan():
 def test_empty_lengths():
     assert plan_packing([], 8) == []
     assert plan_packing(np.zeros(0, dtype=np.int64), 8) == []
+    assert_arrays_hold_plan(plan_packing_arrays([], 8), [])
     assert chunk_spans([], [], 8) == []
 
 
