@@ -3,18 +3,21 @@
 from fused_train.attention import varlen_attention
 from fused_train.collator import PackedCollator, block_diagonal_causal_mask
 from fused_train.lora import lora_linear
-from fused_train.packing import plan_packing
+from fused_train.packing import plan_packing, plan_packing_arrays
 from fused_train.patching import TESTED_MODEL_TYPES, is_patched, patch, unpatch
 from fused_train.quantize import quantize_base
+from fused_train.telemetry import TrainingTelemetry
 
 __all__ = [
     "PackedCollator",
     "TESTED_MODEL_TYPES",
+    "TrainingTelemetry",
     "block_diagonal_causal_mask",
     "is_patched",
     "lora_linear",
     "patch",
     "plan_packing",
+    "plan_packing_arrays",
     "quantize_base",
     "unpatch",
     "varlen_attention",

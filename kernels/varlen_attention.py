@@ -103,11 +103,15 @@ def varlen_attention_ref(
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     outs, lses = [], []
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(bounds_q) - 1):
-        q_seq = q[bounds_q[b] : bounds_q[b + 1]].transpose(0, 1).to(compute_dtype)
-        k_seq = k[bounds_k[b] : bounds_k[b + 1]].transpose(0, 1).to(compute_dtype)
-        v_seq = v[bounds_k[b] : bounds_k[b + 1]].transpose(0, 1).to(compute_dtype)
+    # split() rather than slicing per sequence: its backward is one concatenation, where each
+    # slice's backward would add a full-size zero tensor per sequence.
+    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    q_docs = q.to(compute_dtype).split(lengths_q)
+    k_docs = k.to(compute_dtype).split(lengths_k)
+    v_docs = v.to(compute_dtype).split(lengths_k)
+    for q_doc, k_doc, v_doc in zip(q_docs, k_docs, v_docs):
+        q_seq, k_seq, v_seq = q_doc.transpose(0, 1), k_doc.transpose(0, 1), v_doc.transpose(0, 1)
         len_q, len_k = q_seq.shape[1], k_seq.shape[1]
         if len_q == 0:
             continue
@@ -120,10 +124,12 @@ def varlen_attention_ref(
             mask = None if plain_causal or (not causal and tuple(window_size) == (-1, -1)) else (
                 visible_keys_mask(len_q, len_k, causal, window_size, q.device)
             )
+            # 4-D inputs: on CPU, 3-D ones fall back to SDPA's math path (a full score matrix).
             out = F.scaled_dot_product_attention(
-                q_seq, k_seq, v_seq, attn_mask=mask, is_causal=plain_causal, scale=scale, enable_gqa=group > 1
+                q_seq[None], k_seq[None], v_seq[None], attn_mask=mask, is_causal=plain_causal, scale=scale,
+                enable_gqa=group > 1,
             )
-            outs.append(out.transpose(0, 1))
+            outs.append(out[0].transpose(0, 1))
             continue
         k_seq = k_seq.repeat_interleave(group, dim=0)
         v_seq = v_seq.repeat_interleave(group, dim=0)

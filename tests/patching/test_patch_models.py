@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fused_train
+import fused_train.attention
 from tests.patching.tiny_models import CONFIGS, tiny_model
 
 # Lengths that straddle the sliding windows of tiny_models, a one-token document included.
@@ -111,3 +112,19 @@ def test_generation_with_cache_matches_unpatched(model_type):
     assert torch.equal(got.sequences, expected.sequences)
     for got_step, expected_step in zip(got.logits, expected.logits):
         torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "mistral"])
+def test_reference_path_packed_batch_equals_documents_alone(model_type, monkeypatch):
+    """Without a GPU or the interpreter, patched models run the PyTorch reference: same result."""
+    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+    reference = tiny_model(model_type).train()
+    patched = fused_train.patch(copy.deepcopy(reference)).train()
+    docs = make_docs()
+    expected_loss, expected_grads = per_document_loss_and_grads(reference, docs)
+    out = patched(**fused_train.PackedCollator(max_tokens=24)([{"input_ids": doc} for doc in docs]))
+    out.loss.backward()
+    assert abs(out.loss.item() - expected_loss) <= 1e-5
+    for name, param in patched.named_parameters():
+        expected = expected_grads[name]
+        assert (param.grad - expected).abs().max() / expected.abs().max().clamp_min(1e-6) <= 1e-4, name

@@ -1,0 +1,419 @@
+"""Demo: a tiny Llama trained three ways on the same batches of short documents.
+
+The corpus is the Python standard library's docstrings (embedded in the package), tokenized by
+bytes: ids = [BOS=1] + [byte + 3 ...], pad 0, vocabulary 259. Every run starts from the same
+random init (same seed), sees the same documents in the same batches and uses the same optimizer:
+
+  padded      HF's usual dynamic padding: rows right-padded to the batch's longest document,
+              attention_mask, labels -100 on padding; stock `sdpa` attention.
+  flattening  transformers' `DataCollatorWithFlattening` (one row, position ids restart per
+              document) with stock `sdpa`: the anchor a user would otherwise pick.
+  packed      `fused_train.PackedCollator(flatten=True)` + `fused_train.patch(model)`: one row,
+              position ids restart per document, attention run per document (varlen).
+
+All three compute the same loss, the mean over every document's next-token targets, so their
+per-step losses must agree to float noise. Each run lives in its own process so that its peak
+memory is its own (on CPU: peak RSS), and the runs take turns step by step so that they share
+the machine's other load equally. Timing covers forward + backward + optimizer step, after the
+warm-up steps; batches are collated before the loop (collation time is reported apart).
+
+    python bench/demo.py            # CPU: a few minutes on 2 cores; uses CUDA when present
+    python bench/demo.py --quick    # a few steps (GPU check script, smoke runs)
+"""
+
+import argparse
+import gzip
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+RUNS = ("padded", "flattening", "packed")
+BOS_ID, PAD_ID, BYTE_OFFSET, VOCAB_SIZE = 1, 0, 3, 259
+WARMUP_STEPS = 2
+LEARNING_RATE = 2e-3
+# Per-step losses of the three runs must agree within this (float32; the runs differ only in the
+# order of floating-point sums, and that difference grows slowly through the optimizer steps:
+# measured ~5e-6 after 60 steps; a document attending to another shows as ~1e-2 or more).
+LOSS_TOLERANCE = 1e-4
+MODEL = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    pad_token_id=PAD_ID,
+    bos_token_id=BOS_ID,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+    # With use_cache=True in train mode, transformers 5.x builds an (empty) cache and then skips the
+    # packed-sequence detection from position_ids, so stock sdpa would let the flattened documents
+    # attend to each other. The flattening anchor is only correct with use_cache=False.
+    use_cache=False,
+)
+CORPUS = Path(__file__).resolve().parent.parent / "fused_train" / "data" / "stdlib_docstrings.json.gz"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def encode(text: str) -> list[int]:
+    return [BOS_ID] + [byte + BYTE_OFFSET for byte in text.encode("utf-8")]
+
+
+def load_documents(max_doc_tokens: int) -> tuple[list[list[int]], dict]:
+    """The corpus's documents of at most `max_doc_tokens` tokens; longer ones are dropped, never cut."""
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        texts = json.load(f)
+    documents = [encode(text) for text in texts]
+    kept = [doc for doc in documents if len(doc) <= max_doc_tokens]
+    info = {"documents_in_corpus": len(documents), "documents_kept": len(kept), "max_doc_tokens": max_doc_tokens}
+    return kept, info
+
+
+def plan_batches(num_documents: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` disjoint batches of `batch_size` document indices, in a seeded random order."""
+    import torch
+
+    if steps * batch_size > num_documents:
+        raise ValueError(f"steps * batch_size = {steps * batch_size} exceeds the {num_documents} documents kept")
+    order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def collate_padded(documents):
+    """What HF's dynamic padding gives a causal LM: right padding to the longest, labels -100 there."""
+    import torch
+
+    width = max(map(len, documents))
+    input_ids = torch.full((len(documents), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(documents), width), dtype=torch.long)
+    for row, doc in enumerate(documents):
+        input_ids[row, : len(doc)] = torch.tensor(doc)
+        attention_mask[row, : len(doc)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def make_collator(run: str, max_doc_tokens: int):
+    from transformers import DataCollatorWithFlattening
+
+    import fused_train
+
+    if run == "padded":
+        return collate_padded
+    # Both packers are handed unpadded examples; labels default to the input ids.
+    if run == "flattening":
+        flatten = DataCollatorWithFlattening(return_tensors="pt")
+    else:
+        # One row, like the anchor: with a fixed number of documents per step, rows of max_tokens
+        # would leave filler in the last row (about 15% here), which a CPU computes for nothing.
+        # max_tokens is the longest document allowed, so no document is split.
+        flatten = fused_train.PackedCollator(max_tokens=max_doc_tokens, pad_token_id=PAD_ID, flatten=True)
+    return lambda documents: flatten([{"input_ids": doc} for doc in documents])
+
+
+class Run:
+    """One training run: its model, optimizer, pre-collated batches and telemetry."""
+
+    def __init__(self, name: str, args):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        import fused_train
+        from fused_train.telemetry import TrainingTelemetry
+
+        self.name = name
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        documents, _ = load_documents(args.max_doc_tokens)
+        batches = plan_batches(len(documents), args.batch_size, args.steps, args.seed)
+
+        torch.manual_seed(args.seed)
+        config = LlamaConfig(**MODEL, max_position_embeddings=args.max_doc_tokens)
+        self.model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").to(device).train()
+        if name == "packed":
+            fused_train.patch(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE)
+
+        collate = make_collator(name, args.max_doc_tokens)
+        start = time.perf_counter()
+        inputs = [collate([documents[i] for i in batch]) for batch in batches]
+        self.collate_seconds_per_step = (time.perf_counter() - start) / len(batches)
+        self.inputs = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in inputs]
+        self.real_tokens = [sum(len(documents[i]) for i in batch) for batch in batches]
+        self.processed_tokens = [batch["input_ids"].numel() for batch in self.inputs]
+        self.losses = []
+        self.telemetry = TrainingTelemetry(device, warmup_steps=WARMUP_STEPS)
+
+    def step(self, index: int) -> float:
+        """Trains on batch `index`: forward, backward, optimizer step. Returns the loss."""
+        with self.telemetry.step(real_tokens=self.real_tokens[index], processed_tokens=self.processed_tokens[index]):
+            loss = self.model(**self.inputs[index]).loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses.append(loss.item())
+        return self.losses[-1]
+
+    def summary(self) -> dict:
+        return {
+            "run": self.name,
+            "losses": self.losses,
+            "real_tokens": self.real_tokens,
+            "processed_tokens": self.processed_tokens,
+            "step_seconds": self.telemetry.step_seconds,
+            "collate_seconds_per_step": self.collate_seconds_per_step,
+            **self.telemetry.summary(),
+        }
+
+
+def serve(name: str, args, conn) -> None:
+    """Worker process: builds `Run(name)`, then trains one step per index received until None."""
+    run = Run(name, args)
+    conn.send("ready")
+    while (index := conn.recv()) is not None:
+        conn.send(run.step(index))
+    conn.send(run.summary())
+
+
+class RunInSubprocess:
+    """A `Run` in a fresh process of its own, so that its peak memory (RSS on CPU) is its own."""
+
+    def __init__(self, name: str, args):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=serve, args=(name, args, child_conn), daemon=True)
+        self.process.start()
+
+    def wait_ready(self) -> None:
+        if self.conn.recv() != "ready":
+            raise RuntimeError("demo worker failed to start")
+
+    def step(self, index: int) -> float:
+        self.conn.send(index)
+        return self.conn.recv()
+
+    def summary(self) -> dict:
+        self.conn.send(None)
+        result = self.conn.recv()
+        self.process.join()
+        return result
+
+
+def train_all(args) -> dict:
+    """Trains the three runs step by step in turn (run A step i, run B step i, ...).
+
+    Taking turns gives every run the same share of whatever else the machine is doing, so the
+    ratios between runs stay fair on a shared machine; a waiting worker sleeps on its pipe.
+    """
+    from tqdm import tqdm
+
+    if args.in_process:
+        runs = {name: Run(name, args) for name in RUNS}
+    else:
+        runs = {name: RunInSubprocess(name, args) for name in RUNS}
+        for run in runs.values():
+            run.wait_ready()
+    with tqdm(total=args.steps * len(RUNS), desc="training padded/flattening/packed in turn", unit="step") as bar:
+        for index in range(args.steps):
+            for name, run in runs.items():
+                loss = run.step(index)
+                bar.set_postfix_str(f"{name} loss {loss:.3f}")
+                bar.update()
+    return {name: run.summary() for name, run in runs.items()}
+
+
+def compare(results: dict) -> dict:
+    """The ratios the demo claims, and how far apart the runs' losses are step by step."""
+    padded, flattening, packed = (results[run] for run in RUNS)
+    loss_diffs = {}
+    for a, b in (("padded", "packed"), ("flattening", "packed"), ("padded", "flattening")):
+        loss_diffs[f"{a}_vs_{b}"] = max(abs(x - y) for x, y in zip(results[a]["losses"], results[b]["losses"]))
+    return {
+        "packed_over_padded_tokens_per_s": packed["real_tokens_per_s"] / padded["real_tokens_per_s"],
+        "padded_tokens_over_real_tokens": sum(padded["processed_tokens"]) / sum(padded["real_tokens"]),
+        "packed_over_flattening_tokens_per_s": packed["real_tokens_per_s"] / flattening["real_tokens_per_s"],
+        "max_abs_loss_diff": loss_diffs,
+    }
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+
+    if args.device.startswith("cuda"):
+        device_name = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        threads = args.threads or torch.get_num_threads()
+        device_name = f"{cpu_model()}, {os.cpu_count()} CPUs, torch threads: {threads}"
+    return {
+        "device": args.device,
+        "device_name": device_name,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def print_report(results: dict, comparison: dict, corpus: dict, args, load: tuple) -> None:
+    memory_measure = results["packed"]["memory_measure"]
+    print(
+        f"\nCorpus: {corpus['documents_kept']} of {corpus['documents_in_corpus']} stdlib docstrings "
+        f"(documents over {corpus['max_doc_tokens']} tokens dropped, none truncated); "
+        f"{args.steps} steps x {args.batch_size} documents = {args.steps * args.batch_size} documents used."
+    )
+    print(f"Timed: forward + backward + AdamW step, steps {WARMUP_STEPS + 1}..{args.steps} (warm-up excluded).")
+    where = "all runs in one process, so not per run" if args.in_process else "one process per run"
+    print(f"Memory: {memory_measure}, {where}; '+' is the growth during training.")
+    print(f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f}\n")
+    header = f"{'run':<11} {'real tok/s':>11} {'padding':>8} {'peak MiB':>9} {'(+ MiB)':>8} {'final loss':>11} {'collate ms':>11}"
+    print(header)
+    print("-" * len(header))
+    for run in RUNS:
+        r = results[run]
+        growth = (r["peak_memory_bytes"] - r["memory_at_start_bytes"]) / 2**20
+        print(
+            f"{run:<11} {r['real_tokens_per_s']:>11.0f} {r['padding_fraction']:>8.1%} "
+            f"{r['peak_memory_bytes'] / 2**20:>9.0f} {growth:>+8.0f} {r['losses'][-1]:>11.5f} "
+            f"{r['collate_seconds_per_step'] * 1e3:>11.2f}"
+        )
+    print()
+    print(f"packed / padded real tokens/s:      {comparison['packed_over_padded_tokens_per_s']:.2f}x  (claim: >= 2.5x)")
+    print(f"padded tokens / real tokens:        {comparison['padded_tokens_over_real_tokens']:.2f}x  (claim: packed / padded >= this)")
+    print(f"packed / flattening real tokens/s:  {comparison['packed_over_flattening_tokens_per_s']:.2f}x  (claim: >= 1x)")
+    for pair, diff in comparison["max_abs_loss_diff"].items():
+        print(f"max |loss difference| {pair.replace('_', ' '):<24} {diff:.2e}")
+
+
+def plot(results: dict, comparison: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"padded": ("tab:red", "-", 5), "flattening": ("tab:blue", "--", 3), "packed": ("tab:green", ":", 2)}
+    for run in RUNS:
+        r = results[run]
+        seen, total = [], 0
+        for tokens in r["real_tokens"]:
+            total += tokens
+            seen.append(total)
+        color, style, width = styles[run]
+        ax_loss.plot(seen, r["losses"], color=color, linestyle=style, linewidth=width, label=run)
+    ax_loss.set_xlabel("real tokens seen")
+    ax_loss.set_ylabel("training loss")
+    diff = max(comparison["max_abs_loss_diff"].values())
+    ax_loss.set_title(f"loss vs tokens (curves overlap: max |diff| {diff:.1e})")
+    ax_loss.legend()
+    speeds = [results[run]["real_tokens_per_s"] for run in RUNS]
+    bars = ax_speed.bar(RUNS, speeds, color=[styles[run][0] for run in RUNS])
+    for bar, run in zip(bars, RUNS):
+        ratio = results[run]["real_tokens_per_s"] / results["padded"]["real_tokens_per_s"]
+        ax_speed.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    # Packing only removes padding if it beats padded by at least padded tokens / real tokens.
+    break_even = results["padded"]["real_tokens_per_s"] * comparison["padded_tokens_over_real_tokens"]
+    ax_speed.axhline(break_even, color="gray", linestyle="--", linewidth=1)
+    ax_speed.annotate(
+        f"padded x {comparison['padded_tokens_over_real_tokens']:.2f} (padded / real tokens)",
+        (-0.4, break_even),
+        xytext=(0, 3),
+        textcoords="offset points",
+        color="gray",
+    )
+    ax_speed.set_ylim(0, 1.15 * max(break_even, *speeds))
+    ax_speed.set_ylabel("real tokens / s (fwd + bwd + step)")
+    ax_speed.set_title("throughput (x = vs padded)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps only (GPU check script, smoke runs)")
+    parser.add_argument("--steps", type=int, help="training steps (default 60, --quick 8)")
+    parser.add_argument("--batch-size", type=int, default=16, help="documents per step")
+    parser.add_argument("--max-doc-tokens", type=int, default=1024, help="drop documents longer than this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads per run (default: torch's choice, one per core)"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for demo.json and demo.png")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="all runs in this process (quicker start for smoke tests; peak memory is then not per run)",
+    )
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 8 if args.quick else 60
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _, corpus = load_documents(args.max_doc_tokens)
+    load_before = os.getloadavg()[0]
+    results = train_all(args)
+    load_after = os.getloadavg()[0]
+    comparison = compare(results)
+    print_report(results, comparison, corpus, args, (load_before, load_after))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_doc_tokens": args.max_doc_tokens,
+        "packed_collator": f"PackedCollator(max_tokens={args.max_doc_tokens}, flatten=True)",
+        "seed": args.seed,
+        "threads": args.threads,
+        "warmup_steps": WARMUP_STEPS,
+        "optimizer": f"AdamW(lr={LEARNING_RATE})",
+        "model": {"architecture": "LlamaForCausalLM", **MODEL},
+        "tokenizer": "bytes: [BOS=1] + [byte + 3], pad 0",
+        "timing": "forward + backward + optimizer step; batches collated before the loop; runs take turns step by step",
+        "in_process": args.in_process,
+    }
+    report = {
+        "settings": settings,
+        "corpus": corpus,
+        "environment": environment(args),
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "comparison": comparison,
+        "runs": results,
+    }
+    (args.out / "demo.json").write_text(json.dumps(report, indent=1))
+    title = f"tiny Llama, {args.steps} steps x {args.batch_size} docs, {report['environment']['device_name']}"
+    plot(results, comparison, args.out / "demo.png", title)
+    print(f"\nwrote {args.out / 'demo.json'} and {args.out / 'demo.png'}")
+
+    worst = max(comparison["max_abs_loss_diff"].values())
+    if worst > LOSS_TOLERANCE:
+        print(f"FAIL: the runs' losses differ by up to {worst:.2e} (> {LOSS_TOLERANCE:g})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

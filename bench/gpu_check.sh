@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One short run on a lent GPU machine (see ../shared/GPU.md): install, test on CUDA, benchmark.
+# Everything lands in $OUT (default bench/results/gpu-latest): log.txt, tests.xml, the benches'
+# JSON files and gpu_check.json; a short table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu-latest}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+start=$SECONDS
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, record its status
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s) ==="
+    local t0=$SECONDS
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$OUT/steps.txt"
+}
+
+step install 150 python3 -m pip install --no-build-isolation --no-deps -e .
+python3 - <<'PY'
+import torch, triton, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__,
+      "| transformers", transformers.__version__, "|", torch.cuda.get_device_name(0))
+PY
+# Benchmarks first: they are the numbers this run exists for.
+step bench_varlen_attention 120 python3 bench/bench_varlen_attention.py --quick --out "$OUT"
+step bench_lora 90 python3 bench/bench_lora.py --quick --out "$OUT"
+step demo 60 python3 bench/demo.py --quick --out "$OUT"
+# trl and datasets are not installed on the GPU machine; that file runs in CI on the CPU.
+step tests 200 python3 -m pytest tests -q -x --ignore tests/test_trainers.py --junitxml "$OUT/tests.xml" -p no:cacheprovider
+python3 bench/gpu_summary.py "$OUT"
+echo "total seconds: $((SECONDS - start))"
