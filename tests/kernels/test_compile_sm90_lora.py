@@ -1,20 +1,15 @@
 """Every shipped LoRA kernel config compiles for sm_90: wgmma where it matters, shared memory, no spills.
 
-The compile runs in a subprocess (this file run as a script): the tests set TRITON_INTERPRET=1,
-under which `@triton.jit` yields interpreter functions that cannot be compiled for a GPU.
+The compile runs in a subprocess, this file run as a script (tests/kernels/sm90.py says why).
 Variants are compiled with the 16-divisibility Triton gives real 7B-class shapes (hidden sizes and
 strides multiples of 16); an unaligned variant checks that tails (in/out 4095) still compile.
 """
 
 import json
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 
-SHARED_LIMIT = 232448
+from tests.kernels.sm90 import SHARED_LIMIT, compile_for_sm90, compile_in_subprocess
 
 
 def _gemm_variants():
@@ -34,45 +29,20 @@ def _gemm_variants():
 
 
 def _compile_all():
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from fused_train.kernels import lora
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     results = []
 
     def compile_one(name, fn, signature, constexprs, config, aligned, needs_wgmma):
-        options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
-        constexprs = constexprs | {k: v for k, v in config.items() if k not in options}
+        constexprs = constexprs | {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
         unaligned = {"rank", "M", "T", "lora_scale", "keep_scale", "scale"}
         attrs = {
             (i,): [["tt.divisibility", 16]]
             for i, (arg, kind) in enumerate(signature.items())
             if aligned and kind != "constexpr" and arg not in unaligned
         }
-        kernel = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("cuda", 90, 32),
-            options=options,
-        )
-        path = f"/tmp/fused_train_lora_{os.getpid()}.cubin"
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        os.remove(path)
-        fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
-        results.append(
-            dict(
-                name=name,
-                aligned=aligned,
-                needs_wgmma=needs_wgmma,
-                wgmma="nvidia_mma<{versionMajor = 3" in kernel.asm["ttgir"],
-                shared=kernel.metadata.shared,
-                **fields,
-            )
-        )
+        usage = compile_for_sm90(fn, signature, constexprs, attrs, config["num_warps"], config["num_stages"])
+        results.append(dict(name=name, aligned=aligned, needs_wgmma=needs_wgmma, **usage))
 
     gemm_args = (
         "a_ptr w_ptr w_scale_ptr lora_left_ptr lora_right_ptr bias_ptr keep_ptr out_ptr M N K rank "
@@ -120,10 +90,7 @@ def _compile_all():
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(__file__, timeout=600)
 
 
 def test_every_lora_config_compiles_for_sm90(compiled):

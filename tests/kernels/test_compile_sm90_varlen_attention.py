@@ -1,20 +1,16 @@
 """Every shipped varlen attention config compiles for sm_90: wgmma, shared memory, no spills.
 
-The compile runs in a subprocess (this file run as a script): the tests set TRITON_INTERPRET=1,
-under which `@triton.jit` yields interpreter functions that cannot be compiled for a GPU.
+The compile runs in a subprocess, this file run as a script (tests/kernels/sm90.py says why).
 Pointers and strides carry the 16-divisibility Triton gives them at launch for real shapes
 (head_dim 80 and 96 rows too: their strides are multiples of 16 elements).
 """
 
 import json
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 
-SHARED_LIMIT = 232448
+from tests.kernels.sm90 import SHARED_LIMIT, compile_for_sm90, compile_in_subprocess
+
 HEAD_DIMS_16BIT = (32, 64, 80, 96, 128, 256)
 HEAD_DIMS_FP32 = (32, 64, 128)
 KERNELS = ("fwd", "dkdv", "dq")
@@ -29,13 +25,8 @@ def _variants():
 
 
 def _compile_all():
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from fused_train.kernels import varlen_attention as va
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     kernels = {
         "fwd": (va._varlen_attention_fwd_kernel, (va.FWD_CONFIGS, va.FWD_CONFIGS_FP32)),
         "dkdv": (va._varlen_attention_bwd_dkdv_kernel, (va.BWD_DKDV_CONFIGS, va.BWD_DKDV_CONFIGS_FP32)),
@@ -66,23 +57,7 @@ def _compile_all():
             for arg, kind in signature.items()
             if kind.startswith("*") or (kind == "i32" and arg not in unaligned)
         }
-        kernel = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": num_warps, "num_stages": num_stages},
-        )
-        path = f"/tmp/fused_train_varlen_attention_{os.getpid()}.cubin"
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        os.remove(path)
-        fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
-        return dict(
-            name=name,
-            wgmma="nvidia_mma<{versionMajor = 3" in kernel.asm["ttgir"],
-            shared=kernel.metadata.shared,
-            **fields,
-        )
+        return dict(name=name, **compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages))
 
     results = []
     for dtype, head_dim, softcap in _variants():
@@ -106,10 +81,7 @@ def _compile_all():
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(__file__, timeout=900)
 
 
 def test_every_varlen_attention_config_compiles_for_sm90(compiled):

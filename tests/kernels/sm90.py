@@ -1,0 +1,53 @@
+"""Compile Triton kernels for Hopper (sm_90) without a GPU and read what they use.
+
+The tests set TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` yields interpreter
+functions that cannot be compiled for a GPU. So each compile test runs its own file as a script in
+a fresh Python with that variable removed (`compile_in_subprocess`); the script compiles with
+`compile_for_sm90` and prints its results as JSON on its last stdout line.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages):
+    """Compile `fn` for sm_90; return whether it uses wgmma, its shared memory in bytes and its
+    per-thread REG, STACK and LOCAL (bytes spilled) as cuobjdump reports them."""
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(prefix="fused_train_", suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+    return dict(
+        wgmma="nvidia_mma<{versionMajor = 3" in kernel.asm["ttgir"],
+        shared=kernel.metadata.shared,
+        **{k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage.stdout)},
+    )
+
+
+def compile_in_subprocess(script_path, timeout):
+    """Run the script without TRITON_INTERPRET and return the JSON list on its last stdout line.
+
+    The repo root goes on PYTHONPATH so that the script can import this module as `tests.kernels.sm90`."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, script_path], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
