@@ -129,7 +129,12 @@ def main():
     stem = os.path.join(args.out, f"bench_lora_{device}{'_quick' if args.quick else ''}")
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     with open(stem + ".json", "w") as f:
-        json.dump(dict(device=device_name, torch=torch.__version__, rows=rows), f, indent=1)
+        summary = [
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if not k.endswith(("_tflops", "_mb"))}
+            for r in rows
+            if r["mode"] == "fwd+bwd"
+        ]
+        json.dump(dict(device=device_name, torch=torch.__version__, summary=summary, rows=rows), f, indent=1)
     _chart(rows, stem + ".png", device_name)
 
     header = f"{'tokens':>6} {'in':>6} {'out':>6} {'r':>3} {'mode':>8} {'base ms':>8} {'peft ms':>8} {'fused ms':>8} {'fused/base':>10} {'peft/fused':>10}"
