@@ -96,7 +96,9 @@ class _Layout:
         self.keep_q, self.keep_k = keep_q, keep_k
 
 
-# Every layer of one forward sees the same kwargs tensors; the layout is computed once per forward.
+# Every layer of one forward sees the same kwargs tensors, so the layout is computed once per
+# forward. The key holds each tensor with its version counter: a buffer reused with new contents
+# (an in-place update bumps the counter) gets a new layout.
 _last_layout: tuple[tuple, _Layout] | None = None
 
 
@@ -104,7 +106,8 @@ def _varlen_layout(batch, len_q, len_k, attention_mask, kwargs) -> _Layout:
     global _last_layout
     position_ids = kwargs.get("position_ids")
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    cache_key = (batch, len_q, len_k, attention_mask, position_ids, cu_q, cu_k)
+    tensors = (attention_mask, position_ids, cu_q, cu_k)
+    cache_key = (batch, len_q, len_k, *((t, t._version) if t is not None else None for t in tensors))
     if _last_layout is not None and _same_key(_last_layout[0], cache_key):
         return _last_layout[1]
     if cu_q is not None:
@@ -116,7 +119,12 @@ def _varlen_layout(batch, len_q, len_k, attention_mask, kwargs) -> _Layout:
 
 
 def _same_key(a, b):
-    return len(a) == len(b) and all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+    def same(x, y):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            return x[0] is y[0] and x[1] == y[1]
+        return x == y
+
+    return all(same(x, y) for x, y in zip(a, b))
 
 
 def _layout_from_cu_seqlens(batch, len_q, len_k, cu_q, cu_k):

@@ -83,3 +83,16 @@ def test_bad_cu_seq_lens_raise():
     batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor([0, 9, 5, 16], dtype=torch.int32)
     with pytest.raises(ValueError, match="non-decreasing"):
         model(**batch)
+
+
+def test_reused_position_ids_buffer_updated_in_place_gets_new_documents():
+    model = fused_train.patch(tiny_model("llama"))
+    input_ids = torch.randint(3, 97, (1, 12))
+    position_ids = torch.arange(12)[None].clone()
+    with torch.no_grad():
+        one_document = model(input_ids=input_ids, position_ids=position_ids).logits
+        position_ids[0, 6:] = torch.arange(6)  # the same buffer now holds two documents
+        two_documents = model(input_ids=input_ids, position_ids=position_ids).logits
+        fresh = model(input_ids=input_ids, position_ids=position_ids.clone()).logits
+    assert not torch.allclose(one_document[0, 6:], two_documents[0, 6:])
+    torch.testing.assert_close(two_documents, fresh)
