@@ -84,8 +84,9 @@ def make_providers(lengths, num_heads, num_kv_heads, head_dim, device):
 
     probe = torch.empty(0, device=device, dtype=torch.bfloat16)
     if triton_runs_on(probe):
+        # As patched models call it: offsets checked once per batch, not read back on every call.
         providers["ours"] = lambda q, k, v: varlen_attention(
-            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True, check_cu_seqlens=False
         )
     else:
         providers["ours"] = "skipped: the Triton kernel would run in the interpreter on CPU"

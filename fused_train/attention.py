@@ -26,6 +26,7 @@ def varlen_attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     return_lse: bool = False,
+    check_cu_seqlens: bool = True,
 ):
     """Attention over packed sequences, with the conventions of flash-attn's `flash_attn_varlen_func`.
 
@@ -40,24 +41,26 @@ def varlen_attention(
         window_size: `(left, right)` keys visible around the diagonal, -1 meaning unbounded.
         softcap: when > 0, scores become `softcap * tanh(scores / softcap)`.
         return_lse: also return the log-sum-exp, `[num_heads, total_q]` float32.
+        check_cu_seqlens: read `cu_seqlens_*` back and check their values (start 0, non-decreasing,
+            last = total), a host sync on a GPU. Pass False in a hot loop for offsets checked once
+            per batch (patched models do); shapes, dtypes and devices are always checked.
 
     Returns `out` (shape and dtype of `q`), or `(out, lse)`.
 
     The Triton kernel runs where `triton_runs_on` says so, for float16/bfloat16 with head_dim up to
     256 (larger raises ValueError) and float32 up to 128 (its matmuls run as tf32 on the GPU);
     float64, float32 beyond head_dim 128 and other devices use the PyTorch reference. The kernel's
-    launcher validates the inputs inside the custom op (reading `cu_seqlens_*` on the host, one sync),
-    so the checks also run under `torch.compile`.
+    launcher validates the inputs inside the custom op, so the checks also run under `torch.compile`.
     """
     if triton_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k):
         if q.dim() == 3 and q.shape[2] > MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {q.shape[2]}")
         if kernel_supports(q):
             out, lse = varlen_attention_triton(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap
+                q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, check_cu_seqlens
             )
             return (out, lse) if return_lse else out
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens)
     return varlen_attention_ref(
         q,
         k,

@@ -23,15 +23,18 @@ def varlen_attention_fwd_op(
     window_left: int,
     window_right: int,
     softcap: float,
+    check_cu_seqlens_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(out, lse)`: `out` like `q`, `lse` `[num_heads, total_q]` float32."""
     return varlen_attention_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, (window_left, window_right), softcap
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, (window_left, window_right), softcap,
+        check_cu_seqlens_values=check_cu_seqlens_values,
     )
 
 
 @varlen_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_left, window_right, softcap):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_left, window_right, softcap,
+      check_cu_seqlens_values):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -80,7 +83,7 @@ _NON_TENSOR_ARGS = ("causal", "softmax_scale", "window_left", "window_right", "s
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars, _check_cu_seqlens_values = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     ctx.scalars = dict(zip(_NON_TENSOR_ARGS, scalars))
@@ -94,18 +97,20 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dq, dk, dv = varlen_attention_bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, **ctx.scalars)
     # One gradient per input of the forward op; integer offsets and Python scalars get none.
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fused_train::varlen_attention_fwd", _backward, setup_context=_setup_context)
 
 
-def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap):
+def varlen_attention_triton(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, check_cu_seqlens_values=True
+):
     """`(out, lse)` through the custom ops, differentiable in `q`, `k`, `v` (and through `lse`)."""
     if len(window_size) != 2:
         raise ValueError(f"window_size must be (left, right) with -1 meaning unbounded, got {window_size}")
     scale = None if softmax_scale is None else float(softmax_scale)
     return varlen_attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, int(window_size[0]), int(window_size[1]),
-        float(softcap),
+        float(softcap), bool(check_cu_seqlens_values),
     )

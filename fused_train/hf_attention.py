@@ -13,6 +13,8 @@ This is why `use_cache=True` in train mode stays correct: an empty cache adds no
 documents still come from the position ids rather than from a mask built for one sequence.
 """
 
+from typing import NamedTuple
+
 import torch
 from transformers.masking_utils import flash_attention_mask
 
@@ -64,6 +66,7 @@ def fused_train_attention(
     if layout.keep_k is not None:
         k, v = k[layout.keep_k], v[layout.keep_k]
     is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    # The layout's offsets were built or checked once for this batch: no host sync per layer.
     out = varlen_attention(
         q,
         k,
@@ -72,6 +75,7 @@ def fused_train_attention(
         layout.cu_seqlens_k,
         layout.max_seqlen_q,
         layout.max_seqlen_k,
+        check_cu_seqlens=False,
         causal=is_causal,
         softmax_scale=scaling,
         # transformers' sliding window of w lets a query see itself and the w - 1 keys before it.
@@ -84,16 +88,20 @@ def fused_train_attention(
     return out.view(batch, len_q, num_heads, head_dim), None
 
 
-class _Layout:
-    __slots__ = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "keep_q", "keep_k")
+class _Layout(NamedTuple):
+    """Varlen form of a batch: offsets of the sequences, their longest lengths, and which flattened
+    rows are real tokens (None: all of them)."""
 
-    def __init__(self, cu_seqlens_q, cu_seqlens_k, keep_q=None, keep_k=None):
-        lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-        lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
-        self.max_seqlen_q = int(lengths_q.max()) if lengths_q.numel() else 0
-        self.max_seqlen_k = int(lengths_k.max()) if lengths_k.numel() else 0
-        self.keep_q, self.keep_k = keep_q, keep_k
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    keep_q: torch.Tensor | None = None
+    keep_k: torch.Tensor | None = None
+
+
+def _max_length(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
 # Every layer of one forward sees the same kwargs tensors, so the layout is computed once per
@@ -130,12 +138,14 @@ def _same_key(a, b):
 def _layout_from_cu_seqlens(batch, len_q, len_k, cu_q, cu_k):
     cu_k = cu_q if cu_k is None else cu_k
     for name, cu, total in (("cu_seq_lens_q", cu_q, batch * len_q), ("cu_seq_lens_k", cu_k, batch * len_k)):
-        if cu.dim() != 1 or int(cu[-1]) != total:
+        values = cu.tolist() if cu.dim() == 1 else []
+        if len(values) < 2 or values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
             raise ValueError(
-                f"{name} must be 1-D and end at batch * tokens = {total} (it describes the flattened batch), "
-                f"got shape {tuple(cu.shape)} ending at {int(cu[-1]) if cu.numel() else None}"
+                f"{name} must be 1-D, start at 0, be non-decreasing and end at batch * tokens = {total} "
+                f"(it describes the flattened batch), got {values[:8]}{'...' if len(values) > 8 else ''}"
             )
-    return _Layout(cu_q.to(torch.int32), cu_k.to(torch.int32))
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    return _Layout(cu_q, cu_k, _max_length(cu_q), _max_length(cu_k))
 
 
 def _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids):
@@ -149,7 +159,8 @@ def _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids):
     if len_q != len_k:
         # Decoding after a cache prefix: one sequence per row, its queries the last of its keys.
         keep_k = None if bool(valid_k.all()) else valid_k.flatten().nonzero().squeeze(1)
-        return _Layout(_cu_from_lengths(valid_q.sum(1)), _cu_from_lengths(valid_k.sum(1)), keep_q, keep_k)
+        cu_q, cu_k = _cu_from_lengths(valid_q.sum(1)), _cu_from_lengths(valid_k.sum(1))
+        return _Layout(cu_q, cu_k, _max_length(cu_q), _max_length(cu_k), keep_q, keep_k)
     # A sequence starts at the first real token of a row, after padding, and where positions restart.
     starts = valid_q & ~torch.nn.functional.pad(valid_q, (1, 0))[:, :-1]
     if position_ids is not None:
@@ -157,7 +168,8 @@ def _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids):
         starts[:, 1:] |= valid_q[:, 1:] & (positions[:, 1:] != positions[:, :-1] + 1)
     segment = torch.cumsum(starts.flatten(), 0)[valid_q.flatten()] - 1
     cu = _cu_from_lengths(torch.bincount(segment))
-    return _Layout(cu, cu, keep_q, keep_q)
+    max_length = _max_length(cu)
+    return _Layout(cu, cu, max_length, max_length, keep_q, keep_q)
 
 
 def _cu_from_lengths(lengths):

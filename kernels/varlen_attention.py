@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap):
-    """Raise ValueError naming the argument when inputs break the layout described above."""
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens_values=True):
+    """Raise ValueError naming the argument when inputs break the layout described above.
+
+    Reading the values of `cu_seqlens_*` costs a host sync on a GPU; `check_cu_seqlens_values=False`
+    skips that part for callers that built or checked them already (a patched model, once per batch).
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [total_tokens, heads, head_dim], got {_describe(t)}")
@@ -45,6 +49,8 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softca
                 f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {batch} and {cu.numel() - 1} sequences"
             )
         batch = cu.numel() - 1
+        if not check_cu_seqlens_values:
+            continue
         values = cu.tolist()
         if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
             raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values[:8]}{'...' if len(values) > 8 else ''}")
@@ -586,13 +592,13 @@ def _config(tables, q, config, interpreter_config):
 
 
 def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None,
-                         window_size=(-1, -1), softcap=0.0, config=None):
+                         window_size=(-1, -1), softcap=0.0, config=None, check_cu_seqlens_values=True):
     """Triton forward: `(out, lse)`, `out` like `q`, `lse` `[num_heads, total_q]` float32 (natural log).
 
     `config` is `(BLOCK_M, BLOCK_N, num_warps, num_stages)`; by default `FWD_CONFIGS[BLOCK_D]` on a GPU
     and `INTERPRETER_CONFIG` in the interpreter.
     """
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens_values)
     check_kernel_inputs(q, k, v)
     total_q, num_heads, head_dim = q.shape
     batch = cu_seqlens_q.numel() - 1

@@ -214,12 +214,12 @@ def _small_op_args(requires_grad):
 
 def test_forward_op_passes_opcheck():
     q, k, v, cu_q, cu_k = _small_op_args(requires_grad=True)
-    torch.library.opcheck(varlen_attention_fwd_op, (q, k, v, cu_q, cu_k, True, None, -1, -1, 0.0))
+    torch.library.opcheck(varlen_attention_fwd_op, (q, k, v, cu_q, cu_k, True, None, -1, -1, 0.0, True))
 
 
 def test_backward_op_passes_opcheck():
     q, k, v, cu_q, cu_k = _small_op_args(requires_grad=False)
-    out, lse = varlen_attention_fwd_op(q, k, v, cu_q, cu_k, True, None, 4, -1, 0.0)
+    out, lse = varlen_attention_fwd_op(q, k, v, cu_q, cu_k, True, None, 4, -1, 0.0, True)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     torch.library.opcheck(varlen_attention_bwd_op, (dout, dlse, q, k, v, out, lse, cu_q, cu_k, True, None, 4, -1, 0.0))
 
@@ -239,3 +239,13 @@ def test_torch_compile_fullgraph_matches_eager():
     assert counter.frame_count == 1
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_unchecked_offsets_still_check_shapes_and_match_checked():
+    generator = torch.Generator().manual_seed(7)
+    q, k, v, cu_q, cu_k = _inputs([5, 11], [5, 11], 4, 2, 32, torch.float32, generator)
+    checked = varlen_attention(q, k, v, cu_q, cu_k, 11, 11)
+    unchecked = varlen_attention(q, k, v, cu_q, cu_k, 11, 11, check_cu_seqlens=False)
+    torch.testing.assert_close(unchecked, checked, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        varlen_attention(q, k, v, cu_q.long(), cu_k, 11, 11, check_cu_seqlens=False)
