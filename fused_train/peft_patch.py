@@ -152,7 +152,8 @@ def patch_lora_layers(model: nn.Module) -> LoraPatchReport:
                 report.fallback[name] = reason
         elif isinstance(module, LoraLayer):
             report.fallback[name] = f"layer type {type(module).__name__} is not fused"
-    logger.info("%s", report)
+    if report.num_fused or report.num_fallback:
+        logger.info("%s", report)
     return report
 
 
