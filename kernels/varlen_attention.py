@@ -257,6 +257,25 @@ def _sequence_of_block(cu_seqlens, block, batch, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sequence_span(cu_seqlens, seq):
+    """Sequence seq's first row (int64: it offsets pointers) and length."""
+    start = tl.load(cu_seqlens + seq)
+    length = tl.load(cu_seqlens + seq + 1) - start
+    return start.to(tl.int64), length
+
+
+@triton.jit
+def _block_in_sequence(cu_seqlens, block, batch, BLOCK: tl.constexpr):
+    """The sequence that owns virtual block `block`, its first row and length, and the block's first
+    row within it: at or past the length for a sequence's spare block, whose program must return."""
+    seq = _sequence_of_block(cu_seqlens, block, batch, BLOCK)
+    start = tl.load(cu_seqlens + seq)
+    first = (block - (start // BLOCK + seq)) * BLOCK
+    length = tl.load(cu_seqlens + seq + 1) - start
+    return seq, start.to(tl.int64), length, first
+
+
+@triton.jit
 def _load_tile(ptrs, rows, num_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     if HEAD_DIM == BLOCK_D:
         tile = tl.load(ptrs, mask=rows[:, None] < num_rows, other=0.0)
@@ -266,6 +285,14 @@ def _load_tile(ptrs, rows, num_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl
         # The interpreter computes bf16 arithmetic wrongly; it upcasts right after every load.
         tile = tile.to(tl.float32)
     return tile
+
+
+@triton.jit
+def _load_rows(base, rows, stride, num_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Rows `rows` of the [num_rows, HEAD_DIM] matrix at `base` with row stride `stride`, zeros past its end."""
+    return _load_tile(base + rows[:, None] * stride + offs_d[None, :], rows, num_rows, offs_d, HEAD_DIM, BLOCK_D,
+                      UPCAST)
 
 
 @triton.jit
@@ -285,9 +312,11 @@ def _scores_log2(qk, qk_scale, scale_over_softcap, softcap_log2, SOFTCAP: tl.con
 
 
 @triton.jit
-def _key_range(first_row, last_row, len_k, diag, window_left, window_right, BLOCK_N: tl.constexpr):
-    """Keys [lo, hi) that query rows first_row..last_row see, and [mid_lo, mid_hi), the key blocks
-    that every one of these rows sees entirely. lo, mid_lo, mid_hi are multiples of BLOCK_N or equal hi."""
+def _key_range(first_row, len_q, len_k, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) that the query block from first_row sees, and [mid_lo, mid_hi), the key blocks
+    that every one of its rows sees entirely. lo, mid_lo, mid_hi are multiples of BLOCK_N or equal hi."""
+    diag = len_k - len_q
+    last_row = tl.minimum(first_row + BLOCK_M, len_q) - 1
     lo = tl.maximum(first_row + diag - window_left, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(last_row + diag + window_right + 1, len_k)
     # Right of the last row's left edge, left of the first row's right edge.
@@ -296,6 +325,28 @@ def _key_range(first_row, last_row, len_k, diag, window_left, window_right, BLOC
     mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
     return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _key_edges(rows, len_q, len_k, window_left, window_right):
+    """Row i sees keys left_edge[i] <= j <= right_edge[i]; clamping to the last key folds in j < len_k."""
+    diag = len_k - len_q
+    return rows + diag - window_left, tl.minimum(rows + diag + window_right, len_k - 1)
+
+
+@triton.jit
+def _in_band(index, first, last):
+    """Mask [len(first), len(index)]: first[i] <= index[j] <= last[i]."""
+    return (index[None, :] >= first[:, None]) & (index[None, :] <= last[:, None])
+
+
+@triton.jit
+def _dscores(p, dp, delta, capped, SOFTCAP: tl.constexpr):
+    """ds = p (dp - delta) * dsoftcap (see above); `delta` comes broadcast to p's layout."""
+    ds = p * (dp - delta)
+    if SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    return ds
 
 
 @triton.jit(do_not_specialize=["batch", "group", "stride_lse_h", "window_left", "window_right"])
@@ -309,46 +360,33 @@ def _varlen_attention_fwd_kernel(
     # Last query blocks first: under a causal mask they see the most keys.
     block = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
-    seq = _sequence_of_block(cu_seqlens_q, block, batch, BLOCK_M)
-    q_start = tl.load(cu_seqlens_q + seq)
-    first_row = (block - (q_start // BLOCK_M + seq)) * BLOCK_M
-    len_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    seq, q_start, len_q, first_row = _block_in_sequence(cu_seqlens_q, block, batch, BLOCK_M)
     if first_row >= len_q:
         return
-    k_start = tl.load(cu_seqlens_k + seq)
-    len_k = tl.load(cu_seqlens_k + seq + 1) - k_start
-    diag = len_k - len_q
-    last_row = tl.minimum(first_row + BLOCK_M, len_q) - 1
+    k_start, len_k = _sequence_span(cu_seqlens_k, seq)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = first_row + tl.arange(0, BLOCK_M)
-    q_start = q_start.to(tl.int64)
-    k_start = k_start.to(tl.int64)
     kv_head = head // group
     q = _load_tile(Q + (q_start + rows[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
                    rows, len_q, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
     k_base = K + k_start * stride_kt + kv_head * stride_kh
     v_base = V + k_start * stride_vt + kv_head * stride_vh
-    # Row i sees keys left_edge[i] <= j <= right_edge[i]; clamping to the last key folds in j < len_k.
-    right_edge = tl.minimum(rows + diag + window_right, len_k - 1)
-    left_edge = rows + diag - window_left
+    left_edge, right_edge = _key_edges(rows, len_q, len_k, window_left, window_right)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = _key_range(first_row, last_row, len_k, diag, window_left, window_right, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _key_range(first_row, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N)
     # One loop with a block-uniform branch: separate masked and unmasked loops cost registers (spills).
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols, len_k, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
-        v = _load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, len_k, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
+        k = _load_rows(k_base, cols, stride_kt, len_k, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+        v = _load_rows(v_base, cols, stride_vt, len_k, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
         s, _ = _scores_log2(tl.dot(q, tl.trans(k)), qk_scale, scale_over_softcap, softcap_log2, SOFTCAP)
         if (start_n < mid_lo) | (start_n >= mid_hi):
-            s = tl.where((cols[None, :] <= right_edge[:, None]) & (cols[None, :] >= left_edge[:, None]), s,
-                         float("-inf"))
+            s = tl.where(_in_band(cols, left_edge, right_edge), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -405,14 +443,10 @@ def _varlen_attention_bwd_dkdv_kernel(
     block = tl.program_id(0)
     kv_head = tl.program_id(1) // D_SPLIT
     part = tl.program_id(1) % D_SPLIT
-    seq = _sequence_of_block(cu_seqlens_k, block, batch, BLOCK_N)
-    k_start = tl.load(cu_seqlens_k + seq)
-    first_col = (block - (k_start // BLOCK_N + seq)) * BLOCK_N
-    len_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    seq, k_start, len_k, first_col = _block_in_sequence(cu_seqlens_k, block, batch, BLOCK_N)
     if first_col >= len_k:
         return
-    q_start = tl.load(cu_seqlens_q + seq)
-    len_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    q_start, len_q = _sequence_span(cu_seqlens_q, seq)
     diag = len_k - len_q
     last_col = tl.minimum(first_col + BLOCK_N, len_k) - 1
 
@@ -420,8 +454,6 @@ def _varlen_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_part = part * (BLOCK_D // D_SPLIT) + tl.arange(0, BLOCK_D // D_SPLIT)
     cols = first_col + tl.arange(0, BLOCK_N)
-    q_start = q_start.to(tl.int64)
-    k_start = k_start.to(tl.int64)
     k = _load_tile(K + (k_start + cols[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :],
                    cols, len_k, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
     v = _load_tile(V + (k_start + cols[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :],
@@ -449,18 +481,14 @@ def _varlen_attention_bwd_dkdv_kernel(
         delta_base = Delta + head * stride_lse_h + q_start
         for start_m in range(q_lo, q_hi, BLOCK_M):
             rows = start_m + offs_m
-            q = _load_tile(q_base + rows[:, None] * stride_qt + offs_d[None, :], rows, len_q, offs_d,
-                           HEAD_DIM, BLOCK_D, UPCAST)
-            do = _load_tile(do_base + rows[:, None] * stride_dot + offs_d[None, :], rows, len_q, offs_d,
-                            HEAD_DIM, BLOCK_D, UPCAST)
+            q = _load_rows(q_base, rows, stride_qt, len_q, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+            do = _load_rows(do_base, rows, stride_dot, len_q, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
             if D_SPLIT == 1:
                 q_part = q
                 do_part = do
             else:
-                q_part = _load_tile(q_base + rows[:, None] * stride_qt + offs_part[None, :], rows, len_q, offs_part,
-                                    HEAD_DIM, BLOCK_D, UPCAST)
-                do_part = _load_tile(do_base + rows[:, None] * stride_dot + offs_part[None, :], rows, len_q,
-                                     offs_part, HEAD_DIM, BLOCK_D, UPCAST)
+                q_part = _load_rows(q_base, rows, stride_qt, len_q, offs_part, HEAD_DIM, BLOCK_D, UPCAST)
+                do_part = _load_rows(do_base, rows, stride_dot, len_q, offs_part, HEAD_DIM, BLOCK_D, UPCAST)
             lse_log2 = tl.load(lse_base + rows, mask=rows < len_q, other=0.0) * LOG2E
             delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
             s_t, capped_t = _scores_log2(tl.dot(k, tl.trans(q)), qk_scale, scale_over_softcap, softcap_log2,
@@ -468,13 +496,9 @@ def _varlen_attention_bwd_dkdv_kernel(
             p_t = tl.exp2(s_t - lse_log2[None, :])
             if (start_m < mid_lo) | (start_m >= mid_hi):
                 # Rows that see no key have lse = -inf, so p_t is inf there before this where.
-                visible = (rows[None, :] >= first_row_of_col[:, None]) & (rows[None, :] <= last_row_of_col[:, None])
-                p_t = tl.where(visible, p_t, 0.0)
+                p_t = tl.where(_in_band(rows, first_row_of_col, last_row_of_col), p_t, 0.0)
             dv = tl.dot(p_t.to(do.dtype), do_part, dv)
-            dp_t = tl.dot(v, tl.trans(do))
-            ds_t = p_t * (dp_t - delta[None, :])
-            if SOFTCAP:
-                ds_t = ds_t * (1.0 - capped_t * capped_t)
+            ds_t = _dscores(p_t, tl.dot(v, tl.trans(do)), delta[None, :], capped_t, SOFTCAP)
             dk = tl.dot(ds_t.to(q.dtype), q_part, dk)
 
     col_ok = (cols[:, None] < len_k) & (offs_part[None, :] < HEAD_DIM)
@@ -496,23 +520,15 @@ def _varlen_attention_bwd_dq_kernel(
     """Per query block: dQ, over the same key range as the forward."""
     block = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
-    seq = _sequence_of_block(cu_seqlens_q, block, batch, BLOCK_M)
-    q_start = tl.load(cu_seqlens_q + seq)
-    first_row = (block - (q_start // BLOCK_M + seq)) * BLOCK_M
-    len_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    seq, q_start, len_q, first_row = _block_in_sequence(cu_seqlens_q, block, batch, BLOCK_M)
     if first_row >= len_q:
         return
-    k_start = tl.load(cu_seqlens_k + seq)
-    len_k = tl.load(cu_seqlens_k + seq + 1) - k_start
-    diag = len_k - len_q
-    last_row = tl.minimum(first_row + BLOCK_M, len_q) - 1
+    k_start, len_k = _sequence_span(cu_seqlens_k, seq)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = first_row + tl.arange(0, BLOCK_M)
     row_ok = rows < len_q
-    q_start = q_start.to(tl.int64)
-    k_start = k_start.to(tl.int64)
     kv_head = head // group
     q = _load_tile(Q + (q_start + rows[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
                    rows, len_q, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
@@ -522,26 +538,20 @@ def _varlen_attention_bwd_dq_kernel(
     delta = tl.load(Delta + head * stride_lse_h + q_start + rows, mask=row_ok, other=0.0)
     k_base = K + k_start * stride_kt + kv_head * stride_kh
     v_base = V + k_start * stride_vt + kv_head * stride_vh
-    right_edge = tl.minimum(rows + diag + window_right, len_k - 1)
-    left_edge = rows + diag - window_left
+    left_edge, right_edge = _key_edges(rows, len_q, len_k, window_left, window_right)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = _key_range(first_row, last_row, len_k, diag, window_left, window_right, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _key_range(first_row, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols, len_k, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
-        v = _load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, len_k, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
+        k = _load_rows(k_base, cols, stride_kt, len_k, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+        v = _load_rows(v_base, cols, stride_vt, len_k, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
         s, capped = _scores_log2(tl.dot(q, tl.trans(k)), qk_scale, scale_over_softcap, softcap_log2, SOFTCAP)
         p = tl.exp2(s - lse_log2[:, None])
         if (start_n < mid_lo) | (start_n >= mid_hi):
             # Rows that see no key have lse = -inf, so p is inf there before this where.
-            p = tl.where((cols[None, :] <= right_edge[:, None]) & (cols[None, :] >= left_edge[:, None]), p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - capped * capped)
+            p = tl.where(_in_band(cols, left_edge, right_edge), p, 0.0)
+        ds = _dscores(p, tl.dot(do, tl.trans(v)), delta[:, None], capped, SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     tl.store(dQ + (q_start + rows[:, None]) * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * softmax_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
