@@ -16,6 +16,7 @@ interpreter); FlexAttention and varlen_attn report themselves unavailable where 
 
 import argparse
 import inspect
+import itertools
 import json
 import os
 import platform
@@ -77,7 +78,8 @@ def _timer(device):
 
 def make_providers(lengths, num_heads, num_kv_heads, head_dim, device):
     """name -> forward(q, k, v) -> out [total, heads, head_dim], or a string saying why it is unavailable."""
-    cu_seqlens = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32, device=device)
+    ends = list(itertools.accumulate(lengths))
+    cu_seqlens = torch.tensor([0] + ends, dtype=torch.int32, device=device)
     total, max_len = sum(lengths), max(lengths)
     group = num_heads // num_kv_heads
     providers = {}
@@ -91,7 +93,7 @@ def make_providers(lengths, num_heads, num_kv_heads, head_dim, device):
     else:
         providers["ours"] = "skipped: the Triton kernel would run in the interpreter on CPU"
 
-    bounds = list(zip([0] + list(_cumsum(lengths))[:-1], _cumsum(lengths)))
+    bounds = list(zip([0] + ends[:-1], ends))
 
     def sdpa_per_document(q, k, v):
         outs = []
@@ -122,13 +124,6 @@ def make_providers(lengths, num_heads, num_kv_heads, head_dim, device):
     providers["flex_document_mask"] = _flex_provider(document, total, group, device)
     providers["varlen_attn"] = _varlen_attn_provider(cu_seqlens, max_len, group, device)
     return providers
-
-
-def _cumsum(values):
-    total = 0
-    for value in values:
-        total += value
-        yield total
 
 
 def _flex_provider(document, total, group, device):
