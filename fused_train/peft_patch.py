@@ -88,7 +88,7 @@ def fused_fallback_reason(layer: LoraLinear, x: torch.Tensor, args=(), kwargs=No
     if x.dtype != _compute_dtype(x, weight):
         if not torch.is_autocast_enabled(x.device.type):
             return f"input dtype {x.dtype} differs from base weight dtype {weight.dtype}"
-        return f"autocast to {_compute_dtype(x, weight)} over a {weight.dtype} base weight"
+        return f"autocast to {torch.get_autocast_dtype(x.device.type)} over a {weight.dtype} base weight"
     return None
 
 
@@ -114,7 +114,6 @@ def _fused_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch
         # peft's lora_bias: B's bias is scaled with the LoRA branch; the sum stays differentiable.
         lora_bias = lora_b.bias * scaling
         bias = lora_bias if bias is None else bias + lora_bias
-    x = x.to(_compute_dtype(x, base.weight))
     return lora_linear(
         x,
         base.weight,
