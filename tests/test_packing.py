@@ -60,6 +60,37 @@ def test_cpp_equals_python_oracle(problem, split_long):
     assert_arrays_hold_plan(plan_packing_arrays(lengths, max_tokens, split_long=split_long), expected)
 
 
+def best_fit_decreasing_brute_force(lengths, max_tokens):
+    """The definition, one piece at a time with a scan of every row: what both planners must match."""
+    pieces = []
+    for doc, length in enumerate(lengths):
+        pieces += [(max_tokens, doc)] * ((length - 1) // max_tokens) + [((length - 1) % max_tokens + 1, doc)]
+    pieces.sort(key=lambda piece: -piece[0])
+    rows, free = [], []
+    for tokens, doc in pieces:
+        fits = [(free[row], row) for row in range(len(rows)) if free[row] >= tokens]
+        if fits:
+            _, row = min(fits)
+        else:
+            row = len(rows)
+            rows.append([])
+            free.append(max_tokens)
+        rows[row].append(doc)
+        free[row] -= tokens
+    return rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(packing_problems())
+def test_planners_equal_brute_force_best_fit(problem):
+    # Both planners fill a found row with a whole run of equal pieces at once; the brute force
+    # places every piece by a fresh search over all rows.
+    lengths, max_tokens = problem
+    expected = best_fit_decreasing_brute_force(lengths, max_tokens)
+    assert plan_packing_python(lengths, max_tokens) == expected
+    assert plan_packing(lengths, max_tokens) == expected
+
+
 @settings(max_examples=100, deadline=None)
 @given(packing_problems())
 def test_cpp_equals_python_oracle_beyond_the_dense_limit(problem):
@@ -154,6 +185,7 @@ def test_empty_lengths():
         ([3], 0, "max_tokens must be a positive int"),
         ([3], 2.5, "max_tokens must be a positive int"),
         ([3], True, "max_tokens must be a positive int"),
+        ([5, 2**31], 1, r"lengths\[:2\] already make more than 2147483647 pieces"),
     ],
 )
 def test_bad_inputs_raise_value_error(lengths, max_tokens, message):
