@@ -2,6 +2,7 @@
 
 from fused_train.attention import varlen_attention
 from fused_train.collator import PackedCollator, block_diagonal_causal_mask
+from fused_train.kv_cache import Int8KVCache
 from fused_train.lora import lora_linear
 from fused_train.packing import plan_packing, plan_packing_arrays
 from fused_train.patching import TESTED_MODEL_TYPES, is_patched, patch, unpatch
@@ -9,6 +10,7 @@ from fused_train.quantize import quantize_base
 from fused_train.telemetry import TrainingTelemetry
 
 __all__ = [
+    "Int8KVCache",
     "PackedCollator",
     "TESTED_MODEL_TYPES",
     "TrainingTelemetry",

@@ -11,20 +11,42 @@ model's kwargs. This module turns them into varlen form, one sequence per docume
 Position resets are only read when queries and keys cover the same tokens (no cache prefix).
 This is why `use_cache=True` in train mode stays correct: an empty cache adds no prefix, and the
 documents still come from the position ids rather than from a mask built for one sequence.
+
+Keys and values may also arrive as `Int8KV` (from `fused_train.Int8KVCache` after the prompt):
+then the new queries attend to the int8 cache directly with the int8 decode kernel.
 """
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from transformers.masking_utils import flash_attention_mask
 
 from fused_train.attention import varlen_attention
+from fused_train.kernels.int8_kv_quantize import dequantize_kv_ref
+from fused_train.kv_cache_ops import int8_decode_attention
 
 ATTENTION_NAME = "fused_train"
 
 # The mask interface of flash attention fits varlen exactly: None when nothing is padded,
 # otherwise the 2-D padding mask sliced to the keys' length (which we unpad below).
 fused_train_mask = flash_attention_mask
+
+
+@dataclass(frozen=True)
+class Int8KV:
+    """Keys or values of one layer as `Int8KVCache` holds them: the first `length` positions of
+    `data` (int8 `[batch, num_kv_heads, capacity, head_dim]`) times `scale` (float32
+    `[batch, num_kv_heads, capacity]`), standing for a tensor of `dtype`."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    length: int
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        """The full-precision `[batch, num_kv_heads, length, head_dim]` tensor (a copy)."""
+        return dequantize_kv_ref(self.data[:, :, : self.length], self.scale[:, :, : self.length], self.dtype)
 
 
 def fused_train_attention(
@@ -48,7 +70,27 @@ def fused_train_attention(
     if torch.is_autocast_enabled(device_type):
         # As SDPA does under autocast: rotary embeddings leave q and k in float32, v is already cast.
         dtype = torch.get_autocast_dtype(device_type)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        query = query.to(dtype)
+        if not isinstance(key, Int8KV):
+            key, value = key.to(dtype), value.to(dtype)
+    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if isinstance(key, Int8KV):
+        left_padding = _left_padding(attention_mask, key.length) if is_causal else None
+        if left_padding is None:
+            # Not a left-padded causal batch: attend to the dequantized cache the general way.
+            return fused_train_attention(
+                module, query, key.dequantize(), value.dequantize(), attention_mask, scaling, dropout, sliding_window,
+                softcap, **kwargs,
+            )
+        if torch.is_grad_enabled() and query.requires_grad:
+            raise ValueError("Int8KVCache is for inference: run generation under torch.no_grad()")
+        out = int8_decode_attention(
+            query, key.data, key.scale, value.data, value.scale, key.length, left_padding[0],
+            softmax_scale=scaling,
+            window_left=sliding_window - 1 if sliding_window else -1,
+            softcap=softcap or 0.0,
+        )
+        return out.transpose(1, 2), None
     batch, num_heads, len_q, head_dim = query.shape
     len_k = key.shape[2]
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -65,7 +107,6 @@ def fused_train_attention(
         q = q[layout.keep_q]
     if layout.keep_k is not None:
         k, v = k[layout.keep_k], v[layout.keep_k]
-    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     # The layout's offsets were built or checked once for this batch: no host sync per layer.
     out = varlen_attention(
         q,
@@ -170,6 +211,27 @@ def _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids):
     cu = _cu_from_lengths(torch.bincount(segment))
     max_length = _max_length(cu)
     return _Layout(cu, cu, max_length, max_length, keep_q, keep_q)
+
+
+_last_left_padding: tuple[tuple, tuple] | None = None
+
+
+def _left_padding(attention_mask, kv_len):
+    """`(key_start,)` for a batch whose rows are padded on the left only (key_start int32 `[batch]`
+    or None without a mask), or None for any other padding. Once per forward, like the layout."""
+    global _last_left_padding
+    cache_key = (kv_len, (attention_mask, attention_mask._version) if attention_mask is not None else None)
+    if _last_left_padding is not None and _same_key(_last_left_padding[0], cache_key):
+        return _last_left_padding[1]
+    if attention_mask is None:
+        result = (None,)
+    else:
+        valid = attention_mask[:, -kv_len:].bool()
+        key_start = (~valid).sum(1)
+        left_padded = torch.arange(kv_len, device=valid.device)[None, :] >= key_start[:, None]
+        result = (key_start.to(torch.int32),) if bool((valid == left_padded).all()) else None
+    _last_left_padding = (cache_key, result)
+    return result
 
 
 def _cu_from_lengths(lengths):

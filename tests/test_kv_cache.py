@@ -1,0 +1,200 @@
+"""Int8KVCache in `model.generate` on tiny patched models (the int8 kernels run in the interpreter)."""
+
+import inspect
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+import fused_train
+import fused_train.hf_attention
+from fused_train import Int8KVCache
+from fused_train.kernels.int8_kv_quantize import dequantize_kv_ref, quantize_kv_ref
+from tests.patching.tiny_models import COMMON, tiny_model
+
+
+# transformers 5 renamed generate's and forward's `past_key_values` to `cache`.
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def sharp_tiny_model(model_type="llama"):
+    """A tiny model with a confident head: random init gives near-uniform logits, where greedy
+    decoding would flip on any rounding; scaling the output layer makes the argmax meaningful."""
+    model = tiny_model(model_type).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    if getattr(model.config, "final_logit_softcapping", None):
+        model.config.final_logit_softcapping = None  # it would squash the scaled logits back together
+    return model
+
+
+def left_padded(prompt_lengths, seed=0, vocab=COMMON["vocab_size"]):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(prompt_lengths)
+    input_ids = torch.zeros(len(prompt_lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompt_lengths), width, dtype=torch.long)
+    for row, length in enumerate(prompt_lengths):
+        input_ids[row, width - length :] = torch.randint(3, vocab, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def greedy(model, cache, inputs, max_new_tokens):
+    with torch.no_grad():
+        return model.generate(
+            **inputs, **{CACHE: cache}, max_new_tokens=max_new_tokens, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+
+
+class DequantizedCache(DynamicCache):
+    """transformers' cache holding what Int8KVCache's int8 values stand for, in full precision,
+    and, like Int8KVCache, handing prefill its exact keys and values: the same attention inputs
+    without the int8 kernel, so logits must agree to float32 rounding."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        prefill = self.get_seq_length(layer_idx) == 0
+        stored = [dequantize_kv_ref(*quantize_kv_ref(states), states.dtype) for states in (key_states, value_states)]
+        keys, values = super().update(*stored, layer_idx, *args, **kwargs)
+        return (key_states, value_states) if prefill else (keys, values)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma2", "qwen2"])
+def test_generation_equals_attention_over_the_dequantized_cache(model_type):
+    # GQA (all), sliding windows (mistral, qwen2, gemma2), softcap (gemma2), left padding.
+    model = fused_train.patch(sharp_tiny_model(model_type))
+    inputs = left_padded([9, 4, 13, 1], seed=1)
+    expected = greedy(model, DequantizedCache(config=model.config), inputs, 12)
+    got = greedy(model, Int8KVCache(model.config), inputs, 12)
+    assert torch.equal(got.sequences, expected.sequences)
+    for got_step, expected_step in zip(got.logits, expected.logits):
+        torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_greedy_generation_matches_the_full_precision_cache(model_type):
+    model = fused_train.patch(sharp_tiny_model(model_type))
+    inputs = left_padded([9, 4, 13, 1, 7, 11], seed=1)
+    new_tokens = 16
+    expected = greedy(model, DynamicCache(config=model.config), inputs, new_tokens)
+    got = greedy(model, Int8KVCache(model.config), inputs, new_tokens)
+    same = (got.sequences == expected.sequences)[:, -new_tokens:]
+    assert same.all(dim=1).sum() >= 5, f"prompts with the same greedy tokens: {same.all(dim=1).tolist()}"
+    # Until a prompt's tokens first differ, its logits differ by int8 rounding only.
+    steps_alike = same.long().cumprod(dim=1).sum(dim=1)
+    for row, steps in enumerate(steps_alike.tolist()):
+        for step in range(min(steps + 1, new_tokens)):
+            torch.testing.assert_close(got.logits[step][row], expected.logits[step][row], atol=0.15, rtol=0.02)
+
+
+def test_decode_steps_run_the_int8_kernel(monkeypatch):
+    calls = []
+    original = fused_train.hf_attention.int8_decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused_train.hf_attention, "int8_decode_attention", spy)
+    model = fused_train.patch(sharp_tiny_model())
+    greedy(model, Int8KVCache(model.config), left_padded([5, 3]), max_new_tokens=3)
+    # Prefill attends with the varlen kernel; each of the 2 later steps reads int8 in both layers.
+    assert calls == [torch.int8] * 4
+
+
+def test_sampling_and_long_generation_fill_the_cache():
+    model = fused_train.patch(sharp_tiny_model())
+    cache = Int8KVCache(model.config, block_tokens=16)
+    inputs = left_padded([6, 2], seed=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**inputs, **{CACHE: cache}, max_new_tokens=40, min_new_tokens=40, do_sample=True,
+                             top_k=5, pad_token_id=0)
+    assert out.shape == (2, 6 + 40)
+    # The last token is generated, not yet fed back: the cache holds all but one position.
+    assert cache.get_seq_length() == 6 + 40 - 1
+    assert all(layer.capacity == 48 for layer in cache.layers)
+
+
+def test_memory_is_about_half_of_a_bfloat16_cache():
+    config = transformers.LlamaConfig(**{**COMMON, "hidden_size": 256, "num_attention_heads": 2,
+                                         "num_key_value_heads": 2})
+    assert config.hidden_size // config.num_attention_heads == 128
+    model = fused_train.patch(transformers.AutoModelForCausalLM.from_config(config).eval())
+    input_ids = torch.randint(3, 97, (2, 256))
+    int8_cache = Int8KVCache(model.config)
+    with torch.no_grad():
+        model(input_ids=input_ids, **{CACHE: int8_cache}, use_cache=True)
+        bf16_cache = DynamicCache(config=model.config)
+        fused_train.unpatch(model).to(torch.bfloat16)(input_ids=input_ids, **{CACHE: bf16_cache}, use_cache=True)
+    bf16_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in bf16_cache.layers)
+    # (128 int8 + one float32 scale) per token and head, against 128 bfloat16: 132 / 256.
+    assert int8_cache.nbytes() / bf16_bytes == pytest.approx(132 / 256)
+    assert int8_cache.nbytes() / bf16_bytes <= 0.53
+
+
+def test_beam_search_reorders_the_cache():
+    model = fused_train.patch(sharp_tiny_model())
+    inputs = left_padded([7, 4], seed=5)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **{CACHE: DynamicCache(config=model.config)}, **kwargs)
+        got = model.generate(**inputs, **{CACHE: Int8KVCache(model.config)}, **kwargs)
+    assert (got == expected).float().mean() >= 0.95
+
+
+def test_crop_then_continue_equals_a_cache_that_never_saw_the_dropped_tokens():
+    model = fused_train.patch(sharp_tiny_model())
+    ids = torch.randint(3, 97, (1, 12))
+    cropped, fresh = Int8KVCache(model.config), Int8KVCache(model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :8], **{CACHE: cropped}, use_cache=True)
+        model(input_ids=ids[:, 8:11], **{CACHE: cropped}, use_cache=True)
+        cropped.crop(-3)
+        assert cropped.get_seq_length() == 8
+        got = model(input_ids=ids[:, 8:12], **{CACHE: cropped}, use_cache=True).logits
+        model(input_ids=ids[:, :8], **{CACHE: fresh}, use_cache=True)
+        expected = model(input_ids=ids[:, 8:12], **{CACHE: fresh}, use_cache=True).logits
+    torch.testing.assert_close(got, expected)
+    cropped.reset()
+    assert cropped.get_seq_length() == 0
+
+
+def test_a_padding_hole_falls_back_to_the_dequantized_cache():
+    # Left padding goes to the int8 kernel; any other mask (here a hole) attends to the
+    # dequantized cache through the general path: both give the full-precision cache's logits.
+    model = fused_train.patch(sharp_tiny_model())
+    ids = torch.randint(3, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 3] = 0
+    logits = {}
+    for name, cache in (("int8", Int8KVCache(model.config)), ("full", DynamicCache(config=model.config))):
+        with torch.no_grad():
+            model(input_ids=ids[:, :8], attention_mask=mask[:, :8], **{CACHE: cache}, use_cache=True)
+            logits[name] = model(input_ids=ids[:, 8:], attention_mask=mask, **{CACHE: cache}, use_cache=True).logits
+    torch.testing.assert_close(logits["int8"], logits["full"], atol=0.15, rtol=0.02)
+
+
+def test_unpatched_model_is_refused():
+    model = sharp_tiny_model()
+    with pytest.raises(ValueError, match=r"fused_train.patch\(model\)"):
+        greedy(model, Int8KVCache(model.config), left_padded([3]), max_new_tokens=2)
+
+
+def test_max_cache_len_is_enforced():
+    model = fused_train.patch(sharp_tiny_model())
+    cache = Int8KVCache(model.config, max_cache_len=8)
+    assert cache.nbytes() == 0
+    with pytest.raises(ValueError, match="max_cache_len=8"):
+        greedy(model, cache, left_padded([6]), max_new_tokens=4)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(max_cache_len=0), "max_cache_len"),
+    (dict(block_tokens=0), "block_tokens"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Int8KVCache(tiny_model("llama").config, **kwargs)
+
