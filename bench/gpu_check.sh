@@ -29,7 +29,10 @@ PY
 step bench_varlen_attention 120 python3 bench/bench_varlen_attention.py --quick --out "$OUT"
 step bench_lora 90 python3 bench/bench_lora.py --quick --out "$OUT"
 step demo 90 python3 bench/demo.py --quick --out "$OUT"
+step bench_kv_cache 60 python3 bench/bench_kv_cache.py --quick --out "$OUT"
+step eval_kv_quality 60 python3 bench/eval_kv_quality.py --quick --out "$OUT"
 # trl and datasets are not installed on the GPU machine; that file runs in CI on the CPU.
-step tests 180 python3 -m pytest tests -q --maxfail=10 --ignore tests/test_trainers.py --junitxml "$OUT/tests.xml" -p no:cacheprovider
+# tests/test_bench_kv.py only reruns the two KV benches above in --quick mode: skipped here.
+step tests 180 python3 -m pytest tests -q --maxfail=10 --ignore tests/test_trainers.py --ignore tests/test_bench_kv.py --junitxml "$OUT/tests.xml" -p no:cacheprovider
 python3 bench/gpu_summary.py "$OUT"
 echo "total seconds: $((SECONDS - start))"

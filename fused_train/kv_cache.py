@@ -33,6 +33,7 @@ class Int8KVLayer(CacheLayerMixin):
 
     def __init__(self, max_cache_len: int | None = None, block_tokens: int = 256):
         super().__init__()
+        self.is_initialized = False  # transformers 4.x's base class does not set it
         self.max_cache_len = max_cache_len
         self.block_tokens = block_tokens
         self.length = 0

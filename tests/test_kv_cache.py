@@ -8,7 +8,9 @@ import transformers
 from transformers import DynamicCache
 
 import fused_train
+import fused_train.attention
 import fused_train.hf_attention
+import fused_train.kv_cache_ops
 from fused_train import Int8KVCache
 from fused_train.kernels.int8_kv_quantize import dequantize_kv_ref, quantize_kv_ref
 from tests.patching.tiny_models import COMMON, tiny_model
@@ -67,6 +69,19 @@ def test_generation_equals_attention_over_the_dequantized_cache(model_type):
     inputs = left_padded([9, 4, 13, 1], seed=1)
     expected = greedy(model, DequantizedCache(config=model.config), inputs, 12)
     got = greedy(model, Int8KVCache(model.config), inputs, 12)
+    assert torch.equal(got.sequences, expected.sequences)
+    for got_step, expected_step in zip(got.logits, expected.logits):
+        torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=1e-4)
+
+
+def test_reference_path_on_a_plain_cpu(monkeypatch):
+    """Without a GPU or the interpreter the references quantize and attend: the same generation."""
+    monkeypatch.setattr(fused_train.kv_cache_ops, "triton_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+    model = fused_train.patch(sharp_tiny_model("mistral"))
+    inputs = left_padded([9, 4, 13, 1], seed=2)
+    expected = greedy(model, DequantizedCache(config=model.config), inputs, 8)
+    got = greedy(model, Int8KVCache(model.config), inputs, 8)
     assert torch.equal(got.sequences, expected.sequences)
     for got_step, expected_step in zip(got.logits, expected.logits):
         torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=1e-4)
