@@ -13,15 +13,18 @@ which reads the int8 blocks and their scales directly (on a plain CPU, the refer
 So the cache only works on a model patched with `fused_train.patch(model)`, and says so otherwise.
 """
 
+import inspect
+
 import torch
-import transformers
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from fused_train.hf_attention import ATTENTION_NAME, Int8KV
 from fused_train.kv_cache_ops import quantize_kv_append
 
 
-_CROP_TAKES_TOKENS_TO_REMOVE = int(transformers.__version__.split(".")[0]) >= 5
+# Newer transformers crop by minus the number of tokens to drop (`tokens_to_remove`), older ones
+# by the length to keep (`max_length`); DynamicLayer's parameter name says which this one does.
+_CROP_TAKES_TOKENS_TO_REMOVE = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
 
 
 class Int8KVLayer(CacheLayerMixin):
@@ -122,8 +125,6 @@ class Int8KVLayer(CacheLayerMixin):
         self.length = 0
 
     def crop(self, max_length: int) -> None:
-        # transformers 5 passes minus the number of tokens to drop (0: none); 4.x the length to
-        # keep, or minus the number to drop.
         if _CROP_TAKES_TOKENS_TO_REMOVE and max_length > 0:
             raise ValueError(f"Int8KVCache.crop takes minus the number of tokens to drop, got {max_length}")
         keep = self.length + max_length if max_length < 0 or _CROP_TAKES_TOKENS_TO_REMOVE else min(max_length, self.length)

@@ -24,13 +24,15 @@ def int8_decode_attention_ref(
     """Plain PyTorch: dequantizes the filled cache and attends with an explicit mask, in float32
     (float64 for float64 `q`, so that tests can compare kernels with an exact reference)."""
     batch, num_heads, num_queries, head_dim = q.shape
-    group = num_heads // k_data.shape[1]
+    num_kv_heads = k_data.shape[1]
+    group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys = dequantize_kv_ref(k_data[:, :, :kv_len], k_scale[:, :, :kv_len], compute_dtype)
     values = dequantize_kv_ref(v_data[:, :, :kv_len], v_scale[:, :, :kv_len], compute_dtype)
-    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(compute_dtype), keys) * scale
+    # Head h reads kv head h // group: the group's queries share one kv head's keys, without copies.
+    q_groups = q.to(compute_dtype).view(batch, num_kv_heads, group, num_queries, head_dim)
+    scores = torch.einsum("bkgqd,bkjd->bkgqj", q_groups, keys) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     positions = torch.arange(kv_len - num_queries, kv_len, device=q.device)[:, None]
@@ -38,13 +40,14 @@ def int8_decode_attention_ref(
     visible = cols <= positions
     if window_left >= 0:
         visible = visible & (cols >= positions - window_left)
-    visible = visible[None, None].expand(batch, 1, num_queries, kv_len)
+    visible = visible.expand(batch, 1, 1, num_queries, kv_len)
     if key_start is not None:
-        visible = visible & (cols[None, None] >= key_start.view(batch, 1, 1, 1))
+        visible = visible & (cols >= key_start.view(batch, 1, 1, 1, 1))
     scores = scores.masked_fill(~visible, float("-inf"))
     # A query that sees no key has a row of -inf: softmax gives NaN there, the output is zero.
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhqk,bhkd->bhqd", probs, values).to(q.dtype)
+    out = torch.einsum("bkgqj,bkjd->bkgqd", probs, values)
+    return out.reshape(batch, num_heads, num_queries, head_dim).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
