@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 import fused_train
 import fused_train.attention
@@ -178,6 +179,23 @@ def test_beam_search_reorders_the_cache():
         expected = model.generate(**inputs, **{CACHE: DynamicCache(config=model.config)}, **kwargs)
         got = model.generate(**inputs, **{CACHE: Int8KVCache(model.config)}, **kwargs)
     assert (got == expected).float().mean() >= 0.95
+
+
+def test_assisted_decoding_crops_rejected_candidates(monkeypatch):
+    # A different assistant proposes tokens the model rejects; the cache drops them with crop.
+    monkeypatch.setattr(fused_train.kv_cache_ops, "triton_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+    crops = []
+    monkeypatch.setattr(Int8KVCache, "crop", lambda self, n: crops.append(n) or Cache.crop(self, n), raising=False)
+    model = fused_train.patch(sharp_tiny_model())
+    assistant = tiny_model("llama", seed=1).eval()
+    inputs = left_padded([9], seed=1)
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **{CACHE: DequantizedCache(config=model.config)}, **kwargs)
+        got = model.generate(**inputs, **{CACHE: Int8KVCache(model.config)}, assistant_model=assistant, **kwargs)
+    assert crops, "the assistant's candidates were never rejected"
+    assert torch.equal(got, expected)
 
 
 def test_crop_then_continue_equals_a_cache_that_never_saw_the_dropped_tokens():
