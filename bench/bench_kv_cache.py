@@ -42,6 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
+import triton
 from tqdm import tqdm
 from transformers import LlamaConfig
 from transformers.cache_utils import DynamicLayer, QuantizedCache
@@ -331,12 +332,7 @@ def _environment(args, device):
                device=torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
                cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
                command="python bench/bench_kv_cache.py" + (" --quick" if args.quick else ""))
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
+    env["triton"] = triton.__version__
     return env
 
 

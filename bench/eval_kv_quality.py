@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import triton
 from tqdm import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -454,12 +455,7 @@ def environment(args):
     env = dict(device=args.device, device_name=device_name, python=platform.python_version(), torch=torch.__version__,
                transformers=transformers.__version__, platform=platform.platform(),
                command="python bench/eval_kv_quality.py" + (" --quick" if args.quick else ""))
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
+    env["triton"] = triton.__version__
     return env
 
 
