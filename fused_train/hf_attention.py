@@ -73,31 +73,20 @@ def fused_train_attention(
         query = query.to(dtype)
         if not isinstance(key, Int8KV):
             key, value = key.to(dtype), value.to(dtype)
-    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
-    if isinstance(key, Int8KV):
-        left_padding = _left_padding(attention_mask, key.length) if is_causal else None
-        if left_padding is None:
-            # Not a left-padded causal batch: attend to the dequantized cache the general way.
-            return fused_train_attention(
-                module, query, key.dequantize(), value.dequantize(), attention_mask, scaling, dropout, sliding_window,
-                softcap, **kwargs,
-            )
-        if torch.is_grad_enabled() and query.requires_grad:
-            raise ValueError("Int8KVCache is for inference: run generation under torch.no_grad()")
-        out = int8_decode_attention(
-            query, key.data, key.scale, value.data, value.scale, key.length, left_padding[0],
-            softmax_scale=scaling,
-            window_left=sliding_window - 1 if sliding_window else -1,
-            softcap=softcap or 0.0,
-        )
-        return out.transpose(1, 2), None
-    batch, num_heads, len_q, head_dim = query.shape
-    len_k = key.shape[2]
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"fused_train attention expects a 2-D padding mask or None, got attention_mask of shape "
             f"{tuple(attention_mask.shape)}; custom 4-D masks need attn_implementation='sdpa' or 'eager'"
         )
+    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if isinstance(key, Int8KV):
+        left_padding = _left_padding(attention_mask, key.length) if is_causal else None
+        if left_padding is not None:
+            return _int8_cache_attention(query, key, value, left_padding[0], scaling, sliding_window, softcap), None
+        # Not a left-padded causal batch: attend to the dequantized cache the general way.
+        key, value = key.dequantize().to(query.dtype), value.dequantize().to(query.dtype)
+    batch, num_heads, len_q, head_dim = query.shape
+    len_k = key.shape[2]
     q = query.transpose(1, 2).reshape(batch * len_q, num_heads, head_dim)
     k = key.transpose(1, 2).reshape(batch * len_k, key.shape[1], head_dim)
     v = value.transpose(1, 2).reshape(batch * len_k, value.shape[1], head_dim)
@@ -127,6 +116,19 @@ def fused_train_attention(
         # Padding positions get zeros: their outputs are never used by a loss or the next token.
         out = out.new_zeros(batch * len_q, num_heads, head_dim).index_copy(0, layout.keep_q, out)
     return out.view(batch, len_q, num_heads, head_dim), None
+
+
+def _int8_cache_attention(query, key, value, key_start, scaling, sliding_window, softcap):
+    """The new queries over Int8KVCache's int8 keys and values, read as int8 by the decode kernel."""
+    if torch.is_grad_enabled() and query.requires_grad:
+        raise ValueError("Int8KVCache is for inference: run generation under torch.no_grad()")
+    out = int8_decode_attention(
+        query, key.data, key.scale, value.data, value.scale, key.length, key_start,
+        softmax_scale=scaling,
+        window_left=sliding_window - 1 if sliding_window else -1,
+        softcap=softcap or 0.0,
+    )
+    return out.transpose(1, 2)
 
 
 class _Layout(NamedTuple):
