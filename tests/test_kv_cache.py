@@ -63,35 +63,35 @@ class DequantizedCache(DynamicCache):
         return (key_states, value_states) if prefill else (keys, values)
 
 
+@pytest.fixture
+def reference_path(monkeypatch):
+    """What a plain CPU runs (no GPU, no interpreter): the PyTorch references, not the kernels."""
+    monkeypatch.setattr(fused_train.kv_cache_ops, "triton_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+
+
+def assert_generation_equals_the_dequantized_cache(model, inputs, new_tokens):
+    expected = greedy(model, DequantizedCache(config=model.config), inputs, new_tokens)
+    got = greedy(model, Int8KVCache(model.config), inputs, new_tokens)
+    assert torch.equal(got.sequences, expected.sequences)
+    for got_step, expected_step in zip(got.logits, expected.logits):
+        torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma2", "qwen2"])
 def test_generation_equals_attention_over_the_dequantized_cache(model_type):
     # GQA (all), sliding windows (mistral, qwen2, gemma2), softcap (gemma2), left padding.
     model = fused_train.patch(sharp_tiny_model(model_type))
-    inputs = left_padded([9, 4, 13, 1], seed=1)
-    expected = greedy(model, DequantizedCache(config=model.config), inputs, 12)
-    got = greedy(model, Int8KVCache(model.config), inputs, 12)
-    assert torch.equal(got.sequences, expected.sequences)
-    for got_step, expected_step in zip(got.logits, expected.logits):
-        torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=1e-4)
+    assert_generation_equals_the_dequantized_cache(model, left_padded([9, 4, 13, 1], seed=1), 12)
 
 
-def test_reference_path_on_a_plain_cpu(monkeypatch):
-    """Without a GPU or the interpreter the references quantize and attend: the same generation."""
-    monkeypatch.setattr(fused_train.kv_cache_ops, "triton_runs_on", lambda *tensors: False)
-    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+def test_reference_path_on_a_plain_cpu(reference_path):
     model = fused_train.patch(sharp_tiny_model("mistral"))
-    inputs = left_padded([9, 4, 13, 1], seed=2)
-    expected = greedy(model, DequantizedCache(config=model.config), inputs, 8)
-    got = greedy(model, Int8KVCache(model.config), inputs, 8)
-    assert torch.equal(got.sequences, expected.sequences)
-    for got_step, expected_step in zip(got.logits, expected.logits):
-        torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=1e-4)
+    assert_generation_equals_the_dequantized_cache(model, left_padded([9, 4, 13, 1], seed=2), 8)
 
 
-def test_thousands_of_new_tokens(monkeypatch):
-    # The reference path (a plain CPU) keeps this fast; the cache grows through several blocks.
-    monkeypatch.setattr(fused_train.kv_cache_ops, "triton_runs_on", lambda *tensors: False)
-    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+def test_thousands_of_new_tokens(reference_path):
+    # The reference path keeps this fast; the cache grows through several blocks.
     config = transformers.LlamaConfig(**{**COMMON, "max_position_embeddings": 4096})
     torch.manual_seed(0)
     model = fused_train.patch(transformers.AutoModelForCausalLM.from_config(config).eval())
@@ -181,10 +181,8 @@ def test_beam_search_reorders_the_cache():
     assert (got == expected).float().mean() >= 0.95
 
 
-def test_assisted_decoding_crops_rejected_candidates(monkeypatch):
+def test_assisted_decoding_crops_rejected_candidates(reference_path, monkeypatch):
     # A different assistant proposes tokens the model rejects; the cache drops them with crop.
-    monkeypatch.setattr(fused_train.kv_cache_ops, "triton_runs_on", lambda *tensors: False)
-    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
     crops = []
     monkeypatch.setattr(Int8KVCache, "crop", lambda self, n: crops.append(n) or Cache.crop(self, n), raising=False)
     model = fused_train.patch(sharp_tiny_model())
