@@ -3,8 +3,8 @@
 `fused_train::quantize_kv_append` writes into the cache in place (it declares `data` and `scale`
 mutated); `fused_train::int8_decode_attention` returns a new tensor. Their fake implementations
 only allocate, so `torch.compile` traces them without running them; the launchers validate their
-inputs inside the ops. Where Triton cannot run (`triton_runs_on`), the public functions run the
-plain-PyTorch references instead, after the same checks.
+inputs inside the ops (so the checks run once, also under `torch.compile`). Where Triton cannot
+run (`triton_runs_on`), the public functions run the same checks, then the plain-PyTorch references.
 """
 
 import torch
@@ -56,11 +56,11 @@ def quantize_kv_append(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     `[batch, num_kv_heads, capacity, head_dim]`) and `scale` (float32 `[batch, num_kv_heads,
     capacity]`), in place, as `quantize_kv_ref` does (bit-exact). Raises ValueError on bad inputs.
     """
-    quantize_kernel.check_quantize_kv_append_inputs(x, data, scale, start)
     # `data` leads: this op has no matmul, so float32 `x` needs no tf32 permission to take the kernel.
     if triton_runs_on(data, x, scale):
-        quantize_kv_append_op(x, data, scale, start)
+        quantize_kv_append_op(x, data, scale, start)  # its launcher checks the inputs
         return
+    quantize_kernel.check_quantize_kv_append_inputs(x, data, scale, start)
     new_data, new_scale = quantize_kernel.quantize_kv_ref(x)
     data[:, :, start : start + x.shape[2]] = new_data
     scale[:, :, start : start + x.shape[2]] = new_scale
@@ -98,9 +98,6 @@ def int8_decode_attention(
     `triton_runs_on` says so (float32 on a GPU only where tf32 matmuls are allowed), for head_dim up
     to 256; elsewhere the reference in `fused_train.kernels.int8_decode_attention` runs.
     """
-    decode_kernel.check_int8_decode_attention_inputs(
-        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap
-    )
     tensors = (k_data, k_scale, v_data, v_scale) + (() if key_start is None else (key_start,))
     if (
         triton_runs_on(q, *tensors)
@@ -108,10 +105,14 @@ def int8_decode_attention(
         and q.shape[-1] <= decode_kernel.MAX_HEAD_DIM
     ):
         scale = None if softmax_scale is None else float(softmax_scale)
+        # Its launcher checks the inputs: once per call on the decode path, where this runs per layer.
         return int8_decode_attention_op(
             q, k_data, k_scale, v_data, v_scale, kv_len, key_start, scale, int(window_left), float(softcap),
             num_splits,
         )
+    decode_kernel.check_int8_decode_attention_inputs(
+        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap
+    )
     return decode_kernel.int8_decode_attention_ref(
         q, k_data, k_scale, v_data, v_scale, kv_len, key_start, softmax_scale, window_left, softcap
     )
