@@ -147,35 +147,41 @@ def _max_length(cu_seqlens: torch.Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
-# Every layer of one forward sees the same kwargs tensors, so the layout is computed once per
-# forward. The key holds each tensor with its version counter: a buffer reused with new contents
-# (an in-place update bumps the counter) gets a new layout.
-_last_layout: tuple[tuple, _Layout] | None = None
+class _OncePerForward:
+    """Remembers one value derived from a forward's kwargs. Every layer of one forward sees the
+    same kwargs tensors, so the value is computed once per forward. The key holds each tensor with
+    its version counter: a buffer reused with new contents (an in-place update bumps the counter)
+    gets the value computed afresh."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, key_parts, compute):
+        key = tuple((part, part._version) if isinstance(part, torch.Tensor) else part for part in key_parts)
+        if self.key is None or not all(map(_same_key_part, self.key, key)):
+            self.key, self.value = key, compute()
+        return self.value
+
+
+def _same_key_part(a, b):
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return a[0] is b[0] and a[1] == b[1]
+    return a == b
+
+
+_layouts = _OncePerForward()
 
 
 def _varlen_layout(batch, len_q, len_k, attention_mask, kwargs) -> _Layout:
-    global _last_layout
     position_ids = kwargs.get("position_ids")
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    tensors = (attention_mask, position_ids, cu_q, cu_k)
-    cache_key = (batch, len_q, len_k, *((t, t._version) if t is not None else None for t in tensors))
-    if _last_layout is not None and _same_key(_last_layout[0], cache_key):
-        return _last_layout[1]
-    if cu_q is not None:
-        layout = _layout_from_cu_seqlens(batch, len_q, len_k, cu_q, cu_k)
-    else:
-        layout = _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids)
-    _last_layout = (cache_key, layout)
-    return layout
 
+    def compute():
+        if cu_q is not None:
+            return _layout_from_cu_seqlens(batch, len_q, len_k, cu_q, cu_k)
+        return _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids)
 
-def _same_key(a, b):
-    def same(x, y):
-        if isinstance(x, tuple) and isinstance(y, tuple):
-            return x[0] is y[0] and x[1] == y[1]
-        return x == y
-
-    return all(same(x, y) for x, y in zip(a, b))
+    return _layouts.get((batch, len_q, len_k, attention_mask, position_ids, cu_q, cu_k), compute)
 
 
 def _layout_from_cu_seqlens(batch, len_q, len_k, cu_q, cu_k):
@@ -215,25 +221,22 @@ def _layout_from_rows(batch, len_q, len_k, attention_mask, position_ids):
     return _Layout(cu, cu, max_length, max_length, keep_q, keep_q)
 
 
-_last_left_padding: tuple[tuple, tuple] | None = None
+_left_paddings = _OncePerForward()
 
 
 def _left_padding(attention_mask, kv_len):
     """`(key_start,)` for a batch whose rows are padded on the left only (key_start int32 `[batch]`
     or None without a mask), or None for any other padding. Once per forward, like the layout."""
-    global _last_left_padding
-    cache_key = (kv_len, (attention_mask, attention_mask._version) if attention_mask is not None else None)
-    if _last_left_padding is not None and _same_key(_last_left_padding[0], cache_key):
-        return _last_left_padding[1]
-    if attention_mask is None:
-        result = (None,)
-    else:
+
+    def compute():
+        if attention_mask is None:
+            return (None,)
         valid = attention_mask[:, -kv_len:].bool()
         key_start = (~valid).sum(1)
         left_padded = torch.arange(kv_len, device=valid.device)[None, :] >= key_start[:, None]
-        result = (key_start.to(torch.int32),) if bool((valid == left_padded).all()) else None
-    _last_left_padding = (cache_key, result)
-    return result
+        return (key_start.to(torch.int32),) if bool((valid == left_padded).all()) else None
+
+    return _left_paddings.get((kv_len, attention_mask), compute)
 
 
 def _cu_from_lengths(lengths):
