@@ -23,7 +23,7 @@ import torch
 from transformers.masking_utils import flash_attention_mask
 
 from fused_train.attention import varlen_attention
-from fused_train.kernels.int8_kv_quantize import dequantize_kv_ref
+from fused_train.kernels.int8_decode_attention import dequantize_cache_ref
 from fused_train.kv_cache_ops import int8_decode_attention
 
 ATTENTION_NAME = "fused_train"
@@ -37,16 +37,19 @@ fused_train_mask = flash_attention_mask
 class Int8KV:
     """Keys or values of one layer as `Int8KVCache` holds them: the first `length` positions of
     `data` (int8 `[batch, num_kv_heads, capacity, head_dim]`) times `scale` (float32
-    `[batch, num_kv_heads, capacity]`), standing for a tensor of `dtype`."""
+    `[batch, num_kv_heads, capacity]`), standing for a tensor of `dtype`; positions from
+    `exact_from` on are read exactly from the ring `recent` (slot = position % its length) instead."""
 
     data: torch.Tensor
     scale: torch.Tensor
     length: int
     dtype: torch.dtype
+    recent: torch.Tensor | None
+    exact_from: int
 
     def dequantize(self) -> torch.Tensor:
         """The full-precision `[batch, num_kv_heads, length, head_dim]` tensor (a copy)."""
-        return dequantize_kv_ref(self.data[:, :, : self.length], self.scale[:, :, : self.length], self.dtype)
+        return dequantize_cache_ref(self.data, self.scale, self.length, self.dtype, self.recent, self.exact_from)
 
 
 def fused_train_attention(
@@ -127,6 +130,9 @@ def _int8_cache_attention(query, key, value, key_start, scaling, sliding_window,
         softmax_scale=scaling,
         window_left=sliding_window - 1 if sliding_window else -1,
         softcap=softcap or 0.0,
+        k_recent=key.recent,
+        v_recent=value.recent,
+        exact_from=None if key.recent is None else key.exact_from,
     )
     return out.transpose(1, 2)
 

@@ -37,16 +37,21 @@ def int8_decode_attention_op(
     softmax_scale: float | None,
     window_left: int,
     softcap: float,
+    k_recent: torch.Tensor | None,
+    v_recent: torch.Tensor | None,
+    exact_from: int | None,
     num_splits: int | None,
 ) -> torch.Tensor:
     """Attention of `q` over the int8 cache's first `kv_len` positions: `out` like `q`."""
     return decode_kernel.int8_decode_attention(
-        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, softmax_scale, window_left, softcap, num_splits
-    )
+        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, softmax_scale, window_left, softcap,
+        k_recent, v_recent, exact_from, num_splits,
+    )  # fmt: skip
 
 
 @int8_decode_attention_op.register_fake
-def _(q, k_data, k_scale, v_data, v_scale, kv_len, key_start, softmax_scale, window_left, softcap, num_splits):
+def _(q, k_data, k_scale, v_data, v_scale, kv_len, key_start, softmax_scale, window_left, softcap, k_recent, v_recent,
+      exact_from, num_splits):  # fmt: skip
     return torch.empty_like(q)
 
 
@@ -77,6 +82,9 @@ def int8_decode_attention(
     softmax_scale: float | None = None,
     window_left: int = -1,
     softcap: float = 0.0,
+    k_recent: torch.Tensor | None = None,
+    v_recent: torch.Tensor | None = None,
+    exact_from: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of the cache's last `num_queries` tokens over its first `kv_len` positions.
@@ -92,13 +100,17 @@ def int8_decode_attention(
         softmax_scale: defaults to `head_dim ** -0.5`.
         window_left: a query at position p sees keys from `p - window_left` on; -1: no window.
         softcap: when > 0, scores become `softcap * tanh(scores / softcap)`.
+        k_recent, v_recent, exact_from: an exact ring of the most recent positions (all three or
+            none): `[batch, num_kv_heads, residual_length, head_dim]` float tensors holding position
+            `j` at slot `j % residual_length`; positions `exact_from <= j < kv_len` (at most
+            `residual_length`) are read from them instead of from the int8 data.
         num_splits: splits of the keys in the kernel (None: a heuristic); the reference ignores it.
 
     Returns `out` like `q`; a query that sees no key gets zeros. The Triton kernel runs where
     `triton_runs_on` says so (float32 on a GPU only where tf32 matmuls are allowed), for head_dim up
     to 256; elsewhere the reference in `fused_train.kernels.int8_decode_attention` runs.
     """
-    tensors = (k_data, k_scale, v_data, v_scale) + (() if key_start is None else (key_start,))
+    tensors = tuple(t for t in (k_data, k_scale, v_data, v_scale, key_start, k_recent, v_recent) if t is not None)
     if (
         triton_runs_on(q, *tensors)
         and q.dtype in decode_kernel.KERNEL_DTYPES
@@ -108,11 +120,12 @@ def int8_decode_attention(
         # Its launcher checks the inputs: once per call on the decode path, where this runs per layer.
         return int8_decode_attention_op(
             q, k_data, k_scale, v_data, v_scale, kv_len, key_start, scale, int(window_left), float(softcap),
-            num_splits,
-        )
+            k_recent, v_recent, exact_from, num_splits,
+        )  # fmt: skip
     decode_kernel.check_int8_decode_attention_inputs(
-        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap
+        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap, k_recent, v_recent, exact_from
     )
     return decode_kernel.int8_decode_attention_ref(
-        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, softmax_scale, window_left, softcap
-    )
+        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, softmax_scale, window_left, softcap,
+        k_recent, v_recent, exact_from,
+    )  # fmt: skip

@@ -3,8 +3,11 @@
 Layout (transformers' cache layout): `q` is `[batch, num_heads, num_queries, head_dim]`; the cache
 holds `k_data`/`v_data` int8 `[batch, num_kv_heads, capacity, head_dim]` and `k_scale`/`v_scale`
 float32 `[batch, num_kv_heads, capacity]` (see `int8_kv_quantize.py`); its first `kv_len` positions
-are filled, and the queries are its last `num_queries` tokens. Query `t` of sequence `b` sits at
-position `p = kv_len - num_queries + t` and sees key `j` when
+are filled, and the queries are its last `num_queries` tokens. Optionally the most recent positions
+are also held exactly: `k_recent`/`v_recent` `[batch, num_kv_heads, residual_length, head_dim]` (any
+float dtype) hold position `j` at slot `j % residual_length`, and positions `exact_from <= j < kv_len`
+(at most `residual_length` of them) are read from there instead of from the int8 data. Query `t` of
+sequence `b` sits at position `p = kv_len - num_queries + t` and sees key `j` when
 
     key_start[b] <= j <= p     and, with a window,   j >= p - window_left
 
@@ -18,9 +21,20 @@ import torch
 from .int8_kv_quantize import dequantize_kv_ref
 
 
+def dequantize_cache_ref(data, scale, kv_len, dtype, recent=None, exact_from=None):
+    """The first `kv_len` positions the cache stands for, `[batch, num_kv_heads, kv_len, head_dim]` in
+    `dtype`: int8 `data * scale`, with positions from `exact_from` on taken from the `recent` ring."""
+    values = dequantize_kv_ref(data[:, :, :kv_len], scale[:, :, :kv_len], dtype)
+    if recent is not None and exact_from < kv_len:
+        slots = torch.arange(exact_from, kv_len, device=data.device) % recent.shape[2]
+        values[:, :, exact_from:] = recent[:, :, slots].to(dtype)
+    return values
+
+
 def int8_decode_attention_ref(
-    q, k_data, k_scale, v_data, v_scale, kv_len, key_start=None, softmax_scale=None, window_left=-1, softcap=0.0
-):
+    q, k_data, k_scale, v_data, v_scale, kv_len, key_start=None, softmax_scale=None, window_left=-1, softcap=0.0,
+    k_recent=None, v_recent=None, exact_from=None,
+):  # fmt: skip
     """Plain PyTorch: dequantizes the filled cache and attends with an explicit mask, in float32
     (float64 for float64 `q`, so that tests can compare kernels with an exact reference)."""
     batch, num_heads, num_queries, head_dim = q.shape
@@ -28,8 +42,8 @@ def int8_decode_attention_ref(
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    keys = dequantize_kv_ref(k_data[:, :, :kv_len], k_scale[:, :, :kv_len], compute_dtype)
-    values = dequantize_kv_ref(v_data[:, :, :kv_len], v_scale[:, :, :kv_len], compute_dtype)
+    keys = dequantize_cache_ref(k_data, k_scale, kv_len, compute_dtype, k_recent, exact_from)
+    values = dequantize_cache_ref(v_data, v_scale, kv_len, compute_dtype, v_recent, exact_from)
     # Head h reads kv head h // group: the group's queries share one kv head's keys, without copies.
     q_groups = q.to(compute_dtype).view(batch, num_kv_heads, group, num_queries, head_dim)
     scores = torch.einsum("bkgqd,bkjd->bkgqj", q_groups, keys) * scale
@@ -65,6 +79,8 @@ def int8_decode_attention_ref(
 # int8 values are exact in fp16/bf16, so the tiles only change type for tl.dot. The probabilities
 # are multiplied by 128 * v_scale (undone at the end, exactly): p * v_scale alone is 127 times
 # smaller than the values it stands for and would lose fp16 precision to underflow sooner.
+# With an exact ring (HAS_RECENT), a split's keys from exact_from on come from the ring's slots,
+# through the same online-softmax step with scales of 1.
 # Combine pass, one program per output row: merges the splits by their log-sum-exp,
 #     out = sum_s 2^(lse_s - M) out_s / sum_s 2^(lse_s - M),   M = max_s lse_s,
 # and writes out in q's dtype; a row whose every split saw no key gets zeros.
@@ -83,6 +99,8 @@ MAX_HEAD_DIM = 256
 _UNBOUNDED = 1 << 30
 # The probabilities' factor of 128 (see above).
 _P_SCALE = tl.constexpr(128.0)
+# Keys per step over the exact ring: the smallest tl.dot block.
+_RING_BLOCK = tl.constexpr(16)
 
 # Split-pass configs keyed by BLOCK_D (head_dim rounded up to a power of two, at least 16):
 # (BLOCK_N keys per step, BLOCK_M query rows when they exceed 16, num_warps, num_stages). Plain
@@ -90,18 +108,19 @@ _P_SCALE = tl.constexpr(128.0)
 # each reading the cache once. Decode is bound by reading the cache, so the configs aim at long
 # contiguous int8 tile loads kept in flight: [BLOCK_N, head_dim] tiles of 8-16 KiB per K and V,
 # 3-4 stages of cp.async pipelining. Checked by tests/kernels/test_compile_sm90_int8_kv.py
-# (shared memory, no spills); not yet timed on a GPU.
+# (shared memory, no spills; also without spills under triton 3.6); not yet timed on a GPU. At
+# head_dim 256, 64 keys per block spill beside the exact ring's loop at 64 query rows: 32.
 CONFIGS = {
     16: (128, 64, 4, 4),
     32: (128, 64, 4, 4),
     64: (128, 64, 4, 4),
     128: (64, 64, 4, 4),
-    256: (64, 64, 8, 3),
+    256: (32, 64, 8, 3),
 }
 # float32 q: tiles are converted to float32 for tf32 dots, twice the registers and shared memory;
 # at head_dim 256 a [64, 256] float32 q and accumulator spill whatever the key block, so 16 rows.
 CONFIGS_FP32 = {
-    16: (64, 64, 4, 3),
+    16: (64, 64, 4, 2),  # 3 stages: ptxas puts 8 bytes on the stack beside the exact ring's loop
     32: (64, 64, 4, 3),
     64: (64, 64, 4, 3),
     128: (32, 64, 4, 3),
@@ -127,14 +146,38 @@ def block_d_of(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-@triton.jit(do_not_specialize=["kv_len", "num_queries", "group", "window_left"])
+@triton.jit
+def _attend_block(q, k, k_scale, v_ptrs, v_mask, v_scale, visible, m_i, l_i, acc, qk_scale, scale_over_softcap,
+                  softcap_log2, SOFTCAP: tl.constexpr):
+    """One online-softmax step over a key block: int8 tiles with their scales, or exact ones with
+    scales of 1. V loads after the scores, which keeps fewer registers live."""
+    qk = tl.dot(q, tl.trans(k.to(q.dtype))) * k_scale[None, :]
+    if SOFTCAP:
+        s = _tanh(qk * scale_over_softcap) * softcap_log2
+    else:
+        s = qk * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=v_mask, other=0)
+    acc = tl.dot((p * (v_scale * _P_SCALE)[None, :]).to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["kv_len", "num_queries", "group", "window_left", "exact_from", "residual_length"])
 def _int8_decode_attention_split_kernel(
-    Q, K, KScale, V, VScale, KeyStart, PartOut, PartLse, kv_len, num_queries, group, num_kv_heads,
+    Q, K, KScale, V, VScale, KeyStart, KRecent, VRecent, PartOut, PartLse,
+    kv_len, num_queries, group, num_kv_heads, exact_from, residual_length,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_ksb, stride_ksh,
     stride_vb, stride_vh, stride_vt, stride_vsb, stride_vsh,
+    stride_krb, stride_krh, stride_krt, stride_vrb, stride_vrh, stride_vrt,
     qk_scale, scale_over_softcap, softcap_log2, window_left,
-    HAS_KEY_START: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_KEY_START: tl.constexpr, HAS_RECENT: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     seq_head = tl.program_id(0)
     split = tl.program_id(2)
@@ -166,6 +209,8 @@ def _int8_decode_attention_split_kernel(
     blocks_per_split = tl.cdiv(tl.cdiv(tl.maximum(kv_len - lo, 0), BLOCK_N), num_splits)
     start = lo + split * blocks_per_split * BLOCK_N
     end = tl.minimum(start + blocks_per_split * BLOCK_N, kv_len)
+    # Positions from exact_from on are read from the exact ring (HAS_RECENT), not the int8 data.
+    int8_end = tl.minimum(end, exact_from)
 
     k_base = K + seq.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + seq.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -174,36 +219,43 @@ def _int8_decode_attention_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in range(start, int8_end, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < kv_len
+        col_ok = cols < int8_end
         # Mask rows only where head_dim fills the block, so the int8 rows load as whole vectors.
         if HEAD_DIM == BLOCK_D:
             tile_ok = col_ok[:, None]
         else:
             tile_ok = col_ok[:, None] & d_ok[None, :]
         # Scales of unwritten or padding positions may hold anything (NaN); 0 * NaN would poison
-        # the sums, so they load as 0 and those columns are masked below.
+        # the sums, so they load as 0 and those columns are masked.
         scale_ok = col_ok & (cols >= first_key)
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0)
         k_scale = tl.load(k_scale_base + cols, mask=scale_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype))) * k_scale[None, :]
-        if SOFTCAP:
-            s = _tanh(qk * scale_over_softcap) * softcap_log2
-        else:
-            s = qk * qk_scale
-        visible = (cols[None, :] >= left_edge[:, None]) & (cols[None, :] <= position[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=tile_ok, other=0)
-        v_scale = tl.load(v_scale_base + cols, mask=scale_ok, other=0.0) * _P_SCALE
-        acc = tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
-        m_i = m_new
+        v_scale = tl.load(v_scale_base + cols, mask=scale_ok, other=0.0)
+        visible = (cols[None, :] >= left_edge[:, None]) & (cols[None, :] <= position[:, None]) & col_ok[None, :]
+        m_i, l_i, acc = _attend_block(q, k, k_scale, v_base + cols[:, None] * stride_vt + offs_d[None, :], tile_ok,
+                                      v_scale, visible, m_i, l_i, acc, qk_scale, scale_over_softcap, softcap_log2,
+                                      SOFTCAP)
+    if HAS_RECENT:
+        kr_base = KRecent + seq.to(tl.int64) * stride_krb + kv_head.to(tl.int64) * stride_krh
+        vr_base = VRecent + seq.to(tl.int64) * stride_vrb + kv_head.to(tl.int64) * stride_vrh
+        offs_r = tl.arange(0, _RING_BLOCK)
+        # At most residual_length keys, in small blocks without a software pipeline: the ring must
+        # not cost the int8 loop registers or shared memory.
+        for start_r in tl.range(tl.maximum(start, exact_from), end, _RING_BLOCK, num_stages=1):
+            cols = start_r + offs_r
+            col_ok = cols < end
+            tile_ok = col_ok[:, None] & d_ok[None, :]
+            # Valid columns span at most residual_length positions: one wrap at most.
+            slots = start_r % residual_length + offs_r
+            slots = tl.where(slots >= residual_length, slots - residual_length, slots)
+            k = tl.load(kr_base + slots[:, None] * stride_krt + offs_d[None, :], mask=tile_ok, other=0.0)
+            ones = tl.where(col_ok & (cols >= first_key), 1.0, 0.0)
+            visible = (cols[None, :] >= left_edge[:, None]) & (cols[None, :] <= position[:, None]) & col_ok[None, :]
+            m_i, l_i, acc = _attend_block(q, k, ones, vr_base + slots[:, None] * stride_vrt + offs_d[None, :], tile_ok,
+                                          ones, visible, m_i, l_i, acc, qk_scale, scale_over_softcap, softcap_log2,
+                                          SOFTCAP)
 
     saw_none = l_i == 0.0
     l_safe = tl.where(saw_none, 1.0, l_i)
@@ -246,7 +298,10 @@ def _describe(t):
     return type(t).__name__
 
 
-def check_int8_decode_attention_inputs(q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap):
+def check_int8_decode_attention_inputs(
+    q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap, k_recent=None, v_recent=None,
+    exact_from=None,
+):  # fmt: skip
     """Raise ValueError naming the argument when inputs break the layout in the module docstring."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.dtype.is_floating_point:
         raise ValueError(f"q must be a floating-point tensor [batch, num_heads, num_queries, head_dim], got {_describe(q)}")
@@ -287,6 +342,25 @@ def check_int8_decode_attention_inputs(q, k_data, k_scale, v_data, v_scale, kv_l
         raise ValueError(f"window_left must be >= 0, or -1 for no window, got {window_left}")
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0, got {softcap}")
+    if (k_recent is None) != (v_recent is None) or (k_recent is None) != (exact_from is None):
+        raise ValueError("k_recent, v_recent and exact_from must be given together, or all be None")
+    if k_recent is None:
+        return
+    for name, recent in (("k_recent", k_recent), ("v_recent", v_recent)):
+        if (not isinstance(recent, torch.Tensor) or recent.dim() != 4 or not recent.dtype.is_floating_point
+                or recent.shape[:2] != k_data.shape[:2] or recent.shape[3] != head_dim or recent.shape[2] < 1):
+            raise ValueError(f"{name} must be a float tensor [batch={batch}, num_kv_heads={num_kv_heads}, "
+                             f"residual_length >= 1, head_dim={head_dim}], got {_describe(recent)}")
+        if recent.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {recent.device}")
+    if k_recent.shape != v_recent.shape:
+        raise ValueError(f"k_recent and v_recent must have the same shape, got {tuple(k_recent.shape)} and "
+                         f"{tuple(v_recent.shape)}")
+    residual_length = k_recent.shape[2]
+    if not isinstance(exact_from, (int, torch.SymInt)) or not max(0, kv_len - residual_length) <= exact_from <= kv_len:
+        raise ValueError(f"exact_from must be an int between kv_len - residual_length ({kv_len - residual_length}, "
+                         f"at least 0) and kv_len ({kv_len}): the ring holds at most residual_length positions, "
+                         f"got {exact_from!r}")
 
 
 def _num_splits(programs, kv_len, block_n, device):
@@ -298,21 +372,27 @@ def _num_splits(programs, kv_len, block_n, device):
 
 def int8_decode_attention(
     q, k_data, k_scale, v_data, v_scale, kv_len, key_start=None, softmax_scale=None, window_left=-1, softcap=0.0,
-    num_splits=None, config=None,
+    k_recent=None, v_recent=None, exact_from=None, num_splits=None, config=None,
 ):
     """Triton flash-decoding over the int8 cache: `out` like `q` (see the module docstring).
 
     `num_splits` overrides the split heuristic; `config` `(BLOCK_N, BLOCK_M, num_warps, num_stages)`
     the table's entry for q's dtype and head_dim (the interpreter's by default without a GPU).
     """
-    check_int8_decode_attention_inputs(q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap)
+    check_int8_decode_attention_inputs(
+        q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap, k_recent, v_recent, exact_from
+    )
     if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"q must be float16, bfloat16 or float32 for the Triton kernel, got {q.dtype}")
     batch, num_heads, num_queries, head_dim = q.shape
     num_kv_heads = k_data.shape[1]
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM} for the Triton kernel, got {head_dim}")
-    for name, t in (("q", q), ("k_data", k_data), ("k_scale", k_scale), ("v_data", v_data), ("v_scale", v_scale)):
+    has_recent = k_recent is not None
+    named = {"q": q, "k_data": k_data, "k_scale": k_scale, "v_data": v_data, "v_scale": v_scale}
+    if has_recent:
+        named |= {"k_recent": k_recent, "v_recent": v_recent}
+    for name, t in named.items():
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
@@ -334,16 +414,20 @@ def int8_decode_attention(
                            device=q.device)
     part_lse = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    k_recent, v_recent = (k_recent, v_recent) if has_recent else (k_data, v_data)
     _int8_decode_attention_split_kernel[(batch * num_kv_heads, row_blocks, num_splits)](
-        q, k_data, k_scale, v_data, v_scale, k_scale if key_start is None else key_start, part_out, part_lse,
-        kv_len, num_queries, group, num_kv_heads,
+        q, k_data, k_scale, v_data, v_scale, k_scale if key_start is None else key_start, k_recent, v_recent,
+        part_out, part_lse, kv_len, num_queries, group, num_kv_heads,
+        exact_from if has_recent else kv_len, k_recent.shape[2],
         q.stride(0), q.stride(1), q.stride(2), k_data.stride(0), k_data.stride(1), k_data.stride(2),
         k_scale.stride(0), k_scale.stride(1), v_data.stride(0), v_data.stride(1), v_data.stride(2),
-        v_scale.stride(0), v_scale.stride(1),
+        v_scale.stride(0), v_scale.stride(1), k_recent.stride(0), k_recent.stride(1), k_recent.stride(2),
+        v_recent.stride(0), v_recent.stride(1), v_recent.stride(2),
         scale * LOG2E.value, scale / softcap if softcap > 0 else 1.0, softcap * LOG2E.value,
         _UNBOUNDED if window_left < 0 else window_left,
-        HAS_KEY_START=key_start is not None, SOFTCAP=softcap > 0, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_interpreting(), num_warps=num_warps, num_stages=num_stages,
+        HAS_KEY_START=key_start is not None, HAS_RECENT=has_recent, SOFTCAP=softcap > 0, HEAD_DIM=head_dim,
+        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_interpreting(), num_warps=num_warps,
+        num_stages=num_stages,
     )
     out = torch.empty_like(q)
     _int8_decode_attention_combine_kernel[(batch * num_kv_heads * num_rows,)](

@@ -28,20 +28,23 @@ from tests.kernels.sm90 import SHARED_LIMIT, compile_for_sm90, compile_in_subpro
 HEAD_DIMS_16BIT = (16, 32, 64, 80, 96, 128, 256)
 HEAD_DIMS_FP32 = (16, 32, 64, 128, 256)
 UNALIGNED = {"kv_len", "num_queries", "group", "num_kv_heads", "num_splits", "window_left", "new_tokens", "start",
-             "stride_ksb", "stride_ksh", "stride_vsb", "stride_vsh", "stride_sb", "stride_sh"}
+             "stride_ksb", "stride_ksh", "stride_vsb", "stride_vsh", "stride_sb", "stride_sh", "exact_from",
+             "residual_length"}
 
 
 def _split_variants():
-    """(dtype, head_dim, BLOCK_M, softcap): every table entry at its two row blocks (16 and the
-    table's), plus softcap and fp16."""
+    """(dtype, head_dim, BLOCK_M, softcap, exact ring): every table entry at its two row blocks (16
+    and the table's) with the exact ring Int8KVCache uses by default, plus softcap, fp16, and a
+    cache without the ring."""
     from fused_train.kernels import int8_decode_attention as decode
 
     def block_ms(table, head_dim):
         return sorted({16, table[decode.block_d_of(head_dim)][1]})
 
-    variants = [("bf16", d, m, False) for d in HEAD_DIMS_16BIT for m in block_ms(decode.CONFIGS, d)]
-    variants += [("fp32", d, m, False) for d in HEAD_DIMS_FP32 for m in block_ms(decode.CONFIGS_FP32, d)]
-    variants += [("bf16", 256, 16, True), ("fp16", 128, 16, False), ("fp16", 128, 64, False)]
+    variants = [("bf16", d, m, False, True) for d in HEAD_DIMS_16BIT for m in block_ms(decode.CONFIGS, d)]
+    variants += [("fp32", d, m, False, True) for d in HEAD_DIMS_FP32 for m in block_ms(decode.CONFIGS_FP32, d)]
+    variants += [("bf16", 256, 16, True, True), ("fp16", 128, 16, False, True), ("fp16", 128, 64, False, True)]
+    variants += [("bf16", 128, 16, False, False), ("bf16", 64, 64, False, False), ("fp32", 128, 16, False, False)]
     return variants
 
 
@@ -69,14 +72,15 @@ def _compile_all():
         return dict(name=name, **kernel)
 
     results = []
-    for dtype, head_dim, block_m, softcap in _split_variants():
+    for dtype, head_dim, block_m, softcap, has_recent in _split_variants():
         block_d = decode.block_d_of(head_dim)
         block_n, _, num_warps, num_stages = (decode.CONFIGS_FP32 if dtype == "fp32" else decode.CONFIGS)[block_d]
-        kinds = dict(Q=dtype, K="i8", KScale="fp32", V="i8", VScale="fp32", KeyStart="i32", PartOut="fp32",
-                     PartLse="fp32")
-        constexprs = dict(HAS_KEY_START=True, SOFTCAP=softcap, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-                          BLOCK_N=block_n, UPCAST=False)
-        name = f"split {dtype} head_dim {head_dim} BLOCK_M {block_m}{' softcap' if softcap else ''}"
+        kinds = dict(Q=dtype, K="i8", KScale="fp32", V="i8", VScale="fp32", KeyStart="i32", KRecent=dtype,
+                     VRecent=dtype, PartOut="fp32", PartLse="fp32")
+        constexprs = dict(HAS_KEY_START=True, HAS_RECENT=has_recent, SOFTCAP=softcap, HEAD_DIM=head_dim,
+                          BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False)
+        name = (f"split {dtype} head_dim {head_dim} BLOCK_M {block_m}{' softcap' if softcap else ''}"
+                f"{'' if has_recent else ' no ring'}")
         result = compile_one(name, decode._int8_decode_attention_split_kernel, kinds, constexprs, num_warps,
                              num_stages)
         result["expect_wgmma"] = block_m % 64 == 0

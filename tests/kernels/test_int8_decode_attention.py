@@ -102,6 +102,61 @@ def test_forced_splits_agree(poisoned_outputs):
         torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
 
 
+def _ring_inputs(batch, num_heads, num_kv_heads, num_queries, head_dim, kv_len, residual_length, exact_from, dtype,
+                 seed):
+    """`_inputs` plus an exact ring holding positions [exact_from, kv_len); the ring's other slots
+    and the int8 scales of those positions are NaN, so reading the wrong one fails the test."""
+    q, k_data, k_scale, v_data, v_scale = _inputs(batch, num_heads, num_kv_heads, num_queries, head_dim, kv_len,
+                                                  dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    shape = (batch, num_kv_heads, residual_length, head_dim)
+    rings = []
+    for scale in (k_scale, v_scale):
+        ring = torch.full(shape, math.nan)
+        slots = torch.arange(exact_from, kv_len) % residual_length
+        ring[:, :, slots] = torch.randn(batch, num_kv_heads, len(slots), head_dim, generator=generator)
+        scale[:, :, exact_from:kv_len] = math.nan
+        rings.append(ring.to(dtype).to(DEVICE))
+    return q, k_data, k_scale, v_data, v_scale, *rings
+
+
+RING_CASES = {
+    # name: (batch, num_heads, num_kv_heads, num_queries, head_dim, kv_len, residual_length, exact_from, kwargs)
+    "ring_wraps": (2, 4, 2, 1, 32, 77, 32, 45, {}),
+    "ring_partly_filled": (2, 4, 2, 1, 32, 77, 32, 70, {}),
+    "ring_empty": (1, 4, 2, 1, 32, 50, 16, 50, {}),
+    "all_exact": (2, 4, 1, 2, 64, 20, 32, 0, {}),
+    "left_padding_in_ring": (2, 4, 2, 3, 32, 60, 32, 28, dict(key_start=[0, 40])),
+    "window_and_softcap": (2, 4, 2, 4, 32, 150, 32, 118, dict(window_left=20, softcap=5.0)),
+    "split_inside_ring": (1, 4, 2, 2, 32, 150, 64, 86, dict(num_splits=5)),
+}
+
+
+@pytest.mark.parametrize("case", list(RING_CASES))
+def test_exact_ring_matches_reference(case, poisoned_outputs):
+    batch, num_heads, num_kv_heads, num_queries, head_dim, kv_len, residual_length, exact_from, kwargs = RING_CASES[case]
+    tensors = _ring_inputs(batch, num_heads, num_kv_heads, num_queries, head_dim, kv_len, residual_length, exact_from,
+                           torch.float32, seed=list(RING_CASES).index(case))
+    key_start = kwargs.pop("key_start", None)
+    key_start = None if key_start is None else torch.tensor(key_start, dtype=torch.int32, device=DEVICE)
+    q, k_data, k_scale, v_data, v_scale, k_recent, v_recent = tensors
+    ring = dict(k_recent=k_recent, v_recent=v_recent, exact_from=exact_from)
+    out = int8_decode_attention(q, k_data, k_scale, v_data, v_scale, kv_len, key_start, **ring, **kwargs)
+    kwargs.pop("num_splits", None)
+    expected = int8_decode_attention_ref(q.double(), k_data, k_scale, v_data, v_scale, kv_len, key_start, **ring,
+                                         **kwargs)
+    _assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_exact_ring_half_precision_matches_reference(dtype, poisoned_outputs):
+    q, k_data, k_scale, v_data, v_scale, k_recent, v_recent = _ring_inputs(2, 8, 2, 1, 64, 100, 32, 70, dtype, seed=3)
+    ring = dict(k_recent=k_recent, v_recent=v_recent, exact_from=70)
+    out = int8_decode_attention(q, k_data, k_scale, v_data, v_scale, 100, **ring)
+    expected = int8_decode_attention_ref(q.double(), k_data, k_scale, v_data, v_scale, 100, **ring)
+    _assert_close(out, expected, dtype)
+
+
 SHIPPED_CONFIGS = [(torch.float32, 128), (torch.bfloat16, 64), (torch.float16, 80)]
 
 
@@ -134,7 +189,17 @@ BAD_INPUTS = {
     "key_start_int64": (lambda a: a.update(key_start=a["key_start"].long()), "key_start"),
     "key_start_shape": (lambda a: a.update(key_start=a["key_start"][:1]), "key_start"),
     "mixed_devices": (lambda a: a.update(v_scale=a["v_scale"].to("meta")), "device"),
+    "ring_without_exact_from": (lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a)), "exact_from"),
+    "exact_from_before_the_ring": (lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a), exact_from=3), "exact_from"),
+    "exact_from_past_kv_len": (lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a), exact_from=21), "exact_from"),
+    "ring_head_dim": (lambda a: a.update(k_recent=_ring(a)[..., :8], v_recent=_ring(a), exact_from=20), "k_recent"),
+    "ring_shapes_differ": (lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a)[:, :, :4], exact_from=20), "v_recent"),
 }
+
+
+def _ring(args):
+    """An exact ring of 8 positions for `_valid_args`' cache."""
+    return torch.zeros(2, 2, 8, 32, device=DEVICE)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -148,7 +213,9 @@ def test_bad_input_raises_value_error_naming_argument(case):
 
 def test_op_passes_opcheck():
     args = _valid_args()
-    torch.library.opcheck(int8_decode_attention_op, (*args.values(), None, 4, 0.0, 2))
+    torch.library.opcheck(int8_decode_attention_op, (*args.values(), None, 4, 0.0, None, None, None, 2))
+    ring = torch.randn(2, 2, 8, 32, device=DEVICE)
+    torch.library.opcheck(int8_decode_attention_op, (*args.values(), None, -1, 0.0, ring, ring.clone(), 15, None))
 
 
 def test_torch_compile_fullgraph_matches_eager():
