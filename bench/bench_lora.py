@@ -6,7 +6,10 @@ Providers, side by side on the same random inputs:
 - `fused`: `fused_train.lora_linear` (Triton on the GPU; on CPU its PyTorch reference runs, since
   the Triton interpreter would time Python, so CPU figures only compare base and peft-style math).
 Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), and the ratios
-fused/base and peft/fused; writes JSON and a PNG chart under bench/results/.
+fused/base and peft/fused; writes JSON and a PNG chart under bench/results/. On a GPU it also
+profiles one forward+backward of `base` and `fused` at the acceptance shape (torch.profiler): the
+time of each kernel, and their sum against the timed step, which says whether the difference is
+in the kernels or between them (launch gaps).
 
     python bench/bench_lora.py            # 7B-class shapes on a GPU, reduced shapes on CPU
     python bench/bench_lora.py --quick    # the shape of the acceptance: 4096×4096, r=16, 8k tokens
@@ -93,6 +96,32 @@ def _measure(forward, grad_y, leaves, mode, device):
     return _time_ms(run, device), peak_mb
 
 
+def kernel_breakdown(forward, grad_y, leaves, iterations=10):
+    """Per-kernel device time (µs per forward+backward) of `forward`, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        forward().backward(grad_y)
+        for leaf in leaves:
+            leaf.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        # torch >= 2.4 names it device_time_total; older releases cuda_time_total.
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total > 0 and event.key not in kernels:
+            kernels[event.key] = round(total / iterations, 2)
+    ordered = dict(sorted(kernels.items(), key=lambda item: -item[1]))
+    return dict(kernels_us=ordered, sum_us=round(sum(ordered.values()), 2), iterations=iterations)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the acceptance shapes")
@@ -108,7 +137,7 @@ def main():
     else:
         shapes = QUICK_SHAPES if args.quick else GPU_SHAPES
 
-    rows = []
+    rows, breakdown = [], None
     for tokens, fan_in, fan_out, rank in tqdm(shapes, desc="bench_lora"):
         forwards, grad_y, leaves = _providers(tokens, fan_in, fan_out, rank, dtype, device)
         for mode in ("fwd", "fwd+bwd"):
@@ -123,6 +152,15 @@ def main():
             row["fused_over_base"] = row["fused_ms"] / row["base_ms"]
             row["peft_over_fused"] = row["peft_ms"] / row["fused_ms"]
             rows.append(row)
+        if device == "cuda" and (tokens, fan_in, fan_out, rank) == QUICK_SHAPES[0]:
+            try:
+                breakdown = {name: kernel_breakdown(forwards[name], grad_y, leaves) for name in ("base", "fused")}
+            except Exception as error:  # the profile is a diagnosis: it must not cost the run its timings
+                breakdown = {"error": f"{type(error).__name__}: {error}"}
+                print(f"kernel breakdown failed: {breakdown['error']}")
+            else:
+                for name in breakdown:
+                    breakdown[name]["timed_step_us"] = round(rows[-1][f"{name}_ms"] * 1e3, 2)
         del forwards, grad_y, leaves
 
     os.makedirs(args.out, exist_ok=True)
@@ -134,7 +172,8 @@ def main():
             for r in rows
             if r["mode"] == "fwd+bwd"
         ]
-        json.dump(dict(device=device_name, torch=torch.__version__, summary=summary, rows=rows), f, indent=1)
+        json.dump(dict(device=device_name, torch=torch.__version__, summary=summary, rows=rows,
+                       fwd_bwd_kernel_breakdown=breakdown), f, indent=1)
     _chart(rows, stem + ".png", device_name)
 
     header = f"{'tokens':>6} {'in':>6} {'out':>6} {'r':>3} {'mode':>8} {'base ms':>8} {'peft ms':>8} {'fused ms':>8} {'fused/base':>10} {'peft/fused':>10}"
@@ -144,6 +183,11 @@ def main():
             f"{r['tokens']:>6} {r['fan_in']:>6} {r['fan_out']:>6} {r['rank']:>3} {r['mode']:>8} "
             f"{r['base_ms']:>8.3f} {r['peft_ms']:>8.3f} {r['fused_ms']:>8.3f} {r['fused_over_base']:>10.3f} {r['peft_over_fused']:>10.3f}"
         )
+    if breakdown and "error" not in breakdown:
+        for name, entry in breakdown.items():
+            print(f"{name} fwd+bwd: kernels sum {entry['sum_us']:.1f} us of a {entry['timed_step_us']:.1f} us step")
+            for kernel, us in list(entry["kernels_us"].items())[:8]:
+                print(f"  {us:9.1f} us  {kernel[:100]}")
     print(f"wrote {stem}.json and {stem}.png")
 
 
