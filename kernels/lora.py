@@ -242,8 +242,9 @@ GEMM_CONFIGS = {
 # SM streaming. The reduction's [rank, n] dot is below wgmma's 64 rows for rank < 64 (mma.sync).
 # Measured on an H200 at 8k tokens × 4096, r=16 (bf16): shrink 28.6 µs with 32×128 tiles (64×128:
 # 46.6 µs), reduction 33.5 µs with 4 warps (8 warps, 3 stages: 81 µs). Those fast configs spill
-# once a dropout mask is loaded too, or above rank 64; there the "careful" configs run, whose
-# smaller tiles or extra warps keep everything in registers.
+# once a dropout mask is loaded too, or above rank 64 (the shrink above rank 32 under triton 3.6,
+# the GPU machine's); there the "careful" configs run, whose smaller tiles or extra warps keep
+# everything in registers.
 SHRINK_CONFIG_FAST = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4)
 SHRINK_CONFIG_CAREFUL = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4)
 SHRINK_CONFIG_WIDE = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=4)
@@ -254,7 +255,7 @@ REDUCE_CONFIG_CAREFUL = dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3)
 def shrink_config(rank, has_keep):
     if rank > 64:
         return SHRINK_CONFIG_WIDE
-    return SHRINK_CONFIG_CAREFUL if has_keep else SHRINK_CONFIG_FAST
+    return SHRINK_CONFIG_CAREFUL if has_keep or rank > 32 else SHRINK_CONFIG_FAST
 
 
 def reduce_config(rank, has_keep):

@@ -72,7 +72,7 @@ def _compile_all():
         "stride_keep_t stride_os stride_on scale"
     ).split()
     for dtype in ("bf16", "fp32"):
-        for block_r in (16, 64, 128):
+        for block_r in (16, 32, 64, 128):
             for has_keep in (False, True):
                 variant = f"{dtype} r{block_r}{' keep' if has_keep else ''}"
                 kinds = [f"*{dtype}", "*fp32", "*u8", "*fp32"] + ["i32"] * 9 + ["fp32"]
@@ -94,7 +94,7 @@ def compiled():
 
 
 def test_every_lora_config_compiles_for_sm90(compiled):
-    assert len(compiled) == len(_gemm_variants()) + 24
+    assert len(compiled) == len(_gemm_variants()) + 32
     for kernel in compiled:
         assert kernel["shared"] <= SHARED_LIMIT, kernel
         if kernel["needs_wgmma"]:
