@@ -20,6 +20,20 @@ from triton.compiler import ASTSource
 
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Other Tritons the compile tests also run under: each a `pip install --target` folder here. The
+# Makefile puts there the release the lent GPU machine runs (3.6), whose register allocation
+# differs: configs that fit under the installed Triton have spilled under it.
+COMPAT_DIR = REPO_ROOT / ".triton-compat"
+
+
+def triton_sites():
+    """None for the installed Triton, then each folder of COMPAT_DIR that holds a Triton."""
+    extra = sorted(path for path in COMPAT_DIR.glob("*") if (path / "triton").is_dir()) if COMPAT_DIR.is_dir() else []
+    return [None, *extra]
+
+
+def triton_site_id(site):
+    return "installed-triton" if site is None else f"triton-{site.name}"
 
 
 def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages):
@@ -42,12 +56,14 @@ def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages):
     )
 
 
-def compile_in_subprocess(script_path, timeout):
+def compile_in_subprocess(script_path, timeout, triton_site=None):
     """Run the script without TRITON_INTERPRET and return the JSON list on its last stdout line.
 
-    The repo root goes on PYTHONPATH so that the script can import this module as `tests.kernels.sm90`."""
+    The repo root goes on PYTHONPATH so that the script can import this module as `tests.kernels.sm90`;
+    `triton_site` (one of `triton_sites()`), ahead of it, makes the script import that Triton."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    sites = [str(triton_site)] if triton_site else []
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sites, str(REPO_ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, script_path], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

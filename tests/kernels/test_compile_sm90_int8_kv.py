@@ -23,7 +23,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tests.kernels.sm90 import SHARED_LIMIT, compile_for_sm90, compile_in_subprocess
+from tests.kernels.sm90 import (
+    SHARED_LIMIT,
+    compile_for_sm90,
+    compile_in_subprocess,
+    triton_site_id,
+    triton_sites,
+)
 
 HEAD_DIMS_16BIT = (16, 32, 64, 80, 96, 128, 256)
 HEAD_DIMS_FP32 = (16, 32, 64, 128, 256)
@@ -119,9 +125,9 @@ def _quantize_ptx_is_exact(fn):
             and minus_magic in ptx)
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compile_in_subprocess(__file__, timeout=900)
+@pytest.fixture(scope="module", params=triton_sites(), ids=triton_site_id)
+def compiled(request):
+    return compile_in_subprocess(__file__, timeout=900, triton_site=request.param)
 
 
 def test_every_int8_kv_config_compiles_for_sm90(compiled):

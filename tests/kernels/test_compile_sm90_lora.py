@@ -9,7 +9,13 @@ import json
 
 import pytest
 
-from tests.kernels.sm90 import SHARED_LIMIT, compile_for_sm90, compile_in_subprocess
+from tests.kernels.sm90 import (
+    SHARED_LIMIT,
+    compile_for_sm90,
+    compile_in_subprocess,
+    triton_site_id,
+    triton_sites,
+)
 
 
 def _gemm_variants():
@@ -88,9 +94,9 @@ def _compile_all():
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compile_in_subprocess(__file__, timeout=600)
+@pytest.fixture(scope="module", params=triton_sites(), ids=triton_site_id)
+def compiled(request):
+    return compile_in_subprocess(__file__, timeout=600, triton_site=request.param)
 
 
 def test_every_lora_config_compiles_for_sm90(compiled):

@@ -9,7 +9,13 @@ import json
 
 import pytest
 
-from tests.kernels.sm90 import SHARED_LIMIT, compile_for_sm90, compile_in_subprocess
+from tests.kernels.sm90 import (
+    SHARED_LIMIT,
+    compile_for_sm90,
+    compile_in_subprocess,
+    triton_site_id,
+    triton_sites,
+)
 
 HEAD_DIMS_16BIT = (32, 64, 80, 96, 128, 256)
 HEAD_DIMS_FP32 = (32, 64, 128)
@@ -79,9 +85,9 @@ def _compile_all():
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compile_in_subprocess(__file__, timeout=900)
+@pytest.fixture(scope="module", params=triton_sites(), ids=triton_site_id)
+def compiled(request):
+    return compile_in_subprocess(__file__, timeout=900, triton_site=request.param)
 
 
 def test_every_varlen_attention_config_compiles_for_sm90(compiled):
