@@ -53,7 +53,7 @@ class Int8KVLayer(CacheLayerMixin):
         self.block_tokens = block_tokens
         self.residual_length = residual_length
         self.length = 0
-        # The ring holds positions [exact_from, length) exactly; always exact_from >= length - residual_length.
+        # With a ring, it holds positions [exact_from, length); always exact_from >= length - residual_length.
         self.exact_from = 0
         self.buffers: dict[str, torch.Tensor] = {}
 
