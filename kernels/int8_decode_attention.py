@@ -147,15 +147,16 @@ def block_d_of(head_dim):
 
 
 @triton.jit
-def _attend_block(q, k, k_scale, v_ptrs, v_mask, v_scale, visible, m_i, l_i, acc, qk_scale, scale_over_softcap,
-                  softcap_log2, SOFTCAP: tl.constexpr):
-    """One online-softmax step over a key block: int8 tiles with their scales, or exact ones with
-    scales of 1. V loads after the scores, which keeps fewer registers live."""
+def _attend_block(q, k, k_scale, v_ptrs, v_mask, v_scale, cols, col_ok, left_edge, position, m_i, l_i, acc,
+                  qk_scale, scale_over_softcap, softcap_log2, SOFTCAP: tl.constexpr):
+    """One online-softmax step over the key block `cols` (those with col_ok): int8 tiles with their
+    scales, or exact ones with scales of 1. V loads after the scores, which keeps fewer registers live."""
     qk = tl.dot(q, tl.trans(k.to(q.dtype))) * k_scale[None, :]
     if SOFTCAP:
         s = _tanh(qk * scale_over_softcap) * softcap_log2
     else:
         s = qk * qk_scale
+    visible = (cols[None, :] >= left_edge[:, None]) & (cols[None, :] <= position[:, None]) & col_ok[None, :]
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
@@ -233,10 +234,9 @@ def _int8_decode_attention_split_kernel(
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0)
         k_scale = tl.load(k_scale_base + cols, mask=scale_ok, other=0.0)
         v_scale = tl.load(v_scale_base + cols, mask=scale_ok, other=0.0)
-        visible = (cols[None, :] >= left_edge[:, None]) & (cols[None, :] <= position[:, None]) & col_ok[None, :]
         m_i, l_i, acc = _attend_block(q, k, k_scale, v_base + cols[:, None] * stride_vt + offs_d[None, :], tile_ok,
-                                      v_scale, visible, m_i, l_i, acc, qk_scale, scale_over_softcap, softcap_log2,
-                                      SOFTCAP)
+                                      v_scale, cols, col_ok, left_edge, position, m_i, l_i, acc, qk_scale,
+                                      scale_over_softcap, softcap_log2, SOFTCAP)
     if HAS_RECENT:
         kr_base = KRecent + seq.to(tl.int64) * stride_krb + kv_head.to(tl.int64) * stride_krh
         vr_base = VRecent + seq.to(tl.int64) * stride_vrb + kv_head.to(tl.int64) * stride_vrh
@@ -252,10 +252,9 @@ def _int8_decode_attention_split_kernel(
             slots = tl.where(slots >= residual_length, slots - residual_length, slots)
             k = tl.load(kr_base + slots[:, None] * stride_krt + offs_d[None, :], mask=tile_ok, other=0.0)
             ones = tl.where(col_ok & (cols >= first_key), 1.0, 0.0)
-            visible = (cols[None, :] >= left_edge[:, None]) & (cols[None, :] <= position[:, None]) & col_ok[None, :]
             m_i, l_i, acc = _attend_block(q, k, ones, vr_base + slots[:, None] * stride_vrt + offs_d[None, :], tile_ok,
-                                          ones, visible, m_i, l_i, acc, qk_scale, scale_over_softcap, softcap_log2,
-                                          SOFTCAP)
+                                          ones, cols, col_ok, left_edge, position, m_i, l_i, acc, qk_scale,
+                                          scale_over_softcap, softcap_log2, SOFTCAP)
 
     saw_none = l_i == 0.0
     l_safe = tl.where(saw_none, 1.0, l_i)
@@ -331,6 +330,16 @@ def check_int8_decode_attention_inputs(
         if not isinstance(key_start, torch.Tensor) or key_start.dtype != torch.int32 or key_start.shape != (batch,):
             raise ValueError(f"key_start must be None or an int32 tensor [batch={batch}], got {_describe(key_start)}")
         tensors["key_start"] = key_start
+    if (k_recent is None) != (v_recent is None) or (k_recent is None) != (exact_from is None):
+        raise ValueError("k_recent, v_recent and exact_from must be given together, or all be None")
+    for name, recent in (("k_recent", k_recent), ("v_recent", v_recent)):
+        if recent is None:
+            continue
+        if (not isinstance(recent, torch.Tensor) or recent.dim() != 4 or not recent.dtype.is_floating_point
+                or recent.shape[:2] != k_data.shape[:2] or recent.shape[3] != head_dim or recent.shape[2] < 1):
+            raise ValueError(f"{name} must be a float tensor [batch={batch}, num_kv_heads={num_kv_heads}, "
+                             f"residual_length >= 1, head_dim={head_dim}], got {_describe(recent)}")
+        tensors[name] = recent
     if len({t.device for t in tensors.values()}) != 1:
         raise ValueError(f"{', '.join(tensors)} must be on one device, got {[str(t.device) for t in tensors.values()]}")
     if not isinstance(kv_len, (int, torch.SymInt)) or not 1 <= kv_len <= capacity:
@@ -342,17 +351,8 @@ def check_int8_decode_attention_inputs(
         raise ValueError(f"window_left must be >= 0, or -1 for no window, got {window_left}")
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0, got {softcap}")
-    if (k_recent is None) != (v_recent is None) or (k_recent is None) != (exact_from is None):
-        raise ValueError("k_recent, v_recent and exact_from must be given together, or all be None")
     if k_recent is None:
         return
-    for name, recent in (("k_recent", k_recent), ("v_recent", v_recent)):
-        if (not isinstance(recent, torch.Tensor) or recent.dim() != 4 or not recent.dtype.is_floating_point
-                or recent.shape[:2] != k_data.shape[:2] or recent.shape[3] != head_dim or recent.shape[2] < 1):
-            raise ValueError(f"{name} must be a float tensor [batch={batch}, num_kv_heads={num_kv_heads}, "
-                             f"residual_length >= 1, head_dim={head_dim}], got {_describe(recent)}")
-        if recent.device != q.device:
-            raise ValueError(f"{name} must be on q's device ({q.device}), got {recent.device}")
     if k_recent.shape != v_recent.shape:
         raise ValueError(f"k_recent and v_recent must have the same shape, got {tuple(k_recent.shape)} and "
                          f"{tuple(v_recent.shape)}")
