@@ -106,7 +106,8 @@ class Int8KVLayer(CacheLayerMixin):
         for name, states in (("k_recent", key_states), ("v_recent", value_states)):
             ring = self.buffers[name]
             ring[:, :, slot : slot + head] = states[:, :, first - start : first - start + head]
-            ring[:, :, : end - first - head] = states[:, :, first - start + head : end - start]
+            if head < end - first:  # a decode step's one token never wraps: no second copy per layer
+                ring[:, :, : end - first - head] = states[:, :, first - start + head : end - start]
         self.exact_from = max(self.exact_from, end - self.residual_length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
