@@ -25,7 +25,7 @@ For scale, the same measures for a calibration cache that rounds keys and values
 an ordinary half-precision cache holds), and the full-precision top-2 logit margin wherever the
 int8 cache's argmax differs: greedy agreement compounds every near-tie the rounding overturns.
 Greedy agreement is a count of rare events: a divergence happens only at a near-tie, and one
-early divergence costs a prompt up to 128 tokens. So it moves by points between prompts sets and
+early divergence costs a prompt up to 128 tokens. So it moves by points between prompt sets and
 between trainings of the same model (97.8% and 99.6% for two trainings that differed only in the
 number of CPU threads). Hence one model per seed (`--seeds`, default 0 1 2: initialization and
 data order; the held-out set is the same for all), 256 prompts each, and the targets judged on
@@ -176,7 +176,6 @@ def train(args, seed, documents, device):
     model.generation_config.use_cache = True
     last = losses[-min(20, len(losses)) :]
     record = dict(
-        seed=seed,
         steps=args.steps,
         batch_size_documents=args.batch_size,
         epochs_started=epochs,
@@ -365,34 +364,36 @@ def greedy(model, documents, args, device):
 def pooled(runs):
     """The measures over every seed's model: token-weighted means (each run predicts as many
     tokens), the worst perplexity change, the largest logit difference."""
+    def by_seed(part, key):
+        return [run[part][key] for run in runs]
+
     def mean(values):
         return sum(values) / len(values)
 
-    greedy = [run["greedy"] for run in runs]
-    ppl = [run["perplexity"] for run in runs]
+    def largest_margin(key):
+        return max((event["full_top2_margin"] for events in by_seed("greedy", key) for event in events), default=0.0)
+
     return dict(
         seeds=[run["seed"] for run in runs],
-        prompts=sum(g["prompts"] for g in greedy),
-        new_tokens_per_prompt=greedy[0]["new_tokens"],
-        token_agreement=mean([g["token_agreement"] for g in greedy]),
-        token_agreement_by_seed=[g["token_agreement"] for g in greedy],
-        identical_continuations=sum(g["identical_continuations"] for g in greedy),
-        teacher_forced_argmax_agreement=mean([g["teacher_forced_argmax_agreement"] for g in greedy]),
-        int8_only_token_agreement=mean([g["int8_only_token_agreement"] for g in greedy]),
-        int8_only_token_agreement_by_seed=[g["int8_only_token_agreement"] for g in greedy],
-        bf16_rounded_token_agreement=mean([g["bf16_rounded_token_agreement"] for g in greedy]),
-        bf16_rounded_token_agreement_by_seed=[g["bf16_rounded_token_agreement"] for g in greedy],
-        greedy_divergences=sum(len(g["greedy_divergence_margins"]) for g in greedy),
-        max_full_margin_at_divergences=max((d["full_top2_margin"] for g in greedy for d in g["greedy_divergence_margins"]),
-                                           default=0.0),
-        max_full_margin_at_int8_flips=max((f["full_top2_margin"] for g in greedy for f in g["teacher_forced_flips"]),
-                                          default=0.0),
-        max_abs_logit_diff=max(g["max_abs_logit_diff"] for g in greedy),
-        mean_abs_logit_diff=mean([g["mean_abs_logit_diff"] for g in greedy]),
-        ppl_rel_diff_worst=max(p["ppl_rel_diff"] for p in ppl),
-        ppl_rel_diff_by_seed=[p["ppl_rel_diff"] for p in ppl],
-        ppl_rel_diff_int8_only_worst=max(p["ppl_rel_diff_int8_only"] for p in ppl),
-        train_loss_worst=max(run["training"]["final_loss_mean_last_steps"] for run in runs),
+        prompts=sum(by_seed("greedy", "prompts")),
+        new_tokens_per_prompt=runs[0]["greedy"]["new_tokens"],
+        token_agreement=mean(by_seed("greedy", "token_agreement")),
+        token_agreement_by_seed=by_seed("greedy", "token_agreement"),
+        identical_continuations=sum(by_seed("greedy", "identical_continuations")),
+        teacher_forced_argmax_agreement=mean(by_seed("greedy", "teacher_forced_argmax_agreement")),
+        int8_only_token_agreement=mean(by_seed("greedy", "int8_only_token_agreement")),
+        int8_only_token_agreement_by_seed=by_seed("greedy", "int8_only_token_agreement"),
+        bf16_rounded_token_agreement=mean(by_seed("greedy", "bf16_rounded_token_agreement")),
+        bf16_rounded_token_agreement_by_seed=by_seed("greedy", "bf16_rounded_token_agreement"),
+        greedy_divergences=sum(map(len, by_seed("greedy", "greedy_divergence_margins"))),
+        max_full_margin_at_divergences=largest_margin("greedy_divergence_margins"),
+        max_full_margin_at_int8_flips=largest_margin("teacher_forced_flips"),
+        max_abs_logit_diff=max(by_seed("greedy", "max_abs_logit_diff")),
+        mean_abs_logit_diff=mean(by_seed("greedy", "mean_abs_logit_diff")),
+        ppl_rel_diff_worst=max(by_seed("perplexity", "ppl_rel_diff")),
+        ppl_rel_diff_by_seed=by_seed("perplexity", "ppl_rel_diff"),
+        ppl_rel_diff_int8_only_worst=max(by_seed("perplexity", "ppl_rel_diff_int8_only")),
+        train_loss_worst=max(by_seed("training", "final_loss_mean_last_steps")),
     )
 
 
@@ -567,16 +568,16 @@ def main(argv=None) -> int:
     probe = torch.zeros(1, device=device)
     path = ("Triton kernels (int8_decode_attention, quantize_kv_append)" if triton_runs_on(probe) else
             "PyTorch reference (dequantize + attention), numerically what the kernel computes")
-    runs, train_seconds, eval_seconds = [], 0.0, 0.0
+    runs, eval_seconds = [], 0.0
     for seed in args.seeds:
         model, training = train(args, seed, train_docs, device)
         eval_start = time.perf_counter()
         ppl = perplexity(model, held_out, args, device)
         gen = greedy(model, held_out, args, device)
         eval_seconds += time.perf_counter() - eval_start
-        train_seconds += training["seconds"]
         runs.append(dict(seed=seed, training=training, perplexity=ppl, greedy=gen))
 
+    train_seconds = sum(run["training"]["seconds"] for run in runs)
     # Bytes depend on shapes only, the same for every seed. A bfloat16 cache of the same tokens:
     # half the float32 DynamicCache's bytes.
     bf16_bytes = ppl["full_cache_bytes"] // 2
@@ -600,7 +601,8 @@ def main(argv=None) -> int:
               "bench/bench_kv_cache.py"),
     )
     settings = dict(
-        quick=args.quick, seeds=args.seeds, split_seed=args.split_seed, dtype="float32", matmul_precision=args.matmul_precision,
+        quick=args.quick, seeds=args.seeds, split_seed=args.split_seed, dtype="float32",
+        matmul_precision=args.matmul_precision,
         int8_attention_path=path, model={"architecture": "LlamaForCausalLM", **MODEL},
         tokenizer="bytes: [BOS=1] + [byte + 3], pad 0", max_doc_tokens=args.max_doc_tokens,
         packed_collator=f"PackedCollator(max_tokens={args.max_doc_tokens}, flatten=True)",

@@ -13,8 +13,9 @@ because a decoder's next token leans most on the last few: on `bench/eval_kv_qua
 trainings of a tiny Llama) greedy agreement with the full-precision cache rises from 92.1% (int8
 only) to 98.6%, above a cache merely rounded to bfloat16 (97.4%). The ring costs residual_length
 tokens at full precision per layer: at head_dim 128 in bfloat16 the cache is 0.547 of a bfloat16
-one at 1k tokens, 0.523 at 4k, 0.518 at 16k (0.516 with residual_length=0). Every token is still quantized when it is
-appended, so leaving the ring needs no work, and `crop` only shortens the exact window.
+one at 1k tokens, 0.523 at 4k, 0.518 at 16k (0.516 with residual_length=0). Every token is still
+quantized when it is appended, so leaving the ring needs no work, and `crop` only shortens the
+exact window.
 
 How it is attended to: the prompt's forward (an empty cache) quantizes the keys and values into
 the cache and hands the model back the fresh full-precision tensors, so prefill attends exactly

@@ -278,7 +278,6 @@ def test_bad_arguments(kwargs, message):
         Int8KVCache(tiny_model("llama").config, **kwargs)
 
 
-
 def test_exact_ring_keeps_the_last_positions_through_appends_and_crops():
     """The layer's bookkeeping alone: after appends of 1 to 7 tokens (wrapping the ring) and
     crops, positions from exact_from on read their exact values, older ones their int8 ones, and
