@@ -4,9 +4,11 @@ Providers, side by side on the same random inputs:
 - `base`:  `x·Wᵀ` alone (forward), plus `dx = dy·W` (backward; W frozen, so no dW);
 - `peft`:  peft's `lora.Linear` (adapters in float32, as `get_peft_model` keeps them by default);
 - `fused`: `fused_train.lora_linear` (Triton on the GPU; on CPU its PyTorch reference runs, since
-  the Triton interpreter would time Python, so CPU figures only compare base and peft-style math).
-Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), and the ratios
-fused/base and peft/fused; writes JSON and a PNG chart under bench/results/. On a GPU it also
+  the Triton interpreter would time Python, so CPU figures only compare base and peft-style math);
+- `fused_int8`, `fused_int4`: the same over the base weight quantized as `quantize_base(bits=8/4)`
+  stores it (the kernel dequantizes W tile by tile; on CPU the reference dequantizes it whole).
+Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), the frozen weight's bytes
+per format, and the ratios fused/base, peft/fused and fused_int8/base, fused_int4/base; writes JSON and a PNG chart under bench/results/. On a GPU it also
 profiles one forward+backward of `base` and `fused` at the acceptance shape (torch.profiler): the
 time of each kernel, and their sum against the timed step, which says whether the difference is
 in the kernels or between them (launch gaps).
@@ -26,7 +28,9 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from tqdm import tqdm
 
+from fused_train.kernels.lora import quantize_int4
 from fused_train.lora import lora_linear
+from fused_train.quantize import Int8Linear
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -66,12 +70,21 @@ def _providers(tokens, fan_in, fan_out, rank, dtype, device):
     torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     scaling = layer.scaling["default"]
+    int8 = Int8Linear.from_linear(base)
+    packed, scale, offset = quantize_int4(base.weight)
     forwards = {
         "base": lambda: x @ base.weight.t(),
         "peft": lambda: layer(x),
         "fused": lambda: lora_linear(x, base.weight, lora_a, lora_b, scaling),
+        "fused_int8": lambda: lora_linear(x, int8.weight, lora_a, lora_b, scaling, weight_scale=int8.weight_scale),
+        "fused_int4": lambda: lora_linear(x, packed, lora_a, lora_b, scaling, weight_scale=scale, weight_offset=offset),
     }
-    return forwards, grad_y, [x, lora_a, lora_b]
+    weight_mb = {
+        "base": base.weight.nbytes / 2**20,
+        "fused_int8": (int8.weight.nbytes + int8.weight_scale.nbytes) / 2**20,
+        "fused_int4": (packed.nbytes + scale.nbytes + offset.nbytes) / 2**20,
+    }
+    return forwards, weight_mb, grad_y, [x, lora_a, lora_b]
 
 
 def _measure(forward, grad_y, leaves, mode, device):
@@ -139,11 +152,12 @@ def main():
 
     rows, breakdown = [], None
     for tokens, fan_in, fan_out, rank in tqdm(shapes, desc="bench_lora"):
-        forwards, grad_y, leaves = _providers(tokens, fan_in, fan_out, rank, dtype, device)
+        forwards, weight_mb, grad_y, leaves = _providers(tokens, fan_in, fan_out, rank, dtype, device)
         for mode in ("fwd", "fwd+bwd"):
             # base matmul work: x·Wᵀ forward, and dy·W in the backward
             flop = 2 * tokens * fan_in * fan_out * (1 if mode == "fwd" else 2)
             row = dict(tokens=tokens, fan_in=fan_in, fan_out=fan_out, rank=rank, mode=mode, dtype=args.dtype)
+            row |= {f"{name}_weight_mb": mb for name, mb in weight_mb.items()}
             for name, forward in forwards.items():
                 ms, peak_mb = _measure(forward, grad_y, leaves, mode, device)
                 row[f"{name}_ms"] = ms
@@ -151,6 +165,8 @@ def main():
                 row[f"{name}_peak_mb"] = peak_mb
             row["fused_over_base"] = row["fused_ms"] / row["base_ms"]
             row["peft_over_fused"] = row["peft_ms"] / row["fused_ms"]
+            row["fused_int8_over_base"] = row["fused_int8_ms"] / row["base_ms"]
+            row["fused_int4_over_base"] = row["fused_int4_ms"] / row["base_ms"]
             rows.append(row)
         if device == "cuda" and (tokens, fan_in, fan_out, rank) == QUICK_SHAPES[0]:
             try:
@@ -161,7 +177,7 @@ def main():
             else:
                 for name in breakdown:
                     breakdown[name]["timed_step_us"] = round(rows[-1][f"{name}_ms"] * 1e3, 2)
-        del forwards, grad_y, leaves
+        del forwards, weight_mb, grad_y, leaves
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench_lora_{device}{'_quick' if args.quick else ''}")
@@ -176,12 +192,16 @@ def main():
                        fwd_bwd_kernel_breakdown=breakdown), f, indent=1)
     _chart(rows, stem + ".png", device_name)
 
-    header = f"{'tokens':>6} {'in':>6} {'out':>6} {'r':>3} {'mode':>8} {'base ms':>8} {'peft ms':>8} {'fused ms':>8} {'fused/base':>10} {'peft/fused':>10}"
+    header = (
+        f"{'tokens':>6} {'in':>6} {'out':>6} {'r':>3} {'mode':>8} {'base ms':>8} {'peft ms':>8} {'fused ms':>8} "
+        f"{'fused/base':>10} {'peft/fused':>10} {'int8/base':>9} {'int4/base':>9}"
+    )
     print(header)
     for r in rows:
         print(
             f"{r['tokens']:>6} {r['fan_in']:>6} {r['fan_out']:>6} {r['rank']:>3} {r['mode']:>8} "
-            f"{r['base_ms']:>8.3f} {r['peft_ms']:>8.3f} {r['fused_ms']:>8.3f} {r['fused_over_base']:>10.3f} {r['peft_over_fused']:>10.3f}"
+            f"{r['base_ms']:>8.3f} {r['peft_ms']:>8.3f} {r['fused_ms']:>8.3f} {r['fused_over_base']:>10.3f} "
+            f"{r['peft_over_fused']:>10.3f} {r['fused_int8_over_base']:>9.3f} {r['fused_int4_over_base']:>9.3f}"
         )
     if breakdown and "error" not in breakdown:
         for name, entry in breakdown.items():
@@ -199,9 +219,11 @@ def _chart(rows, path, device_name):
 
     labels = [f"{r['tokens']}x{r['fan_in']}x{r['fan_out']} r{r['rank']}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    width = 0.27
-    for i, name in enumerate(("base", "peft", "fused")):
-        ax.bar([j + (i - 1) * width for j in range(len(rows))], [r[f"{name}_ms"] for r in rows], width, label=name)
+    names = ("base", "peft", "fused", "fused_int8", "fused_int4")
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        offset = (i - (len(names) - 1) / 2) * width
+        ax.bar([j + offset for j in range(len(rows))], [r[f"{name}_ms"] for r in rows], width, label=name)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("ms (lower is better)")
     ax.set_title(f"LoRA linear, {rows[0]['dtype']}, {device_name}")

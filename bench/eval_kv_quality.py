@@ -81,14 +81,20 @@ DEFAULTS = dict(steps=400, batch_size=16, ppl_len=256, ppl_docs=64, prompts=256,
 QUICK = dict(steps=12, batch_size=8, ppl_len=64, ppl_docs=8, prompts=8, prompt_len=16, new_tokens=16, seeds=[0])
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_training_arguments(parser, defaults, quick):
+    """The options `split_documents` and `train` read, shared with the other evals on this model."""
     parser.add_argument("--quick", action="store_true", help="smoke run: few training steps, small evaluation sets")
-    parser.add_argument("--steps", type=int, help=f"training steps (default {DEFAULTS['steps']}, --quick {QUICK['steps']})")
+    parser.add_argument("--steps", type=int, help=f"training steps (default {defaults['steps']}, --quick {quick['steps']})")
     parser.add_argument("--batch-size", type=int, help="documents per training step")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (warm-up, then cosine to 10%%)")
     parser.add_argument("--max-doc-tokens", type=int, default=1024, help="corpus documents longer than this are dropped")
     parser.add_argument("--holdout-docs", type=int, default=600, help="documents held out of training (seeded choice)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the held-out choice, the same for every model")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_training_arguments(parser, DEFAULTS, QUICK)
     parser.add_argument("--ppl-len", type=int, help="L: tokens per perplexity document (held-out documents >= L, cut to L)")
     parser.add_argument("--ppl-docs", type=int, help="at most this many perplexity documents (one batch)")
     parser.add_argument("--prompts", type=int, help="greedy prompts (held-out documents' first --prompt-len tokens)")
@@ -96,7 +102,6 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, help="greedy new tokens per prompt")
     parser.add_argument("--seeds", type=int, nargs="+",
                         help=f"one model trained and evaluated per seed (default {' '.join(map(str, DEFAULTS['seeds']))})")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the held-out choice, the same for every model")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: as fast for this tiny model, and steady on a shared machine)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,6 +143,26 @@ def learning_rate(step, steps, peak):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def train_step(model, optimizer, inputs, lr, device):
+    """One optimizer step at learning rate `lr` on a collated batch, the gradient norm clipped to 1
+    (as transformers' Trainer does by default); returns the loss."""
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(**inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def packed_collator(args):
+    """The demo's packed batches: documents `{"input_ids": ...}` laid end to end in one flat row."""
+    collate = fused_train.PackedCollator(max_tokens=args.max_doc_tokens, pad_token_id=PAD_ID, flatten=True)
+    return lambda documents: collate([{"input_ids": doc} for doc in documents])
+
+
 def train(args, seed, documents, device):
     """The demo's packed run (PackedCollator(flatten=True) + fused_train.patch), for `args.steps`
     steps of `args.batch_size` documents, from a `seed`ed initialization, epochs over `documents`
@@ -147,7 +172,7 @@ def train(args, seed, documents, device):
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").to(device).train()
     fused_train.patch(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    collate = fused_train.PackedCollator(max_tokens=args.max_doc_tokens, pad_token_id=PAD_ID, flatten=True)
+    collate = packed_collator(args)
     generator = torch.Generator().manual_seed(seed + 1)
     order, position, epochs = [], 0, 0
     losses, tokens = [], 0
@@ -158,16 +183,7 @@ def train(args, seed, documents, device):
                 order, position, epochs = torch.randperm(len(documents), generator=generator).tolist(), 0, epochs + 1
             batch = [documents[i] for i in order[position : position + args.batch_size]]
             position += args.batch_size
-            inputs = collate([{"input_ids": doc} for doc in batch])
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args.steps, args.lr)
-            loss = model(**inputs).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(train_step(model, optimizer, collate(batch), learning_rate(step, args.steps, args.lr), device))
             tokens += sum(map(len, batch))
             bar.set_postfix_str(f"loss {losses[-1]:.3f}")
     seconds = time.perf_counter() - start

@@ -10,7 +10,7 @@ The backward keeps `x`, the bool mask and the fp32 `[tokens, r]` product `S`; it
 import torch
 
 from fused_train.dispatch import triton_runs_on
-from fused_train.kernels.lora import MAX_RANK, lora_linear_bwd, lora_linear_fwd, lora_linear_ref
+from fused_train.kernels.lora import INT4_GROUP_SIZE, MAX_RANK, lora_linear_bwd, lora_linear_fwd, lora_linear_ref
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -20,6 +20,7 @@ def _lora_linear_fwd_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor | None,
+    weight_offset: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
@@ -28,11 +29,11 @@ def _lora_linear_fwd_op(
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(y, S)` for 2-D contiguous `x` `[T, in]`; `S` `[T, r]` fp32 is what the backward needs."""
-    return lora_linear_fwd(x, weight, weight_scale, lora_a, lora_b, scaling, bias, keep_mask, dropout_p)
+    return lora_linear_fwd(x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p)
 
 
 @_lora_linear_fwd_op.register_fake
-def _(x, weight, weight_scale, lora_a, lora_b, scaling, bias, keep_mask, dropout_p):
+def _(x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
 
 
@@ -43,6 +44,7 @@ def _lora_linear_bwd_op(
     lora_s: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor | None,
+    weight_offset: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
@@ -52,33 +54,35 @@ def _lora_linear_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(dx, dA, dB)`; `dx` is an empty tensor when `compute_dx` is false (x needs no gradient)."""
     grad_x, grad_a, grad_b = lora_linear_bwd(
-        grad_y.contiguous(), x, lora_s, weight, weight_scale, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx
-    )
+        grad_y.contiguous(), x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, keep_mask,
+        dropout_p, compute_dx,
+    )  # fmt: skip
     return (grad_x if compute_dx else x.new_empty(0)), grad_a, grad_b
 
 
 @_lora_linear_bwd_op.register_fake
-def _(grad_y, x, lora_s, weight, weight_scale, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx):
+def _(grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx):
     grad_x = torch.empty_like(x) if compute_dx else x.new_empty(0)
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, weight_scale, lora_a, lora_b, scaling, bias, keep_mask, dropout_p = inputs
-    ctx.save_for_backward(x, output[1], weight, weight_scale, lora_a, lora_b, keep_mask)
+    x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p = inputs
+    ctx.save_for_backward(x, output[1], weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
 
 
 def _backward(ctx, grad_y, grad_lora_s):
-    x, lora_s, weight, weight_scale, lora_a, lora_b, keep_mask = ctx.saved_tensors
+    x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_x, grad_a, grad_b = _lora_linear_bwd_op(
-        grad_y, x, lora_s, weight, weight_scale, lora_a, lora_b, ctx.scaling, keep_mask, ctx.dropout_p, needs[0]
-    )
+        grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, ctx.scaling, keep_mask, ctx.dropout_p,
+        needs[0],
+    )  # fmt: skip
     # dbias = Σ_tokens dy; a plain reduction that only LoRA-bias training asks for.
-    grad_bias = grad_y.sum(0) if needs[6] else None
-    return (grad_x if needs[0] else None), None, None, grad_a, grad_b, None, grad_bias, None, None
+    grad_bias = grad_y.sum(0) if needs[7] else None
+    return (grad_x if needs[0] else None), None, None, None, grad_a, grad_b, None, grad_bias, None, None
 
 
 torch.library.register_autograd("fused_train::lora_linear_fwd", _backward, setup_context=_setup_context)
@@ -98,38 +102,44 @@ def lora_linear(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     weight_scale: torch.Tensor | None = None,
+    weight_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LoRA linear layer in one fused pass: `y = x·Wᵀ + bias + scaling · (dropout(x)·Aᵀ)·Bᵀ`.
 
     Args:
         x: `[..., in]`, float16, bfloat16 or float32.
-        weight: frozen `W` `[out, in]`, the dtype of `x`, or int8 with `weight_scale`.
+        weight: frozen `W`: `[out, in]` in the dtype of `x`; or int8 `[out, in]` with
+            `weight_scale`; or int4 packed two per byte, uint8 `[out, ceil(in / 64) · 32]`, with
+            `weight_scale` and `weight_offset` (`fused_train.kernels.lora.quantize_int4` makes all three).
         lora_a: `A` `[r, in]`, 1 <= r <= 128; `lora_b`: `B` `[out, r]`; both of one float dtype
             (that of `x`, or float32 as peft keeps adapters); gradients flow to both.
         scaling: the LoRA scale `s` (peft: `lora_alpha / r`).
         bias: `[out]` (dtype of `x` or float32) or None; may require grad.
         dropout_p: probability of zeroing an element of the LoRA branch's input (the base matmul
             sees the undropped `x`); pass 0 in eval mode.
-        weight_scale: `[out]` float, per-output-channel scale of an int8 `weight`
-            (`W[o, :] = weight[o, :] · weight_scale[o]`).
+        weight_scale: scale of a quantized `weight`: int8, float `[out]`
+            (`W[o, :] = weight[o, :] · weight_scale[o]`); int4, float `[out, ceil(in / 64)]`
+            (`W[o, i] = q[o, i] · weight_scale[o, i // 64] + weight_offset[o, i // 64]`).
+        weight_offset: int4 only: float `[out, ceil(in / 64)]`, the value of the level q = 0.
 
     Returns `y` `[..., out]` in the dtype of `x`. No gradient for `weight`: it must not require one.
     Runs the Triton kernels where `fused_train.dispatch.triton_runs_on` allows, else the reference.
     """
-    _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale)
+    _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale, weight_offset)
     x2d = x.reshape(-1, x.shape[-1])
     keep_mask = dropout_keep_mask(x2d, dropout_p) if dropout_p > 0 else None
-    tensors = [t for t in (x2d, weight, lora_a, lora_b, bias, weight_scale) if t is not None]
+    tensors = [t for t in (x2d, weight, lora_a, lora_b, bias, weight_scale, weight_offset) if t is not None]
     if triton_runs_on(*tensors):
         y, _ = _lora_linear_fwd_op(
-            x2d.contiguous(), weight, weight_scale, lora_a, lora_b, float(scaling), bias, keep_mask, float(dropout_p)
-        )
+            x2d.contiguous(), weight, weight_scale, weight_offset, lora_a, lora_b, float(scaling), bias, keep_mask,
+            float(dropout_p),
+        )  # fmt: skip
     else:
-        y = lora_linear_ref(x2d, weight, lora_a, lora_b, scaling, bias, keep_mask, dropout_p, weight_scale)
+        y = lora_linear_ref(x2d, weight, lora_a, lora_b, scaling, bias, keep_mask, dropout_p, weight_scale, weight_offset)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale):
+def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale, weight_offset):
     """Raise ValueError naming the argument when the inputs break `lora_linear`'s contract."""
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
@@ -137,20 +147,24 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale):
     if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be a float16/bfloat16/float32 tensor [..., in], got {x.dtype} {tuple(x.shape)}")
     in_features = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != in_features:
+    if weight.dtype == torch.uint8:
+        _check_int4_weight(weight, weight_scale, weight_offset, in_features)
+    elif weight.dim() != 2 or weight.shape[1] != in_features:
         raise ValueError(f"weight must be [out, in={in_features}], got {tuple(weight.shape)}")
-    out_features = weight.shape[0]
-    if weight.dtype == torch.int8:
+    elif weight.dtype == torch.int8:
         if weight_scale is None:
             raise ValueError("weight_scale must be given for an int8 weight")
-        if weight_scale.shape != (out_features,) or weight_scale.dtype not in _FLOAT_DTYPES:
+        if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype not in _FLOAT_DTYPES:
             raise ValueError(
-                f"weight_scale must be a float tensor [out={out_features}], got {weight_scale.dtype} {tuple(weight_scale.shape)}"
+                f"weight_scale must be a float tensor [out={weight.shape[0]}], got {weight_scale.dtype} {tuple(weight_scale.shape)}"
             )
     elif weight.dtype != x.dtype:
-        raise ValueError(f"weight must have the dtype of x ({x.dtype}) or be int8, got {weight.dtype}")
+        raise ValueError(f"weight must have the dtype of x ({x.dtype}), be int8, or be uint8-packed int4, got {weight.dtype}")
     elif weight_scale is not None:
-        raise ValueError(f"weight_scale is only for an int8 weight, got a {weight.dtype} weight")
+        raise ValueError(f"weight_scale is only for an int8 or int4 weight, got a {weight.dtype} weight")
+    if weight_offset is not None and weight.dtype != torch.uint8:
+        raise ValueError(f"weight_offset is only for an int4 (uint8-packed) weight, got a {weight.dtype} weight")
+    out_features = weight.shape[0]
     if weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): lora_linear computes no weight gradient")
     if lora_a.dim() != 2 or lora_a.shape[1] != in_features or not 1 <= lora_a.shape[0] <= MAX_RANK:
@@ -166,6 +180,25 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale):
         raise ValueError(f"bias must be [out={out_features}] in {x.dtype} or float32, got {bias.dtype} {tuple(bias.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    devices = {t.device for t in (x, weight, lora_a, lora_b, bias, weight_scale) if t is not None}
+    devices = {t.device for t in (x, weight, lora_a, lora_b, bias, weight_scale, weight_offset) if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"x, weight, lora_a, lora_b, bias, weight_scale must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"x, weight, lora_a, lora_b, bias, weight_scale, weight_offset must be on one device, got {sorted(map(str, devices))}"
+        )
+
+
+def _check_int4_weight(weight, weight_scale, weight_offset, in_features):
+    groups = -(-in_features // INT4_GROUP_SIZE)
+    packed_width = groups * INT4_GROUP_SIZE // 2
+    if weight.dim() != 2 or weight.shape[1] != packed_width:
+        raise ValueError(
+            f"weight (int4, uint8-packed) must be [out, {packed_width}] for in={in_features}, got {tuple(weight.shape)}"
+        )
+    for name, t in (("weight_scale", weight_scale), ("weight_offset", weight_offset)):
+        if t is None:
+            raise ValueError(f"{name} must be given for an int4 (uint8-packed) weight")
+        if t.shape != (weight.shape[0], groups) or t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{name} must be a float tensor [out={weight.shape[0]}, groups={groups}] for an int4 weight, "
+                f"got {t.dtype} {tuple(t.shape)}"
+            )

@@ -2,7 +2,7 @@
 
 `patch_lora_layers(model)` sets an instance-level `forward` on every `peft.tuners.lora.layer.Linear`
 of the model. Each call asks `fused_fallback_reason(layer, x)`: when it has no objection the layer
-computes `lora_linear(x, W, A, B, scaling, bias, dropout_p, weight_scale)`, else peft's own
+computes `lora_linear(x, W, A, B, scaling, bias, dropout_p, weight_scale, weight_offset)`, else peft's own
 `Linear.forward` runs unchanged. So `disable_adapter()`, merge/unmerge, `set_adapter`, several
 active adapters, DoRA and the other variants keep peft's behaviour, and a layer goes back to the
 fused path as soon as its state allows again. Nothing is added to the modules' parameters,
@@ -24,7 +24,9 @@ from fused_train.lora import lora_linear
 
 logger = logging.getLogger("fused_train")
 
-_BASE_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)
+_BASE_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8, torch.uint8)
+# int8, and int4 packed in uint8 (`fused_train.quantize`): dequantized to whatever dtype x has.
+_QUANTIZED_DTYPES = (torch.int8, torch.uint8)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def fused_fallback_reason(layer: LoraLinear, x: torch.Tensor, args=(), kwargs=No
     base = layer.get_base_layer()
     weight = getattr(base, "weight", None)
     if not isinstance(base, nn.Linear) or weight is None or weight.dtype not in _BASE_WEIGHT_DTYPES:
-        return f"base layer {type(base).__name__} is not a float or int8 nn.Linear"
+        return f"base layer {type(base).__name__} is not a float, int8 or int4 nn.Linear"
     if weight.requires_grad:
         return "base weight is trainable"
     if x.dtype != _compute_dtype(x, weight):
@@ -93,9 +95,9 @@ def fused_fallback_reason(layer: LoraLinear, x: torch.Tensor, args=(), kwargs=No
 
 
 def _compute_dtype(x, weight):
-    """The dtype the base matmul runs in: autocast's when it is on, else x's; int8 W follows it."""
+    """The dtype the base matmul runs in: autocast's when it is on, else x's; a quantized W follows it."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if weight.dtype == torch.int8 or weight.dtype == dtype:
+    if weight.dtype in _QUANTIZED_DTYPES or weight.dtype == dtype:
         return dtype
     return None
 
@@ -123,6 +125,7 @@ def _fused_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch
         bias=bias,
         dropout_p=dropout_p,
         weight_scale=getattr(base, "weight_scale", None),
+        weight_offset=getattr(base, "weight_offset", None),
     )
 
 
@@ -143,7 +146,8 @@ def patch_lora_layers(model: nn.Module) -> LoraPatchReport:
             if not _is_patched(module):
                 module.forward = _fused_forward.__get__(module)
             weight = module.get_base_layer().weight
-            probe = torch.empty(0, dtype=torch.float32 if weight.dtype == torch.int8 else weight.dtype, device=weight.device)
+            probe_dtype = torch.float32 if weight.dtype in _QUANTIZED_DTYPES else weight.dtype
+            probe = torch.empty(0, dtype=probe_dtype, device=weight.device)
             reason = fused_fallback_reason(module, probe)
             if reason is None:
                 report.fused.append(name)

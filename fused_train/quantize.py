@@ -1,23 +1,33 @@
-"""int8 frozen base weights for LoRA training, read directly by the fused LoRA kernel.
+"""int8 or int4 frozen base weights for LoRA training, read directly by the fused LoRA kernel.
 
-`quantize_base(model)` replaces each frozen `nn.Linear` under a peft LoRA `Linear` (or, with
-`only_lora_layers=False`, every frozen `nn.Linear`) by an `Int8Linear`, a subclass of `nn.Linear`:
+`quantize_base(model, bits)` replaces each frozen `nn.Linear` under a peft LoRA `Linear` (or, with
+`only_lora_layers=False`, every frozen `nn.Linear`) by a subclass of `nn.Linear`:
 
-    weight_scale[o] = max_i |W[o, i]| / 127          (float32, buffer, [out])
-    weight[o, i]    = round(W[o, i] / weight_scale[o]) (int8 Parameter, requires_grad=False)
+- `bits=8`, `Int8Linear`, per output channel (half the bytes of bf16):
 
-State dict: `...weight` keeps its key and shape but becomes int8; one key is added per layer,
-`...weight_scale`; `bias` is unchanged. peft's adapter checkpoints (`save_pretrained`) hold only
-LoRA weights and are unaffected. The fused LoRA path reads `weight` and `weight_scale` as they are;
-`Int8Linear.forward` (used when peft's own forward runs, and for non-LoRA layers) dequantizes to
-the input dtype on the fly. peft's merge into an int8 base is not supported (the delta would be
-lost to int8 rounding); it raises.
+      weight_scale[o] = max_i |W[o, i]| / 127            (float32, buffer, [out])
+      weight[o, i]    = round(W[o, i] / weight_scale[o])   (int8 Parameter, requires_grad=False)
+
+- `bits=4`, `Int4Linear`, per group of 64 input channels (0.31× the bytes of bf16, scales and
+  offsets included; `fused_train.kernels.lora.quantize_int4` has the format):
+
+      weight_offset[o, g] = min of the group, weight_scale[o, g] = (max - min) / 15  (float32 buffers)
+      weight[o, j]        = two 4-bit levels per byte (uint8 Parameter [out, groups · 32])
+
+State dict: `...weight` keeps its key but becomes int8 (same shape) or uint8 (packed shape); the
+scales (and int4 offsets) are added as buffers; `bias` is unchanged. peft's adapter checkpoints
+(`save_pretrained`) hold only LoRA weights and are unaffected. The fused LoRA path reads the
+quantized tensors as they are; `forward` (used when peft's own forward runs, and for non-LoRA
+layers) dequantizes to the input dtype on the fly. peft's merge into a quantized base is not
+supported (the delta would be lost to rounding); it raises.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
+
+from fused_train.kernels.lora import dequantize_int4, quantize_int4
 
 
 class Int8Linear(nn.Linear):
@@ -45,20 +55,47 @@ class Int8Linear(nn.Linear):
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
 
+class Int4Linear(nn.Linear):
+    """Frozen linear layer whose `weight` is int4, packed two per byte, with a scale and an offset
+    per group of 64 input channels: `W[o, i] = q[o, i] · weight_scale[o, g] + weight_offset[o, g]`."""
+
+    def __init__(self, packed, weight_scale, weight_offset, in_features: int, bias: nn.Parameter | None):
+        nn.Module.__init__(self)  # nn.Linear.__init__ would allocate a float weight
+        self.out_features, self.in_features = packed.shape[0], in_features
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("weight_offset", weight_offset)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        return cls(*quantize_int4(linear.weight), linear.in_features, linear.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.weight_scale, self.weight_offset, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+_QUANTIZED = {8: Int8Linear, 4: Int4Linear}
+
+
 def quantize_base(model: nn.Module, bits: int = 8, only_lora_layers: bool = True) -> int:
-    """Store frozen `nn.Linear` base weights as int8 with per-output-channel scales; returns how many.
+    """Store frozen `nn.Linear` base weights as int8 or int4 (see the module docstring); returns how many.
 
     Args:
         model: any module tree, typically a peft model.
-        bits: 8 (the only width supported).
+        bits: 8 (per-output-channel scales) or 4 (a scale and an offset per 64 input channels).
         only_lora_layers: quantize only base layers of peft LoRA `Linear`s (default); when false,
             also every other frozen `nn.Linear` (trainable ones, e.g. `modules_to_save`, stay float).
 
-    Weights that require grad are left alone: their gradient would be lost. Quantizing an
-    already-quantized model is a no-op for the layers already int8.
+    Weights that require grad are left alone: their gradient would be lost. Layers already
+    quantized (to either width) are left as they are.
     """
-    if bits != 8:
-        raise ValueError(f"bits must be 8, got {bits}")
+    if bits not in _QUANTIZED:
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
     targets = []  # (parent, attribute, linear); replaced after the walk, not during it
     for parent_name, parent in model.named_modules():
         if any(part.startswith("lora_") for part in parent_name.split(".")):
@@ -70,5 +107,5 @@ def quantize_base(model: nn.Module, bits: int = 8, only_lora_layers: bool = True
             if under_lora or not only_lora_layers:
                 targets.append((parent, attr, child))
     for parent, attr, linear in targets:
-        setattr(parent, attr, Int8Linear.from_linear(linear))
+        setattr(parent, attr, _QUANTIZED[bits].from_linear(linear))
     return len(targets)

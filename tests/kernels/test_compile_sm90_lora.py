@@ -19,7 +19,7 @@ from tests.kernels.sm90 import (
 
 
 def _gemm_variants():
-    """(name, dtype, weight dtype, config name, HAS_KEEP/SCALE_ALONG_K = backward dx, BLOCK_R, aligned)."""
+    """(name, dtype, weight dtype ("i4" = packed int4), config name, backward dx (HAS_KEEP, W = Wk), BLOCK_R, aligned)."""
     return [
         ("fwd bf16", "bf16", "bf16", "large", False, 16, True),
         ("dx bf16 r128", "bf16", "bf16", "large", True, 128, True),
@@ -30,6 +30,11 @@ def _gemm_variants():
         ("fwd fp32", "fp32", "fp32", "medium_fp32", False, 16, True),
         ("dx fp32 medium r128", "fp32", "fp32", "medium_fp32", True, 128, True),
         ("fwd fp32 int8", "fp32", "i8", "medium_fp32", False, 16, True),
+        ("fwd bf16 int4", "bf16", "i4", "medium", False, 16, True),
+        ("dx bf16 int4 r128", "bf16", "i4", "medium", True, 128, True),
+        ("fwd fp32 int4", "fp32", "i4", "medium_fp32", False, 16, True),
+        ("dx fp32 int4 r128", "fp32", "i4", "medium_fp32", True, 128, True),
+        ("dx bf16 int4 unaligned", "bf16", "i4", "medium", True, 16, False),
         ("fwd bf16 unaligned", "bf16", "bf16", "medium", False, 16, False),
     ]
 
@@ -51,13 +56,14 @@ def _compile_all():
         results.append(dict(name=name, aligned=aligned, needs_wgmma=needs_wgmma, **usage))
 
     gemm_args = (
-        "a_ptr w_ptr w_scale_ptr lora_left_ptr lora_right_ptr bias_ptr keep_ptr out_ptr M N K rank "
-        "stride_am stride_ak stride_wk stride_wn stride_lm stride_lr stride_rr stride_rn stride_keep_m "
+        "a_ptr w_ptr w_scale_ptr w_offset_ptr lora_left_ptr lora_right_ptr bias_ptr keep_ptr out_ptr M N K rank "
+        "stride_am stride_ak stride_wk stride_wn stride_scale stride_lm stride_lr stride_rr stride_rn stride_keep_m "
         "stride_om lora_scale keep_scale"
     ).split()
     for name, dtype, w_dtype, config_name, backward, block_r, aligned in _gemm_variants():
-        kinds = [f"*{dtype}", f"*{w_dtype}", "*fp32", "*fp32", "*fp32", "*fp32", "*u8", f"*{dtype}"]
-        signature = dict(zip(gemm_args, kinds + ["i32"] * 14 + ["fp32", "fp32"]))
+        w_kind = "*u8" if w_dtype == "i4" else f"*{w_dtype}"
+        kinds = [f"*{dtype}", w_kind, "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "*u8", f"*{dtype}"]
+        signature = dict(zip(gemm_args, kinds + ["i32"] * 15 + ["fp32", "fp32"]))
         unit_stride = "stride_wn" if backward else "stride_wk"
         signature["stride_ak"] = signature[unit_stride] = "constexpr"
         constexprs = dict(
@@ -66,8 +72,10 @@ def _compile_all():
             HAS_BIAS=not backward,
             HAS_KEEP=backward,
             W_INT8=w_dtype == "i8",
-            SCALE_ALONG_K=backward,
+            W_INT4=w_dtype == "i4",
+            W_TRANSPOSED=not backward,
             BLOCK_R=block_r,
+            INT4_GROUP=lora.INT4_GROUP_SIZE,
             UPCAST=False,
         )
         compile_one(name, lora._lora_gemm_kernel, signature, constexprs, lora.GEMM_CONFIGS[config_name], aligned, True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fused_train.kernels.lora import lora_linear_ref
+from fused_train.kernels.lora import INT4_GROUP_SIZE, dequantize_int4, lora_linear_ref, quantize_int4
 from fused_train.lora import dropout_keep_mask, lora_linear
 from tests.conftest import DEVICE
 
@@ -17,20 +17,22 @@ def _quantize(weight):
     return torch.round(weight.float() / scale[:, None]).to(torch.int8), scale
 
 
-def _make_inputs(tokens, in_features, out_features, rank, dtype, lora_dtype, with_bias, int8):
+def _make_inputs(tokens, in_features, out_features, rank, dtype, lora_dtype, with_bias, bits):
+    """`bits`: None for a float weight in `dtype`, else 8 or 4 (quantized)."""
     weight = torch.randn(out_features, in_features, device=DEVICE) / in_features**0.5
-    weight_scale = None
-    if int8:
-        weight, weight_scale = _quantize(weight)
+    quantized = {}
+    if bits == 8:
+        weight, quantized["weight_scale"] = _quantize(weight)
+    elif bits == 4:
+        weight, quantized["weight_scale"], quantized["weight_offset"] = quantize_int4(weight)
     else:
         weight = weight.to(dtype)
-    return dict(
+    return quantized | dict(
         x=torch.randn(tokens, in_features, device=DEVICE, dtype=dtype, requires_grad=True),
         weight=weight,
         lora_a=(torch.randn(rank, in_features, device=DEVICE) / in_features**0.5).to(lora_dtype).requires_grad_(),
         lora_b=torch.randn(out_features, rank, device=DEVICE).to(lora_dtype).requires_grad_(),
         bias=torch.randn(out_features, device=DEVICE, dtype=dtype, requires_grad=True) if with_bias else None,
-        weight_scale=weight_scale,
     )
 
 
@@ -43,10 +45,10 @@ def _run(fn, inputs, grad_y):
 
 
 def _cast(inputs, dtype):
-    """The inputs as fresh leaves in `dtype` (int8 weight kept, its scale cast)."""
+    """The inputs as fresh leaves in `dtype` (a quantized weight and its scales kept as they are)."""
     out = {}
     for name, t in inputs.items():
-        if t is None or t.dtype == torch.int8:
+        if t is None or name.startswith("weight_") or t.dtype in (torch.int8, torch.uint8):
             out[name] = t
         else:
             out[name] = t.detach().to(dtype).requires_grad_(t.requires_grad)
@@ -54,19 +56,23 @@ def _cast(inputs, dtype):
 
 
 @pytest.mark.parametrize(
-    "dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, int8",
+    "dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits",
     [
-        (torch.float32, torch.float32, 37, 95, 130, 8, True, 0.0, False),
-        (torch.float16, torch.float16, 37, 95, 130, 1, False, 0.1, False),
-        (torch.bfloat16, torch.float32, 37, 130, 95, 64, True, 0.1, False),
-        (torch.bfloat16, torch.bfloat16, 37, 95, 130, 16, True, 0.0, True),
-        (torch.float32, torch.float32, 37, 95, 130, 8, False, 0.1, True),
-        (torch.bfloat16, torch.float32, 5, 4095, 130, 8, True, 0.0, False),
+        (torch.float32, torch.float32, 37, 95, 130, 8, True, 0.0, None),
+        (torch.float16, torch.float16, 37, 95, 130, 1, False, 0.1, None),
+        (torch.bfloat16, torch.float32, 37, 130, 95, 64, True, 0.1, None),
+        (torch.bfloat16, torch.bfloat16, 37, 95, 130, 16, True, 0.0, 8),
+        (torch.float32, torch.float32, 37, 95, 130, 8, False, 0.1, 8),
+        (torch.bfloat16, torch.float32, 5, 4095, 130, 8, True, 0.0, None),
+        # int4: in 95 and 130 end in a padded group; 130 > 128 also splits dx's columns in two tiles.
+        (torch.bfloat16, torch.float32, 37, 95, 130, 8, True, 0.1, 4),
+        (torch.float32, torch.float32, 37, 130, 95, 16, False, 0.0, 4),
+        (torch.float16, torch.float16, 21, 192, 64, 1, True, 0.0, 4),
     ],
 )
-def test_lora_linear_matches_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, int8):
+def test_lora_linear_matches_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits):
     torch.manual_seed(0)
-    inputs = _make_inputs(tokens, in_features, out_features, rank, dtype, lora_dtype, with_bias, int8)
+    inputs = _make_inputs(tokens, in_features, out_features, rank, dtype, lora_dtype, with_bias, bits)
     grad_y = torch.randn(tokens, out_features, device=DEVICE)
     scaling = 0.75
 
@@ -102,6 +108,26 @@ def test_lora_linear_keeps_leading_dims():
     assert torch.isfinite(lora_a.grad).all() and torch.isfinite(lora_b.grad).all()
 
 
+@pytest.mark.parametrize("in_features", [64, 95, 200])
+def test_int4_quantization_within_half_a_step(in_features):
+    """Every weight is within half its group's step; levels on the grid come back exactly."""
+    torch.manual_seed(0)
+    weight = torch.randn(7, in_features, device=DEVICE)
+    weight[0] = 0.25  # a constant row: zero range, rebuilt exactly
+    packed, scale, offset = quantize_int4(weight)
+    groups = -(-in_features // INT4_GROUP_SIZE)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, groups * INT4_GROUP_SIZE // 2)
+    assert scale.shape == offset.shape == (7, groups)
+    restored = dequantize_int4(packed, scale, offset, in_features)
+    step = scale.repeat_interleave(INT4_GROUP_SIZE, 1)[:, :in_features]
+    assert ((restored - weight).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert (restored[0] == 0.25).all()
+    torch.testing.assert_close(dequantize_int4(*quantize_int4(restored), in_features), restored, rtol=0, atol=1e-6)
+    # Both ends of each group are levels: its min (q = 0) and, up to rounding, its max (q = 15).
+    padded = torch.nn.functional.pad(weight, (0, groups * INT4_GROUP_SIZE - in_features), value=float("nan"))
+    torch.testing.assert_close(offset, padded.view(7, groups, -1).nan_to_num(float("inf")).amin(-1))
+
+
 def _good_args():
     return dict(
         x=torch.randn(6, 32, device=DEVICE),
@@ -121,6 +147,10 @@ def _good_args():
         (dict(lora_a=torch.randn(4, 33)), "lora_a"),
         (dict(lora_a=torch.randn(4, 32, dtype=torch.float16)), "lora_a"),
         (dict(weight=torch.zeros(24, 32, dtype=torch.int8)), "weight_scale"),
+        (dict(weight=torch.zeros(24, 16, dtype=torch.uint8)), "weight"),  # int4: in=32 is one padded group, 32 bytes
+        (dict(weight=torch.zeros(24, 32, dtype=torch.uint8), weight_scale=torch.ones(24, 1)), "weight_offset"),
+        (dict(weight=torch.zeros(24, 32, dtype=torch.uint8), weight_scale=torch.ones(24), weight_offset=torch.ones(24, 1)), "weight_scale"),
+        (dict(weight_offset=torch.ones(24, 1)), "weight_offset"),
         (dict(bias=torch.randn(23)), "bias"),
         (dict(dropout_p=1.0), "dropout_p"),
         (dict(x=torch.ones(6, 32, dtype=torch.int32)), "x"),
@@ -139,15 +169,17 @@ def test_lora_linear_rejects_trainable_weight():
         lora_linear(**args)
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("bits", [None, 4])
+def test_custom_op_passes_opcheck(bits):
     torch.manual_seed(0)
     x = torch.randn(9, 40, device=DEVICE)
     weight = torch.randn(24, 40, device=DEVICE)
+    weight, weight_scale, weight_offset = quantize_int4(weight) if bits == 4 else (weight, None, None)
     lora_a = torch.randn(4, 40, device=DEVICE, requires_grad=True)
     lora_b = torch.randn(24, 4, device=DEVICE, requires_grad=True)
     bias = torch.randn(24, device=DEVICE, requires_grad=True)
     keep_mask = dropout_keep_mask(x, 0.25)
-    args = (x.requires_grad_(), weight, None, lora_a, lora_b, 0.5, bias, keep_mask, 0.25)
+    args = (x.requires_grad_(), weight, weight_scale, weight_offset, lora_a, lora_b, 0.5, bias, keep_mask, 0.25)
     torch.library.opcheck(torch.ops.fused_train.lora_linear_fwd.default, args)
 
 

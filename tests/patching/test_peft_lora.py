@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fused_train.lora import dropout_keep_mask
 from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
-from fused_train.quantize import Int8Linear, quantize_base
+from fused_train.quantize import Int4Linear, Int8Linear, quantize_base
 from tests.conftest import DEVICE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -132,27 +132,45 @@ def test_patch_is_idempotent_and_reversible():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_int8_base_within_rounding_and_trains():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_base_within_rounding_and_trains(bits):
     model = _lora_model(dtype=torch.bfloat16)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     float_weight = layer.base_layer.weight.detach().float()
     float_bytes = float_weight.numel() * 2
-    assert quantize_base(model) == 7
+    assert quantize_base(model, bits=bits) == 7
     base = layer.base_layer
-    assert isinstance(base, Int8Linear) and base.weight.dtype == torch.int8
-    assert base.weight.numel() + 4 * base.weight_scale.numel() < 0.6 * float_bytes
+    if bits == 8:
+        assert isinstance(base, Int8Linear) and base.weight.dtype == torch.int8
+        step = base.weight_scale[:, None].expand(-1, 48)
+        quantized_bytes = base.weight.numel() + 4 * base.weight_scale.numel()
+        assert quantized_bytes < 0.6 * float_bytes
+    else:
+        assert isinstance(base, Int4Linear) and base.weight.dtype == torch.uint8 and base.weight.shape == (48, 32)
+        step = base.weight_scale.repeat_interleave(64, 1)[:, :48]
+        # in=48 pads to one 64-wide group: 32 bytes + 8 of scale and offset per row, against 96.
+        quantized_bytes = base.weight.numel() + 4 * (base.weight_scale.numel() + base.weight_offset.numel())
+        assert quantized_bytes < 0.45 * float_bytes
+        assert any(k.endswith("q_proj.base_layer.weight_offset") for k in model.state_dict())
     assert any(k.endswith("q_proj.base_layer.weight_scale") for k in model.state_dict())
-    patch_lora_layers(model)
+    assert patch_lora_layers(model).num_fused == 7
 
-    # |x·(W_int8·s − W)ᵀ| ≤ |x|·(s/2)ᵀ per element, plus the bf16 rounding of the output.
+    # |x·(W_q − W)ᵀ| ≤ |x|·(step/2)ᵀ per element, plus the bf16 rounding of the output.
     x = torch.randn(11, 48, device=DEVICE, dtype=torch.bfloat16)
     with model.disable_adapter():
         exact = x.float() @ float_weight.t()
     lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     lora = (x.float() @ lora_a.float().t() @ lora_b.float().t()) * layer.scaling["default"]
     error = (layer(x).float() - exact - lora).abs()
-    bound = x.float().abs() @ (base.weight_scale[None, :] / 2).expand(48, -1) + 2e-2 * exact.abs().max()
+    bound = x.float().abs() @ (step / 2).t() + 2e-2 * exact.abs().max()
     assert (error <= bound).all()
+    # The fused path and peft's own forward (dequantizing in Int*Linear.forward) agree.
+    with torch.no_grad():
+        unpatch_lora_layers(model)
+        expected = layer(x)
+        patch_lora_layers(model)
+        # bf16 outputs: peft rounds base and LoRA terms apart, the kernel rounds their sum once.
+        torch.testing.assert_close(layer(x), expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = _input_ids()
