@@ -15,8 +15,7 @@ from fused_train.kernels.lora import INT4_GROUP_SIZE, MAX_RANK, lora_linear_bwd,
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@torch.library.custom_op("fused_train::lora_linear_fwd", mutates_args=())
-def _lora_linear_fwd_op(
+def _lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor | None,
@@ -32,13 +31,15 @@ def _lora_linear_fwd_op(
     return lora_linear_fwd(x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p)
 
 
+_lora_linear_fwd_op = torch.library.custom_op("fused_train::lora_linear_fwd", _lora_linear_fwd, mutates_args=())
+
+
 @_lora_linear_fwd_op.register_fake
 def _(x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fused_train::lora_linear_bwd", mutates_args=())
-def _lora_linear_bwd_op(
+def _lora_linear_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     lora_s: torch.Tensor,
@@ -60,32 +61,44 @@ def _lora_linear_bwd_op(
     return (grad_x if compute_dx else x.new_empty(0)), grad_a, grad_b
 
 
+_lora_linear_bwd_op = torch.library.custom_op("fused_train::lora_linear_bwd", _lora_linear_bwd, mutates_args=())
+
+
 @_lora_linear_bwd_op.register_fake
 def _(grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx):
     grad_x = torch.empty_like(x) if compute_dx else x.new_empty(0)
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p = inputs
-    ctx.save_for_backward(x, output[1], weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask)
-    ctx.scaling = scaling
-    ctx.dropout_p = dropout_p
+class _LoraLinearFunction(torch.autograd.Function):
+    """Autograd over the forward and backward ops. torch.compile traces through it to the ops (no
+    graph break); eager mode calls the ops' bodies directly, skipping the dispatcher's per-call
+    argument handling. Host time of one forward+backward, kernels stubbed out (2-core CPU): 87 µs
+    this way, 185 µs through the ops with `register_autograd`, 38 µs for a plain matmul's."""
 
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p):
+        fwd = _lora_linear_fwd_op if torch.compiler.is_compiling() else _lora_linear_fwd
+        y, lora_s = fwd(
+            x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p
+        )
+        ctx.save_for_backward(x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        return y
 
-def _backward(ctx, grad_y, grad_lora_s):
-    x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_x, grad_a, grad_b = _lora_linear_bwd_op(
-        grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, ctx.scaling, keep_mask, ctx.dropout_p,
-        needs[0],
-    )  # fmt: skip
-    # dbias = Σ_tokens dy; a plain reduction that only LoRA-bias training asks for.
-    grad_bias = grad_y.sum(0) if needs[7] else None
-    return (grad_x if needs[0] else None), None, None, None, grad_a, grad_b, None, grad_bias, None, None
-
-
-torch.library.register_autograd("fused_train::lora_linear_fwd", _backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        bwd = _lora_linear_bwd_op if torch.compiler.is_compiling() else _lora_linear_bwd
+        grad_x, grad_a, grad_b = bwd(
+            grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, ctx.scaling, keep_mask,
+            ctx.dropout_p, needs[0],
+        )  # fmt: skip
+        # dbias = Σ_tokens dy; a plain reduction that only LoRA-bias training asks for.
+        grad_bias = grad_y.sum(0) if needs[7] else None
+        return (grad_x if needs[0] else None), None, None, None, grad_a, grad_b, None, grad_bias, None, None
 
 
 def dropout_keep_mask(x: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -130,7 +143,7 @@ def lora_linear(
     keep_mask = dropout_keep_mask(x2d, dropout_p) if dropout_p > 0 else None
     tensors = [t for t in (x2d, weight, lora_a, lora_b, bias, weight_scale, weight_offset) if t is not None]
     if triton_runs_on(*tensors):
-        y, _ = _lora_linear_fwd_op(
+        y = _LoraLinearFunction.apply(
             x2d.contiguous(), weight, weight_scale, weight_offset, lora_a, lora_b, float(scaling), bias, keep_mask,
             float(dropout_p),
         )  # fmt: skip

@@ -170,17 +170,22 @@ def test_lora_linear_rejects_trainable_weight():
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_custom_op_passes_opcheck(bits):
+def test_custom_ops_pass_opcheck(bits):
+    """Both ops, as `lora_linear`'s autograd.Function calls them: on tensors that need no grad."""
     torch.manual_seed(0)
     x = torch.randn(9, 40, device=DEVICE)
     weight = torch.randn(24, 40, device=DEVICE)
     weight, weight_scale, weight_offset = quantize_int4(weight) if bits == 4 else (weight, None, None)
-    lora_a = torch.randn(4, 40, device=DEVICE, requires_grad=True)
-    lora_b = torch.randn(24, 4, device=DEVICE, requires_grad=True)
-    bias = torch.randn(24, device=DEVICE, requires_grad=True)
+    lora_a = torch.randn(4, 40, device=DEVICE)
+    lora_b = torch.randn(24, 4, device=DEVICE)
+    bias = torch.randn(24, device=DEVICE)
     keep_mask = dropout_keep_mask(x, 0.25)
-    args = (x.requires_grad_(), weight, weight_scale, weight_offset, lora_a, lora_b, 0.5, bias, keep_mask, 0.25)
+    args = (x, weight, weight_scale, weight_offset, lora_a, lora_b, 0.5, bias, keep_mask, 0.25)
     torch.library.opcheck(torch.ops.fused_train.lora_linear_fwd.default, args)
+    _, lora_s = torch.ops.fused_train.lora_linear_fwd(*args)
+    grad_y = torch.randn(9, 24, device=DEVICE)
+    args = (grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, 0.5, keep_mask, 0.25, True)
+    torch.library.opcheck(torch.ops.fused_train.lora_linear_bwd.default, args)
 
 
 def test_lora_linear_compiles_fullgraph():

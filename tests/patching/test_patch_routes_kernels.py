@@ -23,9 +23,7 @@ def test_patched_peft_model_trains_through_both_kernels(monkeypatch):
     monkeypatch.setattr(
         fused_train.attention, "varlen_attention_triton", counting("attention", fused_train.attention.varlen_attention_triton)
     )
-    monkeypatch.setattr(
-        fused_train.lora, "_lora_linear_fwd_op", counting("lora", fused_train.lora._lora_linear_fwd_op)
-    )
+    monkeypatch.setattr(fused_train.lora, "lora_linear_fwd", counting("lora", fused_train.lora.lora_linear_fwd))
     model = tiny_model("llama").to(DEVICE, torch.bfloat16)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
     fused_train.patch(model)
