@@ -11,7 +11,10 @@ Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), the fro
 per format, and the ratios fused/base, peft/fused and fused_int8/base, fused_int4/base; writes JSON and a PNG chart under bench/results/. On a GPU it also
 profiles one forward+backward of `base` and `fused` at the acceptance shape (torch.profiler): the
 time of each kernel, and their sum against the timed step, which says whether the difference is
-in the kernels or between them (launch gaps).
+in the kernels or between them (launch gaps). Last, the host time of one forward+backward at a
+tiny shape (16 tokens, 256×256, r=16), where the kernels' own time is negligible: what each
+provider costs the CPU per layer. On a GPU, wall time over many steps; on a CPU, the fused path's
+Triton launchers are stubbed out (empty outputs), so the figure is the Python/autograd glue alone.
 
     python bench/bench_lora.py            # 7B-class shapes on a GPU, reduced shapes on CPU
     python bench/bench_lora.py --quick    # the shape of the acceptance: 4096×4096, r=16, 8k tokens
@@ -22,12 +25,14 @@ import json
 import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from tqdm import tqdm
 
+import fused_train.lora
 from fused_train.kernels.lora import quantize_int4
 from fused_train.lora import lora_linear
 from fused_train.quantize import Int8Linear
@@ -135,6 +140,62 @@ def kernel_breakdown(forward, grad_y, leaves, iterations=10):
     return dict(kernels_us=ordered, sum_us=round(sum(ordered.values()), 2), iterations=iterations)
 
 
+def _stub_fwd(x, weight, weight_scale, weight_offset, lora_a, *args):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
+
+
+def _stub_bwd(grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, *args):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def host_overhead(device, dtype, rounds=7, iterations=100):
+    """Host µs per forward+backward at a tiny shape, for base, peft and fused (see the docstring).
+
+    Providers take turns over `rounds` rounds of `iterations` steps; each reports its best round
+    (timeit's rule: slower rounds measure the machine's other load, not the code)."""
+    forwards, _, grad_y, leaves = _providers(16, 256, 256, 16, dtype, device)
+    stubs = {} if device == "cuda" else dict(
+        triton_runs_on=lambda *tensors: True, lora_linear_fwd=_stub_fwd, lora_linear_bwd=_stub_bwd
+    )  # fmt: skip
+    names = ("base", "peft", "fused")
+    best = dict.fromkeys(names, float("inf"))
+    with mock.patch.multiple(fused_train.lora, **stubs):
+        for _ in range(rounds):
+            for name in names:
+
+                def step(forward=forwards[name]):
+                    forward().backward(grad_y)
+                    for leaf in leaves:
+                        leaf.grad = None
+
+                for _ in range(10):
+                    step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(iterations):
+                        step()
+                    torch.cuda.synchronize()
+                    seconds = (time.perf_counter() - start) / iterations
+                else:
+                    samples = []
+                    for _ in range(iterations):
+                        start = time.perf_counter()
+                        step()
+                        samples.append(time.perf_counter() - start)
+                    seconds = statistics.median(samples)
+                best[name] = min(best[name], seconds * 1e6)
+    return dict(
+        **{f"{name}_us": us for name, us in best.items()},
+        shape=dict(tokens=16, fan_in=256, fan_out=256, rank=16, dtype=str(dtype).removeprefix("torch.")),
+        method=(
+            f"best of {rounds} rounds of {iterations} steps, providers taking turns; "
+            + ("wall time per step (kernels negligible at this shape)" if device == "cuda" else
+               "median step time; fused path with its Triton launchers stubbed out: the Python/autograd glue alone")
+        ),
+    )  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the acceptance shapes")
@@ -179,6 +240,7 @@ def main():
                     breakdown[name]["timed_step_us"] = round(rows[-1][f"{name}_ms"] * 1e3, 2)
         del forwards, weight_mb, grad_y, leaves
 
+    host = host_overhead(device, dtype)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench_lora_{device}{'_quick' if args.quick else ''}")
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -189,7 +251,7 @@ def main():
             if r["mode"] == "fwd+bwd"
         ]
         json.dump(dict(device=device_name, torch=torch.__version__, summary=summary, rows=rows,
-                       fwd_bwd_kernel_breakdown=breakdown), f, indent=1)
+                       fwd_bwd_kernel_breakdown=breakdown, host_overhead=host), f, indent=1)
     _chart(rows, stem + ".png", device_name)
 
     header = (
@@ -208,6 +270,8 @@ def main():
             print(f"{name} fwd+bwd: kernels sum {entry['sum_us']:.1f} us of a {entry['timed_step_us']:.1f} us step")
             for kernel, us in list(entry["kernels_us"].items())[:8]:
                 print(f"  {us:9.1f} us  {kernel[:100]}")
+    print("host time per forward+backward at 16 tokens, 256x256, r=16 ({method}): ".format(**host)
+          + ", ".join(f"{name} {host[f'{name}_us']:.1f} us" for name in ("base", "peft", "fused")))
     print(f"wrote {stem}.json and {stem}.png")
 
 

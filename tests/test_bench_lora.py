@@ -26,6 +26,9 @@ def test_bench_lora_writes_every_provider(tmp_path):
         assert row["fused_int8_weight_mb"] * 2**20 == elements + 4 * row["fan_out"]
         assert row["fused_int4_weight_mb"] * 2**20 == row["fan_out"] * (32 * groups + 8 * groups)
         assert row["fused_int4_over_base"] == pytest.approx(row["fused_int4_ms"] / row["base_ms"])
+    host = report["host_overhead"]
+    assert host["base_us"] > 0 and host["peft_us"] > 0 and host["fused_us"] > 0
+    assert "stubbed" in host["method"]
 
 
 def test_eval_quantized_base_quick_writes_its_report(tmp_path):
