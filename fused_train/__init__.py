@@ -6,7 +6,7 @@ from fused_train.kv_cache import Int8KVCache
 from fused_train.lora import lora_linear
 from fused_train.packing import plan_packing, plan_packing_arrays
 from fused_train.patching import TESTED_MODEL_TYPES, is_patched, patch, unpatch
-from fused_train.quantize import quantize_base
+from fused_train.quantize import dequantize_base, quantize_base
 from fused_train.telemetry import TrainingTelemetry
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "TESTED_MODEL_TYPES",
     "TrainingTelemetry",
     "block_diagonal_causal_mask",
+    "dequantize_base",
     "is_patched",
     "lora_linear",
     "patch",

@@ -19,7 +19,9 @@ scales (and int4 offsets) are added as buffers; `bias` is unchanged. peft's adap
 (`save_pretrained`) hold only LoRA weights and are unaffected. The fused LoRA path reads the
 quantized tensors as they are; `forward` (used when peft's own forward runs, and for non-LoRA
 layers) dequantizes to the input dtype on the fly. peft's merge into a quantized base is not
-supported (the delta would be lost to rounding); it raises.
+supported (the delta would be lost to rounding); it raises. `dequantize_base(model, dtype)` turns
+the quantized layers back into float `nn.Linear`s (their rounding kept), after which peft's
+`merge_and_unload` works, e.g. to export a model trained over a quantized base.
 """
 
 import torch
@@ -108,4 +110,23 @@ def quantize_base(model: nn.Module, bits: int = 8, only_lora_layers: bool = True
                 targets.append((parent, attr, child))
     for parent, attr, linear in targets:
         setattr(parent, attr, _QUANTIZED[bits].from_linear(linear))
+    return len(targets)
+
+
+def dequantize_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every `Int8Linear`/`Int4Linear` of `model` by a frozen `nn.Linear` holding its
+    dequantized weight in `dtype` (the quantization's rounding stays); returns how many."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    targets = [
+        (parent, attr, child)
+        for parent in model.modules()
+        for attr, child in parent.named_children()
+        if isinstance(child, (Int8Linear, Int4Linear))
+    ]
+    for parent, attr, quantized in targets:
+        linear = nn.Linear(quantized.in_features, quantized.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(quantized.dequantized_weight(dtype), requires_grad=False)
+        linear.bias = quantized.bias
+        setattr(parent, attr, linear)
     return len(targets)

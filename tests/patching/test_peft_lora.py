@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fused_train.lora import dropout_keep_mask
 from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
-from fused_train.quantize import Int4Linear, Int8Linear, quantize_base
+from fused_train.quantize import Int4Linear, Int8Linear, dequantize_base, quantize_base
 from tests.conftest import DEVICE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -182,3 +182,26 @@ def test_quantized_base_within_rounding_and_trains(bits):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_base_merges_only_once_dequantized(bits):
+    model = _lora_model(dtype=torch.bfloat16)
+    quantize_base(model, bits=bits)
+    patch_lora_layers(model)
+    ids = _input_ids()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+    with pytest.raises(RuntimeError):
+        model.merge_adapter()  # the delta would be lost to int8/int4 rounding
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    with pytest.raises(ValueError, match="dtype"):
+        dequantize_base(model, torch.int8)
+    assert dequantize_base(model, torch.bfloat16) == 7
+    assert not any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits.float()
+        merged = model.merge_and_unload()(input_ids=ids).logits.float()
+    # The dequantized base is the quantized one; merging adds bf16 rounding of W + s·B·A.
+    torch.testing.assert_close(unmerged, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+    torch.testing.assert_close(merged, expected, rtol=0, atol=3e-2 * expected.abs().max().item())
