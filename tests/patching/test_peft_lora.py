@@ -205,3 +205,19 @@ def test_quantized_base_merges_only_once_dequantized(bits):
     # The dequantized base is the quantized one; merging adds bf16 rounding of W + s·B·A.
     torch.testing.assert_close(unmerged, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
     torch.testing.assert_close(merged, expected, rtol=0, atol=3e-2 * expected.abs().max().item())
+
+
+def test_quantized_base_of_another_format_falls_back():
+    """A uint8 weight that quantize_base did not make (bitsandbytes' NF4 is one) is not read as int4."""
+
+    class ForeignPacked(torch.nn.Linear):
+        pass
+
+    model = _lora_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    foreign = ForeignPacked(48, 48, bias=False)
+    foreign.weight = torch.nn.Parameter(torch.zeros(48, 24, dtype=torch.uint8), requires_grad=False)
+    layer.base_layer = foreign
+    report = patch_lora_layers(model)
+    assert report.num_fused == 6
+    assert "not made by fused_train.quantize_base" in report.fallback["base_model.model.model.layers.0.self_attn.q_proj"]
