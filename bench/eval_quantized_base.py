@@ -144,7 +144,8 @@ def plot(report, path):
     width = 0.38
     for i, key in enumerate(("ppl_before_lora", "ppl_after_lora")):
         values = [report["bases"][name][key] for name in names]
-        ax_ppl.bar([j + (i - 0.5) * width for j in range(len(names))], values, width, label=key.replace("_lora", " LoRA").replace("_", " "))
+        label = key.replace("_lora", " LoRA").replace("_", " ")
+        ax_ppl.bar([j + (i - 0.5) * width for j in range(len(names))], values, width, label=label)
     ax_ppl.set_xticks(range(len(names)), [f"{n}\n{report['bases'][n]['projection_bytes_over_bfloat16']:.2f}x bf16 bytes"
                                           for n in names])
     low = min(min(b["ppl_before_lora"], b["ppl_after_lora"]) for b in report["bases"].values())
