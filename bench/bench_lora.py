@@ -12,10 +12,10 @@ per format, and the ratios fused/base, peft/fused, fused_int8/base and fused_int
 and a PNG chart under bench/results/. On a GPU it also profiles one forward+backward of `base`
 and `fused` at the acceptance shape (torch.profiler): the time of each kernel, and their sum
 against the timed step, which says whether the difference is in the kernels or between them
-(launch gaps). Last, the host time of one forward+backward at a
-tiny shape (16 tokens, 256×256, r=16), where the kernels' own time is negligible: what each
-provider costs the CPU per layer. On a GPU, wall time over many steps; on a CPU, the fused path's
-Triton launchers are stubbed out (empty outputs), so the figure is the Python/autograd glue alone.
+(launch gaps). Last, the host time of one forward+backward at a tiny shape (16 tokens, 256×256,
+r=16), where the kernels' own time is negligible: what each provider costs the CPU per layer. On
+a GPU, wall time over many steps; on a CPU, the fused path's Triton launchers are stubbed out
+(empty outputs), so the figure is the Python/autograd glue alone.
 
     python bench/bench_lora.py            # 7B-class shapes on a GPU, reduced shapes on CPU
     python bench/bench_lora.py --quick    # the shape of the acceptance: 4096×4096, r=16, 8k tokens
