@@ -124,8 +124,12 @@ def test_int4_quantization_within_half_a_step(in_features):
     assert (restored[0] == 0.25).all()
     torch.testing.assert_close(dequantize_int4(*quantize_int4(restored), in_features), restored, rtol=0, atol=1e-6)
     # Both ends of each group are levels: its min (q = 0) and, up to rounding, its max (q = 15).
-    padded = torch.nn.functional.pad(weight, (0, groups * INT4_GROUP_SIZE - in_features), value=float("nan"))
-    torch.testing.assert_close(offset, padded.view(7, groups, -1).nan_to_num(float("inf")).amin(-1))
+    def per_group(t, fill, reduce):
+        padded = torch.nn.functional.pad(t, (0, groups * INT4_GROUP_SIZE - in_features), value=fill)
+        return reduce(padded.view(7, groups, INT4_GROUP_SIZE), -1)
+
+    torch.testing.assert_close(offset, per_group(weight, float("inf"), torch.amin))
+    torch.testing.assert_close(per_group(restored, float("-inf"), torch.amax), per_group(weight, float("-inf"), torch.amax))
 
 
 def _good_args():
