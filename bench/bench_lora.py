@@ -93,15 +93,23 @@ def _providers(tokens, fan_in, fan_out, rank, dtype, device):
     return forwards, weight_mb, grad_y, [x, lora_a, lora_b]
 
 
+def _fwd_bwd_step(forward, grad_y, leaves):
+    """One forward+backward of `forward`, its leaves' gradients dropped after (none accumulate)."""
+
+    def step():
+        forward().backward(grad_y)
+        for leaf in leaves:
+            leaf.grad = None
+
+    return step
+
+
 def _measure(forward, grad_y, leaves, mode, device):
-    def run():
-        if mode == "fwd":
-            with torch.no_grad():
-                forward()
-        else:
-            forward().backward(grad_y)
-            for leaf in leaves:
-                leaf.grad = None
+    def forward_only():
+        with torch.no_grad():
+            forward()
+
+    run = forward_only if mode == "fwd" else _fwd_bwd_step(forward, grad_y, leaves)
 
     peak_mb = None
     if device == "cuda":
@@ -119,11 +127,7 @@ def kernel_breakdown(forward, grad_y, leaves, iterations=10):
     """Per-kernel device time (µs per forward+backward) of `forward`, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    def step():
-        forward().backward(grad_y)
-        for leaf in leaves:
-            leaf.grad = None
-
+    step = _fwd_bwd_step(forward, grad_y, leaves)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -163,12 +167,7 @@ def host_overhead(device, dtype, rounds=7, iterations=100):
     with mock.patch.multiple(fused_train.lora, **stubs):
         for _ in range(rounds):
             for name in names:
-
-                def step(forward=forwards[name]):
-                    forward().backward(grad_y)
-                    for leaf in leaves:
-                        leaf.grad = None
-
+                step = _fwd_bwd_step(forwards[name], grad_y, leaves)
                 for _ in range(10):
                     step()
                 if device == "cuda":
