@@ -249,12 +249,27 @@ def incremental_logits(model, kind, tokens, prefill, desc):
     return torch.stack(steps, dim=1).float(), cache
 
 
-def perplexity(model, documents, args, device):
-    """(a): perplexity of the held-out documents' first L tokens, through each cache."""
+def perplexity_documents(documents, args):
+    """(chosen, long_enough): the held-out documents of at least L = `--ppl-len` tokens, and the
+    first `--ppl-docs` of them, whose first L tokens the perplexities are measured on."""
     long_enough = [doc for doc in documents if len(doc) >= args.ppl_len]
     chosen = long_enough[: args.ppl_docs]
     if not chosen:
         raise ValueError(f"no held-out document has --ppl-len={args.ppl_len} tokens")
+    return chosen, long_enough
+
+
+@torch.no_grad()
+def full_forward_perplexity(model, tokens):
+    """Perplexity of `tokens` `[documents, L]` from one forward over each whole row, no cache."""
+    logits = model(input_ids=tokens, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="mean")
+    return math.exp(nll.item())
+
+
+def perplexity(model, documents, args, device):
+    """(a): perplexity of the held-out documents' first L tokens, through each cache."""
+    chosen, long_enough = perplexity_documents(documents, args)
     tokens = torch.tensor([doc[: args.ppl_len] for doc in chosen], device=device)
     targets = tokens[:, 1:]
     result = dict(
@@ -277,10 +292,7 @@ def perplexity(model, documents, args, device):
         result[f"{kind}_cache_tokens"] = cache.get_seq_length()
         if kind == "int8":
             result["int8_cache_capacity_tokens"] = cache.layers[0].capacity
-    with torch.no_grad():
-        full_forward = model(input_ids=tokens, use_cache=False).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(full_forward.flatten(0, 1), targets.flatten(), reduction="mean")
-    result["ppl_full_forward_no_cache"] = math.exp(nll.item())
+    result["ppl_full_forward_no_cache"] = full_forward_perplexity(model, tokens)
     result["ppl_rel_diff"] = result["ppl_int8"] / result["ppl_full"] - 1
     result["ppl_rel_diff_int8_only"] = result["ppl_int8_only"] / result["ppl_full"] - 1
     result["ppl_rel_diff_bf16_rounded"] = result["ppl_bf16"] / result["ppl_full"] - 1

@@ -25,7 +25,6 @@ Writes quantized_base.json and quantized_base.png under bench/results/ or `--out
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,8 +40,10 @@ if str(REPO) not in sys.path:
 import fused_train  # noqa: E402
 from bench.eval_kv_quality import (  # noqa: E402
     add_training_arguments,
+    full_forward_perplexity,
     learning_rate,
     packed_collator,
+    perplexity_documents,
     split_documents,
     train,
     train_step,
@@ -71,13 +72,6 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
-
-
-@torch.no_grad()
-def perplexity(model, tokens):
-    logits = model(input_ids=tokens, use_cache=False).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    return math.exp(nll.item())
 
 
 def projection_bytes(model):
@@ -118,7 +112,7 @@ def evaluate_base(pretrained, bits, tokens, train_docs, args, device):
     report = patch_lora_layers(model)  # already patched: only the report
     model.eval()
     stored, bf16 = projection_bytes(model)
-    before = perplexity(model, tokens)
+    before = full_forward_perplexity(model, tokens)
     start = time.perf_counter()
     losses = lora_train(model, train_docs, args, device)
     return dict(
@@ -127,7 +121,7 @@ def evaluate_base(pretrained, bits, tokens, train_docs, args, device):
         projection_bytes=stored,
         projection_bytes_over_bfloat16=stored / bf16,
         ppl_before_lora=before,
-        ppl_after_lora=perplexity(model, tokens),
+        ppl_after_lora=full_forward_perplexity(model, tokens),
         lora_seconds=time.perf_counter() - start,
         lora_losses=losses,
     )
@@ -173,8 +167,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     train_docs, held_out, corpus = split_documents(args)
-    chosen = [doc[: args.ppl_len] for doc in held_out if len(doc) >= args.ppl_len][: args.ppl_docs]
-    tokens = torch.tensor(chosen, device=device)
+    chosen, _ = perplexity_documents(held_out, args)
+    tokens = torch.tensor([doc[: args.ppl_len] for doc in chosen], device=device)
     pretrained, training = train(args, args.seed, train_docs, device)
     fused_train.unpatch(pretrained)  # each base is wrapped in peft, then patched whole
     bases = {}
