@@ -12,6 +12,13 @@ import pytest
 from tests.test_bench_kv import run_bench
 
 
+def int4_row_bytes(fan_in):
+    """Bytes per output row of an int4 weight: the packed levels of each 64-wide group (the last
+    padded) plus its float32 scale and offset."""
+    groups = math.ceil(fan_in / 64)
+    return 32 * groups + 8 * groups
+
+
 def test_bench_lora_writes_every_provider(tmp_path):
     run_bench("bench_lora.py", tmp_path)  # on a CPU, --quick or not, its reduced shapes
     report = json.loads((tmp_path / "bench_lora_cpu_quick.json").read_text())
@@ -21,10 +28,9 @@ def test_bench_lora_writes_every_provider(tmp_path):
         for name in ("base", "peft", "fused", "fused_int8", "fused_int4"):
             assert row[f"{name}_ms"] > 0, name
         elements = row["fan_in"] * row["fan_out"]
-        groups = math.ceil(row["fan_in"] / 64)
         assert row["base_weight_mb"] * 2**20 == 4 * elements  # float32 on a CPU
         assert row["fused_int8_weight_mb"] * 2**20 == elements + 4 * row["fan_out"]
-        assert row["fused_int4_weight_mb"] * 2**20 == row["fan_out"] * (32 * groups + 8 * groups)
+        assert row["fused_int4_weight_mb"] * 2**20 == row["fan_out"] * int4_row_bytes(row["fan_in"])
         assert row["fused_int4_over_base"] == pytest.approx(row["fused_int4_ms"] / row["base_ms"])
     host = report["host_overhead"]
     assert host["base_us"] > 0 and host["peft_us"] > 0 and host["fused_us"] > 0
@@ -44,12 +50,7 @@ def test_eval_quantized_base_quick_writes_its_report(tmp_path):
         assert abs(base["ppl_rel_diff_before_lora"]) < 0.05, name
         assert math.isfinite(base["ppl_after_lora"])
     assert bases["float32"]["ppl_rel_diff_before_lora"] == 0
-    # Bytes per row of each projection (hidden 128 = 2 groups of 64, MLP 352 = 6 groups, the last
-    # half padding): packed levels plus a float32 scale and offset per group.
-    def int4_row_bytes(fan_in):
-        groups = math.ceil(fan_in / 64)
-        return 32 * groups + 8 * groups
-
+    # Hidden 128 = 2 groups of 64; MLP 352 = 6 groups, the last half padding.
     int4 = 4 * 128 * int4_row_bytes(128) + 2 * 352 * int4_row_bytes(128) + 128 * int4_row_bytes(352)
     bf16 = 2 * (4 * 128 * 128 + 3 * 128 * 352)
     assert bases["int4"]["projection_bytes_over_bfloat16"] == pytest.approx(int4 / bf16)
