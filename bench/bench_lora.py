@@ -6,9 +6,12 @@ Providers, side by side on the same random inputs:
 - `fused`: `fused_train.lora_linear` (Triton on the GPU; on CPU its PyTorch reference runs, since
   the Triton interpreter would time Python, so CPU figures only compare base and peft-style math);
 - `fused_int8`, `fused_int4`: the same over the base weight quantized as `quantize_base(bits=8/4)`
-  stores it (the kernel dequantizes W tile by tile; on CPU the reference dequantizes it whole).
+  stores it (the kernel dequantizes W tile by tile; on CPU the reference dequantizes it whole);
+- `fused_pointer` (GPU only): `fused` with its GEMMs forced from the TMA kernel, which they use on
+  Hopper, onto the pointer kernel, which every other case uses: the TMA kernel's A/B.
 Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), the frozen weight's bytes
-per format, and the ratios fused/base, peft/fused, fused_int8/base and fused_int4/base; writes JSON
+per format, and the ratios fused/base, peft/fused, fused_int8/base, fused_int4/base and
+fused_pointer/base; writes JSON
 and a PNG chart under bench/results/. On a GPU it also profiles one forward+backward of `base`
 and `fused` at the acceptance shape (torch.profiler): the time of each kernel, and their sum
 against the timed step, which says whether the difference is in the kernels or between them
@@ -22,6 +25,7 @@ a GPU, wall time over many steps; on a CPU, the fused path's Triton launchers ar
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -34,6 +38,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from tqdm import tqdm
 
 import fused_train.lora
+from fused_train.kernels import lora as lora_kernels
 from fused_train.kernels.lora import quantize_int4
 from fused_train.lora import lora_linear
 from fused_train.quantize import Int8Linear
@@ -85,12 +90,22 @@ def _providers(tokens, fan_in, fan_out, rank, dtype, device):
         "fused_int8": lambda: lora_linear(x, int8.weight, lora_a, lora_b, scaling, weight_scale=int8.weight_scale),
         "fused_int4": lambda: lora_linear(x, packed, lora_a, lora_b, scaling, weight_scale=scale, weight_offset=offset),
     }
+    if device == "cuda":
+        forwards["fused_pointer"] = forwards["fused"]
     weight_mb = {
         "base": base.weight.nbytes / 2**20,
         "fused_int8": (int8.weight.nbytes + int8.weight_scale.nbytes) / 2**20,
         "fused_int4": (packed.nbytes + scale.nbytes + offset.nbytes) / 2**20,
     }
     return forwards, weight_mb, grad_y, [x, lora_a, lora_b]
+
+
+def _kernel_choice(name):
+    """The context a provider is measured in: `fused_pointer` turns the TMA kernel off, for its
+    forward and its backward alike."""
+    if name == "fused_pointer":
+        return mock.patch.object(lora_kernels, "_tma_applies", return_value=False)
+    return contextlib.nullcontext()
 
 
 def _fwd_bwd_step(forward, grad_y, leaves):
@@ -220,7 +235,8 @@ def main():
             row = dict(tokens=tokens, fan_in=fan_in, fan_out=fan_out, rank=rank, mode=mode, dtype=args.dtype)
             row |= {f"{name}_weight_mb": mb for name, mb in weight_mb.items()}
             for name, forward in forwards.items():
-                ms, peak_mb = _measure(forward, grad_y, leaves, mode, device)
+                with _kernel_choice(name):
+                    ms, peak_mb = _measure(forward, grad_y, leaves, mode, device)
                 row[f"{name}_ms"] = ms
                 row[f"{name}_tflops"] = flop / ms / 1e9
                 row[f"{name}_peak_mb"] = peak_mb
@@ -228,10 +244,15 @@ def main():
             row["peft_over_fused"] = row["peft_ms"] / row["fused_ms"]
             row["fused_int8_over_base"] = row["fused_int8_ms"] / row["base_ms"]
             row["fused_int4_over_base"] = row["fused_int4_ms"] / row["base_ms"]
+            if "fused_pointer_ms" in row:
+                row["fused_pointer_over_base"] = row["fused_pointer_ms"] / row["base_ms"]
             rows.append(row)
         if device == "cuda" and (tokens, fan_in, fan_out, rank) == QUICK_SHAPES[0]:
             try:
-                breakdown = {name: kernel_breakdown(forwards[name], grad_y, leaves) for name in ("base", "fused")}
+                breakdown = {}
+                for name in ("base", "fused", "fused_pointer"):
+                    with _kernel_choice(name):
+                        breakdown[name] = kernel_breakdown(forwards[name], grad_y, leaves)
             except Exception as error:  # the profile is a diagnosis: it must not cost the run its timings
                 breakdown = {"error": f"{type(error).__name__}: {error}"}
                 print(f"kernel breakdown failed: {breakdown['error']}")
@@ -256,14 +277,15 @@ def main():
 
     header = (
         f"{'tokens':>6} {'in':>6} {'out':>6} {'r':>3} {'mode':>8} {'base ms':>8} {'peft ms':>8} {'fused ms':>8} "
-        f"{'fused/base':>10} {'peft/fused':>10} {'int8/base':>9} {'int4/base':>9}"
+        f"{'fused/base':>10} {'peft/fused':>10} {'int8/base':>9} {'int4/base':>9} {'pointer/base':>12}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['tokens']:>6} {r['fan_in']:>6} {r['fan_out']:>6} {r['rank']:>3} {r['mode']:>8} "
             f"{r['base_ms']:>8.3f} {r['peft_ms']:>8.3f} {r['fused_ms']:>8.3f} {r['fused_over_base']:>10.3f} "
-            f"{r['peft_over_fused']:>10.3f} {r['fused_int8_over_base']:>9.3f} {r['fused_int4_over_base']:>9.3f}"
+            f"{r['peft_over_fused']:>10.3f} {r['fused_int8_over_base']:>9.3f} {r['fused_int4_over_base']:>9.3f} "
+            f"{r.get('fused_pointer_over_base', float('nan')):>12.3f}"
         )
     if breakdown and "error" not in breakdown:
         for name, entry in breakdown.items():
@@ -283,7 +305,8 @@ def _chart(rows, path, device_name):
 
     labels = [f"{r['tokens']}x{r['fan_in']}x{r['fan_out']} r{r['rank']}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    names = ("base", "peft", "fused", "fused_int8", "fused_int4")
+    names = ("base", "peft", "fused", "fused_pointer", "fused_int8", "fused_int4")
+    names = [name for name in names if f"{name}_ms" in rows[0]]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         offset = (i - (len(names) - 1) / 2) * width

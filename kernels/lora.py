@@ -18,11 +18,13 @@ or int4, packed two per byte, with a scale and an offset per group of 64 input c
     dx  = dy · W + (dS · A) ⊙ m / (1 - p)            [T, in]
     dW  is never computed (W is frozen).
 
-Kernels, three in all:
+Kernels, four in all:
 - `_lora_gemm_kernel`: one accumulator for `out = lora_left · lora_right (⊙ mask) + a · Wk + bias`.
   The rank-r term is a single extra `tl.dot` that seeds the accumulator before the main K loop, so
   the LoRA product never exists as a full-size tensor; the mask multiplies only that seed. Forward:
   `a = x`, `Wk = Wᵀ`, seed `s·S·Bᵀ`. Backward dx: `a = dy`, `Wk = W`, seed `(dS·A) ⊙ m/(1-p)`.
+- `_lora_gemm_tma_kernel`: the same GEMM for a 16-bit float `W` on Hopper, its `a` and `W` tiles
+  loaded by TMA (`_tma_applies` says when); `_lora_gemm_kernel` does every other case.
 - `_lora_shrink_kernel`: `out = scale · (a ⊙ m) · Mᵀ` with `M` `[r, K]`; gives `S` and `dS`.
 - `_lora_reduce_tokens_kernel`: `out = scale · (q ⊙ m)ᵀ · P`, a reduction over tokens split into
   chunks whose fp32 partial sums are added by the launcher (deterministic, no atomics); gives
@@ -40,6 +42,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton releases before host-side tensor descriptors: the pointer kernel only
+    TensorDescriptor = None
 
 # Triton's interpreter computes bf16 arithmetic (tl.dot included) wrongly; there, tiles are cast
 # to fp32 right after loading. Compiled kernels keep the input dtype for the tensor cores.
@@ -146,6 +153,46 @@ def _int4_tile(
 
 
 @triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row-block, column-block) of output tile number `tile`, in grouped order: GROUP_M
+    row-blocks share each column-block of Wk while it sits in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_seed(
+    lora_left_ptr, lora_right_ptr, keep_ptr, rows, cols, rank,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_keep_m,
+    lora_scale, keep_scale,
+    HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr, compute_dtype: tl.constexpr,
+):  # fmt: skip
+    """The accumulator's start, `(lora_scale · L[rows] · R[:, cols]) ⊙ keep · keep_scale` in fp32:
+    the rank-r term as one extra `tl.dot`, so `[a | lora_scale·L] · [Wk ; R]` is one accumulator."""
+    offs_r = tl.arange(0, BLOCK_R)
+    lora_left = tl.load(
+        lora_left_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+        mask=offs_r[None, :] < rank, other=0.0,
+    )  # fmt: skip
+    lora_right = tl.load(
+        lora_right_ptr + offs_r[:, None] * stride_rr + cols[None, :] * stride_rn,
+        mask=offs_r[:, None] < rank, other=0.0,
+    )  # fmt: skip
+    acc = tl.dot((lora_left.to(tl.float32) * lora_scale).to(compute_dtype), lora_right.to(compute_dtype))
+    if HAS_KEEP:
+        # Dropout acts on the LoRA input only, so in dx its mask multiplies only the LoRA term.
+        keep = tl.load(keep_ptr + rows[:, None] * stride_keep_m + cols[None, :])
+        acc = tl.where(keep != 0, acc * keep_scale, 0.0)
+    return acc
+
+
+@triton.jit
 def _lora_gemm_kernel(
     a_ptr, w_ptr, w_scale_ptr, w_offset_ptr, lora_left_ptr, lora_right_ptr, bias_ptr, keep_ptr, out_ptr,
     M, N, K, rank,
@@ -164,17 +211,10 @@ def _lora_gemm_kernel(
     `R` `[rank, N]`, `keep` `[M, N]`. `W_TRANSPOSED`: `Wk = Wᵀ` (forward) rather than `W` (dx).
     An int8 `W` is scaled per output channel of `W`: per column of `Wk` forward, per row for dx.
     An int4 `W` (packed, strides in bytes) is dequantized tile by tile by `_int4_tile`.
+    Every shape, stride and weight format; `_lora_gemm_tma_kernel` is the faster path for the
+    aligned 16-bit float case.
     """
-    # Grouped program order: GROUP_M row-blocks share each column-block of Wk while it sits in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows and columns past the edge wrap onto valid ones, so loads need no row/column mask;
@@ -182,27 +222,16 @@ def _lora_gemm_kernel(
     rows = offs_m % M
     cols = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     if UPCAST:
         compute_dtype = tl.float32
     else:
         compute_dtype = a_ptr.dtype.element_ty
 
-    # The rank-r term seeds the accumulator: [a | lora_scale·L] · [Wk ; R] in one accumulator.
-    lora_left = tl.load(
-        lora_left_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-        mask=offs_r[None, :] < rank, other=0.0,
+    acc = _lora_seed(
+        lora_left_ptr, lora_right_ptr, keep_ptr, rows, cols, rank,
+        stride_lm, stride_lr, stride_rr, stride_rn, stride_keep_m, lora_scale, keep_scale,
+        HAS_KEEP, BLOCK_R, compute_dtype,
     )  # fmt: skip
-    lora_right = tl.load(
-        lora_right_ptr + offs_r[:, None] * stride_rr + cols[None, :] * stride_rn,
-        mask=offs_r[:, None] < rank, other=0.0,
-    )  # fmt: skip
-    acc = tl.dot((lora_left.to(tl.float32) * lora_scale).to(compute_dtype), lora_right.to(compute_dtype))
-    if HAS_KEEP:
-        # Dropout acts on the LoRA input only, so in dx its mask multiplies only the LoRA term.
-        keep = tl.load(keep_ptr + rows[:, None] * stride_keep_m + cols[None, :])
-        acc = tl.where(keep != 0, acc * keep_scale, 0.0)
-
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
     if W_INT8 and W_TRANSPOSED:
@@ -226,6 +255,53 @@ def _lora_gemm_kernel(
         acc = tl.dot(a.to(compute_dtype), w.to(compute_dtype), acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _lora_gemm_tma_kernel(
+    a_desc, w_desc, lora_left_ptr, lora_right_ptr, bias_ptr, keep_ptr, out_ptr,
+    M, N, K, rank,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_keep_m, stride_om,
+    lora_scale, keep_scale,
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, W_TRANSPOSED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """`_lora_gemm_kernel`'s math for a 16-bit float `W`, its tiles read through TMA descriptors.
+
+    Hopper's tensor memory accelerator copies each tile of `a` and `W` to shared memory by itself
+    (out-of-bounds elements read as zero), so the warps spend no instructions on addresses or
+    masks. `a_desc`: `a` `[M, K]`; `w_desc`: `W` `[N, K]` when `W_TRANSPOSED` (forward), else
+    `[K, N]` (dx). The output is stored through pointers: a TMA store would stage the whole tile
+    in shared memory, which the 128×256 config has no room for beside its pipeline.
+    """
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m % M
+    cols = offs_n % N
+    if UPCAST:
+        compute_dtype = tl.float32
+    else:
+        compute_dtype = a_desc.dtype
+
+    acc = _lora_seed(
+        lora_left_ptr, lora_right_ptr, keep_ptr, rows, cols, rank,
+        stride_lm, stride_lr, stride_rr, stride_rn, stride_keep_m, lora_scale, keep_scale,
+        HAS_KEEP, BLOCK_R, compute_dtype,
+    )  # fmt: skip
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        if W_TRANSPOSED:
+            w = tl.trans(w_desc.load([pid_n * BLOCK_N, k * BLOCK_K]))
+        else:
+            w = w_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+        acc = tl.dot(a.to(compute_dtype), w.to(compute_dtype), acc)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
@@ -388,6 +464,19 @@ def _sm_count(device):
     return 1
 
 
+def _tma_applies(a, w, out):
+    """Whether `_lora_gemm_tma_kernel` can run: a 16-bit float `W`, Triton's host-side descriptors,
+    a Hopper-or-newer GPU (or the interpreter, where the tests run it), and what TMA requires of
+    every operand: unit inner stride, 16-byte aligned start and row stride."""
+    if TensorDescriptor is None or w.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+    return all(
+        t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w, out)
+    )
+
+
 def lora_gemm(
     a, w, w_is_transposed, weight_scale, weight_offset, lora_left, lora_right, lora_scale, bias, keep_mask, keep_scale,
     out_dtype,
@@ -398,6 +487,7 @@ def lora_gemm(
     `W` as stored: float; int8 with `weight_scale` `[out]`; or uint8-packed int4 with
     `weight_scale` and `weight_offset` `[out, groups]` (`quantize_int4`).
     `lora_left` `[M, r]`, `lora_right` `[r, N]` (any strides). Inputs are assumed valid.
+    Runs `_lora_gemm_tma_kernel` where `_tma_applies`, else `_lora_gemm_kernel`.
     """
     M, K = a.shape
     N = lora_right.shape[1]
@@ -411,19 +501,36 @@ def lora_gemm(
     weight_offset = None if weight_offset is None else weight_offset.contiguous()
     config = GEMM_CONFIGS[gemm_config_name(M, N, K, a.dtype, w_int8 or w_int4)]
     meta = {k: v for k, v in config.items() if k.startswith(("BLOCK", "GROUP"))}
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    common = dict(
+        HAS_BIAS=bias is not None, HAS_KEEP=keep_mask is not None, W_TRANSPOSED=w_is_transposed,
+        BLOCK_R=_block_r(rank), UPCAST=_INTERPRET, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **meta,
+    )  # fmt: skip
+    lora_args = (
+        lora_left, lora_right, bias if bias is not None else a, keep_mask if keep_mask is not None else a,
+    )  # fmt: skip
+    lora_strides = (
+        lora_left.stride(0), lora_left.stride(1), lora_right.stride(0), lora_right.stride(1),
+        keep_mask.stride(0) if keep_mask is not None else 0,
+    )  # fmt: skip
+    if _tma_applies(a, w, out):
+        _lora_gemm_tma_kernel[(tiles,)](
+            TensorDescriptor.from_tensor(a, [block_m, block_k]),
+            TensorDescriptor.from_tensor(w, [block_n, block_k] if w_is_transposed else [block_k, block_n]),
+            *lora_args, out, M, N, K, rank, *lora_strides, out.stride(0), float(lora_scale), float(keep_scale),
+            **common,
+        )  # fmt: skip
+        return out
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if w_is_transposed else (w.stride(0), w.stride(1))
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](
-        a, w, weight_scale if weight_scale is not None else w, weight_offset if w_int4 else w, lora_left, lora_right,
-        bias if bias is not None else a, keep_mask if keep_mask is not None else a, out,
+    _lora_gemm_kernel[(tiles,)](
+        a, w, weight_scale if weight_scale is not None else w, weight_offset if w_int4 else w, *lora_args, out,
         M, N, K, rank,
         a.stride(0), a.stride(1), stride_wk, stride_wn, weight_scale.stride(0) if w_int4 else 0,
-        lora_left.stride(0), lora_left.stride(1), lora_right.stride(0), lora_right.stride(1),
-        keep_mask.stride(0) if keep_mask is not None else 0, out.stride(0),
+        *lora_strides, out.stride(0),
         float(lora_scale), float(keep_scale),
-        HAS_BIAS=bias is not None, HAS_KEEP=keep_mask is not None, W_INT8=w_int8, W_INT4=w_int4,
-        W_TRANSPOSED=w_is_transposed, BLOCK_R=_block_r(rank), INT4_GROUP=INT4_GROUP_SIZE, UPCAST=_INTERPRET,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **meta,
+        W_INT8=w_int8, W_INT4=w_int4, INT4_GROUP=INT4_GROUP_SIZE, **common,
     )  # fmt: skip
     return out
 

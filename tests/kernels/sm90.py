@@ -37,7 +37,7 @@ def triton_site_id(site):
 
 
 def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages):
-    """Compile `fn` for sm_90; return whether it uses wgmma, its shared memory in bytes and its
+    """Compile `fn` for sm_90; return whether it uses wgmma and TMA loads, its shared memory in bytes and its
     per-thread REG, STACK and LOCAL (bytes spilled) as cuobjdump reports them."""
     kernel = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -51,6 +51,7 @@ def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages):
         usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
     return dict(
         wgmma="nvidia_mma<{versionMajor = 3" in kernel.asm["ttgir"],
+        tma_loads="cp.async.bulk.tensor" in kernel.asm["ptx"],
         shared=kernel.metadata.shared,
         **{k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage.stdout)},
     )

@@ -39,6 +39,18 @@ def _gemm_variants():
     ]
 
 
+def _tma_variants():
+    """(name, dtype, config name, backward dx (HAS_KEEP, W = Wk), BLOCK_R) of the TMA kernel."""
+    return [
+        ("fwd bf16", "bf16", "large", False, 16),
+        ("fwd bf16 r128", "bf16", "large", False, 128),
+        ("dx bf16", "bf16", "large", True, 16),
+        ("dx bf16 r128", "bf16", "large", True, 128),
+        ("fwd fp16 medium", "fp16", "medium", False, 16),
+        ("dx bf16 medium r128", "bf16", "medium", True, 128),
+    ]
+
+
 def _compile_all():
     from fused_train.kernels import lora
 
@@ -50,7 +62,7 @@ def _compile_all():
         attrs = {
             (i,): [["tt.divisibility", 16]]
             for i, (arg, kind) in enumerate(signature.items())
-            if aligned and kind != "constexpr" and arg not in unaligned
+            if aligned and kind != "constexpr" and not kind.startswith("tensordesc") and arg not in unaligned
         }
         usage = compile_for_sm90(fn, signature, constexprs, attrs, config["num_warps"], config["num_stages"])
         results.append(dict(name=name, aligned=aligned, needs_wgmma=needs_wgmma, **usage))
@@ -80,6 +92,24 @@ def _compile_all():
         )
         compile_one(name, lora._lora_gemm_kernel, signature, constexprs, lora.GEMM_CONFIGS[config_name], aligned, True)
 
+    # The TMA kernel: 16-bit float W only; TMA itself handles tails, so every variant is aligned.
+    tma_args = (
+        "a_desc w_desc lora_left_ptr lora_right_ptr bias_ptr keep_ptr out_ptr M N K rank "
+        "stride_lm stride_lr stride_rr stride_rn stride_keep_m stride_om lora_scale keep_scale"
+    ).split()
+    for name, dtype, config_name, backward, block_r in _tma_variants():
+        config = lora.GEMM_CONFIGS[config_name]
+        block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        w_block = (block_k, block_n) if backward else (block_n, block_k)
+        kinds = [f"tensordesc<{dtype}[{block_m}, {block_k}]>", f"tensordesc<{dtype}[{w_block[0]}, {w_block[1]}]>"]
+        kinds += ["*fp32", "*fp32", "*fp32", "*u8", f"*{dtype}"] + ["i32"] * 10 + ["fp32", "fp32"]
+        signature = dict(zip(tma_args, kinds)) | {"stride_lr": "constexpr"}
+        constexprs = dict(
+            stride_lr=1, HAS_BIAS=not backward, HAS_KEEP=backward, W_TRANSPOSED=not backward, BLOCK_R=block_r,
+            UPCAST=False,
+        )  # fmt: skip
+        compile_one(f"tma {name}", lora._lora_gemm_tma_kernel, signature, constexprs, config, True, True)
+
     shrink_args = "a_ptr m_ptr keep_ptr out_ptr M K rank stride_am stride_ak stride_mr stride_mk stride_keep_m stride_om scale".split()
     reduce_args = (
         "p_ptr q_ptr keep_ptr out_ptr T N rank tokens_per_split stride_pt stride_pr stride_qt stride_qn "
@@ -108,11 +138,12 @@ def compiled(request):
 
 
 def test_every_lora_config_compiles_for_sm90(compiled):
-    assert len(compiled) == len(_gemm_variants()) + 32
+    assert len(compiled) == len(_gemm_variants()) + len(_tma_variants()) + 32
     for kernel in compiled:
         assert kernel["shared"] <= SHARED_LIMIT, kernel
         if kernel["needs_wgmma"]:
             assert kernel["wgmma"], kernel
+        assert kernel["tma_loads"] == kernel["name"].startswith("tma "), kernel
         # Tails are rare in real layers; there only correctness (and the limits above) is required.
         if kernel["aligned"]:
             assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fused_train.kernels import lora as lora_kernels
 from fused_train.kernels.lora import INT4_GROUP_SIZE, dequantize_int4, lora_linear_ref, quantize_int4
 from fused_train.lora import dropout_keep_mask, lora_linear
 from tests.conftest import DEVICE
@@ -71,6 +72,45 @@ def _cast(inputs, dtype):
     ],
 )
 def test_lora_linear_matches_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits):
+    _check_against_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits)
+
+
+@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize(
+    "dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p",
+    [
+        # Tails in every dimension: tokens past a 128-row tile, out 136 / 72 past a 128-column
+        # tile (forward) and past a 64-wide K tile (dx), which TMA must read as zeros; in 192 is two
+        # column tiles of dx.
+        (torch.bfloat16, torch.float32, 37, 64, 136, 8, True, 0.1),
+        (torch.float16, torch.float16, 130, 192, 72, 16, False, 0.0),
+    ],
+)
+def test_both_gemm_kernels_match_reference(
+    monkeypatch, use_tma, dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p
+):
+    """The TMA kernel, and the pointer kernel on the shapes where TMA would run instead."""
+    shapes = ((tokens, in_features), (out_features, in_features), (tokens, out_features))
+    assert lora_kernels._tma_applies(*(torch.empty(shape, device=DEVICE, dtype=dtype) for shape in shapes))
+    monkeypatch.setattr(lora_kernels, "_tma_applies", lambda *tensors: use_tma)
+    _check_against_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, None)
+
+
+def test_tma_applies_only_to_aligned_16_bit_operands():
+    def applies(dtype, rows, cols, offset=0):
+        t = torch.empty(rows * cols + offset, device=DEVICE, dtype=dtype)[offset:].view(rows, cols)
+        return lora_kernels._tma_applies(t, t, t)
+
+    assert applies(torch.bfloat16, 4, 64) and applies(torch.float16, 4, 8)
+    assert not applies(torch.bfloat16, 4, 60)  # rows of 120 bytes: TMA needs 16-byte multiples
+    assert not applies(torch.bfloat16, 4, 64, offset=1)  # start not 16-byte aligned
+    assert not applies(torch.float32, 4, 64)
+    assert not applies(torch.int8, 4, 64)
+
+
+def _check_against_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits):
+    """lora_linear's output and gradients against the float64 reference, within twice PyTorch's own
+    error in `dtype` plus EXTRA_ERROR."""
     torch.manual_seed(0)
     inputs = _make_inputs(tokens, in_features, out_features, rank, dtype, lora_dtype, with_bias, bits)
     grad_y = torch.randn(tokens, out_features, device=DEVICE)
