@@ -466,14 +466,16 @@ def _sm_count(device):
 
 def _tma_applies(a, w, out):
     """Whether `_lora_gemm_tma_kernel` can run: a 16-bit float `W`, Triton's host-side descriptors,
-    a Hopper-or-newer GPU (or the interpreter, where the tests run it), and what TMA requires of
-    every operand: unit inner stride, 16-byte aligned start and row stride."""
+    a Hopper-or-newer GPU (or the interpreter, where the tests run it), and what a descriptor
+    requires of every operand: no empty dimension, unit inner stride, 16-byte aligned start and
+    row stride."""
     if TensorDescriptor is None or w.dtype not in (torch.float16, torch.bfloat16):
         return False
     if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] < 9:
         return False
     return all(
-        t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w, out)
+        t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in (a, w, out)
     )
 
 

@@ -104,8 +104,22 @@ def test_tma_applies_only_to_aligned_16_bit_operands():
     assert applies(torch.bfloat16, 4, 64) and applies(torch.float16, 4, 8)
     assert not applies(torch.bfloat16, 4, 60)  # rows of 120 bytes: TMA needs 16-byte multiples
     assert not applies(torch.bfloat16, 4, 64, offset=1)  # start not 16-byte aligned
+    assert not applies(torch.bfloat16, 0, 64)  # a descriptor has no empty dimension
     assert not applies(torch.float32, 4, 64)
     assert not applies(torch.int8, 4, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_linear_handles_no_tokens(dtype):
+    x = torch.randn(0, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = torch.randn(128, 64, device=DEVICE, dtype=dtype)
+    lora_a = torch.randn(8, 64, device=DEVICE, requires_grad=True)
+    lora_b = torch.randn(128, 8, device=DEVICE, requires_grad=True)
+    y = lora_linear(x, weight, lora_a, lora_b, 1.0)
+    assert y.shape == (0, 128)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64)
+    assert torch.equal(lora_a.grad, torch.zeros_like(lora_a)) and torch.equal(lora_b.grad, torch.zeros_like(lora_b))
 
 
 def _check_against_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits):
