@@ -68,6 +68,7 @@ def _cast(inputs, dtype):
         (torch.bfloat16, torch.bfloat16, 37, 95, 130, 16, True, 0.0, 8),
         (torch.float32, torch.float32, 37, 95, 130, 8, False, 0.1, 8),
         (torch.bfloat16, torch.float32, 5, 4095, 130, 8, True, 0.0, None),
+        (torch.float16, torch.float16, 5, 95, 4095, 8, False, 0.1, None),
         # int4: in 95 and 130 end in a padded group; 130 > 128 also splits dx's columns in two tiles.
         (torch.bfloat16, torch.float32, 37, 95, 130, 8, True, 0.1, 4),
         (torch.float32, torch.float32, 37, 130, 95, 16, False, 0.0, 4),
