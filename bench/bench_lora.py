@@ -11,11 +11,10 @@ Providers, side by side on the same random inputs:
   Hopper, onto the pointer kernel, which every other case uses: the TMA kernel's A/B.
 Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), the frozen weight's bytes
 per format, and the ratios fused/base, peft/fused, fused_int8/base, fused_int4/base and
-fused_pointer/base; writes JSON
-and a PNG chart under bench/results/. On a GPU it also profiles one forward+backward of `base`
-and `fused` at the acceptance shape (torch.profiler): the time of each kernel, and their sum
-against the timed step, which says whether the difference is in the kernels or between them
-(launch gaps). Last, the host time of one forward+backward at a tiny shape (16 tokens, 256×256,
+fused_pointer/base; writes JSON and a PNG chart under bench/results/. On a GPU it also profiles
+`base`, `fused` and `fused_pointer` at the acceptance shape (torch.profiler), forward+backward and
+forward alone: the time of each kernel, and their sum against the timed step, which says whether
+the difference is in the kernels or between them (launch gaps). Last, the host time of one forward+backward at a tiny shape (16 tokens, 256×256,
 r=16), where the kernels' own time is negligible: what each provider costs the CPU per layer. On
 a GPU, wall time over many steps; on a CPU, the fused path's Triton launchers are stubbed out
 (empty outputs), so the figure is the Python/autograd glue alone.
@@ -119,12 +118,16 @@ def _fwd_bwd_step(forward, grad_y, leaves):
     return step
 
 
-def _measure(forward, grad_y, leaves, mode, device):
-    def forward_only():
+def _forward_step(forward):
+    def step():
         with torch.no_grad():
             forward()
 
-    run = forward_only if mode == "fwd" else _fwd_bwd_step(forward, grad_y, leaves)
+    return step
+
+
+def _measure(forward, grad_y, leaves, mode, device):
+    run = _forward_step(forward) if mode == "fwd" else _fwd_bwd_step(forward, grad_y, leaves)
 
     peak_mb = None
     if device == "cuda":
@@ -138,11 +141,10 @@ def _measure(forward, grad_y, leaves, mode, device):
     return _time_ms(run, device), peak_mb
 
 
-def kernel_breakdown(forward, grad_y, leaves, iterations=10):
-    """Per-kernel device time (µs per forward+backward) of `forward`, from torch.profiler."""
+def _kernel_times(step, iterations):
+    """Device µs per `step` of each kernel it launches (summed over its launches), from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = _fwd_bwd_step(forward, grad_y, leaves)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -156,8 +158,19 @@ def kernel_breakdown(forward, grad_y, leaves, iterations=10):
         total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if total > 0 and event.key not in kernels:
             kernels[event.key] = round(total / iterations, 2)
-    ordered = dict(sorted(kernels.items(), key=lambda item: -item[1]))
-    return dict(kernels_us=ordered, sum_us=round(sum(ordered.values()), 2), iterations=iterations)
+    return dict(sorted(kernels.items(), key=lambda item: -item[1]))
+
+
+def kernel_breakdown(forward, grad_y, leaves, iterations=10):
+    """Per-kernel device time of `forward`: µs per forward+backward, and per forward alone. The
+    profile sums a kernel's launches, so the GEMM kernel, launched by the forward and by dx, needs
+    the forward alone to be told apart: its dx share is the difference."""
+    fwd_bwd = _kernel_times(_fwd_bwd_step(forward, grad_y, leaves), iterations)
+    fwd = _kernel_times(_forward_step(forward), iterations)
+    return dict(
+        kernels_us=fwd_bwd, sum_us=round(sum(fwd_bwd.values()), 2),
+        forward_kernels_us=fwd, forward_sum_us=round(sum(fwd.values()), 2), iterations=iterations,
+    )  # fmt: skip
 
 
 def _stub_fwd(x, weight, weight_scale, weight_offset, lora_a, *args):
@@ -291,7 +304,8 @@ def main():
         for name, entry in breakdown.items():
             print(f"{name} fwd+bwd: kernels sum {entry['sum_us']:.1f} us of a {entry['timed_step_us']:.1f} us step")
             for kernel, us in list(entry["kernels_us"].items())[:8]:
-                print(f"  {us:9.1f} us  {kernel[:100]}")
+                forward_us = entry["forward_kernels_us"].get(kernel, 0.0)
+                print(f"  {us:9.1f} us ({forward_us:7.1f} in the forward)  {kernel[:90]}")
     print("host time per forward+backward at 16 tokens, 256x256, r=16 ({method}): ".format(**host)
           + ", ".join(f"{name} {host[f'{name}_us']:.1f} us" for name in ("base", "peft", "fused")))
     print(f"wrote {stem}.json and {stem}.png")
