@@ -471,7 +471,8 @@ def _tma_applies(a, w, out):
     row stride."""
     if TensorDescriptor is None or w.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] < 9:
+    # TMA is NVIDIA's, from Hopper (sm_90) on; ROCm builds of torch also call their GPUs "cuda".
+    if a.device.type == "cuda" and (torch.version.hip or torch.cuda.get_device_capability(a.device)[0] < 9):
         return False
     return all(
         t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
@@ -510,10 +511,10 @@ def lora_gemm(
         BLOCK_R=_block_r(rank), UPCAST=_INTERPRET, num_warps=config["num_warps"], num_stages=config["num_stages"],
         **meta,
     )  # fmt: skip
-    lora_args = (
+    pointer_operands = (
         lora_left, lora_right, bias if bias is not None else a, keep_mask if keep_mask is not None else a,
     )  # fmt: skip
-    lora_strides = (
+    pointer_strides = (
         lora_left.stride(0), lora_left.stride(1), lora_right.stride(0), lora_right.stride(1),
         keep_mask.stride(0) if keep_mask is not None else 0,
     )  # fmt: skip
@@ -521,16 +522,17 @@ def lora_gemm(
         _lora_gemm_tma_kernel[(tiles,)](
             TensorDescriptor.from_tensor(a, [block_m, block_k]),
             TensorDescriptor.from_tensor(w, [block_n, block_k] if w_is_transposed else [block_k, block_n]),
-            *lora_args, out, M, N, K, rank, *lora_strides, out.stride(0), float(lora_scale), float(keep_scale),
+            *pointer_operands, out, M, N, K, rank, *pointer_strides, out.stride(0), float(lora_scale),
+            float(keep_scale),
             **common,
         )  # fmt: skip
         return out
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if w_is_transposed else (w.stride(0), w.stride(1))
     _lora_gemm_kernel[(tiles,)](
-        a, w, weight_scale if weight_scale is not None else w, weight_offset if w_int4 else w, *lora_args, out,
+        a, w, weight_scale if weight_scale is not None else w, weight_offset if w_int4 else w, *pointer_operands, out,
         M, N, K, rank,
         a.stride(0), a.stride(1), stride_wk, stride_wn, weight_scale.stride(0) if w_int4 else 0,
-        *lora_strides, out.stride(0),
+        *pointer_strides, out.stride(0),
         float(lora_scale), float(keep_scale),
         W_INT8=w_int8, W_INT4=w_int4, INT4_GROUP=INT4_GROUP_SIZE, **common,
     )  # fmt: skip
