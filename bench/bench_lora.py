@@ -14,10 +14,11 @@ per format, and the ratios fused/base, peft/fused, fused_int8/base, fused_int4/b
 fused_pointer/base; writes JSON and a PNG chart under bench/results/. On a GPU it also profiles
 `base`, `fused` and `fused_pointer` at the acceptance shape (torch.profiler), forward+backward and
 forward alone: the time of each kernel, and their sum against the timed step, which says whether
-the difference is in the kernels or between them (launch gaps). Last, the host time of one forward+backward at a tiny shape (16 tokens, 256×256,
-r=16), where the kernels' own time is negligible: what each provider costs the CPU per layer. On
-a GPU, wall time over many steps; on a CPU, the fused path's Triton launchers are stubbed out
-(empty outputs), so the figure is the Python/autograd glue alone.
+the difference is in the kernels or between them (launch gaps). Last, the host time of one
+forward+backward at a tiny shape (16 tokens, 256×256, r=16), where the kernels' own time is
+negligible: what each provider costs the CPU per layer. On a GPU, wall time over many steps; on a
+CPU, the fused path's Triton launchers are stubbed out (empty outputs), so the figure is the
+Python/autograd glue alone.
 
     python bench/bench_lora.py            # 7B-class shapes on a GPU, reduced shapes on CPU
     python bench/bench_lora.py --quick    # the shape of the acceptance: 4096×4096, r=16, 8k tokens

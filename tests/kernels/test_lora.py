@@ -8,8 +8,10 @@ from fused_train.kernels.lora import INT4_GROUP_SIZE, dequantize_int4, lora_line
 from fused_train.lora import dropout_keep_mask, lora_linear
 from tests.conftest import DEVICE
 
-# Where `_lora_gemm_tma_kernel` can run: the interpreter, or a Hopper-or-newer GPU.
-TMA_HERE = lora_kernels.TensorDescriptor is not None and (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+# Where `_lora_gemm_tma_kernel` can run: the interpreter, or an NVIDIA GPU from Hopper on.
+TMA_HERE = lora_kernels.TensorDescriptor is not None and (
+    DEVICE == "cpu" or (torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9)
+)
 
 # Beyond twice the error of PyTorch in the same dtype, this much of the largest reference value:
 # bf16/fp16 store the output once more than the reference does; fp32 runs as tf32 on the GPU.
