@@ -193,6 +193,16 @@ def _lora_seed(
 
 
 @triton.jit
+def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, cols, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    """`acc` (+ bias) into `out[offs_m, offs_n]`, in out's dtype; rows and columns past M, N are
+    not written."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _lora_gemm_kernel(
     a_ptr, w_ptr, w_scale_ptr, w_offset_ptr, lora_left_ptr, lora_right_ptr, bias_ptr, keep_ptr, out_ptr,
     M, N, K, rank,
@@ -211,8 +221,8 @@ def _lora_gemm_kernel(
     `R` `[rank, N]`, `keep` `[M, N]`. `W_TRANSPOSED`: `Wk = Wᵀ` (forward) rather than `W` (dx).
     An int8 `W` is scaled per output channel of `W`: per column of `Wk` forward, per row for dx.
     An int4 `W` (packed, strides in bytes) is dequantized tile by tile by `_int4_tile`.
-    Every shape, stride and weight format; `_lora_gemm_tma_kernel` is the faster path for the
-    aligned 16-bit float case.
+    Every shape, stride and weight format; `_lora_gemm_tma_kernel` runs instead for aligned 16-bit
+    float weights on Hopper (`_tma_applies`).
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -256,10 +266,7 @@ def _lora_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, cols, M, N, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -303,10 +310,7 @@ def _lora_gemm_tma_kernel(
             w = w_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
         acc = tl.dot(a.to(compute_dtype), w.to(compute_dtype), acc)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, cols, M, N, stride_om, HAS_BIAS)
 
 
 @triton.jit
