@@ -21,7 +21,7 @@ from peft.tuners.lora.layer import LoraLayer
 
 from fused_train.kernels.lora import MAX_RANK
 from fused_train.lora import lora_linear
-from fused_train.quantize import Int4Linear, Int8Linear
+from fused_train.quantize import QuantizedLinear
 
 logger = logging.getLogger("fused_train")
 
@@ -86,7 +86,7 @@ def fused_fallback_reason(layer: LoraLinear, x: torch.Tensor, args=(), kwargs=No
     weight = getattr(base, "weight", None)
     if not isinstance(base, nn.Linear) or weight is None or weight.dtype not in _BASE_WEIGHT_DTYPES:
         return f"base layer {type(base).__name__} is not a float, int8 or int4 nn.Linear"
-    if weight.dtype in _QUANTIZED_DTYPES and not isinstance(base, (Int8Linear, Int4Linear)):
+    if weight.dtype in _QUANTIZED_DTYPES and not isinstance(base, QuantizedLinear):
         # e.g. bitsandbytes' packed NF4: same storage dtype, another format.
         return f"base layer {type(base).__name__} holds {weight.dtype} weights not made by fused_train.quantize_base"
     if weight.requires_grad:

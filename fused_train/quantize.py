@@ -32,7 +32,16 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from fused_train.kernels.lora import dequantize_int4, quantize_int4
 
 
-class Int8Linear(nn.Linear):
+class QuantizedLinear(nn.Linear):
+    """A frozen `nn.Linear` whose `weight` `quantize_base` stored quantized; `forward` dequantizes it
+    to the input's dtype with the subclass's `dequantized_weight(dtype)`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+class Int8Linear(QuantizedLinear):
     """Frozen linear layer `y = x · (weight · weight_scale[:, None])ᵀ + bias` with an int8 `weight`."""
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: nn.Parameter | None):
@@ -52,12 +61,8 @@ class Int8Linear(nn.Linear):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
-
-class Int4Linear(nn.Linear):
+class Int4Linear(QuantizedLinear):
     """Frozen linear layer whose `weight` is int4, packed two per byte, with a scale and an offset
     per group of 64 input channels: `W[o, i] = q[o, i] · weight_scale[o, g] + weight_offset[o, g]`."""
 
@@ -75,10 +80,6 @@ class Int4Linear(nn.Linear):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int4(self.weight, self.weight_scale, self.weight_offset, self.in_features).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
 
 _QUANTIZED = {8: Int8Linear, 4: Int4Linear}
@@ -122,7 +123,7 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype) -> int:
         (parent, attr, child)
         for parent in model.modules()
         for attr, child in parent.named_children()
-        if isinstance(child, (Int8Linear, Int4Linear))
+        if isinstance(child, QuantizedLinear)
     ]
     for parent, attr, quantized in targets:
         linear = nn.Linear(quantized.in_features, quantized.out_features, bias=False, device="meta")
