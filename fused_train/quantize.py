@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from fused_train.kernels.lora import dequantize_int4, quantize_int4
+from fused_train.kernels.lora import dequantize_int4, quantize_int4, quantize_int8
 
 
 class QuantizedLinear(nn.Linear):
@@ -53,10 +53,7 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-        weight_int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(weight_int8, scale, linear.bias)
+        return cls(*quantize_int8(linear.weight), linear.bias)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]

@@ -59,6 +59,15 @@ INT4_GROUP_SIZE = 64
 MAX_RANK = 128
 
 
+def quantize_int8(weight):
+    """Symmetric int8 of a float `weight` `[out, in]` per output channel: `(weight_int8, weight_scale)`
+    with `weight_scale[o] = max_i |W[o, i]| / 127` (float32 `[out]`) and
+    `weight_int8[o, i] = round(W[o, i] / weight_scale[o])`."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 def quantize_int4(weight):
     """Asymmetric int4 of a float `weight` `[out, in]`: `(packed, weight_scale, weight_offset)`.
 
