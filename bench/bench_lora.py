@@ -6,15 +6,15 @@ Providers, side by side on the same random inputs:
 - `fused`: `fused_train.lora_linear` (Triton on the GPU; on CPU its PyTorch reference runs, since
   the Triton interpreter would time Python, so CPU figures only compare base and peft-style math);
 - `fused_int8`, `fused_int4`: the same over the base weight quantized as `quantize_base(bits=8/4)`
-  stores it (the kernel dequantizes W tile by tile; on CPU the reference dequantizes it whole);
-- `fused_pointer` (GPU only): `fused` with its GEMMs forced from the TMA kernel, which they use on
-  Hopper, onto the pointer kernel, which every other case uses: the TMA kernel's A/B.
+  stores it (the kernel dequantizes W tile by tile; on CPU the reference dequantizes it whole).
 Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), the frozen weight's bytes
-per format, and the ratios fused/base, peft/fused, fused_int8/base, fused_int4/base and
-fused_pointer/base; writes JSON and a PNG chart under bench/results/. On a GPU it also profiles
-`base`, `fused` and `fused_pointer` at the acceptance shape (torch.profiler), forward+backward and
-forward alone: the time of each kernel, and their sum against the timed step, which says whether
-the difference is in the kernels or between them (launch gaps). Last, the host time of one
+per format, and the ratios fused/base, peft/fused, fused_int8/base and fused_int4/base; writes JSON
+and a PNG chart under bench/results/. On a GPU, `fused` times the ways its two GEMMs can run (TMA
+or pointer kernel at each config, or cuBLAS over our seed) at their first call and keeps the
+fastest: each row records those timings (`gemm_ways_ms`, forward and dx). It also profiles `base`
+and `fused` at the acceptance shape (torch.profiler), forward+backward and forward alone: the time
+of each kernel, and their sum against the timed step, which says whether the difference is in the
+kernels or between them (launch gaps). Last, the host time of one
 forward+backward at a tiny shape (16 tokens, 256×256, r=16), where the kernels' own time is
 negligible: what each provider costs the CPU per layer. On a GPU, wall time over many steps; on a
 CPU, the fused path's Triton launchers are stubbed out (empty outputs), so the figure is the
@@ -25,7 +25,6 @@ Python/autograd glue alone.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -33,6 +32,7 @@ import time
 from unittest import mock
 
 import torch
+import triton
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from tqdm import tqdm
@@ -90,8 +90,6 @@ def _providers(tokens, fan_in, fan_out, rank, dtype, device):
         "fused_int8": lambda: lora_linear(x, int8.weight, lora_a, lora_b, scaling, weight_scale=int8.weight_scale),
         "fused_int4": lambda: lora_linear(x, packed, lora_a, lora_b, scaling, weight_scale=scale, weight_offset=offset),
     }
-    if device == "cuda":
-        forwards["fused_pointer"] = forwards["fused"]
     weight_mb = {
         "base": base.weight.nbytes / 2**20,
         "fused_int8": (int8.weight.nbytes + int8.weight_scale.nbytes) / 2**20,
@@ -100,12 +98,19 @@ def _providers(tokens, fan_in, fan_out, rank, dtype, device):
     return forwards, weight_mb, grad_y, [x, lora_a, lora_b]
 
 
-def _kernel_choice(name):
-    """The context a provider is measured in: `fused_pointer` turns the TMA kernel off, for its
-    forward and its backward alike."""
-    if name == "fused_pointer":
-        return mock.patch.object(lora_kernels, "_tma_applies", return_value=False)
-    return contextlib.nullcontext()
+def _gemm_ways_ms(tokens, fan_in, fan_out, rank, dtype):
+    """What `fused`'s GEMMs measured for each way they can run, fastest first (the one kept), from
+    the kernels' own timing at their first call; empty where nothing was timed (CPU, small shapes)."""
+    found = {}
+    for key, timings in lora_kernels.GEMM_TIMINGS.items():
+        # The key rounds tokens and rank up as the kernels do: rows that share a key share its timing.
+        gemm, m_bucket, n, k, block_r, a_dtype = key[:6]
+        shape = (fan_out, fan_in) if gemm == "fwd" else (fan_in, fan_out)
+        if (m_bucket, n, k, block_r, a_dtype) == (
+            triton.next_power_of_2(tokens), *shape, lora_kernels._block_r(rank), dtype
+        ):
+            found[gemm] = {" ".join(way): round(ms, 4) for way, ms in sorted(timings.items(), key=lambda item: item[1])}
+    return found
 
 
 def _fwd_bwd_step(forward, grad_y, leaves):
@@ -249,8 +254,7 @@ def main():
             row = dict(tokens=tokens, fan_in=fan_in, fan_out=fan_out, rank=rank, mode=mode, dtype=args.dtype)
             row |= {f"{name}_weight_mb": mb for name, mb in weight_mb.items()}
             for name, forward in forwards.items():
-                with _kernel_choice(name):
-                    ms, peak_mb = _measure(forward, grad_y, leaves, mode, device)
+                ms, peak_mb = _measure(forward, grad_y, leaves, mode, device)
                 row[f"{name}_ms"] = ms
                 row[f"{name}_tflops"] = flop / ms / 1e9
                 row[f"{name}_peak_mb"] = peak_mb
@@ -258,15 +262,13 @@ def main():
             row["peft_over_fused"] = row["peft_ms"] / row["fused_ms"]
             row["fused_int8_over_base"] = row["fused_int8_ms"] / row["base_ms"]
             row["fused_int4_over_base"] = row["fused_int4_ms"] / row["base_ms"]
-            if "fused_pointer_ms" in row:
-                row["fused_pointer_over_base"] = row["fused_pointer_ms"] / row["base_ms"]
+            row["gemm_ways_ms"] = _gemm_ways_ms(tokens, fan_in, fan_out, rank, dtype)
             rows.append(row)
         if device == "cuda" and (tokens, fan_in, fan_out, rank) == QUICK_SHAPES[0]:
             try:
                 breakdown = {}
-                for name in ("base", "fused", "fused_pointer"):
-                    with _kernel_choice(name):
-                        breakdown[name] = kernel_breakdown(forwards[name], grad_y, leaves)
+                for name in ("base", "fused"):
+                    breakdown[name] = kernel_breakdown(forwards[name], grad_y, leaves)
             except Exception as error:  # the profile is a diagnosis: it must not cost the run its timings
                 breakdown = {"error": f"{type(error).__name__}: {error}"}
                 print(f"kernel breakdown failed: {breakdown['error']}")
@@ -291,16 +293,17 @@ def main():
 
     header = (
         f"{'tokens':>6} {'in':>6} {'out':>6} {'r':>3} {'mode':>8} {'base ms':>8} {'peft ms':>8} {'fused ms':>8} "
-        f"{'fused/base':>10} {'peft/fused':>10} {'int8/base':>9} {'int4/base':>9} {'pointer/base':>12}"
+        f"{'fused/base':>10} {'peft/fused':>10} {'int8/base':>9} {'int4/base':>9}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['tokens']:>6} {r['fan_in']:>6} {r['fan_out']:>6} {r['rank']:>3} {r['mode']:>8} "
             f"{r['base_ms']:>8.3f} {r['peft_ms']:>8.3f} {r['fused_ms']:>8.3f} {r['fused_over_base']:>10.3f} "
-            f"{r['peft_over_fused']:>10.3f} {r['fused_int8_over_base']:>9.3f} {r['fused_int4_over_base']:>9.3f} "
-            f"{r.get('fused_pointer_over_base', float('nan')):>12.3f}"
+            f"{r['peft_over_fused']:>10.3f} {r['fused_int8_over_base']:>9.3f} {r['fused_int4_over_base']:>9.3f}"
         )
+        for gemm, timings in r["gemm_ways_ms"].items():
+            print(f"    {gemm} GEMM ways (ms): " + ", ".join(f"{way} {ms:.3f}" for way, ms in timings.items()))
     if breakdown and "error" not in breakdown:
         for name, entry in breakdown.items():
             print(f"{name} fwd+bwd: kernels sum {entry['sum_us']:.1f} us of a {entry['timed_step_us']:.1f} us step")
@@ -320,7 +323,7 @@ def _chart(rows, path, device_name):
 
     labels = [f"{r['tokens']}x{r['fan_in']}x{r['fan_out']} r{r['rank']}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    names = ("base", "peft", "fused", "fused_pointer", "fused_int8", "fused_int4")
+    names = ("base", "peft", "fused", "fused_int8", "fused_int4")
     names = [name for name in names if f"{name}_ms" in rows[0]]
     width = 0.8 / len(names)
     for i, name in enumerate(names):

@@ -24,7 +24,10 @@ Kernels, four in all:
   the LoRA product never exists as a full-size tensor; the mask multiplies only that seed. Forward:
   `a = x`, `Wk = Wᵀ`, seed `s·S·Bᵀ`. Backward dx: `a = dy`, `Wk = W`, seed `(dS·A) ⊙ m/(1-p)`.
 - `_lora_gemm_tma_kernel`: the same GEMM for a 16-bit float `W` on Hopper, its `a` and `W` tiles
-  loaded by TMA (`_tma_applies` says when); `_lora_gemm_kernel` does every other case.
+  loaded by TMA (`_tma_applies` says when); `_lora_gemm_kernel` does every other case. On the GPU,
+  a large GEMM with a 16-bit float `W` may also run as the seed written by `_lora_gemm_kernel`
+  with an empty K loop, then cuBLAS adding `a · Wk` onto it in place: the fastest of these ways,
+  timed at the first call of each shape, runs (`_choose_gemm_way`).
 - `_lora_shrink_kernel`: `out = scale · (a ⊙ m) · Mᵀ` with `M` `[r, K]`; gives `S` and `dS`.
 - `_lora_reduce_tokens_kernel`: `out = scale · (q ⊙ m)ᵀ · P`, a reduction over tokens split into
   chunks whose fp32 partial sums are added by the launcher (deterministic, no atomics); gives
@@ -443,7 +446,7 @@ def reduce_config(rank, has_keep):
 
 
 def gemm_config_name(M, N, K, dtype, w_quantized):
-    """Which of GEMM_CONFIGS the launcher uses for an [M, N] output over K."""
+    """Which of GEMM_CONFIGS the launcher uses for an [M, N] output over K, untimed (`_gemm_ways`)."""
     # 128×256 needs a full wave of tiles (132 SMs), 16-divisible sizes (else the loads are not
     # vectorized and the tile spills) and a 16-bit float W; fp32 (tf32) always spills there.
     if dtype == torch.float32:
@@ -493,6 +496,69 @@ def _tma_applies(a, w, out):
     )
 
 
+# On the GPU a large GEMM can run several ways: either Triton kernel (TMA where `_tma_applies`)
+# at either 16-bit config, or "cublas": the seed (+ bias) written by the pointer kernel with an
+# empty K loop, then cuBLAS accumulating `a·Wk` onto it in place (`addmm_`, beta = 1), which keeps
+# the fusion's point (no full-size LoRA tensor) with the vendor's GEMM. Which is fastest depends on
+# the GPU, the shape and the Triton release, and none could be measured where this was written: at
+# a shape's first call `_choose_gemm_way` times each and keeps the fastest. Below this much work
+# (M·N·K) a GEMM takes a few µs and the first way runs untimed.
+TUNE_MIN_WORK = 2**32
+# (kind, M rounded up to a power of 2, N, K, rank block, dtypes, bias, keep, device) -> {way: ms};
+# the chosen way is the fastest. Read by bench/bench_lora.py to report what each way measured.
+GEMM_TIMINGS = {}
+_CHOSEN_GEMM_WAYS = {}
+
+
+def _gemm_ways(a, w, out, w_quantized):
+    """The ways `lora_gemm` may run, the first the one it runs untimed: the TMA kernel where it
+    applies, else the pointer kernel, at `gemm_config_name`'s config. Large 16-bit float GEMMs on
+    an NVIDIA GPU get every alternative too."""
+    M, K = a.shape
+    N = out.shape[1]
+    tma = _tma_applies(a, w, out)
+    first = ("tma" if tma else "pointer", gemm_config_name(M, N, K, a.dtype, w_quantized))
+    if a.device.type != "cuda" or torch.version.hip or w.dtype not in (torch.float16, torch.bfloat16):
+        return [first]
+    if M * N * K < TUNE_MIN_WORK:
+        return [first]
+    configs = ("large", "medium") if N % 16 == 0 and K % 16 == 0 else ("medium",)
+    kernels = ("tma", "pointer") if tma else ("pointer",)
+    ways = [first] + [(kernel, config) for kernel in kernels for config in configs if (kernel, config) != first]
+    # The cublas way's config is that of its seed-writing launch.
+    return ways + [("cublas", configs[0])]
+
+
+def _time_ms(launch, repeats=5, rounds=3):
+    """Device ms of one `launch()`: the best of `rounds` rounds of `repeats` launches, after one
+    launch that compiles it. No L2 flush: every way is timed alike, and only their order matters."""
+    launch()
+    best = float("inf")
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            launch()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / repeats)
+    return best
+
+
+def _choose_gemm_way(key, ways, launch):
+    """The way to run GEMM `key`: the only one; the one chosen before; or, timed now, the fastest.
+    During CUDA-graph capture nothing can be timed or synchronized, so an unseen key gets the first."""
+    if len(ways) == 1:
+        return ways[0]
+    if key not in _CHOSEN_GEMM_WAYS:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return ways[0]
+        timings = {way: _time_ms(lambda: launch(way)) for way in ways}
+        GEMM_TIMINGS[key] = timings
+        _CHOSEN_GEMM_WAYS[key] = min(timings, key=timings.get)
+    return _CHOSEN_GEMM_WAYS[key]
+
+
 def lora_gemm(
     a, w, w_is_transposed, weight_scale, weight_offset, lora_left, lora_right, lora_scale, bias, keep_mask, keep_scale,
     out_dtype,
@@ -503,19 +569,47 @@ def lora_gemm(
     `W` as stored: float; int8 with `weight_scale` `[out]`; or uint8-packed int4 with
     `weight_scale` and `weight_offset` `[out, groups]` (`quantize_int4`).
     `lora_left` `[M, r]`, `lora_right` `[r, N]` (any strides). Inputs are assumed valid.
-    Runs `_lora_gemm_tma_kernel` where `_tma_applies`, else `_lora_gemm_kernel`.
+    Runs the way `_gemm_ways` and `_choose_gemm_way` pick (see TUNE_MIN_WORK).
     """
     M, K = a.shape
     N = lora_right.shape[1]
     rank = lora_left.shape[1]
     _check_size(a=a.numel(), w=w.numel(), out=M * N)
     out = _output((M, N), a.device, out_dtype)
-    w_int8 = w.dtype == torch.int8
-    w_int4 = w.dtype == torch.uint8
-    bias = None if bias is None else bias.contiguous()
-    weight_scale = None if weight_scale is None else weight_scale.contiguous()
-    weight_offset = None if weight_offset is None else weight_offset.contiguous()
-    config = GEMM_CONFIGS[gemm_config_name(M, N, K, a.dtype, w_int8 or w_int4)]
+    operands = dict(
+        a=a, w=w, w_is_transposed=w_is_transposed,
+        weight_scale=None if weight_scale is None else weight_scale.contiguous(),
+        weight_offset=None if weight_offset is None else weight_offset.contiguous(),
+        lora_left=lora_left, lora_right=lora_right, lora_scale=float(lora_scale),
+        bias=None if bias is None else bias.contiguous(), keep_mask=keep_mask, keep_scale=float(keep_scale), out=out,
+    )  # fmt: skip
+    ways = _gemm_ways(a, w, out, w.dtype in (torch.int8, torch.uint8))
+    key = (
+        "fwd" if w_is_transposed else "dx", triton.next_power_of_2(M), N, K, _block_r(rank), a.dtype, w.dtype,
+        lora_left.dtype, bias is not None, keep_mask is not None, a.device,
+    )  # fmt: skip
+    way = _choose_gemm_way(key, ways, lambda way: _launch_gemm(way, **operands))
+    _launch_gemm(way, **operands)
+    return out
+
+
+def _launch_gemm(
+    way, a, w, w_is_transposed, weight_scale, weight_offset, lora_left, lora_right, lora_scale, bias, keep_mask,
+    keep_scale, out,
+):  # fmt: skip
+    """Write `lora_gemm`'s `out` the way `way` = (kernel, config name) says."""
+    kernel, config_name = way
+    if kernel == "cublas":
+        _launch_gemm(
+            ("pointer", config_name), a[:, :0], w, w_is_transposed, weight_scale, weight_offset, lora_left, lora_right,
+            lora_scale, bias, keep_mask, keep_scale, out,
+        )  # fmt: skip
+        out.addmm_(a, w.t() if w_is_transposed else w)
+        return
+    M, K = a.shape
+    N = out.shape[1]
+    rank = lora_left.shape[1]
+    config = GEMM_CONFIGS[config_name]
     meta = {k: v for k, v in config.items() if k.startswith(("BLOCK", "GROUP"))}
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
@@ -531,25 +625,25 @@ def lora_gemm(
         lora_left.stride(0), lora_left.stride(1), lora_right.stride(0), lora_right.stride(1),
         keep_mask.stride(0) if keep_mask is not None else 0,
     )  # fmt: skip
-    if _tma_applies(a, w, out):
+    if kernel == "tma":
         _lora_gemm_tma_kernel[(tiles,)](
             TensorDescriptor.from_tensor(a, [block_m, block_k]),
             TensorDescriptor.from_tensor(w, [block_n, block_k] if w_is_transposed else [block_k, block_n]),
-            *pointer_operands, out, M, N, K, rank, *pointer_strides, out.stride(0), float(lora_scale),
-            float(keep_scale),
+            *pointer_operands, out, M, N, K, rank, *pointer_strides, out.stride(0), lora_scale, keep_scale,
             **common,
         )  # fmt: skip
-        return out
+        return
+    w_int8 = w.dtype == torch.int8
+    w_int4 = w.dtype == torch.uint8
     stride_wk, stride_wn = (w.stride(1), w.stride(0)) if w_is_transposed else (w.stride(0), w.stride(1))
     _lora_gemm_kernel[(tiles,)](
         a, w, weight_scale if weight_scale is not None else w, weight_offset if w_int4 else w, *pointer_operands, out,
         M, N, K, rank,
         a.stride(0), a.stride(1), stride_wk, stride_wn, weight_scale.stride(0) if w_int4 else 0,
         *pointer_strides, out.stride(0),
-        float(lora_scale), float(keep_scale),
+        lora_scale, keep_scale,
         W_INT8=w_int8, W_INT4=w_int4, INT4_GROUP=INT4_GROUP_SIZE, **common,
     )  # fmt: skip
-    return out
 
 
 def lora_shrink(a, m, scale, keep_mask=None):

@@ -76,7 +76,10 @@ def test_lora_linear_matches_reference(dtype, lora_dtype, tokens, in_features, o
     _check_against_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits)
 
 
-@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
+GEMM_WAYS = [("tma", "large"), ("tma", "medium"), ("pointer", "large"), ("pointer", "medium"), ("cublas", "large")]
+
+
+@pytest.mark.parametrize("way", GEMM_WAYS, ids=[" ".join(way) for way in GEMM_WAYS])
 @pytest.mark.parametrize(
     "dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p",
     [
@@ -87,16 +90,49 @@ def test_lora_linear_matches_reference(dtype, lora_dtype, tokens, in_features, o
         (torch.float16, torch.float16, 130, 192, 72, 16, False, 0.0),
     ],
 )
-def test_both_gemm_kernels_match_reference(
-    monkeypatch, use_tma, dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p
+def test_every_gemm_way_matches_reference(
+    monkeypatch, way, dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p
 ):
-    """The TMA kernel, and the pointer kernel on the shapes where TMA would run instead."""
-    if use_tma and not TMA_HERE:
+    """Each way the GPU may time and pick for a large 16-bit GEMM, forced on small shapes."""
+    if way[0] == "tma" and not TMA_HERE:
         pytest.skip("TMA needs a Hopper-or-newer GPU and a Triton with tensor descriptors")
     shapes = ((tokens, in_features), (out_features, in_features), (tokens, out_features))
     assert lora_kernels._tma_applies(*(torch.empty(shape, device=DEVICE, dtype=dtype) for shape in shapes)) == TMA_HERE
-    monkeypatch.setattr(lora_kernels, "_tma_applies", lambda *tensors: use_tma)
+    monkeypatch.setattr(lora_kernels, "_choose_gemm_way", lambda key, ways, launch: way)
     _check_against_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, None)
+
+
+def test_gemm_way_is_timed_once_per_shape_and_the_fastest_kept(monkeypatch):
+    ways = [("tma", "large"), ("pointer", "medium"), ("cublas", "large")]
+    measured = {("tma", "large"): 2.0, ("pointer", "medium"): 1.5, ("cublas", "large"): 1.75}
+    timed, launched = [], []
+    monkeypatch.setattr(lora_kernels, "_time_ms", lambda launch: timed.append(launch()) or measured[timed[-1]])
+    monkeypatch.setattr(lora_kernels, "_CHOSEN_GEMM_WAYS", {})
+    monkeypatch.setattr(lora_kernels, "GEMM_TIMINGS", {})
+
+    def launch(way):
+        launched.append(way)
+        return way
+
+    assert lora_kernels._choose_gemm_way("shape", ways, launch) == ("pointer", "medium")
+    assert timed == ways and lora_kernels.GEMM_TIMINGS == {"shape": measured}
+    assert lora_kernels._choose_gemm_way("shape", ways, launch) == ("pointer", "medium")
+    assert lora_kernels._choose_gemm_way("other", ways[:1], launch) == ("tma", "large")
+    assert timed == ways and launched == ways  # neither the known shape nor a lone way is timed again
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="ways are timed on a GPU only; the interpreter runs the first")
+def test_large_gemm_on_the_gpu_times_every_way(monkeypatch):
+    monkeypatch.setattr(lora_kernels, "_CHOSEN_GEMM_WAYS", {})
+    monkeypatch.setattr(lora_kernels, "GEMM_TIMINGS", {})
+    tokens, features, rank = 1024, 2048, 16
+    assert tokens * features * features >= lora_kernels.TUNE_MIN_WORK
+    _check_against_reference(torch.bfloat16, torch.float32, tokens, features, features, rank, True, 0.1, None)
+    kinds = {key[0]: set(timings) for key, timings in lora_kernels.GEMM_TIMINGS.items()}
+    expected = {("pointer", "large"), ("pointer", "medium"), ("cublas", "large")}
+    if TMA_HERE:
+        expected |= {("tma", "large"), ("tma", "medium")}
+    assert kinds == {"fwd": expected, "dx": expected}
 
 
 def test_tma_applies_only_to_aligned_16_bit_operands():
