@@ -15,7 +15,8 @@
       weight[o, j]        = two 4-bit levels per byte (uint8 Parameter [out, groups · 32])
 
 State dict: `...weight` keeps its key but becomes int8 (same shape) or uint8 (packed shape); the
-scales (and int4 offsets) are added as buffers; `bias` is unchanged. peft's adapter checkpoints
+scales (and int4 offsets) are added as float32 buffers, which stay float32 when the model is
+cast (`model.to(torch.bfloat16)`); `bias` is unchanged. peft's adapter checkpoints
 (`save_pretrained`) hold only LoRA weights and are unaffected. The fused LoRA path reads the
 quantized tensors as they are; `forward` (used when peft's own forward runs, and for non-LoRA
 layers) dequantizes to the input dtype on the fly. peft's merge into a quantized base is not
@@ -24,12 +25,16 @@ the quantized layers back into float `nn.Linear`s (their rounding kept), after w
 `merge_and_unload` works, e.g. to export a model trained over a quantized base.
 """
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from fused_train.kernels.lora import dequantize_int4, quantize_int4, quantize_int8
+
+logger = logging.getLogger("fused_train")
 
 
 class QuantizedLinear(nn.Linear):
@@ -39,6 +44,19 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` or `.half()` after quantize_base would round the scales (and
+        # int4 offsets) too, adding up to 2⁻⁹ of relative error to every weight of a channel. They
+        # keep their float32 values and follow only the device (bitsandbytes keeps its absmax
+        # float32 alike).
+        exact = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buffer in exact.items():
+            moved = self._buffers[name]
+            if buffer is not None and buffer.is_floating_point() and moved.dtype != buffer.dtype:
+                self._buffers[name] = buffer.to(moved.device)
+        return self
 
 
 class Int8Linear(QuantizedLinear):
@@ -91,11 +109,17 @@ def quantize_base(model: nn.Module, bits: int = 8, only_lora_layers: bool = True
         only_lora_layers: quantize only base layers of peft LoRA `Linear`s (default); when false,
             also every other frozen `nn.Linear` (trainable ones, e.g. `modules_to_save`, stay float).
 
-    Weights that require grad are left alone: their gradient would be lost. Layers already
-    quantized (to either width) are left as they are.
+    Weights that require grad are left alone: their gradient would be lost. So are weights that
+    another module shares (an `lm_head` tied to the input embedding): quantizing the layer would
+    untie it and add a quantized copy beside the float weight the other module keeps; they are
+    logged. Layers already quantized (to either width) are left as they are.
     """
     if bits not in _QUANTIZED:
         raise ValueError(f"bits must be 8 or 4, got {bits}")
+    owners = {}  # id(parameter) -> how many modules hold it
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
     targets = []  # (parent, attribute, linear); replaced after the walk, not during it
     for parent_name, parent in model.named_modules():
         if any(part.startswith("lora_") for part in parent_name.split(".")):
@@ -104,8 +128,13 @@ def quantize_base(model: nn.Module, bits: int = 8, only_lora_layers: bool = True
             if type(child) is not nn.Linear or child.weight.requires_grad:
                 continue
             under_lora = isinstance(parent, LoraLinear) and attr == "base_layer"
-            if under_lora or not only_lora_layers:
-                targets.append((parent, attr, child))
+            if only_lora_layers and not under_lora:
+                continue
+            if owners[id(child.weight)] > 1:
+                name = f"{parent_name}.{attr}" if parent_name else attr
+                logger.info("quantize_base: %s left float: its weight is tied to another module's", name)
+                continue
+            targets.append((parent, attr, child))
     for parent, attr, linear in targets:
         setattr(parent, attr, _QUANTIZED[bits].from_linear(linear))
     return len(targets)

@@ -1,6 +1,7 @@
 """peft LoRA models patched with the fused path behave exactly like unpatched ones."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -24,11 +25,12 @@ def _assert_close(actual, expected, name=""):
     assert error <= TOLERANCE * scale, f"{name}: error {error:.3g} vs largest value {scale:.3g}"
 
 
-def _tiny_llama(bias=False, dtype=torch.float32):
+def _tiny_llama(bias=False, dtype=torch.float32, tie_word_embeddings=False):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, attention_bias=bias, mlp_bias=bias,
+        tie_word_embeddings=tie_word_embeddings,
     )  # fmt: skip
     return LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype)
 
@@ -221,3 +223,35 @@ def test_quantized_base_of_another_format_falls_back():
     report = patch_lora_layers(model)
     assert report.num_fused == 6
     assert "not made by fused_train.quantize_base" in report.fallback["base_model.model.model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_scales_stay_float32_through_a_dtype_cast(bits):
+    model = _lora_model()
+    quantize_base(model, bits=bits)
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    before = {name: buffer.clone() for name, buffer in base.named_buffers()}
+    assert len(before) == (1 if bits == 8 else 2)
+    model.to(torch.bfloat16)
+    assert base.weight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    for name, buffer in before.items():
+        assert getattr(base, name).dtype == torch.float32 and torch.equal(getattr(base, name), buffer), name
+    assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16  # float weights are cast as asked
+    assert patch_lora_layers(model).num_fused == 7
+    assert torch.isfinite(model(input_ids=_input_ids()).logits).all()
+
+
+def test_quantize_base_beyond_lora_layers_leaves_tied_weights_float(caplog):
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(_tiny_llama(tie_word_embeddings=True), config)
+    llama = model.base_model.model
+    assert llama.lm_head.weight is llama.model.embed_tokens.weight
+    with caplog.at_level(logging.INFO, logger="fused_train"):
+        # q, v under LoRA; k, o, gate, up, down frozen plain linears; lm_head tied to the embedding.
+        assert quantize_base(model, bits=8, only_lora_layers=False) == 7
+    assert type(llama.lm_head) is torch.nn.Linear and llama.lm_head.weight is llama.model.embed_tokens.weight
+    assert "lm_head left float" in caplog.text
+    layer = llama.model.layers[0]
+    assert isinstance(layer.self_attn.k_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)
+    assert isinstance(layer.self_attn.q_proj.base_layer, Int8Linear)
+    assert torch.isfinite(model(input_ids=_input_ids()).logits).all()
