@@ -513,14 +513,16 @@ _CHOSEN_GEMM_WAYS = {}
 def _gemm_ways(a, w, out, w_quantized):
     """The ways `lora_gemm` may run, the first the one it runs untimed: the TMA kernel where it
     applies, else the pointer kernel, at `gemm_config_name`'s config. Large 16-bit float GEMMs on
-    an NVIDIA GPU get every alternative too."""
+    an NVIDIA GPU get every alternative too, unless deterministic algorithms are asked for."""
     M, K = a.shape
     N = out.shape[1]
     tma = _tma_applies(a, w, out)
     first = ("tma" if tma else "pointer", gemm_config_name(M, N, K, a.dtype, w_quantized))
     if a.device.type != "cuda" or torch.version.hip or w.dtype not in (torch.float16, torch.bfloat16):
         return [first]
-    if M * N * K < TUNE_MIN_WORK:
+    # Timing could pick another way in the next run, changing the low bits of the results, which
+    # torch.use_deterministic_algorithms(True) asks not to happen.
+    if M * N * K < TUNE_MIN_WORK or torch.are_deterministic_algorithms_enabled():
         return [first]
     configs = ("large", "medium") if N % 16 == 0 and K % 16 == 0 else ("medium",)
     kernels = ("tma", "pointer") if tma else ("pointer",)

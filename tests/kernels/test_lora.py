@@ -133,6 +133,12 @@ def test_large_gemm_on_the_gpu_times_every_way(monkeypatch):
     if TMA_HERE:
         expected |= {("tma", "large"), ("tma", "medium")}
     assert kinds == {"fwd": expected, "dx": expected}
+    # Deterministic algorithms: always the first way, untimed (timing could choose differently per run).
+    monkeypatch.setattr(lora_kernels, "_CHOSEN_GEMM_WAYS", {})
+    monkeypatch.setattr(lora_kernels, "GEMM_TIMINGS", {})
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    _check_against_reference(torch.bfloat16, torch.float32, tokens, features, features, rank, True, 0.1, None)
+    assert lora_kernels.GEMM_TIMINGS == {}
 
 
 def test_tma_applies_only_to_aligned_16_bit_operands():
