@@ -324,7 +324,6 @@ def _chart(rows, path, device_name):
     labels = [f"{r['tokens']}x{r['fan_in']}x{r['fan_out']} r{r['rank']}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     names = ("base", "peft", "fused", "fused_int8", "fused_int4")
-    names = [name for name in names if f"{name}_ms" in rows[0]]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         offset = (i - (len(names) - 1) / 2) * width
