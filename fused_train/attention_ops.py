@@ -1,4 +1,4 @@
-"""Varlen attention as torch custom ops (`fused_train::varlen_attention_fwd` / `_bwd`), and its autograd.
+"""Varlen attention as torch custom ops (`fused_train::varlen_attention_fwd` / `_bwd`) with autograd.
 
 The forward op returns `(out, lse)`; its backward calls the backward op with the gradients of both
 (the lse's gradient `dlse` enters as `delta_i = rowsum(o_i * do_i) - dlse_i`, since
@@ -79,59 +79,38 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-class _VarlenAttentionFunction(torch.autograd.Function):
-    """Autograd over the forward and backward ops. torch.compile traces through it to the ops (no
-    graph break); eager mode calls the launchers directly, skipping the dispatcher's per-call
-    argument handling, paid per layer twice a training step. Host time of a forward+backward with
-    the launchers stubbed out (CPU, 64 tokens): 94 µs, against 164 µs through the ops with
-    `register_autograd`, as before."""
+_NON_TENSOR_ARGS = ("causal", "softmax_scale", "window_left", "window_right", "softcap")
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_left, window_right, softcap,
-                check_cu_seqlens_values):  # fmt: skip
-        if torch.compiler.is_compiling():
-            out, lse = varlen_attention_fwd_op(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_left, window_right, softcap,
-                check_cu_seqlens_values,
-            )  # fmt: skip
-        else:
-            out, lse = varlen_attention_fwd(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, (window_left, window_right), softcap,
-                check_cu_seqlens_values=check_cu_seqlens_values,
-            )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.scalars = (causal, softmax_scale, window_left, window_right, softcap)
-        # An unused lse gets dlse=None rather than a tensor of zeros, and the backward skips it.
-        ctx.set_materialize_grads(False)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        causal, softmax_scale, window_left, window_right, softcap = ctx.scalars
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if torch.compiler.is_compiling():
-            dq, dk, dv = varlen_attention_bwd_op(
-                dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.scalars
-            )
-        else:
-            dq, dk, dv = varlen_attention_bwd(
-                dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
-                (window_left, window_right), softcap, dlse=None if dlse is None else dlse.contiguous(),
-            )  # fmt: skip
-        # One gradient per input of forward; integer offsets and Python scalars get none.
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars, _check_cu_seqlens_values = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.scalars = dict(zip(_NON_TENSOR_ARGS, scalars))
+    # An unused lse gets dlse=None rather than a tensor of zeros, and the backward skips it.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = varlen_attention_bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, **ctx.scalars)
+    # One gradient per input of the forward op; integer offsets and Python scalars get none.
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fused_train::varlen_attention_fwd", _backward, setup_context=_setup_context)
 
 
 def varlen_attention_triton(
     q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, check_cu_seqlens_values=True
 ):
-    """`(out, lse)` through the Triton kernels, differentiable in `q`, `k`, `v` (and through `lse`)."""
+    """`(out, lse)` through the custom ops, differentiable in `q`, `k`, `v` (and through `lse`)."""
     if len(window_size) != 2:
         raise ValueError(f"window_size must be (left, right) with -1 meaning unbounded, got {window_size}")
     scale = None if softmax_scale is None else float(softmax_scale)
-    return _VarlenAttentionFunction.apply(
+    return varlen_attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, int(window_size[0]), int(window_size[1]),
         float(softcap), bool(check_cu_seqlens_values),
     )

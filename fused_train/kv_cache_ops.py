@@ -3,10 +3,8 @@
 `fused_train::quantize_kv_append` writes into the cache in place (it declares `data` and `scale`
 mutated); `fused_train::int8_decode_attention` returns a new tensor. Their fake implementations
 only allocate, so `torch.compile` traces them without running them; the launchers validate their
-inputs inside the ops (so the checks run once, also under `torch.compile`). In eager mode the public
-functions call the launchers directly: through the op, a call costs ~30 µs more of host time
-(CPU, launcher stubbed: 32 µs against 3 µs), paid per layer and per generated token. Where Triton
-cannot run (`triton_runs_on`), they run the same checks, then the plain-PyTorch references.
+inputs inside the ops (so the checks run once, also under `torch.compile`). Where Triton cannot
+run (`triton_runs_on`), the public functions run the same checks, then the plain-PyTorch references.
 """
 
 import torch
@@ -65,8 +63,7 @@ def quantize_kv_append(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     """
     # `data` leads: this op has no matmul, so float32 `x` needs no tf32 permission to take the kernel.
     if triton_runs_on(data, x, scale):
-        append = quantize_kv_append_op if torch.compiler.is_compiling() else quantize_kernel.quantize_kv_append
-        append(x, data, scale, start)  # the launcher checks the inputs
+        quantize_kv_append_op(x, data, scale, start)  # its launcher checks the inputs
         return
     quantize_kernel.check_quantize_kv_append_inputs(x, data, scale, start)
     new_data, new_scale = quantize_kernel.quantize_kv_ref(x)
@@ -121,8 +118,7 @@ def int8_decode_attention(
     ):
         scale = None if softmax_scale is None else float(softmax_scale)
         # Its launcher checks the inputs: once per call on the decode path, where this runs per layer.
-        attention = int8_decode_attention_op if torch.compiler.is_compiling() else decode_kernel.int8_decode_attention
-        return attention(
+        return int8_decode_attention_op(
             q, k_data, k_scale, v_data, v_scale, kv_len, key_start, scale, int(window_left), float(softcap),
             k_recent, v_recent, exact_from, num_splits,
         )  # fmt: skip

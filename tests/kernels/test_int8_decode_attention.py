@@ -230,21 +230,3 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(attention_sum, backend=counter, fullgraph=True)
     torch.testing.assert_close(compiled(args["q"]), attention_sum(args["q"]))
     assert counter.frame_count == 1
-
-
-def test_eager_call_runs_the_launcher_without_the_op(monkeypatch):
-    """Eager mode skips the op's dispatcher (its host cost per layer and token); compile uses the op."""
-    import fused_train.kv_cache_ops
-
-    args = _valid_args()
-    expected = int8_decode_attention(**args)
-    launches = []
-    launcher = kernel_module.int8_decode_attention
-
-    def refuse(*args):
-        raise AssertionError("the eager path went through the custom op")
-
-    monkeypatch.setattr(fused_train.kv_cache_ops, "int8_decode_attention_op", refuse)
-    monkeypatch.setattr(kernel_module, "int8_decode_attention", lambda *a: launches.append(1) or launcher(*a))
-    assert torch.equal(int8_decode_attention(**args), expected)
-    assert launches == [1]

@@ -105,21 +105,3 @@ def test_bad_input_raises_value_error_naming_argument(case):
 def test_op_passes_opcheck():
     args = _valid_args()
     torch.library.opcheck(quantize_kv_append_op, (args["x"], args["data"], args["scale"], args["start"]))
-
-
-def test_eager_call_runs_the_launcher_without_the_op(monkeypatch):
-    """Eager mode skips the op's dispatcher (its host cost per layer and token); compile uses the op."""
-    import fused_train.kv_cache_ops
-
-    def refuse(*args):
-        raise AssertionError("the eager path went through the custom op")
-
-    launches = []
-    launcher = fused_train.kv_cache_ops.quantize_kernel.quantize_kv_append
-    monkeypatch.setattr(fused_train.kv_cache_ops, "quantize_kv_append_op", refuse)
-    monkeypatch.setattr(
-        fused_train.kv_cache_ops.quantize_kernel, "quantize_kv_append", lambda *a: launches.append(1) or launcher(*a)
-    )
-    torch.manual_seed(0)
-    _append_and_check(torch.randn(2, 2, 3, 32, device=DEVICE), capacity=8, start=2)
-    assert launches == [1]
