@@ -510,13 +510,14 @@ GEMM_TIMINGS = {}
 _CHOSEN_GEMM_WAYS = {}
 
 
-def _gemm_ways(a, w, out, w_quantized):
+def _gemm_ways(a, w, out):
     """The ways `lora_gemm` may run, the first the one it runs untimed: the TMA kernel where it
     applies, else the pointer kernel, at `gemm_config_name`'s config. Large 16-bit float GEMMs on
     an NVIDIA GPU get every alternative too, unless deterministic algorithms are asked for."""
     M, K = a.shape
     N = out.shape[1]
     tma = _tma_applies(a, w, out)
+    w_quantized = w.dtype in (torch.int8, torch.uint8)
     first = ("tma" if tma else "pointer", gemm_config_name(M, N, K, a.dtype, w_quantized))
     if a.device.type != "cuda" or torch.version.hip or w.dtype not in (torch.float16, torch.bfloat16):
         return [first]
@@ -585,7 +586,7 @@ def lora_gemm(
         lora_left=lora_left, lora_right=lora_right, lora_scale=float(lora_scale),
         bias=None if bias is None else bias.contiguous(), keep_mask=keep_mask, keep_scale=float(keep_scale), out=out,
     )  # fmt: skip
-    ways = _gemm_ways(a, w, out, w.dtype in (torch.int8, torch.uint8))
+    ways = _gemm_ways(a, w, out)
     key = (
         "fwd" if w_is_transposed else "dx", triton.next_power_of_2(M), N, K, _block_r(rank), a.dtype, w.dtype,
         lora_left.dtype, bias is not None, keep_mask is not None, a.device,
