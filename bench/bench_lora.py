@@ -104,12 +104,13 @@ def _gemm_ways_ms(tokens, fan_in, fan_out, rank, dtype):
     found = {}
     for key, timings in lora_kernels.GEMM_TIMINGS.items():
         # The key rounds tokens and rank up as the kernels do: rows that share a key share its timing.
-        gemm, m_bucket, n, k, block_r, a_dtype = key[:6]
-        shape = (fan_out, fan_in) if gemm == "fwd" else (fan_in, fan_out)
-        if (m_bucket, n, k, block_r, a_dtype) == (
+        shape = (fan_out, fan_in) if key.kind == "fwd" else (fan_in, fan_out)
+        if (key.m_bucket, key.n, key.k, key.block_r, key.a_dtype) == (
             triton.next_power_of_2(tokens), *shape, lora_kernels._block_r(rank), dtype
         ):
-            found[gemm] = {" ".join(way): round(ms, 4) for way, ms in sorted(timings.items(), key=lambda item: item[1])}
+            found[key.kind] = {
+                " ".join(way): round(ms, 4) for way, ms in sorted(timings.items(), key=lambda item: item[1])
+            }
     return found
 
 

@@ -40,6 +40,7 @@ must hold fewer than 2³¹ elements (checked by the launchers).
 """
 
 import os
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -504,8 +505,11 @@ def _tma_applies(a, w, out):
 # a shape's first call `_choose_gemm_way` times each and keeps the fastest. Below this much work
 # (M·N·K) a GEMM takes a few µs and the first way runs untimed.
 TUNE_MIN_WORK = 2**32
-# (kind, M rounded up to a power of 2, N, K, rank block, dtypes, bias, keep, device) -> {way: ms};
-# the chosen way is the fastest. Read by bench/bench_lora.py to report what each way measured.
+# What a GEMM's timed choice holds for: "fwd" or "dx", M rounded up to a power of 2 (so packed
+# batches of one length share a choice), N, K, the padded rank, the dtypes, bias and dropout mask.
+GemmKey = namedtuple("GemmKey", "kind m_bucket n k block_r a_dtype w_dtype lora_dtype has_bias has_keep device")
+# GemmKey -> {way: ms} as timed; the chosen way is the fastest. Read by bench/bench_lora.py to
+# report what each way measured.
 GEMM_TIMINGS = {}
 _CHOSEN_GEMM_WAYS = {}
 
@@ -587,7 +591,7 @@ def lora_gemm(
         bias=None if bias is None else bias.contiguous(), keep_mask=keep_mask, keep_scale=float(keep_scale), out=out,
     )  # fmt: skip
     ways = _gemm_ways(a, w, out)
-    key = (
+    key = GemmKey(
         "fwd" if w_is_transposed else "dx", triton.next_power_of_2(M), N, K, _block_r(rank), a.dtype, w.dtype,
         lora_left.dtype, bias is not None, keep_mask is not None, a.device,
     )  # fmt: skip

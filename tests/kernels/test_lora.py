@@ -128,7 +128,7 @@ def test_large_gemm_on_the_gpu_times_every_way(monkeypatch):
     tokens, features, rank = 1024, 2048, 16
     assert tokens * features * features >= lora_kernels.TUNE_MIN_WORK
     _check_against_reference(torch.bfloat16, torch.float32, tokens, features, features, rank, True, 0.1, None)
-    kinds = {key[0]: set(timings) for key, timings in lora_kernels.GEMM_TIMINGS.items()}
+    kinds = {key.kind: set(timings) for key, timings in lora_kernels.GEMM_TIMINGS.items()}
     expected = {("pointer", "large"), ("pointer", "medium"), ("cublas", "large")}
     if TMA_HERE:
         expected |= {("tma", "large"), ("tma", "medium")}
