@@ -26,6 +26,7 @@ the quantized layers back into float `nn.Linear`s (their rounding kept), after w
 """
 
 import logging
+from collections import Counter
 
 import torch
 import torch.nn as nn
@@ -116,10 +117,8 @@ def quantize_base(model: nn.Module, bits: int = 8, only_lora_layers: bool = True
     """
     if bits not in _QUANTIZED:
         raise ValueError(f"bits must be 8 or 4, got {bits}")
-    owners = {}  # id(parameter) -> how many modules hold it
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
+    # id(parameter) -> how many modules hold it
+    owners = Counter(id(param) for module in model.modules() for param in module.parameters(recurse=False))
     targets = []  # (parent, attribute, linear); replaced after the walk, not during it
     for parent_name, parent in model.named_modules():
         if any(part.startswith("lora_") for part in parent_name.split(".")):
