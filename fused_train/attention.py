@@ -21,7 +21,7 @@ def varlen_attention(
     max_seqlen_q: int,
     max_seqlen_k: int,
     *,
-    causal: bool = True,
+    causal: bool = False,
     softmax_scale: float | None = None,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
@@ -36,7 +36,8 @@ def varlen_attention(
         cu_seqlens_q, cu_seqlens_k: int32 `[batch + 1]`, cumulative sequence starts, first 0, last total.
         max_seqlen_q, max_seqlen_k: the longest sequence in each (Python ints). Accepted for
             flash-attn compatibility; the kernel reads lengths from `cu_seqlens_*` (no recompiles).
-        causal: mask aligned bottom-right when a sequence has more keys than queries.
+        causal: causal mask, aligned bottom-right when a sequence has more keys than queries. False by
+            default, as in flash-attn: a causal LM must pass `causal=True`.
         softmax_scale: defaults to `head_dim ** -0.5`.
         window_size: `(left, right)` keys visible around the diagonal, -1 meaning unbounded.
         softcap: when > 0, scores become `softcap * tanh(scores / softcap)`.

@@ -90,7 +90,7 @@ def varlen_attention_ref(
     v,
     cu_seqlens_q,
     cu_seqlens_k,
-    causal=True,
+    causal=False,
     softmax_scale=None,
     window_size=(-1, -1),
     softcap=0.0,
@@ -603,7 +603,7 @@ def _config(tables, q, config, interpreter_config):
     return (table_fp32 if q.dtype == torch.float32 else table_16bit)[block_d_of(q.shape[2])]
 
 
-def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None,
+def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None,
                          window_size=(-1, -1), softcap=0.0, config=None, check_cu_seqlens_values=True):
     """Triton forward: `(out, lse)`, `out` like `q`, `lse` `[num_heads, total_q]` float32 (natural log).
 
@@ -628,7 +628,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softm
     return out, lse
 
 
-def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None,
+def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None,
                          window_size=(-1, -1), softcap=0.0, dlse=None, dkdv_config=None, dq_config=None):
     """Triton backward: `(dq, dk, dv)` from the forward's `out` and `lse`, and `dout` (and `dlse`, the
     gradient of the returned lse, when it is used). dK/dV are summed over each GQA group's query heads."""

@@ -129,13 +129,13 @@ def test_shipped_gpu_configs_match_reference(dtype, head_dim, lengths, poisoned_
     generator = torch.Generator().manual_seed(head_dim)
     q, k, v, cu_seqlens_q, cu_seqlens_k = _inputs(lengths, lengths, 2, 1, head_dim, dtype, generator)
     dout = torch.randn(q.shape, generator=generator).to(DEVICE, dtype)
-    out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k,
+    out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True,
                                     config=(FWD_CONFIGS_FP32 if fp32 else FWD_CONFIGS)[block_d])
-    grads = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    grads = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=True,
                                  dkdv_config=(BWD_DKDV_CONFIGS_FP32 if fp32 else BWD_DKDV_CONFIGS)[block_d],
                                  dq_config=(BWD_DQ_CONFIGS_FP32 if fp32 else BWD_DQ_CONFIGS)[block_d])
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True)
+    ref_out, ref_lse = varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, return_lse=True)
     ref_out.backward(dout.double())
     for name, actual, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads),
                                       (ref_out, ref_lse, q.grad, k.grad, v.grad)):
@@ -146,9 +146,9 @@ def test_backward_is_deterministic():
     generator = torch.Generator().manual_seed(0)
     q, k, v, cu_seqlens_q, cu_seqlens_k = _inputs([50, 30], [50, 30], 4, 1, 32, torch.float32, generator)
     dout = torch.randn(q.shape, generator=generator).to(DEVICE)
-    out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    first = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    second = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True)
+    first = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=True)
+    second = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -231,3 +231,12 @@ def test_unchecked_offsets_still_check_shapes_and_match_checked():
     torch.testing.assert_close(unchecked, checked, atol=0, rtol=0)
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         varlen_attention(q, k, v, cu_q.long(), cu_k, 11, 11, check_cu_seqlens=False)
+
+
+def test_causal_defaults_to_false_as_in_flash_attn():
+    """`flash_attn_varlen_func` is non-causal unless asked: a drop-in replacement must not change that."""
+    generator = torch.Generator().manual_seed(3)
+    q, k, v, cu_q, cu_k = _inputs([6, 9], [6, 9], 2, 1, 16, torch.float32, generator)
+    default = varlen_attention(q, k, v, cu_q, cu_k, 9, 9)
+    torch.testing.assert_close(default, varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=False), atol=0, rtol=0)
+    assert not torch.allclose(default, varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=True))
