@@ -37,10 +37,9 @@ def plan_packing(lengths, max_tokens: int, *, split_long: bool = True) -> list[l
         `lengths` gives no rows. For millions of documents `plan_packing_arrays` returns the same
         plan without building a Python int per document.
     """
-    row_offsets, doc_ids = plan_packing_arrays(lengths, max_tokens, split_long=split_long)
-    docs = doc_ids.tolist()
-    offsets = row_offsets.tolist()
-    return [docs[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+    # The C++ side builds the lists with the garbage collector paused: slicing a `tolist()` here
+    # let the collector scan the heap several times per plan, for more time than the planning.
+    return _C.plan_packing_lists(*_planner_args(lengths, max_tokens, split_long))
 
 
 def plan_packing_arrays(lengths, max_tokens: int, *, split_long: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -58,11 +57,7 @@ def plan_packing_arrays(lengths, max_tokens: int, *, split_long: bool = True) ->
     Returns:
         (row_offsets, doc_ids), both 1-D np.int64. An empty `lengths` gives ([0], []).
     """
-    if not isinstance(max_tokens, Integral) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-    # The C++ side checks the values (lengths >= 1, not over-long without split_long) and raises
-    # ValueError naming the offending `lengths[i]`.
-    return _C.plan_packing(_as_int64_array(lengths), int(max_tokens), bool(split_long))
+    return _C.plan_packing(*_planner_args(lengths, max_tokens, split_long))
 
 
 def chunk_spans(rows: Sequence[Sequence[int]], lengths, max_tokens: int) -> list[list[tuple[int, int, int]]]:
@@ -85,6 +80,14 @@ def chunk_spans(rows: Sequence[Sequence[int]], lengths, max_tokens: int) -> list
             row_spans.append((doc, start, end))
         spans.append(row_spans)
     return spans
+
+
+def _planner_args(lengths, max_tokens, split_long) -> tuple[np.ndarray, int, bool]:
+    if not isinstance(max_tokens, Integral) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    # The C++ side checks the values (lengths >= 1, not over-long without split_long) and raises
+    # ValueError naming the offending `lengths[i]`.
+    return _as_int64_array(lengths), int(max_tokens), bool(split_long)
 
 
 def _as_int64_array(lengths) -> np.ndarray:
