@@ -1,16 +1,23 @@
 """Benchmark: the C++ packing planner against the pure-Python oracle, and its fill on the demo corpus.
 
-Speed. Both providers plan the same 10^6 document lengths (seed 0) drawn lognormal with median 256
-tokens and sigma 1 (mean ~420; short fine-tuning examples and a tail of long ones), rounded and
-clipped to [1, 2 * max_tokens], max_tokens 4096, so ~0.3% of the documents are cut into chunks.
-Three providers, called as users call them: the oracle (`bench/packing_oracle.py`) on a Python
-list; the C++ planner through `fused_train.packing.plan_packing_arrays` on an int64 numpy array
-(the plan as two int64 arrays, `row_offsets` and `doc_ids`); and through
-`fused_train.plan_packing` (the same, then turned into a list of lists of Python ints). Each
-time is the best of several runs with the garbage collector off (as `timeit` does), the
-providers taking turns in every round; all three plans must be equal. Wall-clock time is the
-headline; the thread's CPU time is reported beside it, as on a machine shared with other jobs it
-leaves out the time the process waited for a core.
+Speed. Every provider plans the same 10^6 document lengths (seed 0) drawn lognormal with median
+256 tokens and sigma 1 (mean ~420; short fine-tuning examples and a tail of long ones), rounded
+and clipped to [1, 2 * max_tokens], max_tokens 4096, so ~0.3% of the documents are cut into
+chunks. Four providers, called as users call them: the oracle (`bench/packing_oracle.py`) on a
+Python list; the C++ planner through `fused_train.plan_packing_arrays` on an int64 numpy array
+(the plan as two int64 arrays, `row_offsets` and `doc_ids`); through `fused_train.plan_packing`
+(the plan as a list of lists of Python ints, built in C++ with the garbage collector paused); and,
+for comparison, "C++ lists before": the way `plan_packing` built its lists until then, the
+arrays, `tolist()`, sliced per row in Python. All plans must be equal.
+
+Runs keep the garbage collector on, as in a user's process (this one has imported torch and
+transformers, as fused_train does): what it costs while a provider builds its objects is the
+provider's cost, and a run's clock stops only after one more container is allocated, so that a
+collection the run's allocations left due is counted too. Only the plan of the run in progress
+is alive, and the collections started during each provider's runs are counted. The providers
+take turns in every round, so that all see the same load on a shared machine; each reports its
+best, median and worst run, wall clock (the headline) and the thread's CPU time (on a machine
+shared with other jobs it leaves out the time the process waited for a core).
 
 Fill. Every document of the demo corpus (the standard library's docstrings, byte-level tokens:
 len(utf-8 bytes) + 1 BOS, long ones cut into chunks) is packed at once at max_tokens 2048 and
@@ -31,6 +38,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,15 +65,30 @@ def synthetic_lengths(num_documents: int, max_tokens: int) -> np.ndarray:
     return np.clip(lengths, 1, 2 * max_tokens).astype(np.int64)
 
 
-def timed(plan) -> tuple[float, float, object]:
-    """Wall-clock and CPU seconds of one `plan()` call, with the garbage collector off, and its plan."""
-    gc.disable()
-    try:
-        start_wall, start_cpu = time.perf_counter(), time.thread_time()
-        result = plan()
-        return time.perf_counter() - start_wall, time.thread_time() - start_cpu, result
-    finally:
-        gc.enable()
+def plan_packing_sliced(lengths, max_tokens: int) -> list[list[int]]:
+    """How `plan_packing` built its lists before they were built in C++: the arrays, sliced in Python."""
+    row_offsets, doc_ids = plan_packing_arrays(lengths, max_tokens)
+    docs = doc_ids.tolist()
+    offsets = row_offsets.tolist()
+    return [docs[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+
+
+def timed(plan) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of one `plan()` call, garbage collector on; the plan is freed after."""
+    start_wall, start_cpu = time.perf_counter(), time.thread_time()
+    made = plan()
+    # Allocating a container runs the collection the plan's allocations made due, if any, on the
+    # clock; the plan itself is freed off the clock.
+    [made]
+    return time.perf_counter() - start_wall, time.thread_time() - start_cpu
+
+
+PROVIDERS = {
+    "python": "Python oracle",
+    "cpp_arrays": "C++ arrays",
+    "cpp_lists": "C++ lists",
+    "cpp_lists_sliced": "C++ lists before",
+}
 
 
 def measure_speed(num_documents: int, rounds: int, cpp_runs_per_round: int) -> dict:
@@ -75,52 +98,73 @@ def measure_speed(num_documents: int, rounds: int, cpp_runs_per_round: int) -> d
         "python": (lambda: plan_packing_python(lengths_list, SPEED_MAX_TOKENS), 1),
         "cpp_arrays": (lambda: plan_packing_arrays(lengths, SPEED_MAX_TOKENS), cpp_runs_per_round),
         "cpp_lists": (lambda: plan_packing(lengths, SPEED_MAX_TOKENS), cpp_runs_per_round),
+        "cpp_lists_sliced": (lambda: plan_packing_sliced(lengths, SPEED_MAX_TOKENS), cpp_runs_per_round),
     }
-    best = dict.fromkeys(providers, math.inf)
-    best_cpu = dict.fromkeys(providers, math.inf)
-    plans = {}
-    # Every round runs every provider, so that all see the same load on a shared machine; the
-    # previous plan is freed before each run, so that every run starts from the same memory.
+    num_rows = rows_checked_equal(providers)
+    runs_s = {name: [] for name in providers}
+    runs_cpu_s = {name: [] for name in providers}
+    collections = {name: [0, 0, 0] for name in providers}  # started during its runs, per generation
+    running = None
+
+    def count_collection(phase, info):
+        if phase == "start" and running is not None:
+            collections[running][info["generation"]] += 1
+
+    # Only the plan of the run in progress is alive, so every run sees the heap a user's process
+    # has (this one imported torch and transformers), not one swollen by the other providers' plans.
+    gc.callbacks.append(count_collection)
     total_runs = rounds * sum(runs for _, runs in providers.values())
-    with tqdm(total=total_runs, desc=f"planning {num_documents:,} documents") as progress:
-        for _ in range(rounds):
-            for name, (plan, runs) in providers.items():
-                for _ in range(runs):
-                    plans[name] = None
-                    seconds, cpu_seconds, plans[name] = timed(plan)
-                    best[name] = min(best[name], seconds)
-                    best_cpu[name] = min(best_cpu[name], cpu_seconds)
-                    progress.update()
-    rows = plans["python"]
-    row_offsets, doc_ids = plans["cpp_arrays"]
-    if (
-        plans["cpp_lists"] != rows
-        or row_offsets.tolist() != np.cumsum([0] + [len(row) for row in rows]).tolist()
-        or doc_ids.tolist() != [doc for row in rows for doc in row]
-    ):
-        raise RuntimeError("the C++ planner and the Python oracle returned different plans")
+    try:
+        with tqdm(total=total_runs, desc=f"planning {num_documents:,} documents") as progress:
+            for _ in range(rounds):
+                for name, (plan, runs) in providers.items():
+                    for _ in range(runs):
+                        running = name
+                        seconds, cpu_seconds = timed(plan)
+                        running = None
+                        runs_s[name].append(seconds)
+                        runs_cpu_s[name].append(cpu_seconds)
+                        progress.update()
+    finally:
+        gc.callbacks.remove(count_collection)
     tokens = int(lengths.sum())
-    return {
+    speed = {
         "num_documents": num_documents,
         "documents_cut": int((lengths > SPEED_MAX_TOKENS).sum()),
         "max_tokens": SPEED_MAX_TOKENS,
         "lengths": "lognormal(median 256, sigma 1), rounded, clipped to [1, 2 * max_tokens], seed 0",
         "mean_length": tokens / num_documents,
-        "rows": len(rows),
-        "fill": tokens / (len(rows) * SPEED_MAX_TOKENS),
-        "python_s": best["python"],
-        "cpp_arrays_s": best["cpp_arrays"],
-        "cpp_lists_s": best["cpp_lists"],
-        "python_cpu_s": best_cpu["python"],
-        "cpp_arrays_cpu_s": best_cpu["cpp_arrays"],
-        "cpp_lists_cpu_s": best_cpu["cpp_lists"],
+        "rows": num_rows,
+        "fill": tokens / (num_rows * SPEED_MAX_TOKENS),
         "rounds": rounds,
         "cpp_runs_per_round": cpp_runs_per_round,
-        "speedup_arrays": best["python"] / best["cpp_arrays"],
-        "speedup_lists": best["python"] / best["cpp_lists"],
-        "speedup_arrays_cpu": best_cpu["python"] / best_cpu["cpp_arrays"],
-        "speedup_lists_cpu": best_cpu["python"] / best_cpu["cpp_lists"],
+        "gc_tracked_objects": len(gc.get_objects()),
     }
+    for name in providers:
+        speed[f"{name}_collections_per_run"] = [count / len(runs_s[name]) for count in collections[name]]
+        speed[f"{name}_s"] = min(runs_s[name])
+        speed[f"{name}_median_s"] = statistics.median(runs_s[name])
+        speed[f"{name}_worst_s"] = max(runs_s[name])
+        speed[f"{name}_cpu_s"] = min(runs_cpu_s[name])
+    for form in ("arrays", "lists"):
+        speed[f"speedup_{form}"] = speed["python_s"] / speed[f"cpp_{form}_s"]
+        speed[f"speedup_{form}_cpu"] = speed["python_cpu_s"] / speed[f"cpp_{form}_cpu_s"]
+    speed["runs_s"] = runs_s
+    return speed
+
+
+def rows_checked_equal(providers: dict) -> int:
+    """The number of rows of the oracle's plan, after checking that every provider returns that plan."""
+    rows = providers["python"][0]()
+    row_offsets, doc_ids = providers["cpp_arrays"][0]()
+    if (
+        providers["cpp_lists"][0]() != rows
+        or providers["cpp_lists_sliced"][0]() != rows
+        or row_offsets.tolist() != np.cumsum([0] + [len(row) for row in rows]).tolist()
+        or doc_ids.tolist() != [doc for row in rows for doc in row]
+    ):
+        raise RuntimeError("the C++ planner and the Python oracle returned different plans")
+    return len(rows)
 
 
 def measure_fill() -> list[dict]:
@@ -150,18 +194,28 @@ def plot(speed: dict, fill: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_time, ax_fill) = plt.subplots(1, 2, figsize=(10, 4))
-    times = [speed["python_s"], speed["cpp_arrays_s"], speed["cpp_lists_s"]]
-    bars = ax_time.bar(
-        ["Python oracle", "C++ arrays", "C++ lists"], times, color=["tab:gray", "tab:green", "tab:olive"]
+    fig, (ax_time, ax_fill) = plt.subplots(1, 2, figsize=(11, 4.5))
+    times = [speed[f"{key}_s"] for key in PROVIDERS]
+    worst = [speed[f"{key}_worst_s"] for key in PROVIDERS]
+    ax_time.bar(
+        [
+            f"{name}\n{t * 1e3:.0f} ms\n{times[0] / t:.0f}x"
+            for name, t in zip(PROVIDERS.values(), times)
+        ],
+        times,
+        yerr=[[0] * len(times), [w - t for w, t in zip(worst, times)]],
+        capsize=4,
+        color=["tab:gray", "tab:green", "tab:olive", "tab:orange"],
     )
-    ax_time.bar_label(bars, labels=[f"{t * 1e3:.0f} ms ({times[0] / t:.0f}x)" for t in times])
+    medians = [speed[f"{key}_median_s"] for key in PROVIDERS]
+    ax_time.plot(range(len(medians)), medians, "k_", markersize=24, label="median run")
+    ax_time.legend(loc="upper right")
     ax_time.set_yscale("log")
-    ax_time.set_ylim(min(times) / 5, max(times) * 3)
-    ax_time.set_ylabel("seconds (best run, log scale)")
+    ax_time.set_ylim(min(times) / 5, max(worst) * 3)
+    ax_time.set_ylabel("seconds (best run, line to the worst; log scale)")
     ax_time.set_title(
         f"planning {speed['num_documents']:,} documents, max_tokens {speed['max_tokens']}\n"
-        f"speedup over the oracle (target {TARGET_SPEEDUP}x)"
+        f"speedup over the oracle (target {TARGET_SPEEDUP}x), garbage collector on"
     )
     labels = [f"max_tokens {entry['max_tokens']}" for entry in fill]
     bars = ax_fill.bar(labels, [100 * entry["fill"] for entry in fill], color="tab:blue")
@@ -183,18 +237,25 @@ def main() -> None:
     args = parser.parse_args()
 
     load_before = os.getloadavg()
-    speed = measure_speed(10**5 if args.quick else 10**6, rounds=4, cpp_runs_per_round=3)
+    speed = measure_speed(10**5 if args.quick else 10**6, rounds=4, cpp_runs_per_round=5)
     fill = measure_fill()
     load_after = os.getloadavg()
 
     print(f"\nplanning {speed['num_documents']:,} documents ({speed['documents_cut']:,} cut), "
           f"max_tokens {speed['max_tokens']}: {speed['rows']:,} rows, fill {100 * speed['fill']:.2f}%")
-    print(f"{'provider':<16}{'wall ms':>10}{'docs/s':>14}{'speedup':>10}{'CPU ms':>10}{'speedup':>10}")
-    for name, key in (("Python oracle", "python"), ("C++ arrays", "cpp_arrays"), ("C++ lists", "cpp_lists")):
+    print(f"{'provider':<18}{'best ms':>9}{'median':>9}{'worst':>9}{'docs/s':>14}{'speedup':>9}"
+          f"{'CPU ms':>9}{'speedup':>9}")
+    for key, name in PROVIDERS.items():
         seconds, cpu_seconds = speed[f"{key}_s"], speed[f"{key}_cpu_s"]
-        print(f"{name:<16}{1e3 * seconds:>10.1f}{speed['num_documents'] / seconds:>14,.0f}"
-              f"{speed['python_s'] / seconds:>9.1f}x{1e3 * cpu_seconds:>10.1f}"
-              f"{speed['python_cpu_s'] / cpu_seconds:>9.1f}x")
+        print(f"{name:<18}{1e3 * seconds:>9.1f}{1e3 * speed[f'{key}_median_s']:>9.1f}"
+              f"{1e3 * speed[f'{key}_worst_s']:>9.1f}{speed['num_documents'] / seconds:>14,.0f}"
+              f"{speed['python_s'] / seconds:>8.1f}x{1e3 * cpu_seconds:>9.1f}{speed['python_cpu_s'] / cpu_seconds:>8.1f}x")
+    print(f"best of {len(speed['runs_s']['python'])} runs (oracle), {len(speed['runs_s']['cpp_lists'])} (C++), "
+          f"garbage collector on, {speed['gc_tracked_objects']:,} objects tracked")
+    print("garbage collections per run, generations 0/1/2: " + ", ".join(
+        f"{name} {'/'.join(f'{count:.1f}' for count in speed[f'{key}_collections_per_run'])}"
+        for key, name in PROVIDERS.items()
+    ))
     for form in ("arrays", "lists"):
         verdict = "meets" if speed[f"speedup_{form}"] >= TARGET_SPEEDUP else "MISSES"
         print(f"C++ {form}: {verdict} the {TARGET_SPEEDUP}x target (wall clock)")
@@ -207,10 +268,11 @@ def main() -> None:
               f"{100 * entry['fill']:>8.2f}%")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = [
-        {"metric": "python_ms", "value": round(1e3 * speed["python_s"], 1)},
-        {"metric": "cpp_arrays_ms", "value": round(1e3 * speed["cpp_arrays_s"], 1)},
-        {"metric": "cpp_lists_ms", "value": round(1e3 * speed["cpp_lists_s"], 1)},
+    summary = [{"metric": f"{key}_ms", "value": round(1e3 * speed[f"{key}_s"], 1)} for key in PROVIDERS] + [
+        {"metric": f"{key}_{stat}_ms", "value": round(1e3 * speed[f"{key}_{stat}_s"], 1)}
+        for key in ("cpp_lists", "cpp_lists_sliced")
+        for stat in ("median", "worst")
+    ] + [
         {"metric": "speedup_arrays_vs_python", "value": round(speed["speedup_arrays"], 1), "target": TARGET_SPEEDUP},
         {"metric": "speedup_lists_vs_python", "value": round(speed["speedup_lists"], 1)},
         {"metric": "speedup_arrays_vs_python_cpu_time", "value": round(speed["speedup_arrays_cpu"], 1)},
@@ -224,6 +286,7 @@ def main() -> None:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpus": os.cpu_count(),
+            "python": platform.python_version(),
             "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         },
         "summary": summary,
