@@ -6,13 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 COMPAT_TRITON := .triton-compat/3.6.0
+COMPAT_PEFT := .peft-compat/0.13.0
 
 .PHONY: demo test bench clean
 
 demo: $(STAMP)
 	$(PY) bench/demo.py
 
-test: $(STAMP) $(COMPAT_TRITON)
+test: $(STAMP) $(COMPAT_TRITON) $(COMPAT_PEFT)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
@@ -33,5 +34,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 $(COMPAT_TRITON): | $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --target $@ triton==$(notdir $@)
 
+# The oldest peft that pyproject allows, for tests/patching/test_peft_compat.py; its dependencies are the venv's.
+$(COMPAT_PEFT): | $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target $@ peft==$(notdir $@)
+
 clean:
-	rm -rf $(VENV) build *.egg-info fused_train/_C*.so .triton-compat
+	rm -rf $(VENV) build *.egg-info fused_train/_C*.so .triton-compat .peft-compat

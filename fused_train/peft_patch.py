@@ -74,8 +74,9 @@ def fused_fallback_reason(layer: LoraLinear, x: torch.Tensor, args=(), kwargs=No
     if len(active) != 1:
         return f"{len(active)} active adapters"
     adapter = active[0]
-    if adapter in layer.lora_variant:
-        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
+    variant = _lora_variant(layer, adapter)
+    if variant is not None:
+        return f"LoRA variant {variant}"
     if layer.fan_in_fan_out:
         return "fan_in_fan_out"
     if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
@@ -96,6 +97,18 @@ def fused_fallback_reason(layer: LoraLinear, x: torch.Tensor, args=(), kwargs=No
             return f"input dtype {x.dtype} differs from base weight dtype {weight.dtype}"
         return f"autocast to {torch.get_autocast_dtype(x.device.type)} over a {weight.dtype} base weight"
     return None
+
+
+def _lora_variant(layer: LoraLinear, adapter: str) -> str | None:
+    """The name of the variant (DoRA, ...) that `adapter` uses on `layer`, or None for plain LoRA.
+
+    peft >= 0.16 keeps variants in `layer.lora_variant`; older releases (pyproject allows 0.13) have no
+    such attribute and mark their one variant, DoRA, in `layer.use_dora`."""
+    variants = getattr(layer, "lora_variant", None)
+    if variants is None:
+        return "DoRA" if layer.use_dora.get(adapter) else None
+    variant = variants.get(adapter)
+    return None if variant is None else type(variant).__name__
 
 
 def _compute_dtype(x, weight):
