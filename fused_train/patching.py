@@ -22,6 +22,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from fused_train.hf_attention import ATTENTION_NAME, fused_train_attention, fused_train_mask
+from fused_train.layout import clear_per_forward_caches
 from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
 
 logger = logging.getLogger("fused_train")
@@ -52,6 +53,8 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
                 f"(it kept {base.config._attn_implementation!r}); fused_train cannot patch it"
             )
         setattr(base, _ORIGINAL_ATTENTION, original)
+        # Each forward derives its layout afresh, even from buffers updated in place under inference_mode.
+        base.register_forward_pre_hook(_start_of_forward)
     report = patch_lora_layers(model)
     if report.num_fallback:
         logger.warning("%s", report)
@@ -66,7 +69,13 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     if original is not None:
         base.set_attn_implementation(original)
         delattr(base, _ORIGINAL_ATTENTION)
+        for hook_id in [i for i, hook in base._forward_pre_hooks.items() if hook is _start_of_forward]:
+            del base._forward_pre_hooks[hook_id]
     return model
+
+
+def _start_of_forward(module, args):
+    clear_per_forward_caches()
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -91,6 +100,17 @@ def _check_supported(model: PreTrainedModel) -> None:
         raise ValueError(
             f"{name} does not route its attention through transformers' AttentionInterface, so fused_train "
             f"cannot replace it; tested model types: {', '.join(TESTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "attention_chunk_size", None):
+        raise ValueError(
+            f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size}), which fused_train "
+            "attention does not implement"
+        )
+    sinks = next((n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "sinks"), None)
+    if sinks is not None:
+        raise ValueError(
+            f"{name} has attention sinks ({sinks}: one extra logit per head in the softmax), which fused_train "
+            "attention does not implement"
         )
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError(
