@@ -5,7 +5,9 @@ of the model. Each call asks `fused_fallback_reason(layer, x)`: when it has no o
 computes `lora_linear(x, W, A, B, scaling, bias, dropout_p, weight_scale, weight_offset)`, else peft's own
 `Linear.forward` runs unchanged. So `disable_adapter()`, merge/unmerge, `set_adapter`, several
 active adapters, DoRA and the other variants keep peft's behaviour, and a layer goes back to the
-fused path as soon as its state allows again. Nothing is added to the modules' parameters,
+fused path as soon as its state allows again. Under autocast the fused path computes in autocast's
+dtype, as peft's forward would (a float32 base weight is cast per call, as `F.linear` casts it).
+The first call that falls back for a reason no `LoraPatchReport` named logs a warning. Nothing is added to the modules' parameters,
 buffers or submodules: state_dict keys, `save_pretrained` and `from_pretrained` are untouched.
 `unpatch_lora_layers(model)` removes the instance attribute again.
 """
@@ -25,18 +27,23 @@ from fused_train.quantize import QuantizedLinear
 
 logger = logging.getLogger("fused_train")
 
-_BASE_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8, torch.uint8)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BASE_WEIGHT_DTYPES = (*_FLOAT_DTYPES, torch.int8, torch.uint8)
 # int8, and int4 packed in uint8 (`fused_train.quantize`): dequantized to whatever dtype x has.
 _QUANTIZED_DTYPES = (torch.int8, torch.uint8)
+# Fallback reasons already told, by a report or at a call: each is logged once, the first time a call meets it.
+_told_reasons: set[str] = set()
 
 
 @dataclass
 class LoraPatchReport:
     """What `patch_lora_layers` found: layers that take the fused path now, and why others do not.
 
-    `fused`: names of LoRA `Linear` layers whose current state takes the fused path.
-    `fallback`: name -> reason, for LoRA layers that run peft's forward in their current state
-    (the choice is remade on every call; this is the state at patch time).
+    `fused`: names of LoRA `Linear` layers whose current state takes the fused path, for inputs in
+    the base weight's dtype or under autocast (which the fused path follows as `F.linear` would).
+    `fallback`: name -> reason, for LoRA layers that run peft's forward in their current state.
+    The choice is remade on every call (this is the state at patch time); a call that falls back for
+    a reason no report named logs it, once per reason.
     """
 
     fused: list[str] = field(default_factory=list)
@@ -92,10 +99,15 @@ def fused_fallback_reason(layer: LoraLinear, x: torch.Tensor, args=(), kwargs=No
         return f"base layer {type(base).__name__} holds {weight.dtype} weights not made by fused_train.quantize_base"
     if weight.requires_grad:
         return "base weight is trainable"
-    if x.dtype != _compute_dtype(x, weight):
-        if not torch.is_autocast_enabled(x.device.type):
-            return f"input dtype {x.dtype} differs from base weight dtype {weight.dtype}"
-        return f"autocast to {torch.get_autocast_dtype(x.device.type)} over a {weight.dtype} base weight"
+    if x.dtype not in _FLOAT_DTYPES:
+        return f"input dtype {x.dtype} is not float16, bfloat16 or float32"
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not autocast and weight.dtype not in _QUANTIZED_DTYPES and x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from base weight dtype {weight.dtype}"
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    a_dtype, b_dtype = layer.lora_A[adapter].weight.dtype, layer.lora_B[adapter].weight.dtype
+    if a_dtype != b_dtype or a_dtype not in (dtype, torch.float32):
+        return f"adapter weights in {a_dtype} and {b_dtype}, not both float32 or both the compute dtype {dtype}"
     return None
 
 
@@ -111,16 +123,12 @@ def _lora_variant(layer: LoraLinear, adapter: str) -> str | None:
     return None if variant is None else type(variant).__name__
 
 
-def _compute_dtype(x, weight):
-    """The dtype the base matmul runs in: autocast's when it is on, else x's; a quantized W follows it."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if weight.dtype in _QUANTIZED_DTYPES or weight.dtype == dtype:
-        return dtype
-    return None
-
-
 def _fused_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if fused_fallback_reason(layer, x, args, kwargs) is not None:
+    reason = fused_fallback_reason(layer, x, args, kwargs)
+    if reason is not None:
+        if reason not in _told_reasons:
+            _told_reasons.add(reason)
+            logger.warning("fused LoRA: a call runs peft's forward instead: %s (logged once per reason)", reason)
         return LoraLinear.forward(layer, x, *args, **kwargs)
     adapter = next(name for name in layer.active_adapters if name in layer.lora_A)
     base = layer.get_base_layer()
@@ -133,9 +141,18 @@ def _fused_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch
         # peft's lora_bias: B's bias is scaled with the LoRA branch; the sum stays differentiable.
         lora_bias = lora_b.bias * scaling
         bias = lora_bias if bias is None else bias + lora_bias
+    weight = base.weight
+    if torch.is_autocast_enabled(x.device.type):
+        # As autocast does for F.linear (and so for peft's forward): the float operands in autocast's dtype.
+        # A float32 base weight then costs a cast copy per call, kept for the backward, as it does under
+        # peft: autocast caches casts only of weights that require grad.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        weight = weight.to(dtype) if weight.is_floating_point() else weight
+        bias = None if bias is None else bias.to(dtype)
     return lora_linear(
         x,
-        base.weight,
+        weight,
         lora_a.weight,
         lora_b.weight,
         scaling,
@@ -163,13 +180,18 @@ def patch_lora_layers(model: nn.Module) -> LoraPatchReport:
             if not _is_patched(module):
                 module.forward = _fused_forward.__get__(module)
             weight = module.get_base_layer().weight
-            probe_dtype = torch.float32 if weight.dtype in _QUANTIZED_DTYPES else weight.dtype
+            probe_dtype = weight.dtype
+            if weight.dtype in _QUANTIZED_DTYPES:
+                # A quantized base takes any float input: assume the adapters' dtype (float32 as peft keeps
+                # them, or the model's when it was cast as a whole).
+                probe_dtype = next((a.weight.dtype for a in module.lora_A.values()), torch.float32)
             probe = torch.empty(0, dtype=probe_dtype, device=weight.device)
             reason = fused_fallback_reason(module, probe)
             if reason is None:
                 report.fused.append(name)
             else:
                 report.fallback[name] = reason
+                _told_reasons.add(reason)
         elif isinstance(module, LoraLayer):
             report.fallback[name] = f"layer type {type(module).__name__} is not fused"
     if report.num_fused or report.num_fallback:

@@ -8,7 +8,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fused_train.lora import dropout_keep_mask
+from fused_train import peft_patch
+from fused_train.lora import dropout_keep_mask, lora_linear
 from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
 from fused_train.quantize import Int4Linear, Int8Linear, dequantize_base, quantize_base
 from tests.conftest import DEVICE
@@ -255,3 +256,95 @@ def test_quantize_base_beyond_lora_layers_leaves_tied_weights_float(caplog):
     assert isinstance(layer.self_attn.k_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)
     assert isinstance(layer.self_attn.q_proj.base_layer, Int8Linear)
     assert torch.isfinite(model(input_ids=_input_ids()).logits).all()
+
+
+def _autocast_logits_and_lora_grads(model):
+    """A float32 model trained under bf16 autocast (HF Trainer's `bf16=True` over a float32 load)."""
+    model.zero_grad()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        logits = model(input_ids=_input_ids()).logits
+    logits.float().square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _saved_bytes_beyond_parameters(model):
+    """Bytes that autograd keeps for the backward of an autocast forward, the parameters themselves not counted."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(input_ids=_input_ids())
+    return sum(saved.values())
+
+
+def test_autocast_over_float32_base_is_fused_as_reported(monkeypatch, caplog):
+    reference = _lora_model()
+    patched = copy.deepcopy(reference)
+    report = patch_lora_layers(patched)
+    assert report.num_fused == 7, str(report)
+    fused_calls = []
+    monkeypatch.setattr(peft_patch, "lora_linear", lambda *a, **k: fused_calls.append(1) or lora_linear(*a, **k))
+
+    exact_logits, exact_grads = _logits_and_lora_grads(reference)
+    expected_logits, expected_grads = _autocast_logits_and_lora_grads(reference)
+    with caplog.at_level(logging.WARNING, logger="fused_train"):
+        logits, grads = _autocast_logits_and_lora_grads(patched)
+    assert len(fused_calls) == 7 and not caplog.records  # all that the report said, and no fallback
+    assert logits.dtype == expected_logits.dtype == torch.bfloat16
+
+    # Both run the base matmul in bf16: the fused path may be at most 2x further from float32 than peft.
+    def error(actual, exact):
+        return (actual.float() - exact).abs().max().item()
+
+    assert error(logits, exact_logits) <= 2 * error(expected_logits, exact_logits) + 1e-3 * exact_logits.abs().max()
+    assert grads.keys() == exact_grads.keys()
+    for name, exact in exact_grads.items():
+        assert error(grads[name], exact) <= 2 * error(expected_grads[name], exact) + 1e-3 * exact.abs().max(), name
+    # Both keep a bf16 copy of each base weight for the backward (autocast caches no cast of a frozen one);
+    # they differ only in the LoRA branch's small tensors (fused: S fp32 [tokens, r]; peft: bf16 A, B, x·Aᵀ).
+    assert _saved_bytes_beyond_parameters(patched) <= 1.05 * _saved_bytes_beyond_parameters(reference)
+
+
+def test_a_call_that_falls_back_logs_its_reason_once(monkeypatch, caplog):
+    monkeypatch.setattr(peft_patch, "_told_reasons", set())
+    reference = _lora_model().eval()
+    patched = copy.deepcopy(reference)
+    for model in (reference, patched):
+        model.merge_adapter()
+    assert "merged" in str(patch_lora_layers(patched))
+    ids = _input_ids()
+    with caplog.at_level(logging.WARNING, logger="fused_train"):
+        patched(input_ids=ids)  # falls back as the report said: nothing new to tell
+        assert not caplog.records
+        for model in (reference, patched):
+            model.unmerge_adapter()
+        with reference.disable_adapter(), patched.disable_adapter():
+            for _ in range(2):
+                _assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused LoRA: a call runs peft's forward instead: adapters disabled (logged once per reason)"
+    ]
+
+
+@pytest.mark.parametrize("case", ["bf16 adapter over a float32 model", "float64 input over an int8 base"])
+def test_inputs_the_kernel_does_not_take_fall_back_to_peft(case):
+    model = _lora_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    if case.startswith("bf16 adapter"):
+        layer.lora_A.to(torch.bfloat16)
+        layer.lora_B.to(torch.bfloat16)
+        x = torch.randn(5, 48, device=DEVICE)
+    else:
+        quantize_base(model, bits=8)
+        x = torch.randn(5, 48, device=DEVICE, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+        patch_lora_layers(model)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    assert peft_patch.fused_fallback_reason(layer, x) is not None
