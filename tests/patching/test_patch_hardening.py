@@ -50,6 +50,19 @@ def test_static_cache_generate_equals_stock_sdpa(model_type, lengths):
         torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloaded caches need a GPU")
+@pytest.mark.parametrize("cache_implementation", ["static", "offloaded", "offloaded_static"])
+def test_caches_on_the_gpu_generate_as_stock_sdpa(cache_implementation):
+    reference = sharp(tiny_model("llama", attn_implementation="sdpa")).cuda()
+    patched = fused_train.patch(copy.deepcopy(reference))
+    inputs = {name: tensor.cuda() for name, tensor in prompts([5, 9]).items()}
+    kwargs = dict(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = reference.generate(**kwargs)
+        got = patched.generate(**kwargs, cache_implementation=cache_implementation)
+    assert torch.equal(got, expected)
+
+
 def test_static_cache_forward_without_mask_sees_only_filled_slots():
     reference = tiny_model("llama").eval()
     patched = fused_train.patch(copy.deepcopy(reference))
