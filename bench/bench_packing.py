@@ -14,10 +14,11 @@ Runs keep the garbage collector on, as in a user's process (this one has importe
 transformers, as fused_train does): what it costs while a provider builds its objects is the
 provider's cost, and a run's clock stops only after one more container is allocated, so that a
 collection the run's allocations left due is counted too. Only the plan of the run in progress
-is alive, and the collections started during each provider's runs are counted. The providers
-take turns in every round, so that all see the same load on a shared machine; each reports its
-best, median and worst run, wall clock (the headline) and the thread's CPU time (on a machine
-shared with other jobs it leaves out the time the process waited for a core).
+is alive; a full collection precedes each provider's turn, and the collections started during its
+runs are counted. The providers take turns in every round, so that all see the same load on a
+shared machine; each reports its best, median and worst run, wall clock (the headline) and the
+thread's CPU time (on a machine shared with other jobs it leaves out the time the process waited
+for a core).
 
 Fill. Every document of the demo corpus (the standard library's docstrings, byte-level tokens:
 len(utf-8 bytes) + 1 BOS, long ones cut into chunks) is packed at once at max_tokens 2048 and
@@ -112,12 +113,15 @@ def measure_speed(num_documents: int, rounds: int, cpp_runs_per_round: int) -> d
 
     # Only the plan of the run in progress is alive, so every run sees the heap a user's process
     # has (this one imported torch and transformers), not one swollen by the other providers' plans.
+    # A full collection before each provider's turn: its runs pay for no other provider's garbage
+    # (the oracle's left full collections due), and for their own as a user's loop would.
     gc.callbacks.append(count_collection)
     total_runs = rounds * sum(runs for _, runs in providers.values())
     try:
         with tqdm(total=total_runs, desc=f"planning {num_documents:,} documents") as progress:
             for _ in range(rounds):
                 for name, (plan, runs) in providers.items():
+                    gc.collect()
                     for _ in range(runs):
                         running = name
                         seconds, cpu_seconds = timed(plan)
