@@ -1,24 +1,38 @@
-"""Demo: a tiny Llama trained three ways on the same batches of short documents.
+"""Demo: a tiny Llama trained three ways on the same batches of short documents, on two corpora.
 
-The corpus is the Python standard library's docstrings (embedded in the package), tokenized by
-bytes: ids = [BOS=1] + [byte + 3 ...], pad 0, vocabulary 259. Every run starts from the same
-random init (same seed), sees the same documents in the same batches and uses the same optimizer:
+Both corpora are embedded in the package and tokenized by bytes: ids = [BOS=1] + [byte + 3 ...],
+pad 0, vocabulary 259.
+
+  docstrings  the Python standard library's docstrings (fused_train/data/stdlib_docstrings.json.gz),
+              16 per step: 175 tokens on average (median 98) once those over 1024 are dropped;
+  sentences   sentences of those docstrings, one line each (fused_train/data/stdlib_sentences.json.gz),
+              48 per step, so that the packed row holds tens of documents: 77 tokens on average
+              (median 63). Made from the docstrings corpus by `docstring_sentences` (prose
+              paragraphs only, unwrapped, cut after . ! or ? before a capital; every third distinct
+              sentence, to keep the file small); `write_sentences_corpus()` writes it again.
+
+A step holds about 2,800 real tokens of docstrings or 3,700 of sentences. On each corpus every run
+starts from the same random init (same seed), sees the same documents in the same batches and uses
+the same optimizer:
 
   padded      HF's usual dynamic padding: rows right-padded to the batch's longest document,
               attention_mask, labels -100 on padding; stock `sdpa` attention.
   flattening  transformers' `DataCollatorWithFlattening` (one row, position ids restart per
               document) with stock `sdpa`: the anchor a user would otherwise pick.
   packed      `fused_train.PackedCollator(flatten=True)` + `fused_train.patch(model)`: one row,
-              position ids restart per document, attention run per document (varlen).
+              position ids restart per document, attention never crossing a document (on a CPU
+              in the few SDPA calls that `fused_train.cpu_attention`'s measured cost model picks).
 
 All three compute the same loss, the mean over every document's next-token targets, so their
-per-step losses must agree to float noise. Each run lives in its own process so that its peak
-memory is its own (on CPU: peak RSS), and the runs take turns step by step so that they share
-the machine's other load equally. Timing covers forward + backward + optimizer step, after the
-warm-up steps; batches are collated before the loop (collation time is reported apart).
+per-step losses must agree to float noise; the demo fails (exit status 1) when they do not. Each
+run lives in its own process so that its peak memory is its own (on CPU: peak RSS), and the runs
+of a corpus take turns step by step so that they share the machine's other load equally. Timing
+covers forward + backward + optimizer step, after the warm-up steps; batches are collated before
+the loop (collation time is reported apart).
 
-    python bench/demo.py            # CPU: a few minutes on 2 cores; uses CUDA when present
-    python bench/demo.py --quick    # a few steps (GPU check script, smoke runs)
+    python bench/demo.py                        # CPU: 5-10 minutes on 2 cores; uses CUDA when present
+    python bench/demo.py --quick                # a few steps (GPU check script, smoke runs)
+    python bench/demo.py --out bench/results    # update the committed figures (default: bench/results/local/)
 """
 
 import argparse
@@ -27,8 +41,10 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 RUNS = ("padded", "flattening", "packed")
@@ -55,22 +71,70 @@ MODEL = dict(
     # attend to each other. The flattening anchor is only correct with use_cache=False.
     use_cache=False,
 )
-CORPUS = Path(__file__).resolve().parent.parent / "fused_train" / "data" / "stdlib_docstrings.json.gz"
 REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "fused_train" / "data"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    path: Path
+    description: str
+    batch_size: int  # documents per step by default
+
+
+CORPORA = {
+    corpus.name: corpus
+    for corpus in (
+        Corpus("docstrings", DATA / "stdlib_docstrings.json.gz", "stdlib docstrings", 16),
+        Corpus("sentences", DATA / "stdlib_sentences.json.gz", "sentences of stdlib docstrings", 48),
+    )
+}
 
 
 def encode(text: str) -> list[int]:
     return [BOS_ID] + [byte + BYTE_OFFSET for byte in text.encode("utf-8")]
 
 
-def load_documents(max_doc_tokens: int) -> tuple[list[list[int]], dict]:
+def load_documents(max_doc_tokens: int, corpus: str = "docstrings") -> tuple[list[list[int]], dict]:
     """The corpus's documents of at most `max_doc_tokens` tokens; longer ones are dropped, never cut."""
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+    with gzip.open(CORPORA[corpus].path, "rt", encoding="utf-8") as f:
         texts = json.load(f)
     documents = [encode(text) for text in texts]
     kept = [doc for doc in documents if len(doc) <= max_doc_tokens]
-    info = {"documents_in_corpus": len(documents), "documents_kept": len(kept), "max_doc_tokens": max_doc_tokens}
+    info = {
+        "name": corpus,
+        "description": CORPORA[corpus].description,
+        "documents_in_corpus": len(documents),
+        "documents_kept": len(kept),
+        "max_doc_tokens": max_doc_tokens,
+    }
     return kept, info
+
+
+def docstring_sentences(docstrings: list[str]) -> list[str]:
+    """The sentences corpus: every third distinct sentence of the docstrings' prose paragraphs.
+
+    A paragraph (lines between blank lines) is prose when none of its lines is indented or a
+    doctest; code, tables and argument lists are left out. Its lines are joined by spaces and cut
+    after `.`, `!` or `?` followed by a space and a capital letter.
+    """
+    sentences = {}
+    for docstring in docstrings:
+        for paragraph in docstring.split("\n\n"):
+            lines = paragraph.splitlines()
+            if not lines or any(line.startswith((" ", "\t", ">>>")) for line in lines):
+                continue
+            prose = " ".join(line.strip() for line in lines)
+            sentences.update(dict.fromkeys(s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", prose) if s))
+    return list(sentences)[::3]
+
+
+def write_sentences_corpus(path: Path = CORPORA["sentences"].path) -> None:
+    """Writes the sentences corpus from the docstrings corpus (`docstring_sentences`)."""
+    with gzip.open(CORPORA["docstrings"].path, "rt", encoding="utf-8") as f:
+        sentences = docstring_sentences(json.load(f))
+    path.write_bytes(gzip.compress(json.dumps(sentences, ensure_ascii=False).encode("utf-8"), mtime=0))
 
 
 def plan_batches(num_documents: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -115,10 +179,14 @@ def make_collator(run: str, max_doc_tokens: int):
     return lambda documents: flatten([{"input_ids": doc} for doc in documents])
 
 
-class Run:
-    """One training run: its model, optimizer, pre-collated batches and telemetry."""
+def batch_size(corpus: str, args) -> int:
+    return args.batch_size or CORPORA[corpus].batch_size
 
-    def __init__(self, name: str, args):
+
+class Run:
+    """One training run on one corpus: its model, optimizer, pre-collated batches and telemetry."""
+
+    def __init__(self, name: str, corpus: str, args):
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -129,8 +197,8 @@ class Run:
         if args.threads:
             torch.set_num_threads(args.threads)
         device = torch.device(args.device)
-        documents, _ = load_documents(args.max_doc_tokens)
-        batches = plan_batches(len(documents), args.batch_size, args.steps, args.seed)
+        documents, _ = load_documents(args.max_doc_tokens, corpus)
+        batches = plan_batches(len(documents), batch_size(corpus, args), args.steps, args.seed)
 
         torch.manual_seed(args.seed)
         config = LlamaConfig(**MODEL, max_position_embeddings=args.max_doc_tokens)
@@ -171,9 +239,9 @@ class Run:
         }
 
 
-def serve(name: str, args, conn) -> None:
-    """Worker process: builds `Run(name)`, then trains one step per index received until None."""
-    run = Run(name, args)
+def serve(name: str, corpus: str, args, conn) -> None:
+    """Worker process: builds `Run(name, corpus)`, then trains one step per index received until None."""
+    run = Run(name, corpus, args)
     conn.send("ready")
     while (index := conn.recv()) is not None:
         conn.send(run.step(index))
@@ -183,10 +251,10 @@ def serve(name: str, args, conn) -> None:
 class RunInSubprocess:
     """A `Run` in a fresh process of its own, so that its peak memory (RSS on CPU) is its own."""
 
-    def __init__(self, name: str, args):
+    def __init__(self, name: str, corpus: str, args):
         context = multiprocessing.get_context("spawn")
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=serve, args=(name, args, child_conn), daemon=True)
+        self.process = context.Process(target=serve, args=(name, corpus, args, child_conn), daemon=True)
         self.process.start()
 
     def wait_ready(self) -> None:
@@ -205,26 +273,32 @@ class RunInSubprocess:
 
 
 def train_all(args) -> dict:
-    """Trains the three runs step by step in turn (run A step i, run B step i, ...).
+    """Trains every run of every corpus: `{corpus: {run: summary}}`.
 
-    Taking turns gives every run the same share of whatever else the machine is doing, so the
-    ratios between runs stay fair on a shared machine; a waiting worker sleeps on its pipe.
+    All runs are built first (each in its own worker unless `--in-process`), so no run's set-up
+    overlaps another's timed steps. Then, corpus by corpus, the three runs take turns step by step
+    (run A step i, run B step i, ...): each gets the same share of whatever else the machine is
+    doing, so the ratios between runs stay fair on a shared machine; a waiting worker sleeps on its
+    pipe.
     """
     from tqdm import tqdm
 
-    if args.in_process:
-        runs = {name: Run(name, args) for name in RUNS}
-    else:
-        runs = {name: RunInSubprocess(name, args) for name in RUNS}
-        for run in runs.values():
-            run.wait_ready()
-    with tqdm(total=args.steps * len(RUNS), desc="training padded/flattening/packed in turn", unit="step") as bar:
-        for index in range(args.steps):
-            for name, run in runs.items():
-                loss = run.step(index)
-                bar.set_postfix_str(f"{name} loss {loss:.3f}")
-                bar.update()
-    return {name: run.summary() for name, run in runs.items()}
+    make = Run if args.in_process else RunInSubprocess
+    runs = {corpus: {name: make(name, corpus, args) for name in RUNS} for corpus in args.corpus}
+    if not args.in_process:
+        for corpus_runs in runs.values():
+            for run in corpus_runs.values():
+                run.wait_ready()
+    results = {}
+    with tqdm(total=args.steps * len(RUNS) * len(runs), desc="training padded/flattening/packed in turn", unit="step") as bar:
+        for corpus, corpus_runs in runs.items():
+            for index in range(args.steps):
+                for name, run in corpus_runs.items():
+                    loss = run.step(index)
+                    bar.set_postfix_str(f"{corpus} {name} loss {loss:.3f}")
+                    bar.update()
+            results[corpus] = {name: run.summary() for name, run in corpus_runs.items()}
+    return results
 
 
 def compare(results: dict) -> dict:
@@ -269,75 +343,87 @@ def environment(args) -> dict:
     }
 
 
-def print_report(results: dict, comparison: dict, corpus: dict, args, load: tuple) -> None:
-    memory_measure = results["packed"]["memory_measure"]
-    print(
-        f"\nCorpus: {corpus['documents_kept']} of {corpus['documents_in_corpus']} stdlib docstrings "
-        f"(documents over {corpus['max_doc_tokens']} tokens dropped, none truncated); "
-        f"{args.steps} steps x {args.batch_size} documents = {args.steps * args.batch_size} documents used."
-    )
-    print(f"Timed: forward + backward + AdamW step, steps {WARMUP_STEPS + 1}..{args.steps} (warm-up excluded).")
+def print_report(report: dict, args) -> None:
+    load = report["load_average_1min"]
+    print(f"\nTimed: forward + backward + AdamW step, steps {WARMUP_STEPS + 1}..{args.steps} (warm-up excluded).")
     where = "all runs in one process, so not per run" if args.in_process else "one process per run"
-    print(f"Memory: {memory_measure}, {where}; '+' is the growth during training.")
-    print(f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f}\n")
-    header = f"{'run':<11} {'real tok/s':>11} {'padding':>8} {'peak MiB':>9} {'(+ MiB)':>8} {'final loss':>11} {'collate ms':>11}"
+    print(f"Memory: peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA; {where}; '+' is the growth during training.")
+    print(f"Load average (1 min) before / after: {load['before']:.2f} / {load['after']:.2f}")
+    for name, entry in report["corpora"].items():
+        corpus, results = entry["corpus"], entry["runs"]
+        print(
+            f"\n{name}: {corpus['documents_kept']} of {corpus['documents_in_corpus']} {corpus['description']} "
+            f"(documents over {corpus['max_doc_tokens']} tokens dropped, none truncated); "
+            f"{args.steps} steps x {entry['batch_size']} documents."
+        )
+        header = f"{'run':<11} {'real tok/s':>11} {'padding':>8} {'peak MiB':>9} {'(+ MiB)':>8} {'final loss':>11} {'collate ms':>11}"
+        print(header)
+        print("-" * len(header))
+        for run in RUNS:
+            r = results[run]
+            growth = (r["peak_memory_bytes"] - r["memory_at_start_bytes"]) / 2**20
+            print(
+                f"{run:<11} {r['real_tokens_per_s']:>11.0f} {r['padding_fraction']:>8.1%} "
+                f"{r['peak_memory_bytes'] / 2**20:>9.0f} {growth:>+8.0f} {r['losses'][-1]:>11.5f} "
+                f"{r['collate_seconds_per_step'] * 1e3:>11.2f}"
+            )
+    print("\nclaims: packed / padded >= 2.5x, packed / flattening >= 1x, losses equal step by step")
+    header = (
+        f"{'corpus':<11} {'packed/padded':>14} {'padded/real tokens':>19} {'packed/flattening':>18} "
+        f"{'max |loss diff|':>16}"
+    )
     print(header)
     print("-" * len(header))
-    for run in RUNS:
-        r = results[run]
-        growth = (r["peak_memory_bytes"] - r["memory_at_start_bytes"]) / 2**20
+    for name, entry in report["corpora"].items():
+        c = entry["comparison"]
         print(
-            f"{run:<11} {r['real_tokens_per_s']:>11.0f} {r['padding_fraction']:>8.1%} "
-            f"{r['peak_memory_bytes'] / 2**20:>9.0f} {growth:>+8.0f} {r['losses'][-1]:>11.5f} "
-            f"{r['collate_seconds_per_step'] * 1e3:>11.2f}"
+            f"{name:<11} {c['packed_over_padded_tokens_per_s']:>13.2f}x {c['padded_tokens_over_real_tokens']:>18.2f}x "
+            f"{c['packed_over_flattening_tokens_per_s']:>17.2f}x {max(c['max_abs_loss_diff'].values()):>16.2e}"
         )
-    print()
-    print(f"packed / padded real tokens/s:      {comparison['packed_over_padded_tokens_per_s']:.2f}x  (claim: >= 2.5x)")
-    print(f"padded tokens / real tokens:        {comparison['padded_tokens_over_real_tokens']:.2f}x  (claim: packed / padded >= this)")
-    print(f"packed / flattening real tokens/s:  {comparison['packed_over_flattening_tokens_per_s']:.2f}x  (claim: >= 1x)")
-    for pair, diff in comparison["max_abs_loss_diff"].items():
-        print(f"max |loss difference| {pair.replace('_', ' '):<24} {diff:.2e}")
 
 
-def plot(results: dict, comparison: dict, path: Path, title: str) -> None:
+def plot(report: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5))
+    corpora = report["corpora"]
+    fig, axes = plt.subplots(len(corpora), 2, figsize=(12, 4.5 * len(corpora)), squeeze=False)
     styles = {"padded": ("tab:red", "-", 5), "flattening": ("tab:blue", "--", 3), "packed": ("tab:green", ":", 2)}
-    for run in RUNS:
-        r = results[run]
-        seen, total = [], 0
-        for tokens in r["real_tokens"]:
-            total += tokens
-            seen.append(total)
-        color, style, width = styles[run]
-        ax_loss.plot(seen, r["losses"], color=color, linestyle=style, linewidth=width, label=run)
-    ax_loss.set_xlabel("real tokens seen")
-    ax_loss.set_ylabel("training loss")
-    diff = max(comparison["max_abs_loss_diff"].values())
-    ax_loss.set_title(f"loss vs tokens (curves overlap: max |diff| {diff:.1e})")
-    ax_loss.legend()
-    speeds = [results[run]["real_tokens_per_s"] for run in RUNS]
-    bars = ax_speed.bar(RUNS, speeds, color=[styles[run][0] for run in RUNS])
-    for bar, run in zip(bars, RUNS):
-        ratio = results[run]["real_tokens_per_s"] / results["padded"]["real_tokens_per_s"]
-        ax_speed.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    # Packing only removes padding if it beats padded by at least padded tokens / real tokens.
-    break_even = results["padded"]["real_tokens_per_s"] * comparison["padded_tokens_over_real_tokens"]
-    ax_speed.axhline(break_even, color="gray", linestyle="--", linewidth=1)
-    ax_speed.annotate(
-        f"padded x {comparison['padded_tokens_over_real_tokens']:.2f} (padded / real tokens)",
-        (-0.4, break_even),
-        xytext=(0, 3),
-        textcoords="offset points",
-        color="gray",
-    )
-    ax_speed.set_ylim(0, 1.15 * max(break_even, *speeds))
-    ax_speed.set_ylabel("real tokens / s (fwd + bwd + step)")
-    ax_speed.set_title("throughput (x = vs padded)")
+    for (ax_loss, ax_speed), (name, entry) in zip(axes, corpora.items()):
+        results, comparison = entry["runs"], entry["comparison"]
+        for run in RUNS:
+            r = results[run]
+            seen, total = [], 0
+            for tokens in r["real_tokens"]:
+                total += tokens
+                seen.append(total)
+            color, style, width = styles[run]
+            ax_loss.plot(seen, r["losses"], color=color, linestyle=style, linewidth=width, label=run)
+        ax_loss.set_xlabel("real tokens seen")
+        ax_loss.set_ylabel("training loss")
+        diff = max(comparison["max_abs_loss_diff"].values())
+        ax_loss.set_title(f"{name}: loss vs tokens (curves overlap: max |diff| {diff:.1e})")
+        ax_loss.legend()
+        speeds = [results[run]["real_tokens_per_s"] for run in RUNS]
+        bars = ax_speed.bar(RUNS, speeds, color=[styles[run][0] for run in RUNS])
+        for bar, run in zip(bars, RUNS):
+            ratio = results[run]["real_tokens_per_s"] / results["padded"]["real_tokens_per_s"]
+            ax_speed.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        # Packing only removes padding if it beats padded by at least padded tokens / real tokens.
+        break_even = results["padded"]["real_tokens_per_s"] * comparison["padded_tokens_over_real_tokens"]
+        ax_speed.axhline(break_even, color="gray", linestyle="--", linewidth=1)
+        ax_speed.annotate(
+            f"padded x {comparison['padded_tokens_over_real_tokens']:.2f} (padded / real tokens)",
+            (-0.4, break_even),
+            xytext=(0, 3),
+            textcoords="offset points",
+            color="gray",
+        )
+        ax_speed.set_ylim(0, 1.15 * max(break_even, *speeds))
+        ax_speed.set_ylabel("real tokens / s (fwd + bwd + step)")
+        ax_speed.set_title(f"{name}: throughput (x = vs padded)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -349,15 +435,30 @@ def parse_args(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps only (GPU check script, smoke runs)")
-    parser.add_argument("--steps", type=int, help="training steps (default 60, --quick 8)")
-    parser.add_argument("--batch-size", type=int, default=16, help="documents per step")
+    parser.add_argument("--steps", type=int, help="training steps per corpus (default 60, --quick 8)")
+    parser.add_argument(
+        "--corpus", nargs="+", choices=list(CORPORA), default=list(CORPORA), help="corpora to train on (default: all)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="documents per step on every corpus (default: "
+        + ", ".join(f"{c.batch_size} {c.name}" for c in CORPORA.values())
+        + ")",
+    )
     parser.add_argument("--max-doc-tokens", type=int, default=1024, help="drop documents longer than this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads per run (default: torch's choice, one per core)"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for demo.json and demo.png")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "results" / "local",
+        help="folder for demo.json and demo.png (default bench/results/local, not tracked by git; "
+        "bench/results holds the committed figures)",
+    )
     parser.add_argument(
         "--in-process",
         action="store_true",
@@ -373,17 +474,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _, corpus = load_documents(args.max_doc_tokens)
+    corpora = {name: load_documents(args.max_doc_tokens, name)[1] for name in args.corpus}
     load_before = os.getloadavg()[0]
     results = train_all(args)
     load_after = os.getloadavg()[0]
-    comparison = compare(results)
-    print_report(results, comparison, corpus, args, (load_before, load_after))
 
-    args.out.mkdir(parents=True, exist_ok=True)
     settings = {
         "steps": args.steps,
-        "batch_size": args.batch_size,
         "max_doc_tokens": args.max_doc_tokens,
         "packed_collator": f"PackedCollator(max_tokens={args.max_doc_tokens}, flatten=True)",
         "seed": args.seed,
@@ -397,18 +494,27 @@ def main(argv=None) -> int:
     }
     report = {
         "settings": settings,
-        "corpus": corpus,
         "environment": environment(args),
         "load_average_1min": {"before": load_before, "after": load_after},
-        "comparison": comparison,
-        "runs": results,
+        "corpora": {
+            name: {
+                "corpus": corpora[name],
+                "batch_size": batch_size(name, args),
+                "comparison": compare(results[name]),
+                "runs": results[name],
+            }
+            for name in args.corpus
+        },
     }
+    print_report(report, args)
+
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "demo.json").write_text(json.dumps(report, indent=1))
-    title = f"tiny Llama, {args.steps} steps x {args.batch_size} docs, {report['environment']['device_name']}"
-    plot(results, comparison, args.out / "demo.png", title)
+    title = f"tiny Llama, {args.steps} steps per corpus, {report['environment']['device_name']}"
+    plot(report, args.out / "demo.png", title)
     print(f"\nwrote {args.out / 'demo.json'} and {args.out / 'demo.png'}")
 
-    worst = max(comparison["max_abs_loss_diff"].values())
+    worst = max(max(e["comparison"]["max_abs_loss_diff"].values()) for e in report["corpora"].values())
     if worst > LOSS_TOLERANCE:
         print(f"FAIL: the runs' losses differ by up to {worst:.2e} (> {LOSS_TOLERANCE:g})", file=sys.stderr)
         return 1
