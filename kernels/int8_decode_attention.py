@@ -84,6 +84,9 @@ def int8_decode_attention_ref(
 # Combine pass, one program per output row: merges the splits by their log-sum-exp,
 #     out = sum_s 2^(lse_s - M) out_s / sum_s 2^(lse_s - M),   M = max_s lse_s,
 # and writes out in q's dtype; a row whose every split saw no key gets zeros.
+# Offsets into the cache are int64, each (sequence, kv head) base and the key index within it: a
+# single head's int8 data passes 2**31 elements from 16M positions at head_dim 128. Offsets into
+# q, the exact ring, the scales and the split workspace stay int32 below their int64 bases.
 # ---------------------------------------------------------------------------------------------
 
 import os
@@ -109,11 +112,12 @@ _RING_BLOCK = tl.constexpr(16)
 # contiguous int8 tile loads kept in flight: [BLOCK_N, head_dim] tiles of 8-16 KiB per K and V,
 # 3-4 stages of cp.async pipelining. Checked by tests/kernels/test_compile_sm90_int8_kv.py
 # (shared memory, no spills; also without spills under triton 3.6); not yet timed on a GPU. At
-# head_dim 256, 64 keys per block spill beside the exact ring's loop at 64 query rows: 32.
+# head_dim 256, 64 keys per block spill beside the exact ring's loop at 64 query rows: 32. At
+# head_dim 64, 4 warps spilled 32 bytes at 16 rows under triton 3.9 once key offsets became int64.
 CONFIGS = {
     16: (128, 64, 4, 4),
     32: (128, 64, 4, 4),
-    64: (128, 64, 4, 4),
+    64: (128, 64, 8, 4),
     128: (64, 64, 4, 4),
     256: (32, 64, 8, 3),
 }
@@ -231,10 +235,11 @@ def _int8_decode_attention_split_kernel(
         # Scales of unwritten or padding positions may hold anything (NaN); 0 * NaN would poison
         # the sums, so they load as 0 and those columns are masked.
         scale_ok = col_ok & (cols >= first_key)
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0)
+        cols_64 = cols.to(tl.int64)
+        k = tl.load(k_base + cols_64[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0)
         k_scale = tl.load(k_scale_base + cols, mask=scale_ok, other=0.0)
         v_scale = tl.load(v_scale_base + cols, mask=scale_ok, other=0.0)
-        m_i, l_i, acc = _attend_block(q, k, k_scale, v_base + cols[:, None] * stride_vt + offs_d[None, :], tile_ok,
+        m_i, l_i, acc = _attend_block(q, k, k_scale, v_base + cols_64[:, None] * stride_vt + offs_d[None, :], tile_ok,
                                       v_scale, cols, col_ok, left_edge, position, m_i, l_i, acc, qk_scale,
                                       scale_over_softcap, softcap_log2, SOFTCAP)
     if HAS_RECENT:

@@ -44,6 +44,8 @@ def dequantize_kv_ref(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 # on a GPU), and round-half-to-even is `(y + 1.5 * 2**23) - 1.5 * 2**23`: for |y| < 2**22 the sum
 # lands where float32's spacing is 1, so the addition itself rounds y to an integer, half to even.
 # libdevice's rint would do the same compiled, but the interpreter has no libdevice.
+# Offsets are int64 but for the scales': one sequence's new keys (a long prefill, strided as
+# transformers transposes them) or one head's cache can pass 2**31 elements.
 # ---------------------------------------------------------------------------------------------
 
 import os
@@ -73,7 +75,8 @@ def _quantize_kv_append_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (tokens[:, None] < new_tokens) & (offs_d[None, :] < HEAD_DIM)
     x_base = X + seq.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
-    x = tl.load(x_base + tokens[:, None] * stride_xt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_base + tokens.to(tl.int64)[:, None] * stride_xt + offs_d[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
     scale = tl.math.div_rn(tl.max(tl.abs(x), 1), 127.0)
     safe_scale = tl.where(scale > 0, scale, 1.0)
     y = tl.math.div_rn(x, safe_scale[:, None])
@@ -81,7 +84,7 @@ def _quantize_kv_append_kernel(
     data = tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
     positions = start + tokens
     d_base = Data + seq.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
-    tl.store(d_base + positions[:, None] * stride_dt + offs_d[None, :], data, mask=mask)
+    tl.store(d_base + positions.to(tl.int64)[:, None] * stride_dt + offs_d[None, :], data, mask=mask)
     s_base = Scale + seq.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh
     tl.store(s_base + positions, scale, mask=tokens < new_tokens)
 

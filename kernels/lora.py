@@ -35,8 +35,10 @@ Kernels, four in all:
 
 Matmul inputs are cast to the compute dtype, the dtype of `x` (bf16/fp16 MMA, fp32 as tf32 on the
 GPU); accumulators are fp32; `S` and `dS` are kept in fp32. The rank is padded to 16 inside the
-kernels (masked loads), the smallest `tl.dot` the GPU accepts. Offsets are int32: every tensor
-must hold fewer than 2³¹ elements (checked by the launchers).
+kernels (masked loads), the smallest `tl.dot` the GPU accepts. Row indices are widened to int64
+before they meet the row stride of `x`, `dy`, the output, the dropout mask or `W`: each of these
+can pass 2³¹ elements (16.7k tokens through a 128k-vocabulary `lm_head`); offsets into the rank-r
+operands and the int4 scales stay int32.
 """
 
 import os
@@ -56,7 +58,6 @@ except ImportError:  # Triton releases before host-side tensor descriptors: the 
 # to fp32 right after loading. Compiled kernels keep the input dtype for the tensor cores.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_MAX_ELEMENTS = 2**31
 # int4 weights: input channels per (scale, offset) pair; QLoRA's NF4 blocks are 64 wide too.
 INT4_GROUP_SIZE = 64
 # The largest LoRA rank the kernels are compiled and checked for (sm_90, no spills).
@@ -138,7 +139,7 @@ def _int4_tile(
         # One group per tile, so one scale per column. Tiles past K read padding channels (0).
         tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
         halves = k_start // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + cols[:, None] * stride_wn + halves[None, :] * stride_wk)
+        packed = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wn + halves[None, :] * stride_wk)
         group = k_start // GROUP_SIZE
         scale = tl.load(scale_ptr + cols * stride_scale + group).to(tl.float32)
         offset = tl.load(offset_ptr + cols * stride_scale + group).to(tl.float32)
@@ -154,7 +155,8 @@ def _int4_tile(
         # Columns past N wrap inside W's packed width and groups (their results are never stored).
         groups = tl.cdiv(N, GROUP_SIZE)
         halves = (n_start // 2 + tl.arange(0, BLOCK_N // 2)) % (groups * (GROUP_SIZE // 2))
-        packed = tl.load(w_ptr + rows[:, None] * stride_wk + halves[None, :] * stride_wn, mask=in_k, other=0)
+        packed = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wk + halves[None, :] * stride_wn, mask=in_k,
+                         other=0)
         tile_groups = (n_start // GROUP_SIZE + tl.arange(0, BLOCK_N // GROUP_SIZE)) % groups
         scale_ptrs = rows[:, None] * stride_scale + tile_groups[None, :]
         scale = tl.load(scale_ptr + scale_ptrs, mask=in_k, other=0.0).to(tl.float32)
@@ -200,7 +202,7 @@ def _lora_seed(
     acc = tl.dot((lora_left.to(tl.float32) * lora_scale).to(compute_dtype), lora_right.to(compute_dtype))
     if HAS_KEEP:
         # Dropout acts on the LoRA input only, so in dx its mask multiplies only the LoRA term.
-        keep = tl.load(keep_ptr + rows[:, None] * stride_keep_m + cols[None, :])
+        keep = tl.load(keep_ptr + rows.to(tl.int64)[:, None] * stride_keep_m + cols[None, :])
         acc = tl.where(keep != 0, acc * keep_scale, 0.0)
     return acc
 
@@ -211,7 +213,7 @@ def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, cols, M, N, stride_om, H
     not written."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -255,8 +257,9 @@ def _lora_gemm_kernel(
         stride_lm, stride_lr, stride_rr, stride_rn, stride_keep_m, lora_scale, keep_scale,
         HAS_KEEP, BLOCK_R, compute_dtype,
     )  # fmt: skip
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if not W_INT4:  # int4 tiles index W themselves (_int4_tile)
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn
     if W_INT8 and W_TRANSPOSED:
         col_scale = tl.load(w_scale_ptr + cols).to(tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -269,6 +272,7 @@ def _lora_gemm_kernel(
             )  # fmt: skip
         else:
             w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            w_ptrs += BLOCK_K * stride_wk
         if W_INT8:
             if W_TRANSPOSED:
                 w = w.to(tl.float32) * col_scale[None, :]
@@ -277,7 +281,6 @@ def _lora_gemm_kernel(
                 w = w.to(tl.float32) * row_scale.to(tl.float32)[:, None]
         acc = tl.dot(a.to(compute_dtype), w.to(compute_dtype), acc)
         a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
 
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, cols, M, N, stride_om, HAS_BIAS)
 
@@ -346,9 +349,9 @@ def _lora_shrink_kernel(
     else:
         compute_dtype = a_ptr.dtype.element_ty
 
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     m_ptrs = m_ptr + offs_k[:, None] * stride_mk + offs_r[None, :] * stride_mr
-    keep_ptrs = keep_ptr + rows[:, None] * stride_keep_m + offs_k[None, :]
+    keep_ptrs = keep_ptr + rows.to(tl.int64)[:, None] * stride_keep_m + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
@@ -401,9 +404,12 @@ def _lora_reduce_tokens_kernel(
             p_ptr + tokens[:, None] * stride_pt + offs_r[None, :] * stride_pr,
             mask=in_split[:, None] & (offs_r[None, :] < rank), other=0.0,
         )  # fmt: skip
-        q = tl.load(q_ptr + tokens[:, None] * stride_qt + cols[None, :] * stride_qn, mask=in_split[:, None], other=0.0)
+        tokens_64 = tokens.to(tl.int64)
+        q = tl.load(q_ptr + tokens_64[:, None] * stride_qt + cols[None, :] * stride_qn, mask=in_split[:, None],
+                    other=0.0)
         if HAS_KEEP:
-            keep = tl.load(keep_ptr + tokens[:, None] * stride_keep_t + cols[None, :], mask=in_split[:, None], other=0)
+            keep = tl.load(keep_ptr + tokens_64[:, None] * stride_keep_t + cols[None, :], mask=in_split[:, None],
+                           other=0)
             q = tl.where(keep != 0, q, 0.0)
         acc = tl.dot(tl.trans(q.to(compute_dtype)), p.to(compute_dtype), acc)
 
@@ -428,12 +434,13 @@ GEMM_CONFIGS = {
 # 46.6 µs), reduction 33.5 µs with 4 warps (8 warps, 3 stages: 81 µs). Those fast configs spill
 # once a dropout mask is loaded too, or above rank 64 (the shrink above rank 32 under triton 3.6,
 # the GPU machine's); there the "careful" configs run, whose smaller tiles or extra warps keep
-# everything in registers.
+# everything in registers (the reduction's 32-token steps since its token offsets are int64: at 64,
+# float32 rank 128 with a mask spilled under triton 3.9).
 SHRINK_CONFIG_FAST = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4)
 SHRINK_CONFIG_CAREFUL = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4)
 SHRINK_CONFIG_WIDE = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=4)
 REDUCE_CONFIG_FAST = dict(BLOCK_T=64, BLOCK_N=128, num_warps=4, num_stages=4)
-REDUCE_CONFIG_CAREFUL = dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3)
+REDUCE_CONFIG_CAREFUL = dict(BLOCK_T=32, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
 def shrink_config(rank, has_keep):
@@ -467,12 +474,6 @@ def _output(shape, device, dtype):
 
 def _block_r(rank):
     return max(16, triton.next_power_of_2(rank))
-
-
-def _check_size(**numels):
-    for name, numel in numels.items():
-        if numel >= _MAX_ELEMENTS:
-            raise ValueError(f"{name} must hold fewer than 2**31 elements (int32 offsets), got {numel}")
 
 
 def _sm_count(device):
@@ -581,7 +582,6 @@ def lora_gemm(
     M, K = a.shape
     N = lora_right.shape[1]
     rank = lora_left.shape[1]
-    _check_size(a=a.numel(), w=w.numel(), out=M * N)
     out = _output((M, N), a.device, out_dtype)
     operands = dict(
         a=a, w=w, w_is_transposed=w_is_transposed,
@@ -657,7 +657,6 @@ def lora_shrink(a, m, scale, keep_mask=None):
     """fp32 `[M, r]` = scale · (a ⊙ keep_mask) · mᵀ for `a` `[M, K]`, `m` `[r, K]` (any strides)."""
     M, K = a.shape
     rank = m.shape[0]
-    _check_size(a=a.numel())
     out = _output((M, rank), a.device, torch.float32)
     config = shrink_config(rank, keep_mask is not None)
     grid = (triton.cdiv(M, config["BLOCK_M"]),)
@@ -677,7 +676,6 @@ def lora_reduce_tokens(p, q, scale, keep_mask=None):
     """fp32 `[N, r]` = scale · (q ⊙ keep_mask)ᵀ · p for `p` `[T, r]`, `q` `[T, N]`."""
     T, N = q.shape
     rank = p.shape[1]
-    _check_size(q=q.numel())
     config = reduce_config(rank, keep_mask is not None)
     blocks_n = triton.cdiv(N, config["BLOCK_N"])
     # Split the tokens so that about two programs per SM run; each split writes its own partial sum.

@@ -180,6 +180,11 @@ def varlen_attention_ref(
 # blocks [cu_seqlens[b] // BLOCK + b, cu_seqlens[b+1] // BLOCK + b + 1), at least
 # cdiv(len_b, BLOCK) of them, so a grid of total // BLOCK + batch programs covers every block and
 # wastes at most one program per sequence; a program finds its sequence by binary search.
+#
+# Indices (rows within a sequence, heads) are int32; each is widened to int64 before it meets a
+# stride, since a packed batch, one long document's keys and the lse `[num_heads, total_q]` can
+# each exceed 2**31 elements. Widened once per tile row, the multiply stays a single wide
+# multiply-add. tests/kernels/test_compile_sm90_varlen_attention.py checks every stride for it.
 # ---------------------------------------------------------------------------------------------
 
 import os
@@ -293,8 +298,8 @@ def _load_tile(ptrs, rows, num_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 def _load_rows(base, rows, stride, num_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                UPCAST: tl.constexpr):
     """Rows `rows` of the [num_rows, HEAD_DIM] matrix at `base` with row stride `stride`, zeros past its end."""
-    return _load_tile(base + rows[:, None] * stride + offs_d[None, :], rows, num_rows, offs_d, HEAD_DIM, BLOCK_D,
-                      UPCAST)
+    return _load_tile(base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :], rows, num_rows, offs_d, HEAD_DIM,
+                      BLOCK_D, UPCAST)
 
 
 @triton.jit
@@ -361,7 +366,7 @@ def _varlen_attention_fwd_kernel(
 ):
     # Last query blocks first: under a causal mask they see the most keys.
     block = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)
     seq, q_start, len_q, first_row = _block_in_sequence(cu_seqlens_q, block, batch, BLOCK_M)
     if first_row >= len_q:
         return
@@ -416,7 +421,7 @@ def _varlen_attention_bwd_delta_kernel(
 ):
     """delta[h, t] = sum_d out[t, h, d] * dout[t, h, d] - dlse[h, t]."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < total_q) & (offs_d[None, :] < HEAD_DIM)
     rows64 = rows.to(tl.int64)
@@ -443,7 +448,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     With D_SPLIT = 2, each program owns half of dK/dV's columns (the scores still need all of
     head_dim): at head_dim 256 two full [BLOCK_N, 256] fp32 accumulators would spill registers."""
     block = tl.program_id(0)
-    kv_head = tl.program_id(1) // D_SPLIT
+    kv_head = (tl.program_id(1) // D_SPLIT).to(tl.int64)
     part = tl.program_id(1) % D_SPLIT
     seq, k_start, len_k, first_col = _block_in_sequence(cu_seqlens_k, block, batch, BLOCK_N)
     if first_col >= len_k:
@@ -521,7 +526,7 @@ def _varlen_attention_bwd_dq_kernel(
 ):
     """Per query block: dQ, over the same key range as the forward."""
     block = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)
     seq, q_start, len_q, first_row = _block_in_sequence(cu_seqlens_q, block, batch, BLOCK_M)
     if first_row >= len_q:
         return

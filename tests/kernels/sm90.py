@@ -36,9 +36,25 @@ def triton_site_id(site):
     return "installed-triton" if site is None else f"triton-{site.name}"
 
 
-def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages):
-    """Compile `fn` for sm_90; return whether it uses wgmma and TMA loads, its shared memory in bytes and its
-    per-thread REG, STACK and LOCAL (bytes spilled) as cuobjdump reports them."""
+def narrow_uses(ttir, args):
+    """Those of the i32 arguments `args` that the TTIR uses other than by sign-extending them to i64.
+
+    A stride that meets an offset only as i64 cannot overflow, whatever the index it multiplies;
+    one used as i32 multiplies in 32 bits, which wraps for tensors of 2**31 elements or more."""
+    signature = next(line for line in ttir.splitlines() if "tt.func" in line)
+    assert all(f"%{arg}: i32" in signature for arg in args), (args, signature)
+    uses = [line for line in ttir.splitlines() if "tt.func" not in line]
+    return sorted({
+        arg for arg in args
+        for line in uses
+        if re.search(rf"%{arg}\b", line) and not re.search(rf"arith\.extsi %{arg} : i32 to i64", line)
+    })
+
+
+def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages, wide_args=()):
+    """Compile `fn` for sm_90; return whether it uses wgmma and TMA loads, its shared memory in bytes, its
+    per-thread REG, STACK and LOCAL (bytes spilled) as cuobjdump reports them, and `narrow`: those of
+    the stride arguments `wide_args` that some offset uses in 32 bits (`narrow_uses`)."""
     kernel = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
@@ -53,6 +69,7 @@ def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages):
         wgmma="nvidia_mma<{versionMajor = 3" in kernel.asm["ttgir"],
         tma_loads="cp.async.bulk.tensor" in kernel.asm["ptx"],
         shared=kernel.metadata.shared,
+        narrow=narrow_uses(kernel.asm["ttir"], wide_args),
         **{k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage.stdout)},
     )
 

@@ -1,4 +1,5 @@
-"""Every shipped int8 KV cache kernel config compiles for sm_90: shared memory, no spills.
+"""Every shipped int8 KV cache kernel config compiles for sm_90: shared memory, no spills, and 64-bit
+offsets into the cache and the new keys (one head's cache passes 2**31 elements at 16M positions).
 
 The compile runs in a subprocess, this file run as a script (tests/kernels/sm90.py says why).
 Pointers and the strides of q, the int8 tiles and out carry the 16-divisibility Triton gives them
@@ -58,9 +59,9 @@ def _compile_all():
     from fused_train.kernels import int8_decode_attention as decode
     from fused_train.kernels import int8_kv_quantize as quantize
 
-    def compile_one(name, fn, kinds, constexprs, num_warps, num_stages):
+    def compile_one(name, fn, kinds, constexprs, num_warps, num_stages, narrow_args=()):
         """`kinds` maps pointer arguments to their element type; other arguments are i32 or, for
-        scales, fp32."""
+        scales, fp32. Every stride but `narrow_args` must multiply in 64 bits."""
         signature = {}
         for arg in (param.name for param in fn.params if not param.is_constexpr):
             if arg in kinds:
@@ -74,7 +75,8 @@ def _compile_all():
             for arg, kind in signature.items()
             if kind.startswith("*") or (kind == "i32" and arg not in UNALIGNED)
         }
-        kernel = compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages)
+        wide = [arg for arg in signature if arg.startswith("stride") and arg not in narrow_args]
+        kernel = compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages, wide)
         return dict(name=name, **kernel)
 
     results = []
@@ -87,8 +89,9 @@ def _compile_all():
                           BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False)
         name = (f"split {dtype} head_dim {head_dim} BLOCK_M {block_m}{' softcap' if softcap else ''}"
                 f"{'' if has_recent else ' no ring'}")
+        # Below their int64 (sequence, head) bases, q and the exact ring are small.
         result = compile_one(name, decode._int8_decode_attention_split_kernel, kinds, constexprs, num_warps,
-                             num_stages)
+                             num_stages, ("stride_qh", "stride_qt", "stride_krt", "stride_vrt"))
         result["expect_wgmma"] = block_m % 64 == 0
         results.append(result)
     for dtype, head_dim, block_s in (("bf16", 256, 16), ("fp32", 128, 1), ("fp16", 80, 4)):
@@ -96,7 +99,7 @@ def _compile_all():
         result = compile_one(
             f"combine {dtype} head_dim {head_dim} {block_s} splits", decode._int8_decode_attention_combine_kernel,
             dict(PartOut="fp32", PartLse="fp32", Out=dtype), dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s),
-            decode._COMBINE_WARPS, 1,
+            decode._COMBINE_WARPS, 1, ("stride_oh", "stride_ot"),
         )
         result["expect_wgmma"] = None  # a weighted sum over splits, no matmul
         results.append(result)
@@ -137,6 +140,7 @@ def test_every_int8_kv_config_compiles_for_sm90(compiled):
         assert kernel["expect_wgmma"] is None or kernel["wgmma"] == kernel["expect_wgmma"], kernel
         assert kernel["shared"] <= SHARED_LIMIT, kernel
         assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel
+        assert kernel["narrow"] == [], kernel
 
 
 def test_quantize_divides_and_rounds_exactly_on_sm90(compiled):

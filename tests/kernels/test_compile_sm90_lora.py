@@ -1,4 +1,5 @@
-"""Every shipped LoRA kernel config compiles for sm_90: wgmma where it matters, shared memory, no spills.
+"""Every shipped LoRA kernel config compiles for sm_90: wgmma where it matters, shared memory, no spills,
+and 64-bit offsets along the token-sized operands' rows and W's rows.
 
 The compile runs in a subprocess, this file run as a script (tests/kernels/sm90.py says why).
 Variants are compiled with the 16-divisibility Triton gives real 7B-class shapes (hidden sizes and
@@ -56,7 +57,7 @@ def _compile_all():
 
     results = []
 
-    def compile_one(name, fn, signature, constexprs, config, aligned, needs_wgmma):
+    def compile_one(name, fn, signature, constexprs, config, aligned, needs_wgmma, wide_args):
         constexprs = constexprs | {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
         unaligned = {"rank", "M", "T", "lora_scale", "keep_scale", "scale"}
         attrs = {
@@ -64,7 +65,7 @@ def _compile_all():
             for i, (arg, kind) in enumerate(signature.items())
             if aligned and kind != "constexpr" and not kind.startswith("tensordesc") and arg not in unaligned
         }
-        usage = compile_for_sm90(fn, signature, constexprs, attrs, config["num_warps"], config["num_stages"])
+        usage = compile_for_sm90(fn, signature, constexprs, attrs, config["num_warps"], config["num_stages"], wide_args)
         results.append(dict(name=name, aligned=aligned, needs_wgmma=needs_wgmma, **usage))
 
     gemm_args = (
@@ -90,7 +91,12 @@ def _compile_all():
             INT4_GROUP=lora.INT4_GROUP_SIZE,
             UPCAST=False,
         )
-        compile_one(name, lora._lora_gemm_kernel, signature, constexprs, lora.GEMM_CONFIGS[config_name], aligned, True)
+        # Row strides of a (x or dy), the dropout mask, out and W. dx steps through W's rows by pointer
+        # increments of BLOCK_K rows (64-bit adds to the pointers) but for int4 tiles, which index them.
+        w_rows = "stride_wk" if backward else "stride_wn"
+        wide = ["stride_am", "stride_keep_m", "stride_om"] + ([] if backward and w_dtype != "i4" else [w_rows])
+        compile_one(name, lora._lora_gemm_kernel, signature, constexprs, lora.GEMM_CONFIGS[config_name], aligned, True,
+                    wide)
 
     # The TMA kernel: 16-bit float W only; TMA itself handles tails, so every variant is aligned.
     tma_args = (
@@ -108,7 +114,8 @@ def _compile_all():
             stride_lr=1, HAS_BIAS=not backward, HAS_KEEP=backward, W_TRANSPOSED=not backward, BLOCK_R=block_r,
             UPCAST=False,
         )  # fmt: skip
-        compile_one(f"tma {name}", lora._lora_gemm_tma_kernel, signature, constexprs, config, True, True)
+        compile_one(f"tma {name}", lora._lora_gemm_tma_kernel, signature, constexprs, config, True, True,
+                    ["stride_keep_m", "stride_om"])
 
     shrink_args = "a_ptr m_ptr keep_ptr out_ptr M K rank stride_am stride_ak stride_mr stride_mk stride_keep_m stride_om scale".split()
     reduce_args = (
@@ -123,12 +130,14 @@ def _compile_all():
                 signature = dict(zip(shrink_args, kinds)) | {"stride_ak": "constexpr"}
                 constexprs = dict(stride_ak=1, HAS_KEEP=has_keep, BLOCK_R=block_r, UPCAST=False)
                 config = lora.shrink_config(block_r, has_keep)
-                compile_one(f"shrink {variant}", lora._lora_shrink_kernel, signature, constexprs, config, True, False)
+                compile_one(f"shrink {variant}", lora._lora_shrink_kernel, signature, constexprs, config, True, False,
+                            ["stride_am", "stride_keep_m"])
                 kinds = ["*fp32", f"*{dtype}", "*u8", "*fp32"] + ["i32"] * 11 + ["fp32"]
                 signature = dict(zip(reduce_args, kinds)) | {"stride_qn": "constexpr"}
                 constexprs = dict(stride_qn=1, HAS_KEEP=has_keep, BLOCK_R=block_r, UPCAST=False)
                 config = lora.reduce_config(block_r, has_keep)
-                compile_one(f"reduce {variant}", lora._lora_reduce_tokens_kernel, signature, constexprs, config, True, False)
+                compile_one(f"reduce {variant}", lora._lora_reduce_tokens_kernel, signature, constexprs, config, True,
+                            False, ["stride_qt", "stride_keep_t"])
     return results
 
 
@@ -144,6 +153,7 @@ def test_every_lora_config_compiles_for_sm90(compiled):
         if kernel["needs_wgmma"]:
             assert kernel["wgmma"], kernel
         assert kernel["tma_loads"] == kernel["name"].startswith("tma "), kernel
+        assert kernel["narrow"] == [], kernel
         # Tails are rare in real layers; there only correctness (and the limits above) is required.
         if kernel["aligned"]:
             assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel

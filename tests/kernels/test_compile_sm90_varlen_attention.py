@@ -1,4 +1,5 @@
-"""Every shipped varlen attention config compiles for sm_90: wgmma, shared memory, no spills.
+"""Every shipped varlen attention config compiles for sm_90: wgmma, shared memory, no spills, and
+every stride multiplies in 64 bits (packed batches and long documents pass 2**31 elements).
 
 The compile runs in a subprocess, this file run as a script (tests/kernels/sm90.py says why).
 Pointers and strides carry the 16-divisibility Triton gives them at launch for real shapes
@@ -63,7 +64,8 @@ def _compile_all():
             for arg, kind in signature.items()
             if kind.startswith("*") or (kind == "i32" and arg not in unaligned)
         }
-        return dict(name=name, **compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages))
+        strides = [arg for arg in signature if arg.startswith("stride")]
+        return dict(name=name, **compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages, strides))
 
     results = []
     for dtype, head_dim, softcap in _variants():
@@ -96,6 +98,7 @@ def test_every_varlen_attention_config_compiles_for_sm90(compiled):
         assert kernel["wgmma"] in (True, None), kernel
         assert kernel["shared"] <= SHARED_LIMIT, kernel
         assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel
+        assert kernel["narrow"] == [], kernel
 
 
 if __name__ == "__main__":
