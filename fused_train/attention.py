@@ -2,14 +2,12 @@
 
 import torch
 
-from fused_train.attention_ops import varlen_attention_triton
-from fused_train.dispatch import triton_runs_on
-from fused_train.kernels.varlen_attention import (
-    MAX_HEAD_DIM,
-    check_varlen_inputs,
-    kernel_supports,
-    varlen_attention_ref,
-)
+from fused_train.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
+from fused_train.kernels.varlen_attention_ref import check_varlen_inputs, varlen_attention_ref
+
+if HAS_TRITON:
+    from fused_train.attention_ops import varlen_attention_triton
+    from fused_train.kernels.varlen_attention import FP32_MAX_HEAD_DIM, MAX_HEAD_DIM, kernel_supports
 
 
 def varlen_attention(
@@ -61,6 +59,11 @@ def varlen_attention(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, check_cu_seqlens
             )
             return (out, lse) if return_lse else out
+        warn_reference_path(q, f"varlen_attention {q.dtype}", (
+            f"varlen_attention on {q.dtype} CUDA tensors of head_dim {q.shape[-1]} runs the PyTorch reference, one "
+            f"attention per document: the kernel takes float16 and bfloat16 up to head_dim {MAX_HEAD_DIM}, float32 "
+            f"up to {FP32_MAX_HEAD_DIM}. Pass bfloat16 or float16 inputs to run it."
+        ))  # fmt: skip
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens)
     return varlen_attention_ref(
         q,

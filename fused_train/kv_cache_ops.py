@@ -9,9 +9,13 @@ run (`triton_runs_on`), the public functions run the same checks, then the plain
 
 import torch
 
-from fused_train.dispatch import triton_runs_on
-from fused_train.kernels import int8_decode_attention as decode_kernel
-from fused_train.kernels import int8_kv_quantize as quantize_kernel
+from fused_train.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
+from fused_train.kernels import int8_decode_attention_ref as decode_ref
+from fused_train.kernels import int8_kv_quantize_ref as quantize_ref
+
+if HAS_TRITON:
+    from fused_train.kernels import int8_decode_attention as decode_kernel
+    from fused_train.kernels import int8_kv_quantize as quantize_kernel
 
 
 @torch.library.custom_op("fused_train::quantize_kv_append", mutates_args=("data", "scale"))
@@ -65,8 +69,8 @@ def quantize_kv_append(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     if triton_runs_on(data, x, scale):
         quantize_kv_append_op(x, data, scale, start)  # its launcher checks the inputs
         return
-    quantize_kernel.check_quantize_kv_append_inputs(x, data, scale, start)
-    new_data, new_scale = quantize_kernel.quantize_kv_ref(x)
+    quantize_ref.check_quantize_kv_append_inputs(x, data, scale, start)
+    new_data, new_scale = quantize_ref.quantize_kv_ref(x)
     data[:, :, start : start + x.shape[2]] = new_data
     scale[:, :, start : start + x.shape[2]] = new_scale
 
@@ -108,24 +112,27 @@ def int8_decode_attention(
 
     Returns `out` like `q`; a query that sees no key gets zeros. The Triton kernel runs where
     `triton_runs_on` says so (float32 on a GPU only where tf32 matmuls are allowed), for head_dim up
-    to 256; elsewhere the reference in `fused_train.kernels.int8_decode_attention` runs.
+    to 256; elsewhere the reference in `fused_train.kernels.int8_decode_attention_ref` runs (on CUDA
+    tensors, with a one-time warning).
     """
     tensors = tuple(t for t in (k_data, k_scale, v_data, v_scale, key_start, k_recent, v_recent) if t is not None)
-    if (
-        triton_runs_on(q, *tensors)
-        and q.dtype in decode_kernel.KERNEL_DTYPES
-        and q.shape[-1] <= decode_kernel.MAX_HEAD_DIM
-    ):
-        scale = None if softmax_scale is None else float(softmax_scale)
-        # Its launcher checks the inputs: once per call on the decode path, where this runs per layer.
-        return int8_decode_attention_op(
-            q, k_data, k_scale, v_data, v_scale, kv_len, key_start, scale, int(window_left), float(softcap),
-            k_recent, v_recent, exact_from, num_splits,
-        )  # fmt: skip
-    decode_kernel.check_int8_decode_attention_inputs(
+    if triton_runs_on(q, *tensors):
+        if q.dtype in decode_kernel.KERNEL_DTYPES and q.shape[-1] <= decode_kernel.MAX_HEAD_DIM:
+            scale = None if softmax_scale is None else float(softmax_scale)
+            # Its launcher checks the inputs: once per call on the decode path, where this runs per layer.
+            return int8_decode_attention_op(
+                q, k_data, k_scale, v_data, v_scale, kv_len, key_start, scale, int(window_left), float(softcap),
+                k_recent, v_recent, exact_from, num_splits,
+            )  # fmt: skip
+        warn_reference_path(q, f"int8_decode_attention {q.dtype}", (
+            f"int8_decode_attention on {q.dtype} CUDA tensors of head_dim {q.shape[-1]} runs the PyTorch reference, "
+            "which dequantizes the whole cache at every call: the kernel takes float16, bfloat16 and float32 up to "
+            f"head_dim {decode_kernel.MAX_HEAD_DIM}."
+        ))  # fmt: skip
+    decode_ref.check_int8_decode_attention_inputs(
         q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap, k_recent, v_recent, exact_from
     )
-    return decode_kernel.int8_decode_attention_ref(
+    return decode_ref.int8_decode_attention_ref(
         q, k_data, k_scale, v_data, v_scale, kv_len, key_start, softmax_scale, window_left, softcap,
         k_recent, v_recent, exact_from,
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """Public fused LoRA linear: custom ops over the Triton kernels, their autograd, input checks, dispatch.
 
 `lora_linear` computes `y = x·Wᵀ + bias + scaling · (dropout(x)·Aᵀ)·Bᵀ` (the math and its
-gradients are written out in `fused_train.kernels.lora`). The dropout mask is drawn here with
+gradients are written out in `fused_train.kernels.lora_ref`). The dropout mask is drawn here with
 `torch.bernoulli` from torch's generator, so `torch.manual_seed` and activation checkpointing
 (which replays the RNG state) reproduce it; on CPU it is the same mask `nn.Dropout` would draw.
 The backward keeps `x`, the bool mask and the fp32 `[tokens, r]` product `S`; it never computes dW.
@@ -9,8 +9,11 @@ The backward keeps `x`, the bool mask and the fp32 `[tokens, r]` product `S`; it
 
 import torch
 
-from fused_train.dispatch import triton_runs_on
-from fused_train.kernels.lora import INT4_GROUP_SIZE, MAX_RANK, lora_linear_bwd, lora_linear_fwd, lora_linear_ref
+from fused_train.dispatch import HAS_TRITON, triton_runs_on
+from fused_train.kernels.lora_ref import INT4_GROUP_SIZE, MAX_RANK, lora_linear_ref
+
+if HAS_TRITON:
+    from fused_train.kernels.lora import lora_linear_bwd, lora_linear_fwd
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -125,7 +128,7 @@ def lora_linear(
         x: `[..., in]`, float16, bfloat16 or float32.
         weight: frozen `W`: `[out, in]` in the dtype of `x`; or int8 `[out, in]` with
             `weight_scale`; or int4 packed two per byte, uint8 `[out, ceil(in / 64) · 32]`, with
-            `weight_scale` and `weight_offset` (`fused_train.kernels.lora.quantize_int4` makes all three).
+            `weight_scale` and `weight_offset` (`fused_train.kernels.lora_ref.quantize_int4` makes all three).
         lora_a: `A` `[r, in]`, 1 <= r <= 128; `lora_b`: `B` `[out, r]`; both of one float dtype
             (that of `x`, or float32 as peft keeps adapters); gradients flow to both.
         scaling: the LoRA scale `s` (peft: `lora_alpha / r`).

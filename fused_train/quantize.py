@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from fused_train.kernels.lora import dequantize_int4, quantize_int4, quantize_int8
+from fused_train.kernels.lora_ref import dequantize_int4, quantize_int4, quantize_int8
 
 logger = logging.getLogger("fused_train")
 

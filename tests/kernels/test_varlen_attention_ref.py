@@ -4,7 +4,7 @@ explicit-scores branch, which the kernel tests compare the kernel against."""
 import pytest
 import torch
 
-from fused_train.kernels.varlen_attention import varlen_attention_ref
+from fused_train.kernels.varlen_attention_ref import varlen_attention_ref
 
 CASES = {
     "causal": ([1, 37, 0, 12], None, 4, 2, dict(causal=True)),
