@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_device_of_first_argument
 from .int8_decode_attention_ref import (  # noqa: F401
     check_int8_decode_attention_inputs,
     dequantize_cache_ref,
@@ -250,6 +251,7 @@ def _num_splits(programs, kv_len, block_n, device):
     return max(1, min(wanted, _MAX_SPLITS, triton.cdiv(kv_len, block_n) // _MIN_BLOCKS_PER_SPLIT))
 
 
+@on_device_of_first_argument
 def int8_decode_attention(
     q, k_data, k_scale, v_data, v_scale, kv_len, key_start=None, softmax_scale=None, window_left=-1, softcap=0.0,
     k_recent=None, v_recent=None, exact_from=None, num_splits=None, config=None,

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_device_of_first_argument
 from .int8_kv_quantize_ref import (  # noqa: F401
     KERNEL_DTYPES,
     MAX_HEAD_DIM,
@@ -66,6 +67,7 @@ def _quantize_kv_append_kernel(
     tl.store(s_base + positions, scale, mask=tokens < new_tokens)
 
 
+@on_device_of_first_argument
 def quantize_kv_append(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, start: int) -> None:
     """Quantize `x` `[batch, num_kv_heads, new_tokens, head_dim]` into positions
     `[start, start + new_tokens)` of `data` (int8) and `scale` (float32), in place; bit-exact with

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_device_of_first_argument
 from .lora_ref import (  # noqa: F401
     INT4_GROUP_SIZE,
     MAX_RANK,
@@ -496,6 +497,7 @@ def _choose_gemm_way(key, ways, launch):
     return _CHOSEN_GEMM_WAYS[key]
 
 
+@on_device_of_first_argument
 def lora_gemm(
     a, w, w_is_transposed, weight_scale, weight_offset, lora_left, lora_right, lora_scale, bias, keep_mask, keep_scale,
     out_dtype,
@@ -582,6 +584,7 @@ def _launch_gemm(
     )  # fmt: skip
 
 
+@on_device_of_first_argument
 def lora_shrink(a, m, scale, keep_mask=None):
     """fp32 `[M, r]` = scale · (a ⊙ keep_mask) · mᵀ for `a` `[M, K]`, `m` `[r, K]` (any strides)."""
     M, K = a.shape
@@ -601,6 +604,7 @@ def lora_shrink(a, m, scale, keep_mask=None):
     return out
 
 
+@on_device_of_first_argument
 def lora_reduce_tokens(p, q, scale, keep_mask=None):
     """fp32 `[N, r]` = scale · (q ⊙ keep_mask)ᵀ · p for `p` `[T, r]`, `q` `[T, N]`."""
     T, N = q.shape

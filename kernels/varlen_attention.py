@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_device_of_first_argument
 from .varlen_attention_ref import check_varlen_inputs, varlen_attention_ref, visible_keys_mask  # noqa: F401
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -459,6 +460,7 @@ def _config(tables, q, config, interpreter_config):
     return (table_fp32 if q.dtype == torch.float32 else table_16bit)[block_d_of(q.shape[2])]
 
 
+@on_device_of_first_argument
 def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None,
                          window_size=(-1, -1), softcap=0.0, config=None, check_cu_seqlens_values=True):
     """Triton forward: `(out, lse)`, `out` like `q`, `lse` `[num_heads, total_q]` float32 (natural log).
@@ -484,6 +486,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, soft
     return out, lse
 
 
+@on_device_of_first_argument
 def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None,
                          window_size=(-1, -1), softcap=0.0, dlse=None, dkdv_config=None, dq_config=None):
     """Triton backward: `(dq, dk, dv)` from the forward's `out` and `lse`, and `dout` (and `dlse`, the

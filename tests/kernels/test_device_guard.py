@@ -1,0 +1,60 @@
+"""Kernels launch on their tensors' GPU, not on the current one (a model on cuda:1, or spread over
+GPUs by `device_map="auto"`). Needs two GPUs: without the guard, Triton launches on cuda:0 with
+pointers into cuda:1's memory."""
+
+import pytest
+import torch
+
+import fused_train
+from fused_train.kernels.int8_decode_attention_ref import int8_decode_attention_ref
+from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
+from fused_train.kernels.lora_ref import lora_linear_ref
+from fused_train.kernels.varlen_attention_ref import varlen_attention_ref
+from fused_train.kv_cache_ops import int8_decode_attention, quantize_kv_append
+
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+def _assert_close(got, expected):
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_every_kernel_runs_on_cuda_1_while_cuda_0_is_current():
+    device = torch.device("cuda:1")
+    torch.cuda.set_device(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+
+    q = torch.randn(40, 4, 64, **bf16, requires_grad=True)
+    k, v = (torch.randn(40, 2, 64, **bf16, requires_grad=True) for _ in range(2))
+    cu_seqlens = torch.tensor([0, 17, 40], device=device, dtype=torch.int32)
+    out = fused_train.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, 23, 23, causal=True)
+    out.float().sum().backward()
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = varlen_attention_ref(*leaves, cu_seqlens, cu_seqlens, causal=True)
+    expected.sum().backward()
+    _assert_close(out, expected)
+    for got, leaf in zip((q, k, v), leaves):
+        _assert_close(got.grad, leaf.grad)
+
+    x = torch.randn(24, 64, **bf16, requires_grad=True)
+    weight = torch.randn(48, 64, **bf16) / 8
+    lora_a, lora_b = torch.randn(8, 64, **bf16) / 8, torch.randn(48, 8, **bf16)
+    y = fused_train.lora_linear(x, weight, lora_a, lora_b, 2.0)
+    y.float().sum().backward()
+    x_ref = x.detach().float().requires_grad_()
+    expected = lora_linear_ref(x_ref, weight.float(), lora_a.float(), lora_b.float(), 2.0)
+    expected.sum().backward()
+    _assert_close(y, expected)
+    _assert_close(x.grad, x_ref.grad)
+
+    new = torch.randn(1, 2, 5, 64, **bf16)
+    data, scale = torch.zeros(1, 2, 8, 64, device=device, dtype=torch.int8), torch.zeros(1, 2, 8, device=device)
+    quantize_kv_append(new, data, scale, 0)
+    expected_data, expected_scale = quantize_kv_ref(new)
+    assert torch.equal(data[:, :, :5], expected_data) and torch.equal(scale[:, :, :5], expected_scale)
+    query = torch.randn(1, 4, 1, 64, **bf16)
+    got = int8_decode_attention(query, data, scale, data, scale, 5)
+    _assert_close(got, int8_decode_attention_ref(query, data, scale, data, scale, 5))
+
+    torch.cuda.synchronize(device)
+    assert torch.cuda.current_device() == 0
