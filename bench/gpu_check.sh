@@ -8,10 +8,20 @@ OUT=${OUT:-bench/results/gpu-latest}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 start=$SECONDS
+# The whole run must end within a device session (9 minutes): each step's limit is cut to what is
+# left of BUDGET seconds, and a step with nothing left is recorded as timed out (rc=124) at 0 s.
+BUDGET=${BUDGET:-520}
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, record its status
     local name=$1 limit=$2
     shift 2
+    local left=$((BUDGET - (SECONDS - start)))
+    if ((left <= 0)); then
+        echo "=== $name skipped: no time left ==="
+        echo "$name rc=124 seconds=0" | tee -a "$OUT/steps.txt"
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "=== $name (limit ${limit}s) ==="
     local t0=$SECONDS
     timeout "$limit" "$@"
@@ -26,8 +36,8 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton
       "| transformers", transformers.__version__, "|", torch.cuda.get_device_name(0))
 PY
 # Benchmarks first: they are the numbers this run exists for, those never measured on a GPU
-# before the others. The limits add up to ~700 s; a device session runs ~540 s, so when every
-# step runs long it is the tests that get cut, not the figures. bench_lora compiles and times every
+# before the others. The limits add up to ~700 s, more than BUDGET: when every step runs long it is
+# the tests that get cut, not the figures. bench_lora compiles and times every
 # way its two GEMMs can run at their first call (kernels/lora.py, _choose_gemm_way): hence 150 s.
 step bench_varlen_attention 110 python3 bench/bench_varlen_attention.py --quick --out "$OUT"
 step bench_kv_cache 70 python3 bench/bench_kv_cache.py --quick --out "$OUT"
@@ -38,6 +48,8 @@ step demo 50 python3 bench/demo.py --quick --out "$OUT"
 # tests/test_bench_kv.py and tests/test_bench_lora.py rerun benches in --quick mode (the KV and LoRA ones
 # above, and eval_quantized_base, a CPU-sized training run): they would eat the tests step, so skipped here.
 # The sm_90 compile tests need no GPU and CI runs them under this machine's Triton too: skipped here.
+# tests/kernels runs first, with the GPU-only cases: tensors past 2**31 elements (a long document,
+# an lm_head-sized LoRA GEMM, a 16.7M-position cache head) and, with two GPUs, kernels on cuda:1.
 step tests 150 python3 -m pytest tests -q --maxfail=10 --ignore tests/test_trainers.py --ignore tests/test_bench_kv.py \
     --ignore tests/test_bench_lora.py --ignore-glob 'tests/kernels/test_compile_sm90_*.py' \
     --junitxml "$OUT/tests.xml" -p no:cacheprovider
