@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fused_train.attention import varlen_attention
-from fused_train.kernels.int8_decode_attention import dequantize_cache_ref
+from fused_train.kernels.int8_decode_attention_ref import dequantize_cache_ref
 from fused_train.kv_cache_ops import int8_decode_attention
 from fused_train.layout import left_padding, varlen_layout
 

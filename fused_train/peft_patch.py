@@ -21,7 +21,7 @@ import torch.nn as nn
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
-from fused_train.kernels.lora import MAX_RANK
+from fused_train.kernels.lora_ref import MAX_RANK
 from fused_train.lora import lora_linear
 from fused_train.quantize import QuantizedLinear
 
