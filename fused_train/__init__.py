@@ -4,6 +4,7 @@ from fused_train.attention import varlen_attention
 from fused_train.collator import PackedCollator, block_diagonal_causal_mask
 from fused_train.kv_cache import Int8KVCache
 from fused_train.lora import lora_linear
+from fused_train.multi_lora import multi_lora_linear
 from fused_train.packing import plan_packing, plan_packing_arrays
 from fused_train.patching import TESTED_MODEL_TYPES, is_patched, patch, unpatch
 from fused_train.quantize import dequantize_base, quantize_base
@@ -18,6 +19,7 @@ __all__ = [
     "dequantize_base",
     "is_patched",
     "lora_linear",
+    "multi_lora_linear",
     "patch",
     "plan_packing",
     "plan_packing_arrays",

@@ -1,0 +1,134 @@
+"""Multi-LoRA linear (one adapter slot per token) vs a float64 per-token loop."""
+
+import pytest
+import torch
+
+import fused_train
+from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
+from fused_train.kernels.multi_lora_ref import base_linear_ref, multi_lora_linear_ref
+from tests.conftest import DEVICE
+
+
+def _adapters(num_slots, r_max, in_features, out_features, ranks, dtype, pad=0.0):
+    """Stacks whose entries past each slot's rank hold `pad` (NaN: they must never be read)."""
+    lora_a = torch.randn(num_slots, r_max, in_features, device=DEVICE) / in_features**0.5
+    lora_b = torch.randn(num_slots, out_features, r_max, device=DEVICE)
+    in_rank = torch.arange(r_max, device=DEVICE) < ranks[:, None]
+    lora_a = torch.where(in_rank[:, :, None], lora_a, pad).to(dtype)
+    lora_b = torch.where(in_rank[:, None, :], lora_b, pad).to(dtype)
+    return lora_a, lora_b
+
+
+def _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=None, **quantized):
+    """float64, one token at a time, reading only each slot's first `ranks[s]` rows."""
+    if quantized:
+        weight = base_linear_ref(torch.eye(x.shape[1], device=DEVICE), weight, None, **quantized).T
+    y = x.double() @ weight.double().T
+    if bias is not None:
+        y += bias.double()
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot >= 0:
+            rank = int(ranks[slot])
+            shrunk = x[t].double() @ lora_a[slot, :rank].double().T
+            y[t] += float(scalings[slot]) * shrunk @ lora_b[slot, :, :rank].double().T
+    return y
+
+
+@pytest.mark.parametrize("num_tokens, num_slots", [(3, 5), (5, 5), (40, 4), (0, 3)])
+def test_reference_matches_per_token_loop(num_tokens, num_slots):
+    """Both ways of the reference (gather per token when T <= S, every slot's A otherwise), with NaN padding."""
+    in_features, out_features, r_max = 33, 17, 16
+    ranks = torch.randint(0, r_max + 1, (num_slots,), dtype=torch.int32, device=DEVICE)
+    lora_a, lora_b = _adapters(num_slots, r_max, in_features, out_features, ranks, torch.float32, pad=float("nan"))
+    x = torch.randn(num_tokens, in_features, device=DEVICE)
+    weight = torch.randn(out_features, in_features, device=DEVICE)
+    token_slots = torch.randint(-1, num_slots, (num_tokens,), dtype=torch.int32, device=DEVICE)
+    scalings = torch.rand(num_slots, device=DEVICE)
+    y = multi_lora_linear_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks)
+    expected = _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _valid_inputs():
+    num_slots, r_max, in_features, out_features, tokens = 3, 8, 16, 12, 5
+    ranks = torch.tensor([8, 4, 0], dtype=torch.int32, device=DEVICE)
+    lora_a, lora_b = _adapters(num_slots, r_max, in_features, out_features, ranks, torch.float32)
+    return dict(
+        x=torch.randn(tokens, in_features, device=DEVICE),
+        weight=torch.randn(out_features, in_features, device=DEVICE),
+        lora_a=lora_a,
+        lora_b=lora_b,
+        token_slots=torch.tensor([0, -1, 2, 1, 0], dtype=torch.int32, device=DEVICE),
+        scalings=torch.ones(num_slots, device=DEVICE),
+        ranks=ranks,
+    )
+
+
+def _bad(**changes):
+    return changes
+
+
+BAD_INPUTS = {
+    "slot below -1": ("token_slots", _bad(token_slots=torch.tensor([0, -2, 0, 0, 0], dtype=torch.int32))),
+    "slot past S": ("token_slots", _bad(token_slots=torch.tensor([0, 3, 0, 0, 0], dtype=torch.int32))),
+    "int64 slots": ("token_slots", _bad(token_slots=torch.zeros(5, dtype=torch.int64))),
+    "slots per token": ("token_slots", _bad(token_slots=torch.zeros(4, dtype=torch.int32))),
+    "rank past r_max": ("ranks", _bad(ranks=torch.tensor([9, 4, 0], dtype=torch.int32))),
+    "negative rank": ("ranks", _bad(ranks=torch.tensor([8, -1, 0], dtype=torch.int32))),
+    "ranks per slot": ("ranks", _bad(ranks=torch.tensor([8, 4], dtype=torch.int32))),
+    "float scalings": ("scalings", _bad(scalings=torch.ones(3, dtype=torch.float16))),
+    "scalings per slot": ("scalings", _bad(scalings=torch.ones(2))),
+    "lora_a in": ("lora_a", _bad(lora_a=torch.zeros(3, 8, 15))),
+    "lora_a 2-D": ("lora_a", _bad(lora_a=torch.zeros(8, 16))),
+    "lora_a r_max": ("lora_a", _bad(lora_a=torch.zeros(3, 129, 16), lora_b=torch.zeros(3, 12, 129), ranks=None)),
+    "lora_b": ("lora_b", _bad(lora_b=torch.zeros(3, 12, 4))),
+    "lora dtype": ("lora_a and lora_b", _bad(lora_b=torch.zeros(3, 12, 8, dtype=torch.float16))),
+    "weight in": ("weight", _bad(weight=torch.zeros(12, 15))),
+    "weight dtype": ("weight", _bad(weight=torch.zeros(12, 16, dtype=torch.float16))),
+    "x dtype": ("x", _bad(x=torch.zeros(5, 16, dtype=torch.float64))),
+    "bias": ("bias", _bad(bias=torch.zeros(11))),
+    "int8 without scale": ("weight_scale", _bad(weight=torch.zeros(12, 16, dtype=torch.int8))),
+    "x requires grad": ("x", _bad(x=torch.zeros(5, 16, requires_grad=True))),
+    "device": ("on one device", _bad(scalings=torch.ones(3, device="meta"))),
+}
+
+
+@pytest.mark.parametrize("what", BAD_INPUTS)
+def test_bad_inputs_raise_naming_the_argument(what):
+    name, changes = BAD_INPUTS[what]
+    inputs = _valid_inputs() | {k: v.to(DEVICE) if v is not None and v.device.type != "meta" else v
+                                for k, v in changes.items()}  # fmt: skip
+    with pytest.raises(ValueError, match=name):
+        fused_train.multi_lora_linear(**inputs)
+
+
+def test_value_checks_can_be_skipped():
+    """check_values=False reads nothing back (a GPU hot loop); the shapes are still checked."""
+    inputs = _valid_inputs()
+    fused_train.multi_lora_linear(**inputs | dict(ranks=torch.tensor([8, 4, 0], dtype=torch.int32)), check_values=False)
+    with pytest.raises(ValueError, match="ranks"):
+        fused_train.multi_lora_linear(**inputs | dict(ranks=torch.zeros(2, dtype=torch.int32)), check_values=False)
+
+
+def test_leading_dimensions_and_default_ranks():
+    inputs = _valid_inputs()
+    x = inputs["x"][:4].reshape(2, 2, -1)
+    slots = inputs["token_slots"][:4]
+    full = torch.full((3,), 8, dtype=torch.int32, device=DEVICE)
+    expected = _loop_ref(x.reshape(4, -1), inputs["weight"], inputs["lora_a"], inputs["lora_b"], slots,
+                         inputs["scalings"], full).view(2, 2, -1)  # fmt: skip
+    for token_slots in (slots, slots.view(2, 2)):
+        y = fused_train.multi_lora_linear(**inputs | dict(x=x, token_slots=token_slots, ranks=None))
+        assert y.shape == (2, 2, 12)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_op_passes_opcheck():
+    inputs = _valid_inputs()
+    weight, weight_scale = quantize_int8(inputs["weight"])
+    args = (inputs["x"], weight, inputs["lora_a"], inputs["lora_b"], inputs["token_slots"], inputs["scalings"],
+            inputs["ranks"], torch.randn(12, device=DEVICE), weight_scale, None)  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_train.multi_lora_linear.default, args)
+    packed, scale, offset = quantize_int4(inputs["weight"])
+    args = args[:1] + (packed,) + args[2:8] + (scale, offset)
+    torch.library.opcheck(torch.ops.fused_train.multi_lora_linear.default, args)
