@@ -1,0 +1,536 @@
+"""`AdapterPool`: peft LoRA adapters served to a plain transformers model, many adapters in one batch.
+
+Tiers. `load(name, path)` reads and validates a peft adapter directory into host memory, the CPU
+tier (at most `max_cpu_loras` adapters; the least recently used is dropped first, stays
+registered, and is read from its directory again when next needed). A batch's adapters are copied
+into device slots (at most `max_loras`; the least recently used unpinned one is evicted first) by
+`slots_for` or `pin`. Every linear layer that some loaded adapter targets holds the stacked slots
+`lora_a [max_loras, max_rank, in]`, `lora_b [max_loras, out, max_rank]`, `ranks` and `scalings`;
+a slot whose adapter does not target that layer has rank 0 there.
+
+Forward. `token_slots = pool.slots_for(names, num_tokens)` gives one slot per token of the
+flattened batch (`-1` for the base model); a forward run under `with pool.activate(token_slots):`
+computes every targeted layer with `fused_train.multi_lora_linear`, one call per layer whatever
+the number of adapters. Layers that no adapter of the batch targets, and every layer outside the
+context, run their own forward: the model is the plain base. The layers are attached by an
+instance-level `forward` (nothing is added to parameters, buffers or `state_dict`); `close()`
+removes them.
+
+Leases, the rule that lets loads run while a batch runs: a slot is leased while a tensor that
+`slots_for` returned and that names it is alive, and while an `activate` context naming it runs.
+A leased slot is never evicted or overwritten, so a batch reads the adapters its `slots_for`
+gave it, whatever other threads load, pin or evict meanwhile. `unload` of a leased adapter
+unregisters it at once; its slot keeps its weights until the leases end. When a batch needs a
+slot and every slot is pinned or leased, `slots_for`/`pin` raise `NoFreeSlot` and change nothing.
+On CUDA slots are filled on a side stream, so the copies overlap the running step; a batch waits
+(on the device) for its slots' copies, and a copy into a slot waits for the last batch that read it.
+All bookkeeping holds one lock; a file read that `slots_for` needs (a CPU-tier miss) holds it too.
+
+Files. Only `adapter_config.json` + `adapter_model.safetensors` are read, with `safetensors`:
+nothing is ever unpickled, and a directory holding only `.bin`/`.pt` weights is refused. An adapter
+is validated whole before it is registered (its module names must name linear layers of this
+model, its shapes fit them, its rank be at most `max_rank`, its values be finite floats): a failed
+`load` raises `ValueError` saying what is wrong and leaves the pool as it was.
+"""
+
+import contextlib
+import contextvars
+import json
+import math
+import os
+import re
+import threading
+import time
+import weakref
+from collections import Counter, OrderedDict
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from fused_train.kernels.lora_ref import MAX_RANK
+from fused_train.multi_lora import multi_lora_linear
+
+BASE_ADAPTER = "__base__"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# peft's save_pretrained names a LoRA weight `base_model.model.<module name>.lora_<A|B>.weight`.
+_WEIGHT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+# LoraConfig fields that, when set, make an adapter more than scaled B·A on linear layers.
+_UNSUPPORTED_OPTIONS = (
+    "use_dora", "use_qalora", "lora_bias", "fan_in_fan_out", "alora_invocation_tokens", "modules_to_save",
+    "trainable_token_indices", "layer_replication", "target_parameters", "use_bdlora", "arrow_config",
+    "kasa_config", "velora_config", "monteclora_config",
+)  # fmt: skip
+_POOL_ATTRIBUTE = "_fused_train_adapter_pool"
+
+
+class NoFreeSlot(RuntimeError):
+    """A batch needs a device slot for an adapter, and every slot is pinned or leased."""
+
+
+class _HostAdapter(NamedTuple):
+    """A validated adapter in host memory: module name -> (lora_a [r, in], lora_b [out, r], scaling)."""
+
+    path: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class _Batch(NamedTuple):
+    token_slots: torch.Tensor
+    slots: frozenset[int]
+
+
+class _LayerSlots:
+    """The device slots of one linear layer, and the forward that reads them."""
+
+    def __init__(self, layer: nn.Linear, batch: contextvars.ContextVar, num_slots: int, max_rank: int):
+        weight = layer.weight
+        self.layer = layer
+        self.batch = batch
+        self.lora_a = torch.zeros(num_slots, max_rank, layer.in_features, dtype=weight.dtype, device=weight.device)
+        self.lora_b = torch.zeros(num_slots, layer.out_features, max_rank, dtype=weight.dtype, device=weight.device)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=weight.device)
+        self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)
+        # Slots with rank > 0 here; replaced, never mutated, so a running forward reads a consistent set.
+        self.targeted = frozenset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.batch.get()
+        if batch is None or batch.slots.isdisjoint(self.targeted):
+            return type(self.layer).forward(self.layer, x)
+        layer = self.layer
+        # The pool checked the slots once per batch; the op need not read them back per layer.
+        return multi_lora_linear(
+            x, layer.weight, self.lora_a, self.lora_b, batch.token_slots, self.scalings, self.ranks, bias=layer.bias,
+            check_values=False,
+        )  # fmt: skip
+
+
+class AdapterPool:
+    """peft LoRA adapters for `model` (a plain transformers model): `max_loras` device slots, a CPU
+    tier of `max_cpu_loras` adapters, ranks up to `max_rank`. See the module docstring."""
+
+    def __init__(self, model: nn.Module, *, max_loras: int, max_cpu_loras: int, max_rank: int):
+        for arg, value in (("max_loras", max_loras), ("max_cpu_loras", max_cpu_loras), ("max_rank", max_rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if max_rank > MAX_RANK:
+            raise ValueError(f"max_rank must be at most {MAX_RANK} (multi_lora_linear's largest rank), got {max_rank}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+            raise ValueError("model is a peft model; AdapterPool serves adapters on the plain base model")
+        if getattr(model, _POOL_ATTRIBUTE, None) is not None:
+            raise ValueError("model already has an AdapterPool; close() it first")
+        parameter = next(model.parameters(), None)
+        if parameter is None:
+            raise ValueError("model has no parameters")
+        self.max_loras, self.max_cpu_loras, self.max_rank = max_loras, max_cpu_loras, max_rank
+        self._model = model
+        self._modules = dict(model.named_modules())
+        self._device = parameter.device
+        self._lock = threading.RLock()
+        self._batch = contextvars.ContextVar("adapter_pool_batch", default=None)
+        self._paths: dict[str, str] = {}  # registered adapters, in load order
+        self._host: OrderedDict[str, _HostAdapter] = OrderedDict()  # CPU tier, least recently used first
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self._owner: list[str | None] = [None] * max_loras
+        self._pinned: set[str] = set()
+        self._leases: Counter[int] = Counter()
+        self._handed_out: dict[int, frozenset[int]] = {}  # id(token_slots) -> its slots, while it lives
+        self._layers: dict[str, _LayerSlots] = {}
+        self._counts = Counter(hits=0, loads=0, evictions=0, disk_reads=0, cpu_evictions=0)
+        self._load_ms = 0.0
+        on_cuda = self._device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self._device) if on_cuda else None
+        self._ready: list[torch.cuda.Event | None] = [None] * max_loras  # a slot's last copy
+        self._last_read: list[torch.cuda.Event | None] = [None] * max_loras  # the last batch that read a slot
+        setattr(model, _POOL_ATTRIBUTE, self)
+
+    # Registration.
+
+    def load(self, name: str, path: str | os.PathLike) -> None:
+        """Register the peft adapter in directory `path` as `name`, validated, into the CPU tier.
+
+        It takes a device slot when a batch first needs it (`slots_for`) or when pinned."""
+        if not isinstance(name, str) or not name or name == BASE_ADAPTER:
+            raise ValueError(f"name must be a non-empty str other than {BASE_ADAPTER!r}, got {name!r}")
+        path = os.fspath(path)
+        with self._lock:
+            self._check_new(name)
+        adapter = self._read(path)  # outside the lock: other threads keep scheduling batches meanwhile
+        with self._lock:
+            self._check_new(name)
+            self._counts["disk_reads"] += 1
+            self._paths[name] = path
+            self._keep_on_host(name, adapter)
+
+    def unload(self, name: str) -> None:
+        """Forget `name` (pinned or not). Batches already holding its slot keep it until their leases end."""
+        with self._lock:
+            self._check_known(name)
+            del self._paths[name]
+            self._host.pop(name, None)
+            self._pinned.discard(name)
+            slot = self._resident.pop(name, None)
+            if slot is not None:
+                self._owner[slot] = None
+
+    def pin(self, name: str) -> None:
+        """Give `name` a device slot now and never evict it until `unpin`. Raises `NoFreeSlot` when
+        every slot is pinned or leased."""
+        with self._lock:
+            self._check_known(name)
+            self._make_resident([name])
+            self._pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            self._check_known(name)
+            self._pinned.discard(name)
+
+    def names(self) -> list[str]:
+        """The registered adapters, in load order."""
+        with self._lock:
+            return list(self._paths)
+
+    def stats(self) -> dict:
+        """Counts since construction: `hits` (a batch's adapter already in a slot), `loads` (slots
+        filled), `evictions` (of device slots), `disk_reads` (files read, by `load` and by CPU-tier
+        misses), `cpu_evictions`; `load_ms`, host milliseconds spent filling slots (file re-reads
+        included; on CUDA the copies themselves run on a side stream); and the current tiers:
+        `resident` and `host` (least recently used first), `pinned`, `leased_slots`."""
+        with self._lock:
+            return {
+                **self._counts,
+                "load_ms": self._load_ms,
+                "resident": list(self._resident),
+                "host": list(self._host),
+                "pinned": sorted(self._pinned),
+                "leased_slots": sorted(slot for slot, count in self._leases.items() if count),
+            }
+
+    # Batches.
+
+    def slots_for(self, names, num_tokens=None) -> torch.Tensor:
+        """int32 slots on the model's device for a batch: one per entry of `names` (an adapter name, or
+        None / "__base__" for the base model), or, with `num_tokens` (one count per entry), each
+        entry's slot repeated that many times: per-token slots for a flat batch of requests, or
+        `num_tokens=[seq_len] * batch` for a padded `[batch, seq_len]` one.
+
+        Missing adapters are copied into slots, evicting the least recently used unpinned, unleased
+        ones; the returned tensor leases its slots while it lives (see the module docstring)."""
+        names = list(names)
+        for entry in names:
+            if entry is not None and not isinstance(entry, str):
+                raise ValueError(f"names must hold adapter names (str) or None, got {entry!r}")
+        if num_tokens is not None:
+            num_tokens = list(num_tokens)
+            if len(num_tokens) != len(names) or any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in num_tokens
+            ):
+                raise ValueError(f"num_tokens must hold one int >= 0 per name ({len(names)}), got {num_tokens!r}")
+        wanted = list(dict.fromkeys(entry for entry in names if entry not in (None, BASE_ADAPTER)))
+        if len(wanted) > self.max_loras:
+            raise ValueError(f"names holds {len(wanted)} distinct adapters, more than max_loras={self.max_loras}")
+        with self._lock:
+            for name in wanted:
+                self._check_known(name)
+            self._make_resident(wanted)
+            slot_of = {name: self._resident[name] for name in wanted}
+            row_slots = torch.tensor([slot_of.get(entry, -1) for entry in names], dtype=torch.int32)
+            if num_tokens is not None:
+                row_slots = row_slots.repeat_interleave(torch.tensor(num_tokens, dtype=torch.int64))
+            token_slots = row_slots.to(self._device)
+            slots = frozenset(slot_of.values())
+            self._lease(slots)
+            self._handed_out[id(token_slots)] = slots
+            weakref.finalize(token_slots, self._end_lease, id(token_slots), slots).atexit = False
+        return token_slots
+
+    @contextlib.contextmanager
+    def activate(self, token_slots: torch.Tensor):
+        """Within the context, forwards of the model apply each token's adapter: `token_slots` int32
+        `[tokens]` on the model's device, one per token of the flattened batch (`input_ids.numel()`
+        order), as `slots_for` gives. A tensor built elsewhere is checked against the slots' owners
+        (one device sync). The op is forward-only: run the model under `torch.inference_mode()` or
+        `torch.no_grad()`."""
+        if not isinstance(token_slots, torch.Tensor) or token_slots.dtype != torch.int32 or token_slots.dim() != 1:
+            raise ValueError(f"token_slots must be a 1-D int32 tensor, got {_describe(token_slots)}")
+        if token_slots.device != self._device:
+            raise ValueError(f"token_slots is on {token_slots.device}, the model on {self._device}")
+        with self._lock:
+            slots = self._handed_out.get(id(token_slots))
+            if slots is None:
+                slots = self._slots_named_by(token_slots)
+            self._lease(slots)
+            ready = [self._ready[slot] for slot in slots if self._ready[slot] is not None]
+        if ready:
+            stream = torch.cuda.current_stream(self._device)
+            for event in ready:
+                stream.wait_event(event)
+        reset = self._batch.set(_Batch(token_slots, slots))
+        try:
+            yield
+        finally:
+            self._batch.reset(reset)
+            with self._lock:
+                if self._copy_stream is not None:
+                    read = torch.cuda.Event()
+                    read.record(torch.cuda.current_stream(self._device))
+                    for slot in slots:
+                        self._last_read[slot] = read
+                self._end_lease(None, slots)
+
+    def close(self) -> None:
+        """Give every attached layer its own forward back and drop the slots: the model is the plain
+        base again, and another pool may be made on it."""
+        with self._lock:
+            if self._copy_stream is not None:
+                torch.cuda.synchronize(self._device)  # the slots' memory is freed below
+            for name in self._layers:
+                del self._modules[name].forward
+            self._layers.clear()
+            self._paths.clear()
+            self._host.clear()
+            self._resident.clear()
+            self._pinned.clear()
+            self._owner = [None] * self.max_loras
+            if getattr(self._model, _POOL_ATTRIBUTE, None) is self:
+                delattr(self._model, _POOL_ATTRIBUTE)
+
+    # Internals; the lock is held.
+
+    def _check_new(self, name: str) -> None:
+        if name in self._paths:
+            raise ValueError(f"adapter {name!r} is already loaded (from {self._paths[name]!r}); unload it first")
+
+    def _check_known(self, name) -> None:
+        if name not in self._paths:
+            raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(self._paths) or 'none'}")
+
+    def _make_resident(self, wanted: list[str]) -> None:
+        missing = [name for name in wanted if name not in self._resident]
+        keep = set(wanted)
+        free = [slot for slot, owner in enumerate(self._owner) if owner is None and not self._leases[slot]]
+        evictable = [
+            name
+            for name, slot in self._resident.items()
+            if name not in self._pinned and name not in keep and not self._leases[slot]
+        ]
+        if len(missing) > len(free) + len(evictable):
+            leased = sum(1 for count in self._leases.values() if count)
+            raise NoFreeSlot(
+                f"{len(missing)} adapter(s) need a device slot and {len(free) + len(evictable)} can be had: of "
+                f"{self.max_loras} slots, {len(self._pinned)} hold pinned adapters and {leased} are leased by batches"
+            )
+        start = time.perf_counter()
+        adapters = [self._host_copy(name) for name in missing]  # may raise ValueError: no slot changed yet
+        for name, adapter in zip(missing, adapters):
+            if free:
+                slot = free.pop(0)
+            else:
+                slot = self._resident.pop(evictable.pop(0))
+                self._counts["evictions"] += 1
+            self._fill(slot, name, adapter)
+        self._counts["hits"] += len(wanted) - len(missing)
+        self._counts["loads"] += len(missing)
+        for name in wanted:
+            self._resident.move_to_end(name)
+        if missing:
+            self._load_ms += (time.perf_counter() - start) * 1e3
+
+    def _host_copy(self, name: str) -> _HostAdapter:
+        adapter = self._host.get(name)
+        if adapter is None:
+            adapter = self._read(self._paths[name])
+            self._counts["disk_reads"] += 1
+            self._keep_on_host(name, adapter)
+        self._host.move_to_end(name)
+        return adapter
+
+    def _keep_on_host(self, name: str, adapter: _HostAdapter) -> None:
+        self._host[name] = adapter
+        while len(self._host) > self.max_cpu_loras:
+            self._host.popitem(last=False)
+            self._counts["cpu_evictions"] += 1
+
+    def _fill(self, slot: int, name: str, adapter: _HostAdapter) -> None:
+        with self._copying_into(slot):
+            for module_name in adapter.modules:
+                if module_name not in self._layers:
+                    layer = self._modules[module_name]
+                    self._layers[module_name] = slots = _LayerSlots(layer, self._batch, self.max_loras, self.max_rank)
+                    layer.forward = slots.forward
+            for module_name, layer in self._layers.items():
+                lora_a, lora_b, scaling = adapter.modules.get(module_name, (None, None, 0.0))
+                rank = 0 if lora_a is None else lora_a.shape[0]
+                if lora_a is not None:
+                    layer.lora_a[slot, :rank].copy_(lora_a, non_blocking=True)
+                    layer.lora_b[slot, :, :rank].copy_(lora_b, non_blocking=True)
+                # The op asks for zero padding (it reads only `rank` rows, but a slot then holds exactly its adapter).
+                layer.lora_a[slot, rank:].zero_()
+                layer.lora_b[slot, :, rank:].zero_()
+                layer.ranks[slot].fill_(rank)
+                layer.scalings[slot].fill_(scaling)
+                layer.targeted = layer.targeted | {slot} if rank else layer.targeted - {slot}
+        self._owner[slot] = name
+        self._resident[name] = slot
+
+    @contextlib.contextmanager
+    def _copying_into(self, slot: int):
+        if self._copy_stream is None:
+            yield
+            return
+        with torch.cuda.stream(self._copy_stream):
+            if self._last_read[slot] is not None:
+                self._copy_stream.wait_event(self._last_read[slot])
+            yield
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+            self._ready[slot] = ready
+
+    def _slots_named_by(self, token_slots: torch.Tensor) -> frozenset[int]:
+        slots = frozenset(token_slots.unique().tolist()) - {-1}
+        for slot in sorted(slots):
+            if not 0 <= slot < self.max_loras:
+                raise ValueError(f"token_slots holds slot {slot}, outside -1..{self.max_loras - 1}")
+            if self._owner[slot] is None:
+                raise ValueError(f"token_slots names slot {slot}, which holds no adapter")
+        return slots
+
+    def _lease(self, slots: frozenset[int]) -> None:
+        self._leases.update(slots)
+
+    def _end_lease(self, tensor_id: int | None, slots: frozenset[int]) -> None:
+        with self._lock:
+            if tensor_id is not None:
+                del self._handed_out[tensor_id]
+            self._leases.subtract(slots)
+
+    # Reading and validating adapter files (no pool state is touched).
+
+    def _read(self, path: str) -> _HostAdapter:
+        config = _read_config(path)
+        try:
+            tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{WEIGHTS_FILE} in {path!r} is corrupt or truncated: {error}") from error
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            match = _WEIGHT_KEY.fullmatch(key)
+            if match is None:
+                raise ValueError(
+                    f"adapter {path!r} holds {key!r}, which is not the lora_A or lora_B weight of a layer; "
+                    "AdapterPool serves plain LoRA on linear layers only"
+                )
+            pairs.setdefault(match[1], {})[match[2]] = tensor
+        if not pairs:
+            raise ValueError(f"adapter {path!r} holds no LoRA weights: it would change nothing")
+        unknown = sorted(name for name in pairs if name not in self._modules)
+        if unknown:
+            example = next((name for name, m in self._modules.items() if type(m) is nn.Linear), "none")
+            raise ValueError(
+                f"adapter {path!r} targets {len(unknown)} module(s) this model does not have, e.g. {unknown[0]!r} "
+                f"(the model's linear layers are named like {example!r}): an adapter for another model?"
+            )
+        modules = {}
+        for name, pair in sorted(pairs.items()):
+            modules[name] = self._validated(path, config, name, pair)
+        return _HostAdapter(path, modules)
+
+    def _validated(self, path: str, config: dict, name: str, pair: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+        where = f"adapter {path!r}, module {name!r}"
+        layer = self._modules[name]
+        if type(layer) is not nn.Linear or layer.weight.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}: the model's {type(layer).__name__} there is not a float nn.Linear")
+        if "forward" in layer.__dict__ and name not in self._layers:
+            raise ValueError(f"{where}: the model's layer has its forward replaced by something else")
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{where}: only lora_{''.join(pair)} is there, lora_A and lora_B are both needed")
+        lora_a, lora_b = pair["A"], pair["B"]
+        for label, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+            if tensor.dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"{where}: {label} is {tensor.dtype}, not float16, bfloat16 or float32")
+            if tensor.dim() != 2:
+                raise ValueError(f"{where}: {label} has shape {tuple(tensor.shape)}, not 2-D")
+        rank = lora_a.shape[0]
+        if lora_a.shape[1] != layer.in_features or lora_b.shape != (layer.out_features, rank):
+            raise ValueError(
+                f"{where}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not fit the model's "
+                f"layer ({layer.in_features} -> {layer.out_features}; expected lora_A [r, {layer.in_features}] and "
+                f"lora_B [{layer.out_features}, r]): an adapter for another base model?"
+            )
+        configured_rank = _pattern_value(config["rank_pattern"], name, config["r"])
+        if rank != configured_rank:
+            raise ValueError(f"{where}: lora_A has rank {rank}, {CONFIG_FILE} says {configured_rank}")
+        if rank > self.max_rank:
+            raise ValueError(f"{where}: rank {rank} > max_rank {self.max_rank}")
+        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+            raise ValueError(f"{where}: the weights hold NaN or infinite values")
+        alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        dtype = layer.weight.dtype
+        pin = self._device.type == "cuda"
+        lora_a, lora_b = (t.to(dtype).contiguous() for t in (lora_a, lora_b))
+        return (lora_a.pin_memory(), lora_b.pin_memory(), scaling) if pin else (lora_a, lora_b, scaling)
+
+
+def _read_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise ValueError(f"path {path!r} is not a directory")
+    files = set(os.listdir(path))
+    if WEIGHTS_FILE not in files:
+        pickles = sorted(name for name in files if name.endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise ValueError(
+                f"path {path!r} holds only pickle weights ({', '.join(pickles)}), which AdapterPool never loads "
+                f"(unpickling can run any code): save the adapter as {WEIGHTS_FILE} (peft's save_pretrained does "
+                "by default)"
+            )
+        raise ValueError(f"path {path!r} has no {WEIGHTS_FILE}")
+    if CONFIG_FILE not in files:
+        raise ValueError(f"path {path!r} has no {CONFIG_FILE}")
+    try:
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{CONFIG_FILE} in {path!r} is not readable JSON: {error}") from error
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise ValueError(f"{CONFIG_FILE} in {path!r} is not a peft LoRA config (peft_type 'LORA')")
+    for option in _UNSUPPORTED_OPTIONS:
+        if config.get(option):
+            raise ValueError(
+                f"{CONFIG_FILE} in {path!r} sets {option}={config[option]!r}; AdapterPool serves plain LoRA only"
+            )
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{CONFIG_FILE} in {path!r} sets bias={config['bias']!r}; AdapterPool serves plain LoRA only")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
+            raise ValueError(f"{CONFIG_FILE} in {path!r}: {key} must be a positive number, got {config.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        config[key] = config.get(key) or {}
+        if not isinstance(config[key], dict):
+            raise ValueError(f"{CONFIG_FILE} in {path!r}: {key} must be a mapping, got {config[key]!r}")
+    return config
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    """peft's rule for rank_pattern/alpha_pattern: the first key that matches the end of the module's
+    name at a dot boundary (as a regular expression) gives the value."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?({key})", module_name):
+            return value
+    return default
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-D {value.dtype} tensor"
+    return type(value).__name__
