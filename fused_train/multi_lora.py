@@ -7,9 +7,13 @@ layout of the stacked adapters is in `fused_train.kernels.multi_lora_ref`. Forwa
 
 import torch
 
+from fused_train.dispatch import HAS_TRITON, triton_runs_on
 from fused_train.kernels.lora_ref import MAX_RANK
 from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
 from fused_train.lora import _FLOAT_DTYPES, _check_int4_weight
+
+if HAS_TRITON:
+    from fused_train.kernels.multi_lora import multi_lora_linear_fwd
 
 
 def _multi_lora_linear(
@@ -24,7 +28,15 @@ def _multi_lora_linear(
     weight_scale: torch.Tensor | None,
     weight_offset: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`y` `[T, out]` for 2-D `x` `[T, in]` and 1-D `token_slots` `[T]`, inputs already checked."""
+    """`y` `[T, out]` for 2-D `x` `[T, in]` and 1-D `token_slots` `[T]`, inputs already checked: the
+    Triton kernels where `triton_runs_on` allows, else the reference."""
+    tensors = [t for t in (x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset)
+               if t is not None]  # fmt: skip
+    if triton_runs_on(*tensors):
+        return multi_lora_linear_fwd(
+            x.contiguous(), weight, lora_a, lora_b, token_slots.contiguous(), scalings, ranks, bias, weight_scale,
+            weight_offset,
+        )  # fmt: skip
     return multi_lora_linear_ref(
         x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset
     )

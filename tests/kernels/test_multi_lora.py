@@ -4,9 +4,15 @@ import pytest
 import torch
 
 import fused_train
+from fused_train.kernels import multi_lora as multi_lora_kernels
 from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
 from fused_train.kernels.multi_lora_ref import base_linear_ref, multi_lora_linear_ref
 from tests.conftest import DEVICE
+
+# Beyond twice the error of PyTorch in the same dtype, this much of the largest reference value:
+# the kernels round the base output once before the LoRA term is added; fp32 runs as tf32 on the GPU.
+EXTRA_ERROR = {torch.float32: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+PATHS = ["per_token", "segments"]
 
 
 def _adapters(num_slots, r_max, in_features, out_features, ranks, dtype, pad=0.0):
@@ -47,6 +53,107 @@ def test_reference_matches_per_token_loop(num_tokens, num_slots):
     y = multi_lora_linear_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks)
     expected = _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _case(tokens, num_slots, r_max, in_features, out_features, dtype, lora_dtype, slots, ranks, bias, bits):
+    """Inputs of one case; `slots` ("random", "one", "distinct" or "base") says how tokens pick slots."""
+    torch.manual_seed(0)
+    ranks = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+    lora_a, lora_b = _adapters(num_slots, r_max, in_features, out_features, ranks, lora_dtype, pad=float("nan"))
+    token_slots = {
+        "random": lambda: torch.randint(-1, num_slots, (tokens,)),
+        "one": lambda: torch.full((tokens,), num_slots - 1),
+        "distinct": lambda: torch.randperm(num_slots)[:tokens],
+        "base": lambda: torch.full((tokens,), -1),
+    }[slots]().to(device=DEVICE, dtype=torch.int32)
+    weight = torch.randn(out_features, in_features, device=DEVICE) / in_features**0.5
+    quantized = {}
+    if bits == 8:
+        weight, quantized["weight_scale"] = quantize_int8(weight)
+    elif bits == 4:
+        weight, quantized["weight_scale"], quantized["weight_offset"] = quantize_int4(weight)
+    else:
+        weight = weight.to(dtype)
+    return quantized | dict(
+        x=torch.randn(tokens, in_features, device=DEVICE, dtype=dtype),
+        weight=weight,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        token_slots=token_slots,
+        scalings=torch.rand(num_slots, device=DEVICE) + 0.5,
+        ranks=ranks,
+        bias=torch.randn(out_features, device=DEVICE, dtype=bias) if bias else None,
+    )
+
+
+MIXED_RANKS = [64, 1, 17, 0, 33, 16, 48, 5]
+CASES = {
+    # -1 slots, unsorted slots, ranks 0..64 in an r_max 64 stack, odd in and out.
+    "fp32 mixed": (40, 8, 64, 37, 45, torch.float32, torch.float32, "random", MIXED_RANKS, torch.float32, None),
+    "fp16 one slot": (40, 3, 16, 64, 33, torch.float16, torch.float16, "one", [3, 16, 9], torch.float16, None),
+    "bf16 distinct": (6, 8, 64, 40, 72, torch.bfloat16, torch.float32, "distinct", MIXED_RANKS, None, None),
+    "bf16 int8": (24, 4, 32, 48, 40, torch.bfloat16, torch.bfloat16, "random", [32, 7, 16, 25], torch.float32, 8),
+    "fp16 int4": (24, 4, 32, 70, 40, torch.float16, torch.float16, "random", [32, 7, 16, 25], None, 4),
+    "base only": (20, 2, 16, 32, 24, torch.float32, torch.float32, "base", [16, 8], torch.float32, None),
+    "empty": (0, 3, 16, 32, 24, torch.bfloat16, torch.bfloat16, "random", [16, 8, 1], None, None),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_match_reference(monkeypatch, poisoned_outputs, path, case):
+    """Each path forced, against the float64 per-token loop, within twice PyTorch's error in the same
+    dtype plus EXTRA_ERROR; the stacks' padding is NaN and the launchers' buffers start NaN."""
+    monkeypatch.setattr(multi_lora_kernels, "choose_path", lambda num_tokens, num_slots: path)
+    inputs = _case(*CASES[case])
+    dtype = inputs["x"].dtype
+    y = fused_train.multi_lora_linear(**inputs)
+    assert y.dtype == dtype and y.shape == (inputs["x"].shape[0], inputs["weight"].shape[0])
+    exact = _loop_ref(**inputs)
+    zero_padded = {k: torch.nan_to_num(v, nan=0.0) if k.startswith("lora_") else v for k, v in inputs.items()}
+    same_dtype = multi_lora_linear_ref(**zero_padded)
+    error = (y.double() - exact).abs().max().item() if y.numel() else 0.0
+    torch_error = (same_dtype.double() - exact).abs().max().item() if y.numel() else 0.0
+    allowed = 2 * torch_error + EXTRA_ERROR[dtype] * (exact.abs().max().item() if y.numel() else 0.0)
+    assert error <= allowed, f"error {error:.3g} > allowed {allowed:.3g}"
+
+
+def test_wide_segment_tiles_span_slots(monkeypatch, poisoned_outputs):
+    """64-row tiles (long prefill segments), forced at 150 tokens: tiles holding several slots'
+    segments and the base-only tokens, which sort first."""
+    monkeypatch.setattr(multi_lora_kernels, "choose_path", lambda num_tokens, num_slots: "segments")
+    monkeypatch.setattr(multi_lora_kernels, "WIDE_TILES_MIN_TOKENS", 0)
+    inputs = _case(150, 3, 32, 40, 136, torch.float32, torch.float32, "random", [32, 9, 20], None, None)
+    torch.testing.assert_close(fused_train.multi_lora_linear(**inputs).double(), _loop_ref(**inputs), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+
+
+def test_path_rule():
+    assert multi_lora_kernels.choose_path(64, 32) == "per_token"
+    assert multi_lora_kernels.choose_path(8192, 32) == "segments"
+    assert multi_lora_kernels.choose_path(16, 1) == "segments"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_launches_do_not_grow_with_distinct_adapters(monkeypatch, path):
+    """The same Triton launches for a batch of one adapter as for one adapter per token."""
+    monkeypatch.setattr(multi_lora_kernels, "choose_path", lambda num_tokens, num_slots: path)
+    kernel_class = type(multi_lora_kernels._shrink_per_token_kernel)
+    launched = []
+    run = kernel_class.run
+
+    def counting_run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", counting_run)
+    counts = []
+    for slots in ("one", "distinct"):
+        launched.clear()
+        fused_train.multi_lora_linear(**_case(8, 8, 16, 32, 24, torch.float32, torch.float32, slots, [16] * 8, None,
+                                              None))  # fmt: skip
+        counts.append(list(launched))
+    assert counts[0] == counts[1] and len(counts[0]) == 3, counts
 
 
 def _valid_inputs():
@@ -132,3 +239,11 @@ def test_custom_op_passes_opcheck():
     packed, scale, offset = quantize_int4(inputs["weight"])
     args = args[:1] + (packed,) + args[2:8] + (scale, offset)
     torch.library.opcheck(torch.ops.fused_train.multi_lora_linear.default, args)
+
+
+def test_compiles_fullgraph():
+    """torch.compile traces the custom op through its fake: one graph, no break (the value checks,
+    which read tensors back, are skipped while tracing)."""
+    inputs = _valid_inputs()
+    compiled = torch.compile(fused_train.multi_lora_linear, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(**inputs), fused_train.multi_lora_linear(**inputs))
