@@ -1,8 +1,8 @@
 """Multi-LoRA linear (one adapter slot per token): Triton kernels and their launcher.
 
 The math and the stacked-adapter layout are in `multi_lora_ref` (its module docstring), beside
-the plain-PyTorch reference; this module re-exports it. One call makes three launches (four on
-the segment path), however many distinct adapters its tokens take:
+the plain-PyTorch reference; this module re-exports it. One call makes three Triton launches
+(and a `torch.sort` on the segment path), however many distinct adapters its tokens take:
 
 1. shrink: `S[t, :rank] = x[t]·A_sᵀ` into an fp32 `[T, r_max]` buffer, rank blocks of 16 up to
    `ranks[s]` (a slot's padding costs neither bytes nor FLOPs; tokens of slot -1 cost nothing).

@@ -5,6 +5,7 @@ import torch
 
 import fused_train
 from fused_train.kernels import multi_lora as multi_lora_kernels
+from fused_train.kernels import multi_lora_ref
 from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
 from fused_train.kernels.multi_lora_ref import base_linear_ref, multi_lora_linear_ref
 from tests.conftest import DEVICE
@@ -40,9 +41,11 @@ def _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=None
     return y
 
 
-@pytest.mark.parametrize("num_tokens, num_slots", [(3, 5), (5, 5), (40, 4), (0, 3)])
-def test_reference_matches_per_token_loop(num_tokens, num_slots):
-    """Both ways of the reference (gather per token when T <= S, every slot's A otherwise), with NaN padding."""
+@pytest.mark.parametrize("every_slot_max_macs", [0, 2**40], ids=["present slots", "every slot"])
+@pytest.mark.parametrize("num_tokens, num_slots", [(3, 5), (40, 4), (0, 3)])
+def test_reference_matches_per_token_loop(monkeypatch, every_slot_max_macs, num_tokens, num_slots):
+    """Both ways of the reference, forced, with NaN padding."""
+    monkeypatch.setattr(multi_lora_ref, "EVERY_SLOT_MAX_MACS", every_slot_max_macs)
     in_features, out_features, r_max = 33, 17, 16
     ranks = torch.randint(0, r_max + 1, (num_slots,), dtype=torch.int32, device=DEVICE)
     lora_a, lora_b = _adapters(num_slots, r_max, in_features, out_features, ranks, torch.float32, pad=float("nan"))
