@@ -65,6 +65,13 @@ def varlen_attention(
             f"up to {FP32_MAX_HEAD_DIM}. Pass bfloat16 or float16 inputs to run it."
         ))  # fmt: skip
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens)
+    if q.device.type == "cpu" and softcap == 0 and not return_lse and not torch.compiler.is_compiling():
+        from fused_train.cpu_attention import varlen_attention_cpu
+
+        # Few SDPA calls per row, chosen by measured cost, instead of one per sequence.
+        return varlen_attention_cpu(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=softmax_scale, window_size=window_size
+        )
     return varlen_attention_ref(
         q,
         k,
