@@ -82,7 +82,7 @@ def measure_sdpa_costs(
     """The cost of SDPA calls of this shape on this machine, at torch's current thread count, or
     None when the timings were too noisy to read (then the reference's way runs).
 
-    Measured the first time it is asked for (20-60 ms on a CPU), then remembered for the process.
+    Measured the first time it is asked for (0.1-0.3 s on a 2-core CPU), then remembered for the process.
     """
     return _measure(dtype, num_heads, num_kv_heads, head_dim, backward, torch.get_num_threads())
 
@@ -97,7 +97,7 @@ def _measure(dtype, num_heads, num_kv_heads, head_dim, backward, threads):
         k, v = random(count, num_kv_heads, tokens, head_dim), random(count, num_kv_heads, tokens, head_dim)
         mask = torch.zeros(count, 1, tokens, tokens, dtype=dtype)
         gqa = num_heads != num_kv_heads
-        return _seconds(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa), backward)
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def bucket(count, tokens):
         # One padded bucket of `count` sequences, the last one token short (so it has a mask).
@@ -106,11 +106,11 @@ def _measure(dtype, num_heads, num_kv_heads, head_dim, backward, threads):
         plan = _build_plan(schedule, lengths, lengths, True, (-1, -1), dtype, torch.device("cpu"))
         q = random(sum(lengths), num_heads, head_dim)
         k, v = random(sum(lengths), num_kv_heads, head_dim), random(sum(lengths), num_kv_heads, head_dim)
-        return _seconds(lambda: _run(plan, q, k, v, 1.0), backward)
+        return lambda: _run(plan, q, k, v, 1.0)
 
     with torch.enable_grad() if backward else torch.no_grad():
-        base, time_scores, time_rows = (sdpa(n, t) for n, t in _CALIBRATION_SHAPES)
-        time_bucket = bucket(*_CALIBRATION_SHAPES[-1])
+        calls = [sdpa(n, t) for n, t in _CALIBRATION_SHAPES] + [bucket(*_CALIBRATION_SHAPES[-1])]
+        base, time_scores, time_rows, time_bucket = _seconds(calls, backward)
     (_, long), (count, short) = _CALIBRATION_SHAPES[1:]
     # Beyond the 1-token call: the long call's time is its scores' (its rows add a few percent,
     # which only errs against the all-scores block-diagonal call), the short calls' what their
@@ -125,15 +125,18 @@ def _measure(dtype, num_heads, num_kv_heads, head_dim, backward, threads):
     return SdpaCosts(base, per_row, per_score, per_gathered_row)
 
 
-def _seconds(attention, backward):
-    best = math.inf
-    # One untimed run first: the first call of a shape allocates the kernel's buffers.
+def _seconds(attentions, backward):
+    """The least time each of `attentions` took (forward, and backward if asked), over rounds that
+    time each in turn, so that a burst of other load hits all of them rather than one."""
+    best = [math.inf] * len(attentions)
+    # One untimed round first: the first call of a shape allocates the kernel's buffers.
     for _ in range(_CALIBRATION_REPEATS + 1):
-        start = time.perf_counter()
-        out = attention()
-        if backward:
-            out.sum().backward()
-        best = min(best, time.perf_counter() - start)
+        for i, attention in enumerate(attentions):
+            start = time.perf_counter()
+            out = attention()
+            if backward:
+                out.sum().backward()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 

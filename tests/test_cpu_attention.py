@@ -153,7 +153,7 @@ def test_deterministic_algorithms_and_unreadable_timings_run_the_reference(monke
     monkeypatch.setattr(cpu_attention, "_make_plan", None)  # no plan is made: calling it would raise
     assert torch.equal(varlen_attention_cpu(q, k, v, cu_q, cu_k, **kwargs), expected)
     # Every call timed alike, long or short: noise, not arithmetic.
-    monkeypatch.setattr(cpu_attention, "_seconds", lambda attention, backward: 1e-3)
+    monkeypatch.setattr(cpu_attention, "_seconds", lambda attentions, backward: [1e-3] * len(attentions))
     assert cpu_attention._measure.__wrapped__(torch.float32, 2, 2, 16, True, 2) is None
 
 
