@@ -56,6 +56,19 @@ def _run_without_triton():
     y = fused_train.lora_linear(x, weight, lora_a, lora_b, 2.0)
     torch.testing.assert_close(y, x @ weight.T + 2.0 * (x @ lora_a.T) @ lora_b.T)
 
+    # Multi-LoRA linear: unsorted slots, -1 for the base alone, a rank below r_max.
+    token_slots = torch.tensor([1, -1, 0, 1], dtype=torch.int32)
+    stacked_a, stacked_b = torch.randn(2, 4, 16), torch.randn(2, 8, 4)
+    scalings, ranks = torch.tensor([2.0, 0.5]), torch.tensor([4, 2], dtype=torch.int32)
+    tokens = torch.randn(4, 16)
+    y = fused_train.multi_lora_linear(tokens, weight, stacked_a, stacked_b, token_slots, scalings, ranks)
+    for row, slot in enumerate(token_slots.tolist()):
+        expected_row = tokens[row] @ weight.T
+        if slot >= 0:
+            rank = int(ranks[slot])
+            expected_row += scalings[slot] * (tokens[row] @ stacked_a[slot, :rank].T) @ stacked_b[slot, :, :rank].T
+        torch.testing.assert_close(y[row], expected_row)
+
     # A patched tiny Llama on a packed batch: the per-document loss of the stock model.
     reference = tiny_model("llama")
     patched = fused_train.patch(copy.deepcopy(reference))

@@ -9,6 +9,7 @@ import fused_train
 from fused_train.kernels.int8_decode_attention_ref import int8_decode_attention_ref
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.kernels.lora_ref import lora_linear_ref
+from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
 from fused_train.kernels.varlen_attention_ref import varlen_attention_ref
 from fused_train.kv_cache_ops import int8_decode_attention, quantize_kv_append
 
@@ -55,6 +56,15 @@ def test_every_kernel_runs_on_cuda_1_while_cuda_0_is_current():
     query = torch.randn(1, 4, 1, 64, **bf16)
     got = int8_decode_attention(query, data, scale, data, scale, 5)
     _assert_close(got, int8_decode_attention_ref(query, data, scale, data, scale, 5))
+
+    token_slots = torch.tensor([1, -1, 0, 1, 0], device=device, dtype=torch.int32)
+    stacked_a, stacked_b = torch.randn(2, 8, 64, **bf16) / 8, torch.randn(2, 48, 8, **bf16)
+    scalings, ranks = torch.tensor([2.0, 0.5], device=device), torch.tensor([8, 4], device=device, dtype=torch.int32)
+    tokens = torch.randn(5, 64, **bf16)
+    got = fused_train.multi_lora_linear(tokens, weight, stacked_a, stacked_b, token_slots, scalings, ranks)
+    expected = multi_lora_linear_ref(tokens.float(), weight.float(), stacked_a.float(), stacked_b.float(), token_slots,
+                                     scalings, ranks)  # fmt: skip
+    _assert_close(got, expected)
 
     torch.cuda.synchronize(device)
     assert torch.cuda.current_device() == 0
