@@ -3,6 +3,7 @@
 from fused_train.attention import varlen_attention
 from fused_train.collator import PackedCollator, block_diagonal_causal_mask
 from fused_train.kv_cache import Int8KVCache
+from fused_train.linear_cross_entropy import linear_cross_entropy
 from fused_train.lora import lora_linear
 from fused_train.multi_lora import multi_lora_linear
 from fused_train.packing import plan_packing, plan_packing_arrays
@@ -18,6 +19,7 @@ __all__ = [
     "block_diagonal_causal_mask",
     "dequantize_base",
     "is_patched",
+    "linear_cross_entropy",
     "lora_linear",
     "multi_lora_linear",
     "patch",

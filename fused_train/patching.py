@@ -11,8 +11,13 @@ How `patch` decides whether it can handle a model:
 On a peft model, `patch` also routes its LoRA `Linear` layers through the fused LoRA kernel
 (`fused_train.peft_patch`), per call, whenever a layer's state allows, and logs which layers were
 fused and why the others fall back (a warning when any does).
+With `fused_loss=True`, the training loss of the model types in
+`fused_train.fused_loss.FUSED_LOSS_MODEL_TYPES` runs through `linear_cross_entropy`, with no
+`[tokens, vocab]` logits tensor; their output's `logits` is then None (`fused_train.fused_loss` says
+what is honoured and what is refused).
 Patching changes no parameter, buffer or `state_dict` key: only the name of the attention
-implementation in the config and the forward of LoRA layers, which `unpatch` restores.
+implementation in the config and the forward of LoRA layers (and, for the fused loss, of the
+model), which `unpatch` restores.
 """
 
 import logging
@@ -21,6 +26,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from fused_train.fused_loss import patch_loss, unpatch_loss
 from fused_train.hf_attention import ATTENTION_NAME, fused_train_attention, fused_train_mask
 from fused_train.layout import clear_per_forward_caches
 from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
@@ -35,14 +41,19 @@ AttentionInterface.register(ATTENTION_NAME, fused_train_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, fused_train_mask)
 
 
-def patch(model: torch.nn.Module) -> torch.nn.Module:
+def patch(model: torch.nn.Module, fused_loss: bool = False) -> torch.nn.Module:
     """Switch `model` (a transformers model, or a peft model around one) to fused_train attention,
-    and its peft LoRA `Linear` layers to the fused LoRA path.
+    and its peft LoRA `Linear` layers to the fused LoRA path; with `fused_loss`, its training loss
+    to `linear_cross_entropy` (in training mode with labels; `logits` is then None).
 
-    Idempotent; `unpatch` restores the previous attention implementation and LoRA forwards.
-    Returns the model.
+    Idempotent (`fused_loss` follows the latest call); `unpatch` restores the previous attention
+    implementation, LoRA forwards and model forward. Returns the model.
     """
     base = _transformers_model(model)
+    if fused_loss:
+        patch_loss(base)
+    else:
+        unpatch_loss(base)
     if getattr(base, _ORIGINAL_ATTENTION, None) is None:
         _check_supported(base)
         original = base.config._attn_implementation
@@ -64,6 +75,7 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `patch`: the model gets back the attention implementation it had. A no-op if unpatched."""
     base = _transformers_model(model)
+    unpatch_loss(base)
     unpatch_lora_layers(model)
     original = getattr(base, _ORIGINAL_ATTENTION, None)
     if original is not None:
