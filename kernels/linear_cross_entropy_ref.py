@@ -107,8 +107,8 @@ def linear_cross_entropy_bwd_ref(
     compute_db,
 ):  # fmt: skip
     """`(dx, dW, dbias)` in the dtypes of `x`, `weight`, `bias` for the per-token gradient `grad_loss`
-    `[T]`, the logits recomputed chunk by chunk; dW and dbias accumulate in fp32. Those not asked
-    for are None."""
+    `[T]`, the logits recomputed chunk by chunk; dW and dbias accumulate in fp32 (from fp32 dz).
+    Those not asked for are None."""
     num_tokens, vocab_size = x.shape[0], weight.shape[0]
     accum = torch.promote_types(x.dtype, torch.float32)
     grad_x = torch.empty_like(x) if compute_dx else None
@@ -127,11 +127,11 @@ def linear_cross_entropy_bwd_ref(
         grad.scatter_add_(1, target, (-(1.0 - label_smoothing) * scale)[:, None])
         if capped is not None:
             grad *= 1.0 - capped * capped
-        grad_low = grad.to(x.dtype)
         if compute_dx:
-            grad_x[rows] = grad_low @ weight
+            grad_x[rows] = grad.to(x.dtype) @ weight
         if compute_dw:
-            grad_w += (grad_low.T @ x[rows]).to(accum)
+            # In place from the fp32 dz: no [V, H] temporary per chunk.
+            grad_w.addmm_(grad.T, x[rows].to(accum))
         if compute_db:
             grad_b += grad.sum(0)
     return grad_x, (grad_w.to(weight.dtype) if compute_dw else None), (grad_b.to(bias.dtype) if compute_db else None)
