@@ -41,6 +41,17 @@ _INTERPRETER_BLOCK_T = 4
 _NUM_WARPS = 4
 
 
+@triton.jit
+def quantize_rows(x):
+    """`(data, scale)` of the rows of `x` `[BLOCK_T, BLOCK_D]` (zero past head_dim), as `quantize_kv_ref`."""
+    x = x.to(tl.float32)
+    scale = tl.math.div_rn(tl.max(tl.abs(x), 1), 127.0)
+    safe_scale = tl.where(scale > 0, scale, 1.0)
+    y = tl.math.div_rn(x, safe_scale[:, None])
+    rounded = (y + _ROUND_MAGIC) - _ROUND_MAGIC
+    return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8), scale
+
+
 @triton.jit(do_not_specialize=["new_tokens", "start"])
 def _quantize_kv_append_kernel(
     X, Data, Scale, new_tokens, start, num_kv_heads,
@@ -54,12 +65,7 @@ def _quantize_kv_append_kernel(
     mask = (tokens[:, None] < new_tokens) & (offs_d[None, :] < HEAD_DIM)
     x_base = X + seq.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
     x = tl.load(x_base + tokens.to(tl.int64)[:, None] * stride_xt + offs_d[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    scale = tl.math.div_rn(tl.max(tl.abs(x), 1), 127.0)
-    safe_scale = tl.where(scale > 0, scale, 1.0)
-    y = tl.math.div_rn(x, safe_scale[:, None])
-    rounded = (y + _ROUND_MAGIC) - _ROUND_MAGIC
-    data = tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+    data, scale = quantize_rows(x)
     positions = start + tokens
     d_base = Data + seq.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
     tl.store(d_base + positions.to(tl.int64)[:, None] * stride_dt + offs_d[None, :], data, mask=mask)

@@ -1,0 +1,179 @@
+"""Attention of a step's queries over a paged KV cache (decode, or prefill chunks over earlier pages).
+
+Layout: one pool of pages per layer, `k_pages`/`v_pages` `[num_pages, num_kv_heads, page_size,
+head_dim]` (page_size a power of two >= 8), either int8 with `k_scales`/`v_scales` float32
+`[num_pages, num_kv_heads, page_size]` (the per-(token, kv head) scale of `int8_kv_quantize_ref`),
+or in q's float dtype without scales. Token `j` of sequence `b` lives in page
+`page_table[b, j // page_size]` at offset `j % page_size`; `page_table` is int32 `[batch,
+max_pages_per_seq]` and its entries past a sequence's last page are never read. `kv_lens` int32
+`[batch]` counts each sequence's tokens in its pages, this step's own tokens included.
+
+`q` is `[total_q, num_heads, head_dim]`, token-major; `cu_seqlens_q` int32 `[batch + 1]` says that
+sequence `b`'s queries are `q[cu[b]:cu[b+1]]` (`n_b` of them, 0 allowed), its last `n_b` tokens,
+at positions `p = kv_lens[b] - n_b + t`; None means one query per sequence. Query `p` sees key `j`
+when `j <= p` and, with a window (`window_left >= 0`), `j >= p - window_left`. Scores are
+`s = q·k * softmax_scale` (default `head_dim ** -0.5`), then `softcap * tanh(s / softcap)` when
+`softcap > 0`. `num_heads` is a multiple of `num_kv_heads` (GQA): head `h` reads kv head
+`h // (num_heads // num_kv_heads)`.
+
+This module holds the reference and the input checks, without Triton; the kernels are in
+`paged_decode_attention.py`.
+"""
+
+import torch
+
+MIN_PAGE_SIZE = 8
+
+
+def paged_decode_attention_ref(
+    q, k_pages, v_pages, page_table, kv_lens, k_scales=None, v_scales=None, cu_seqlens_q=None, softmax_scale=None,
+    window_left=-1, softcap=0.0,
+):  # fmt: skip
+    """Plain PyTorch, in float32 (float64 for float64 `q`): each sequence's pages gathered once into
+    a batch padded to the longest sequence and its queries to the most per sequence, then one
+    masked attention for the whole batch."""
+    batch = page_table.shape[0]
+    total_q, num_heads, head_dim = q.shape
+    num_kv_heads, page_size = k_pages.shape[1], k_pages.shape[2]
+    group = num_heads // num_kv_heads
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    device = q.device
+    kv_lens = kv_lens.long()
+    cu = torch.arange(batch + 1, device=device) if cu_seqlens_q is None else cu_seqlens_q.long()
+    if total_q == 0:
+        return torch.zeros_like(q)
+    num_queries = cu[1:] - cu[:-1]
+    # One read back: the reference runs on CPU tensors, where it costs nothing.
+    max_len, max_queries = torch.stack([kv_lens.max(), num_queries.max()]).tolist()
+
+    # Keys: page i of sequence b for i < pages needed by the longest; pages past a sequence's own last
+    # one are junk entries, replaced by page 0 and masked out below.
+    num_pages = -(-max_len // page_size)
+    page_index = torch.arange(num_pages, device=device)
+    own_pages = page_index[None, :] < (kv_lens[:, None] + page_size - 1) // page_size
+    pages = torch.where(own_pages, page_table[:, :num_pages].long(), 0)
+    key_index = torch.arange(num_pages * page_size, device=device)
+    key_ok = key_index[None, :] < kv_lens[:, None]  # [batch, keys]
+
+    def gather(pool, scales):
+        """[batch, num_kv_heads, keys, head_dim] in compute_dtype, zero past each sequence's length
+        (unwritten slots may hold NaN, which 0 * NaN would spread)."""
+        values = pool[pages].to(compute_dtype)  # [batch, num_pages, num_kv_heads, page_size, head_dim]
+        if scales is not None:
+            values = values * scales[pages].to(compute_dtype)[..., None]
+        values = values.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, num_pages * page_size, head_dim)
+        return torch.where(key_ok[:, None, :, None], values, 0)
+
+    keys, values = gather(k_pages, k_scales), gather(v_pages, v_scales)
+
+    # Queries padded to [batch, max_queries]; row t of sequence b is q[cu[b] + t] while t < n_b.
+    query_index = torch.arange(max_queries, device=device)
+    query_ok = query_index[None, :] < num_queries[:, None]  # [batch, max_queries]
+    rows = torch.where(query_ok, cu[:-1, None] + query_index[None, :], 0)
+    q_padded = q[rows].to(compute_dtype).view(batch, max_queries, num_kv_heads, group, head_dim)
+    scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    positions = (kv_lens - num_queries)[:, None] + query_index[None, :]  # [batch, max_queries]
+    visible = (key_index[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]
+    if window_left >= 0:
+        visible = visible & (key_index[None, None, :] >= positions[:, :, None] - window_left)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    # Padding rows see no key: softmax gives NaN there, and they are dropped.
+    probs = torch.softmax(scores, dim=-1)
+    attended = torch.einsum("bkgtj,bkjd->btkgd", probs, values).reshape(batch, max_queries, num_heads, head_dim)
+    # Sequences' queries follow each other in q, as the rows of query_ok do.
+    return attended[query_ok].to(q.dtype)
+
+
+def _describe(t):
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return type(t).__name__
+
+
+def check_paged_decode_attention_inputs(
+    q, k_pages, v_pages, page_table, kv_lens, k_scales, v_scales, cu_seqlens_q, softmax_scale, window_left, softcap,
+):  # fmt: skip
+    """Raise ValueError naming the argument when inputs break the layout in the module docstring.
+
+    Shapes, dtypes and devices are always checked; the values of `cu_seqlens_q`, `kv_lens` and the
+    used part of `page_table` only on CPU tensors: reading CUDA tensors back would make the host
+    wait for the GPU at every layer of every step (the engine builds them valid)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a floating-point tensor [total_q, num_heads, head_dim], got {_describe(q)}")
+    total_q, num_heads, head_dim = q.shape
+    for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if not isinstance(pages, torch.Tensor) or pages.dim() != 4 or pages.dtype not in (torch.int8, q.dtype):
+            raise ValueError(f"{name} must be an int8 or {q.dtype} (q's dtype) tensor [num_pages, num_kv_heads, "
+                             f"page_size, head_dim], got {_describe(pages)}")
+    if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages must have one shape and dtype, got {_describe(k_pages)} and "
+                         f"{_describe(v_pages)}")
+    num_pages, num_kv_heads, page_size, pages_head_dim = k_pages.shape
+    if pages_head_dim != head_dim:
+        raise ValueError(f"k_pages' head_dim ({pages_head_dim}) must equal q's ({head_dim})")
+    if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
+        raise ValueError(f"page_size (k_pages.shape[2]) must be a power of two >= {MIN_PAGE_SIZE}, got {page_size}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads of q ({num_heads}) must be a multiple of num_kv_heads of k_pages ({num_kv_heads})")
+    tensors = {"q": q, "k_pages": k_pages, "v_pages": v_pages}
+    if k_pages.dtype == torch.int8:
+        for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if (not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32
+                    or scales.shape != k_pages.shape[:3]):
+                raise ValueError(f"{name} must be a float32 tensor {list(k_pages.shape[:3])} (int8 pages without "
+                                 f"head_dim), got {_describe(scales)}")
+            tensors[name] = scales
+    elif k_scales is not None or v_scales is not None:
+        raise ValueError(f"k_scales and v_scales must be None for {k_pages.dtype} pages (they are for int8 pages)")
+    if (not isinstance(page_table, torch.Tensor) or page_table.dim() != 2 or page_table.dtype != torch.int32):
+        raise ValueError(f"page_table must be an int32 tensor [batch, max_pages_per_seq], got {_describe(page_table)}")
+    batch, max_pages_per_seq = page_table.shape
+    if not isinstance(kv_lens, torch.Tensor) or kv_lens.dtype != torch.int32 or kv_lens.shape != (batch,):
+        raise ValueError(f"kv_lens must be an int32 tensor [batch={batch}], got {_describe(kv_lens)}")
+    tensors |= {"page_table": page_table, "kv_lens": kv_lens}
+    if cu_seqlens_q is None:
+        if total_q != batch:
+            raise ValueError(f"q's total_q ({total_q}) must equal the batch of page_table ({batch}) when cu_seqlens_q "
+                             f"is None (one query per sequence)")
+    else:
+        if (not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dtype != torch.int32
+                or cu_seqlens_q.shape != (batch + 1,)):
+            raise ValueError(f"cu_seqlens_q must be None or an int32 tensor [batch + 1 = {batch + 1}], got "
+                             f"{_describe(cu_seqlens_q)}")
+        tensors["cu_seqlens_q"] = cu_seqlens_q
+    if len({t.device for t in tensors.values()}) != 1:
+        raise ValueError(f"{', '.join(tensors)} must be on one device, got {[str(t.device) for t in tensors.values()]}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise ValueError(f"softmax_scale must be None or a number, got {type(softmax_scale).__name__}")
+    if not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"window_left must be an int >= 0, or -1 for no window, got {window_left!r}")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a number >= 0, got {softcap!r}")
+    if q.device.type == "cpu":
+        _check_values(total_q, page_table, kv_lens, cu_seqlens_q, num_pages, page_size)
+
+
+def _check_values(total_q, page_table, kv_lens, cu_seqlens_q, num_pages, page_size):
+    batch, max_pages_per_seq = page_table.shape
+    if cu_seqlens_q is not None:
+        cu = cu_seqlens_q.long()
+        if cu[0] != 0 or cu[-1] != total_q or (cu[1:] < cu[:-1]).any():
+            raise ValueError(f"cu_seqlens_q must rise from 0 to total_q ({total_q}) without falling, got "
+                             f"{cu_seqlens_q.tolist()}")
+        num_queries = cu[1:] - cu[:-1]
+    else:
+        num_queries = torch.ones(batch, dtype=torch.long)
+    lens = kv_lens.long()
+    capacity = max_pages_per_seq * page_size
+    if (lens < num_queries).any() or (lens > capacity).any():
+        raise ValueError(f"kv_lens must be between each sequence's number of queries (its last tokens) and the "
+                         f"page table's capacity ({max_pages_per_seq} pages of {page_size} = {capacity}), got "
+                         f"kv_lens {kv_lens.tolist()} for {num_queries.tolist()} queries")
+    used = torch.arange(max_pages_per_seq)[None, :] < (lens[:, None] + page_size - 1) // page_size
+    used_pages = page_table[used]
+    if used_pages.numel() and (used_pages.min() < 0 or used_pages.max() >= num_pages):
+        raise ValueError(f"page_table's entries for each sequence's pages must be in [0, num_pages={num_pages}), "
+                         f"got values from {int(used_pages.min())} to {int(used_pages.max())}")
