@@ -281,26 +281,26 @@ def _right(causal, window_size):
 _REFERENCE = "reference"
 # The last plan, stored as one (key, plan) tuple in one assignment: threads never pair one's key
 # with another's plan. One entry is enough: a forward passes the same offsets to every layer.
+# The key holds the offsets' values (this path runs on CPU tensors, where reading them is a copy
+# of a few ints): a tensor changed in place, or an inference tensor (no version counter), is
+# never taken for the one it was.
 _last_plan = (None, None)
 
 
 def _cached_plan(cu_seqlens_q, cu_seqlens_k, key):
     cached_key, plan = _last_plan
-    if cached_key is None or cu_seqlens_q.is_inference() or cu_seqlens_k.is_inference():
-        # Inference tensors keep no version counter, so an in-place change would go unseen.
-        return None
-    cached_q, cached_k, versions, rest = cached_key
-    if cached_q is cu_seqlens_q and cached_k is cu_seqlens_k and versions == (
-        cu_seqlens_q._version, cu_seqlens_k._version
-    ) and rest == key:
+    if cached_key == _plan_key(cu_seqlens_q, cu_seqlens_k, key):
         return plan
     return None
 
 
 def _store_plan(cu_seqlens_q, cu_seqlens_k, key, plan):
     global _last_plan
-    if not (cu_seqlens_q.is_inference() or cu_seqlens_k.is_inference()):
-        _last_plan = ((cu_seqlens_q, cu_seqlens_k, (cu_seqlens_q._version, cu_seqlens_k._version), key), plan)
+    _last_plan = (_plan_key(cu_seqlens_q, cu_seqlens_k, key), plan)
+
+
+def _plan_key(cu_seqlens_q, cu_seqlens_k, key):
+    return (tuple(cu_seqlens_q.tolist()), tuple(cu_seqlens_k.tolist()), key)
 
 
 def _build_plan(schedule, lengths_q, lengths_k, causal, window_size, dtype, device) -> _Plan:

@@ -100,6 +100,23 @@ def test_plan_is_reused_for_the_same_offsets_and_rebuilt_when_they_change():
     torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu_q, cu_k, **kwargs), atol=1e-12, rtol=1e-12)
 
 
+def test_plan_is_reused_for_inference_tensors_of_the_same_offsets():
+    # A decode step builds new offsets tensors per forward, under inference mode (no version counter).
+    (q, k, v, cu_q, cu_k), kwargs = inputs("causal")
+    with torch.inference_mode():
+        varlen_attention_cpu(q, k, v, cu_q.clone(), cu_k.clone(), costs=COSTS["buckets"], **kwargs)
+        plan = cpu_attention._last_plan[1]
+        varlen_attention_cpu(q, k, v, cu_q.clone(), cu_k.clone(), costs=COSTS["buckets"], **kwargs)
+        assert cpu_attention._last_plan[1] is plan
+        changed_q, changed_k = cu_q.clone(), cu_k.clone()
+        changed_q[1] += 2
+        changed_k[1] += 2
+        out = varlen_attention_cpu(q, k, v, changed_q, changed_k, costs=COSTS["buckets"], **kwargs)
+        assert cpu_attention._last_plan[1] is not plan
+        expected = varlen_attention_ref(q, k, v, changed_q, changed_k, **kwargs)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
 def test_inference_mode_tensors():
     with torch.inference_mode():
         (q, k, v, cu_q, cu_k), kwargs = inputs("sliding_window")
