@@ -9,18 +9,35 @@ tokens, 32 requests of 256 tokens (CPU: smaller). Providers (`PROVIDERS`, a dict
 - `multi_lora`: `fused_train.multi_lora_linear` (Triton on the GPU; on a CPU its PyTorch reference);
 - `multi_lora_int8`: the same over the int8 base (`quantize_int8`);
 - `loop`: the base matmul, then each distinct adapter of the batch applied to its rows (an
-  index, two matmuls and an `index_add_` per adapter, row indices prepared before timing).
+  index, two matmuls and an `index_add_` per adapter, row indices prepared before timing);
+- `peft`: peft's own mixed batch (`adapter_names=`, one name per request) on the layer wrapped by
+  `get_peft_model` with the batch's adapters, unpatched.
 Reports ms (GPU: `triton.testing.do_bench`; CPU: the best of 7 runs), tokens/s, the path
 `multi_lora` took and, per provider, tokens/s against its own single-adapter case of the same
 shape; writes JSON and a PNG chart under bench/results/.
 
+End to end (CPU; `--model-only` for this part alone, `--layer-only` without it): the demo's tiny
+Llama (bench/demo.py, 4 layers, hidden 128, sdpa) with 8 adapters on all seven projections
+(ranks 16, 64, 8, 32 in turn), a batch of 32 requests over them, a prefill of 64 tokens each
+and one decode step over that 64-token cache, through
+- `peft_mixed`: the peft model, `adapter_names=` (peft's mixed batch, unpatched);
+- `peft_patched`: the same model after `fused_train.patch` (its mixed batches through
+  `multi_lora_linear`, our attention);
+- `pool`: the plain model with the adapters in a `fused_train.serving.AdapterPool`,
+  `with pool.activate(pool.slots_for(names, num_tokens)): model(...)`.
+Logits are checked against `peft_mixed` first; the best of 15 runs, and the ratio to `peft_mixed`.
+
     python bench/bench_multi_lora.py            # 4096×4096 and 4096×14336 on a GPU; small shapes on CPU
     python bench/bench_multi_lora.py --quick    # the GPU acceptance shape only: 4096×4096
+    python bench/bench_multi_lora.py --model-only   # the tiny model end to end (CPU)
 """
 
 import argparse
+import copy
 import json
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -30,7 +47,8 @@ from tqdm import tqdm
 import fused_train
 from fused_train.kernels.lora_ref import quantize_int8
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
 
 SLOTS, R_MAX = 32, 64
 RANK_CYCLE = (16, 64, 8, 32)
@@ -56,6 +74,7 @@ class Case:
     token_slots: torch.Tensor
     scalings: torch.Tensor
     ranks: torch.Tensor
+    requests: int  # the batch's requests, each `tokens // requests` contiguous tokens of one slot
 
 
 def make_case(phase, tokens, fan_in, fan_out, adapters, dtype, device):
@@ -78,6 +97,7 @@ def make_case(phase, tokens, fan_in, fan_out, adapters, dtype, device):
         token_slots=request_slots.repeat_interleave(tokens // requests),
         scalings=2.0 / ranks.float(),
         ranks=ranks,
+        requests=requests,
     )
 
 
@@ -115,9 +135,41 @@ def _loop(case):
     return step
 
 
-# name -> builder: `builder(case)` returns the step to time. More providers (peft's mixed batch,
-# the adapter pool end to end) are added here.
-PROVIDERS = {"base": _base, "multi_lora": _multi_lora, "multi_lora_int8": _multi_lora_int8, "loop": _loop}
+class _OneLayer(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype,
+                                    device=weight.device)  # fmt: skip
+        self.proj.weight.data.copy_(weight)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft(case):
+    from peft import LoraConfig, get_peft_model
+
+    model = None
+    for slot in torch.unique(case.token_slots).tolist():
+        rank = int(case.ranks[slot])
+        # lora_alpha / r is peft's scaling: alpha = scaling · rank gives the case's scalings.
+        config = LoraConfig(r=rank, lora_alpha=float(case.scalings[slot]) * rank, target_modules=["proj"])
+        name = f"adapter{slot}"
+        if model is None:
+            model = get_peft_model(_OneLayer(case.weight), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        layer = model.base_model.model.proj
+        layer.lora_A[name].weight.data.copy_(case.lora_a[slot, :rank])
+        layer.lora_B[name].weight.data.copy_(case.lora_b[slot, :, :rank])
+    model.eval()
+    rows = case.x.view(case.requests, -1, case.x.shape[-1])
+    names = [f"adapter{slot}" for slot in case.token_slots.view(case.requests, -1)[:, 0].tolist()]
+    return lambda: model(rows, adapter_names=names)
+
+
+# name -> builder: `builder(case)` returns the step to time.
+PROVIDERS = {"base": _base, "multi_lora": _multi_lora, "multi_lora_int8": _multi_lora_int8, "loop": _loop, "peft": _peft}
 
 
 def _time_ms(fn, device):
@@ -145,26 +197,19 @@ def _path(tokens, device):
     return choose_path(tokens, SLOTS)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="GPU: the 4096×4096 layer only")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    dtype = getattr(torch, args.dtype)
+def bench_layers(device, dtype_name, quick):
+    """The layer grid: one row per (layer, batch, adapters), every provider's ms and tokens/s."""
+    dtype = getattr(torch, dtype_name)
     if device == "cpu":
         layers, batches = CPU_LAYERS, CPU_BATCHES
         print("CPU: small shapes; multi_lora runs its PyTorch reference (no Triton off the GPU).")
     else:
-        layers, batches = (GPU_LAYERS[:1] if args.quick else GPU_LAYERS), GPU_BATCHES
-
+        layers, batches = (GPU_LAYERS[:1] if quick else GPU_LAYERS), GPU_BATCHES
     rows = []
     grid = [(layer, batch, adapters) for layer in layers for batch in batches for adapters in ADAPTER_COUNTS]
     for (fan_in, fan_out), (phase, tokens), adapters in tqdm(grid, desc="bench_multi_lora"):
         case = make_case(phase, tokens, fan_in, fan_out, adapters, dtype, device)
-        row = dict(fan_in=fan_in, fan_out=fan_out, phase=phase, tokens=tokens, adapters=adapters, dtype=args.dtype,
+        row = dict(fan_in=fan_in, fan_out=fan_out, phase=phase, tokens=tokens, adapters=adapters, dtype=dtype_name,
                    multi_lora_path=_path(tokens, device))  # fmt: skip
         for name, builder in PROVIDERS.items():
             ms = _time_ms(builder(case), device)
@@ -179,24 +224,147 @@ def main():
             row[f"{name}_over_single"] = row[f"{name}_tokens_per_s"] / single[f"{name}_tokens_per_s"]
         row["multi_lora_over_base"] = row["multi_lora_ms"] / row["base_ms"]
         row["loop_over_multi_lora"] = row["loop_ms"] / row["multi_lora_ms"]
+        row["peft_over_multi_lora"] = row["peft_ms"] / row["multi_lora_ms"]
+    return rows
 
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"multi_lora_{device}{'_quick' if args.quick else ''}")
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(device=device_name, torch=torch.__version__, slots=SLOTS, r_max=R_MAX, rank_cycle=RANK_CYCLE,
-                       providers=list(PROVIDERS), rows=rows), f, indent=1)  # fmt: skip
-    _chart(rows, stem + ".png", device_name)
 
+def print_layers(rows):
     print(f"{'in':>5} {'out':>6} {'phase':>7} {'tokens':>6} {'adapters':>8} "
           + " ".join(f"{name + ' ms':>{max(9, len(name) + 3)}}" for name in PROVIDERS)
-          + f" {'multi tok/s':>12} {'multi/single':>12} {'loop/multi':>10} {'path':>9}")  # fmt: skip
+          + f" {'multi tok/s':>12} {'multi/single':>12} {'loop/multi':>10} {'peft/multi':>10} {'path':>9}")  # fmt: skip
     for r in rows:
         print(f"{r['fan_in']:>5} {r['fan_out']:>6} {r['phase']:>7} {r['tokens']:>6} {r['adapters']:>8} "
               + " ".join(f"{r[f'{name}_ms']:>{max(9, len(name) + 3)}.3f}" for name in PROVIDERS)
               + f" {r['multi_lora_tokens_per_s']:>12.0f} {r['multi_lora_over_single']:>12.3f}"
-              f" {r['loop_over_multi_lora']:>10.3f} {r['multi_lora_path']:>9}")  # fmt: skip
-    print(f"wrote {stem}.json and {stem}.png")
+              f" {r['loop_over_multi_lora']:>10.3f} {r['peft_over_multi_lora']:>10.3f} {r['multi_lora_path']:>9}")  # fmt: skip
+
+
+E2E_ADAPTERS, E2E_REQUESTS, E2E_PROMPT_TOKENS = 8, 32, 64
+E2E_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+E2E_PROVIDERS = ("peft_mixed", "peft_patched", "pool")
+
+
+def bench_model(runs=15):
+    """The tiny model end to end (module docstring): one row per phase, ms per provider."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from fused_train.serving import AdapterPool
+
+    sys.path.insert(0, REPO)  # `bench.demo` when run as `python bench/bench_multi_lora.py`
+    from bench.demo import MODEL
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL, attn_implementation="sdpa")).eval()
+    names = [f"adapter{i % E2E_ADAPTERS}" for i in range(E2E_REQUESTS)]
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {}
+        for i in range(E2E_ADAPTERS):
+            torch.manual_seed(1 + i)
+            config = LoraConfig(r=RANK_CYCLE[i % len(RANK_CYCLE)], lora_alpha=16, target_modules=E2E_TARGETS,
+                                init_lora_weights=False)  # fmt: skip
+            paths[f"adapter{i}"] = os.path.join(folder, f"adapter{i}")
+            get_peft_model(copy.deepcopy(base), config).save_pretrained(paths[f"adapter{i}"])
+        peft_mixed = PeftModel.from_pretrained(copy.deepcopy(base), paths["adapter0"], adapter_name="adapter0")
+        for name, path in list(paths.items())[1:]:
+            peft_mixed.load_adapter(path, adapter_name=name)
+        peft_mixed.eval()
+        peft_patched = fused_train.patch(copy.deepcopy(peft_mixed))
+        pooled = copy.deepcopy(base)
+        pool = AdapterPool(pooled, max_loras=E2E_ADAPTERS, max_cpu_loras=E2E_ADAPTERS, max_rank=R_MAX)
+        for name, path in paths.items():
+            pool.load(name, path)
+
+    def through_peft(model):
+        return lambda ids, cache: model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+                                        adapter_names=names).logits  # fmt: skip
+
+    def through_pool(ids, cache):
+        with pool.activate(pool.slots_for(names, num_tokens=[ids.shape[1]] * len(names))):
+            return pooled(input_ids=ids, past_key_values=cache, use_cache=cache is not None).logits
+
+    forwards = {"peft_mixed": through_peft(peft_mixed), "peft_patched": through_peft(peft_patched),
+                "pool": through_pool}  # fmt: skip
+    torch.manual_seed(0)
+    prompt = torch.randint(3, MODEL["vocab_size"], (E2E_REQUESTS, E2E_PROMPT_TOKENS))
+    next_ids = torch.randint(3, MODEL["vocab_size"], (E2E_REQUESTS, 1))
+    rows = []
+    with torch.inference_mode():
+        for phase in ("prefill", "decode"):
+            row = dict(phase=phase, requests=E2E_REQUESTS, adapters=E2E_ADAPTERS, prompt_tokens=E2E_PROMPT_TOKENS,
+                       tokens=E2E_REQUESTS * (E2E_PROMPT_TOKENS if phase == "prefill" else 1))  # fmt: skip
+            expected = None
+            for name, forward in forwards.items():
+                if phase == "prefill":
+                    step = lambda: forward(prompt, None)  # noqa: E731
+                else:
+                    cache = transformers.DynamicCache()
+                    forward(prompt, cache)
+
+                    def step():
+                        logits = forward(next_ids, cache)
+                        cache.crop(-1)  # drop the step's token: the same 64-token cache for every run
+                        return logits
+
+                logits = step()
+                expected = logits if expected is None else expected
+                row[f"{name}_max_abs_diff"] = (logits - expected).abs().max().item()
+                if row[f"{name}_max_abs_diff"] > 1e-3:
+                    raise AssertionError(f"{name} {phase} logits differ from peft_mixed by {row[f'{name}_max_abs_diff']}")
+                samples = []
+                for _ in range(runs):
+                    start = time.perf_counter()
+                    step()
+                    samples.append((time.perf_counter() - start) * 1e3)
+                row[f"{name}_ms"] = min(samples)
+                row[f"{name}_tokens_per_s"] = row["tokens"] / row[f"{name}_ms"] * 1e3
+            for name in E2E_PROVIDERS:
+                row[f"{name}_speedup_over_peft_mixed"] = row["peft_mixed_ms"] / row[f"{name}_ms"]
+            rows.append(row)
+    pool.close()
+    return rows
+
+
+def print_model(rows):
+    print(f"tiny Llama ({E2E_REQUESTS} requests over {E2E_ADAPTERS} adapters, {E2E_PROMPT_TOKENS}-token prompts):")
+    print(f"{'phase':>8} " + " ".join(f"{name + ' ms':>16}" for name in E2E_PROVIDERS)
+          + " " + " ".join(f"{name + '/peft':>18}" for name in E2E_PROVIDERS[1:]))  # fmt: skip
+    for r in rows:
+        print(f"{r['phase']:>8} " + " ".join(f"{r[f'{name}_ms']:>16.2f}" for name in E2E_PROVIDERS) + " "
+              + " ".join(f"{r[f'{name}_speedup_over_peft_mixed']:>17.2f}x" for name in E2E_PROVIDERS[1:]))  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="GPU: the 4096×4096 layer only")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--layer-only", action="store_true", help="skip the tiny model end to end")
+    part.add_argument("--model-only", action="store_true", help="only the tiny model end to end (CPU)")
+    parser.add_argument("--runs", type=int, default=15, help="tiny model: timed runs per provider (the best counts)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    # The tiny model measures Python and small-op overheads: a CPU figure (the issue's); skipped on a GPU.
+    run_model = not args.layer_only and device == "cpu"
+    rows = [] if args.model_only else bench_layers(device, args.dtype, args.quick)
+    model_rows = bench_model(args.runs) if run_model or args.model_only else []
+
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "_quick" if args.quick else "_model" if args.model_only else ""
+    stem = os.path.join(args.out, f"multi_lora_{device}{suffix}")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(device=device_name, torch=torch.__version__, threads=torch.get_num_threads(), slots=SLOTS,
+                       r_max=R_MAX, rank_cycle=RANK_CYCLE, providers=list(PROVIDERS), rows=rows,
+                       end_to_end_providers=list(E2E_PROVIDERS), end_to_end=model_rows), f, indent=1)  # fmt: skip
+    if rows:
+        _chart(rows, stem + ".png", device_name)
+        print_layers(rows)
+    if model_rows:
+        print_model(model_rows)
+    print(f"wrote {stem}.json" + (f" and {stem}.png" if rows else ""))
 
 
 def _chart(rows, path, device_name):
