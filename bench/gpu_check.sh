@@ -35,23 +35,25 @@ import torch, triton, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__,
       "| transformers", transformers.__version__, "|", torch.cuda.get_device_name(0))
 PY
-# Benchmarks first: they are the numbers this run exists for, those never measured on a GPU
-# before the others. The limits add up to ~700 s, more than BUDGET: when every step runs long it is
-# the tests that get cut, not the figures. bench_lora compiles and times every
-# way its two GEMMs can run at their first call (kernels/lora.py, _choose_gemm_way): hence 150 s.
+# As ../shared/GPU.md orders them: the CUDA correctness tests first (the bf16 kernels have never
+# executed anywhere: the interpreter runs them upcast), then the benches no GPU run has measured
+# yet, then those measured before. The limits add up to more than BUDGET: when every step runs
+# long, the figures measured before are the ones cut.
+# trl and datasets are not installed on the GPU machine; that file runs in CI on the CPU.
+# The tests/test_bench_*.py files rerun benches in --quick mode: they would eat the tests step.
+# The sm_90 compile tests need no GPU and CI runs them under this machine's Triton too: skipped here.
+# tests/kernels runs first, with the GPU-only cases: tensors past 2**31 elements (a long document,
+# an lm_head-sized LoRA GEMM, a 16.7M-position cache head) and, with two GPUs, kernels on cuda:1.
+step tests 150 python3 -m pytest tests -q --maxfail=10 --ignore tests/test_trainers.py \
+    --ignore-glob 'tests/test_bench_*.py' --ignore-glob 'tests/kernels/test_compile_sm90_*.py' \
+    --junitxml "$OUT/tests.xml" -p no:cacheprovider
+step bench_multi_lora 90 python3 bench/bench_multi_lora.py --quick --out "$OUT"
+# bench_lora compiles and times every way its two GEMMs can run at their first call
+# (kernels/lora.py, _choose_gemm_way): hence 150 s.
 step bench_varlen_attention 110 python3 bench/bench_varlen_attention.py --quick --out "$OUT"
 step bench_kv_cache 70 python3 bench/bench_kv_cache.py --quick --out "$OUT"
 step bench_lora 150 python3 bench/bench_lora.py --quick --out "$OUT"
 step eval_kv_quality 50 python3 bench/eval_kv_quality.py --quick --out "$OUT"
 step demo 50 python3 bench/demo.py --quick --out "$OUT"
-# trl and datasets are not installed on the GPU machine; that file runs in CI on the CPU.
-# tests/test_bench_kv.py and tests/test_bench_lora.py rerun benches in --quick mode (the KV and LoRA ones
-# above, and eval_quantized_base, a CPU-sized training run): they would eat the tests step, so skipped here.
-# The sm_90 compile tests need no GPU and CI runs them under this machine's Triton too: skipped here.
-# tests/kernels runs first, with the GPU-only cases: tensors past 2**31 elements (a long document,
-# an lm_head-sized LoRA GEMM, a 16.7M-position cache head) and, with two GPUs, kernels on cuda:1.
-step tests 150 python3 -m pytest tests -q --maxfail=10 --ignore tests/test_trainers.py --ignore tests/test_bench_kv.py \
-    --ignore tests/test_bench_lora.py --ignore-glob 'tests/kernels/test_compile_sm90_*.py' \
-    --junitxml "$OUT/tests.xml" -p no:cacheprovider
 python3 bench/gpu_summary.py "$OUT"
 echo "total seconds: $((SECONDS - start))"
