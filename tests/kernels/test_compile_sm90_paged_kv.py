@@ -10,12 +10,17 @@ which may be 8, and of the table's width) and the lengths are compiled without i
 wgmma: plain decode runs 16 query rows (a GQA group of at most 16 heads times one query), below
 the 64 rows wgmma needs, so it takes the older mma, as the contiguous int8 kernel does; chunks of
 queries run BLOCK_M 64 with wgmma (tf32 for float32 q). The test asserts exactly that split.
+The int8 write must be bit-exact with torch, as quantize-on-append is: its PTX divides with IEEE
+rounding and keeps the rounding constant's two additions.
 """
 
 import json
 
 import pytest
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from tests.kernels.sm90 import SHARED_LIMIT, compile_for_sm90, compile_in_subprocess, triton_site_id, triton_sites
 
@@ -59,15 +64,32 @@ def _signature(fn, kinds):
     return signature
 
 
-def _compile(name, fn, kinds, constexprs, num_warps, num_stages):
-    signature = _signature(fn, kinds)
-    attrs = {
+def _attrs(fn, signature):
+    return {
         (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
         for arg, kind in signature.items()
         if kind.startswith("*") or (kind == "i32" and arg not in UNALIGNED)
     }
+
+
+def _compile(name, fn, kinds, constexprs, num_warps, num_stages):
+    signature = _signature(fn, kinds)
     wide = [arg for arg in signature if arg.startswith("stride") and arg not in NARROW]
-    return dict(name=name, **compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages, wide))
+    kernel = compile_for_sm90(fn, signature, constexprs, _attrs(fn, signature), num_warps, num_stages, wide)
+    return dict(name=name, **kernel)
+
+
+def _quantize_ptx_is_exact(fn, kinds, constexprs, num_warps):
+    """The int8 write divides with IEEE rounding and keeps both additions of the rounding constant
+    (kernels/int8_kv_quantize.py says why); the same compile as `_compile`'s, from Triton's cache."""
+    signature = _signature(fn, kinds)
+    ptx = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_attrs(fn, signature)),
+        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1},
+    ).asm["ptx"]
+    magic, minus_magic = "0f4B400000", "0fCB400000"  # +-1.5 * 2**23 as float32 bits
+    return ("div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx and magic in ptx
+            and minus_magic in ptx)
 
 
 def _compile_all():
@@ -100,14 +122,15 @@ def _compile_all():
     result["expect_wgmma"] = None  # a weighted sum over splits, no matmul
     results.append(result)
     for new, pages, quantize in (("bf16", "i8", True), ("fp16", "bf16", False)):
-        block_t = write._ELEMENTS_PER_PROGRAM // 128
-        result = _compile(
-            f"write {new} into {pages} pages", write._write_kv_pages_kernel,
-            dict(KNew=new, VNew=new, KPages=pages, VPages=pages,
-                 KScales="fp32" if quantize else "i64", VScales="fp32" if quantize else "i64", Slots="i64"),
-            dict(QUANTIZE=quantize, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=block_t), write._NUM_WARPS, 1,
-        )
+        kinds = dict(KNew=new, VNew=new, KPages=pages, VPages=pages, KScales="fp32" if quantize else "i64",
+                     VScales="fp32" if quantize else "i64", Slots="i64")
+        constexprs = dict(QUANTIZE=quantize, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_D=128,
+                          BLOCK_T=write._ELEMENTS_PER_PROGRAM // 128)
+        result = _compile(f"write {new} into {pages} pages", write._write_kv_pages_kernel, kinds, constexprs,
+                          write._NUM_WARPS, 1)
         result["expect_wgmma"] = None
+        if quantize:
+            result["exact"] = _quantize_ptx_is_exact(write._write_kv_pages_kernel, kinds, constexprs, write._NUM_WARPS)
         results.append(result)
     return results
 
@@ -124,6 +147,7 @@ def test_every_paged_kv_config_compiles_for_sm90(compiled):
         assert kernel["shared"] <= SHARED_LIMIT, kernel
         assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel
         assert kernel["narrow"] == [], kernel
+        assert kernel.get("exact", True), kernel
 
 
 if __name__ == "__main__":
