@@ -10,8 +10,10 @@ from fused_train.kernels.int8_decode_attention_ref import int8_decode_attention_
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.kernels.lora_ref import lora_linear_ref
 from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
+from fused_train.kernels.paged_decode_attention_ref import paged_decode_attention_ref
 from fused_train.kernels.varlen_attention_ref import varlen_attention_ref
 from fused_train.kv_cache_ops import int8_decode_attention, quantize_kv_append
+from fused_train.paged_kv_ops import paged_decode_attention, write_kv_pages
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
@@ -65,6 +67,19 @@ def test_every_kernel_runs_on_cuda_1_while_cuda_0_is_current():
     expected = multi_lora_linear_ref(tokens.float(), weight.float(), stacked_a.float(), stacked_b.float(), token_slots,
                                      scalings, ranks)  # fmt: skip
     _assert_close(got, expected)
+
+    pages = [torch.zeros(3, 2, 8, 64, device=device, dtype=torch.int8) for _ in range(2)]
+    page_scales = [torch.zeros(3, 2, 8, device=device) for _ in range(2)]
+    tokens_first = new[0].transpose(0, 1)  # [5 tokens, 2 kv heads, 64], into page 1 at offsets 1..5
+    write_kv_pages(tokens_first, tokens_first, *pages, torch.arange(9, 14, device=device), k_scales=page_scales[0],
+                   v_scales=page_scales[1])
+    assert torch.equal(pages[0][1, :, 1:6], expected_data[0])
+    assert torch.equal(page_scales[1][1, :, 1:6], expected_scale[0])
+    page_table = torch.tensor([[1]], device=device, dtype=torch.int32)
+    kv_lens = torch.tensor([6], device=device, dtype=torch.int32)
+    got = paged_decode_attention(query[:, :, 0], *pages, page_table, kv_lens, k_scales=page_scales[0],
+                                 v_scales=page_scales[1])
+    _assert_close(got, paged_decode_attention_ref(query[:, :, 0], *pages, page_table, kv_lens, *page_scales))
 
     torch.cuda.synchronize(device)
     assert torch.cuda.current_device() == 0
