@@ -8,7 +8,10 @@ cache adds no prefix, and the documents still come from the position ids rather 
 built for one sequence.
 
 Keys and values may also arrive as `Int8KV` (from `fused_train.Int8KVCache` after the prompt):
-then the new queries attend to the int8 cache directly with the int8 decode kernel.
+then the new queries attend to the int8 cache directly with the int8 decode kernel. Or as
+`PagedKV` (from the serving engine's `StepCache`): one step of many requests, flattened into one
+row; its prefills attend to their fresh keys with the varlen kernel, its decodes to their pages
+with the paged decode kernel.
 
 What the attention cannot honour is refused, never dropped: attention dropout, 4-D masks, masks
 that deviate from causal or sliding-window attention (bidirectional spans), and any kwarg that
@@ -23,6 +26,7 @@ from fused_train.attention import varlen_attention
 from fused_train.kernels.int8_decode_attention_ref import dequantize_cache_ref
 from fused_train.kv_cache_ops import int8_decode_attention
 from fused_train.layout import left_padding, varlen_layout
+from fused_train.paged_kv_ops import paged_decode_attention
 
 ATTENTION_NAME = "fused_train"
 
@@ -89,6 +93,34 @@ class Int8KV:
         return dequantize_cache_ref(self.data, self.scale, self.length, self.dtype, self.recent, self.exact_from)
 
 
+@dataclass(frozen=True)
+class PagedLayout:
+    """Where one serving step's tokens are: the step is one row of `num_prefill_tokens` tokens of
+    prefilling sequences (`cu_seqlens_prefill` int32, their longest `max_prefill_len`), then one
+    token per decoding sequence. `slots` int64 `[tokens]` is each token's place in the pages
+    (`page * page_size + offset`); `page_table` int32 `[decodes, max_pages]` and `kv_lens` int32
+    `[decodes]` (this step's token included) say where each decoding sequence's keys are."""
+
+    slots: torch.Tensor
+    num_prefill_tokens: int
+    cu_seqlens_prefill: torch.Tensor
+    max_prefill_len: int
+    page_table: torch.Tensor
+    kv_lens: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """Keys or values of one layer in a serving step: this step's own (`fresh`, `[tokens,
+    num_kv_heads, head_dim]`, already written into `pages`), and the layer's `pages` (int8 with
+    `scales`, or float with None) that hold every cached token, laid out by `layout`."""
+
+    fresh: torch.Tensor
+    pages: torch.Tensor
+    scales: torch.Tensor | None
+    layout: PagedLayout
+
+
 def fused_train_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -112,7 +144,7 @@ def fused_train_attention(
         # As SDPA does under autocast: rotary embeddings leave q and k in float32, v is already cast.
         dtype = torch.get_autocast_dtype(device_type)
         query = query.to(dtype)
-        if not isinstance(key, Int8KV):
+        if not isinstance(key, (Int8KV, PagedKV)):
             key, value = key.to(dtype), value.to(dtype)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
@@ -120,6 +152,10 @@ def fused_train_attention(
             f"{tuple(attention_mask.shape)}; custom 4-D masks need attn_implementation='sdpa' or 'eager'"
         )
     is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if isinstance(key, PagedKV):
+        if not is_causal or attention_mask is not None:
+            raise ValueError("a paged serving step runs causal attention without a padding mask")
+        return _paged_attention(query, key, value, scaling, sliding_window, softcap), None
     if isinstance(key, Int8KV):
         left_pad = left_padding(attention_mask, key.length) if is_causal else None
         if left_pad is not None:
@@ -189,3 +225,27 @@ def _int8_cache_attention(query, key, value, key_start, scaling, sliding_window,
     return out.transpose(1, 2)
 
 
+
+
+def _paged_attention(query, key, value, scaling, sliding_window, softcap):
+    """One serving step (`PagedLayout`): prefills over their fresh keys, then decodes over their pages."""
+    if torch.is_grad_enabled() and query.requires_grad:
+        raise ValueError("the paged KV cache is for inference: run the step under torch.no_grad()")
+    layout = key.layout
+    q = query[0].transpose(0, 1)  # [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]
+    prefill = layout.num_prefill_tokens
+    window_left = sliding_window - 1 if sliding_window else -1
+    outs = []
+    if prefill:
+        outs.append(varlen_attention(
+            q[:prefill], key.fresh[:prefill], value.fresh[:prefill], layout.cu_seqlens_prefill,
+            layout.cu_seqlens_prefill, layout.max_prefill_len, layout.max_prefill_len, check_cu_seqlens=False,
+            causal=True, softmax_scale=scaling, window_size=(window_left, -1), softcap=softcap or 0.0,
+        ))  # fmt: skip
+    if q.shape[0] > prefill:
+        outs.append(paged_decode_attention(
+            q[prefill:], key.pages, value.pages, layout.page_table, layout.kv_lens, k_scales=key.scales,
+            v_scales=value.scales, softmax_scale=scaling, window_left=window_left, softcap=softcap or 0.0,
+        ))  # fmt: skip
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.unsqueeze(0)

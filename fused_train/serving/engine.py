@@ -1,0 +1,512 @@
+"""`Engine`: continuous batching of many-adapter requests over a paged KV cache.
+
+    engine = Engine(model, tokenizer, adapters={"support": "adapters/support", "legal": "adapters/legal"})
+    outputs = engine.generate(["Hello", "Hi"], SamplingParams(max_tokens=32), adapters=["support", None])
+    handle = engine.add_request("Hello", SamplingParams(max_tokens=32), adapter="legal")
+    for token_id in handle: ...          # or `async for token_id in handle.stream():`
+    engine.shutdown()
+
+One background thread runs the loop: schedule a step (`scheduler.Scheduler`: finished requests
+leave, waiting ones join, preemption when pages run out), run it (`runner.Runner`: one forward of
+the patched Hugging Face model for the whole batch, every request with its own adapter through
+the `AdapterPool`), sample each request's next token, stream it, end what is finished. Every
+request ends finished ("stop", "length"), cancelled ("cancelled") or failed ("error", with the
+reason): its pages and adapter leases are released there, in one place.
+
+The model is patched (`fused_train.patch`) so that its attention reads the paged cache; it must be
+a plain transformers causal LM (adapters come from the pool, not from peft). Sampling runs on the
+CPU with one `torch.Generator` per request, so a seeded request draws the same tokens whatever
+batches it shares; greedy is temperature 0.
+"""
+
+import asyncio
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import fused_train
+from fused_train.serving.adapters import AdapterPool
+from fused_train.serving.pages import PageAllocator
+from fused_train.serving.paged_cache import PagedKVCache
+from fused_train.serving.runner import Runner, sample
+from fused_train.serving.scheduler import FINISHED, QueueFull, Scheduler, Sequence
+
+__all__ = ["Engine", "QueueFull", "RequestFailed", "RequestHandle", "RequestOutput", "SamplingParams"]
+
+DEFAULT_KV_CACHE_TOKENS = 65536
+
+
+class RequestFailed(RuntimeError):
+    """A request ended with an error (its `RequestOutput.error` says which)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request's tokens are chosen and when it stops (vLLM's names and defaults)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no cut
+    seed: int | None = None
+    stop: tuple[str, ...] | list[str] | str | None = None  # needs the engine's tokenizer
+    stop_token_ids: tuple[int, ...] | list[int] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"top_k must be an int >= -1 (0 or -1: no cut), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        stop_ids = tuple(self.stop_token_ids or ())
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
+            raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", stop_ids)
+
+
+@dataclass
+class RequestOutput:
+    """A request as it ended: its generated `token_ids` (a stop token included, as HF `generate`
+    keeps it), `text` (with a tokenizer; cut before a stop string), `finish_reason` ("stop",
+    "length", "cancelled" or "error", then `error` says why) and its timings in seconds."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    adapter: str | None
+    error: str | None = None
+    queue_time: float | None = None  # arrival -> first scheduled
+    time_to_first_token: float | None = None  # arrival -> first token
+    time_per_output_token: float | None = None  # (last token - first token) / (tokens - 1)
+    latency: float | None = None  # arrival -> end
+    preemptions: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    generator: torch.Generator
+    arrival: float
+    handle: "RequestHandle"
+    generated: list[int] = field(default_factory=list)
+    text: str | None = None
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    cancelled: bool = False
+
+
+class RequestHandle:
+    """A request's live view: iterate it (or `async for` over `stream()`) for its token ids as they
+    are produced; `result()` waits for the `RequestOutput`; `cancel()` ends it."""
+
+    def __init__(self, engine: "Engine", request_id: str):
+        self.request_id = request_id
+        self._engine = engine
+        self._tokens: list[int] = []
+        self._output: RequestOutput | None = None
+        self._changed = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def done(self) -> bool:
+        return self._output is not None
+
+    def cancel(self) -> None:
+        self._engine._cancel(self)
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        with self._changed:
+            if not self._changed.wait_for(self.done, timeout):
+                raise TimeoutError(f"request {self.request_id} did not end within {timeout} s")
+        return self._output
+
+    def __iter__(self):
+        """Token ids as they are produced; raises RequestFailed if the request fails."""
+        index = 0
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: len(self._tokens) > index or self.done())
+                new, ended = self._tokens[index:], self.done()
+            yield from new
+            index += len(new)
+            if ended and index == len(self._tokens):
+                self._raise_if_failed()
+                return
+
+    async def stream(self):
+        """The asyncio form of iterating the handle: `async for token_id in handle.stream()`."""
+        loop = asyncio.get_running_loop()
+        index = 0
+        while True:
+            event = asyncio.Event()
+            with self._changed:
+                new, ended = self._tokens[index:], self.done()
+                if not new and not ended:
+                    self._async_waiters.append((loop, event))
+            if not new and not ended:
+                await event.wait()
+                continue
+            for token in new:
+                yield token
+            index += len(new)
+            if ended and index == len(self._tokens):
+                self._raise_if_failed()
+                return
+
+    def _raise_if_failed(self):
+        if self._output.finish_reason == "error":
+            raise RequestFailed(f"request {self.request_id} failed: {self._output.error}")
+
+    def _publish(self, tokens: list[int], output: RequestOutput | None) -> None:
+        with self._changed:
+            self._tokens.extend(tokens)
+            if output is not None:
+                self._output = output
+            self._changed.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+
+class Engine:
+    """Continuous batching over `model` (see the module docstring).
+
+    Args:
+        model: a transformers causal LM (not a peft model); patched here.
+        tokenizer: for text prompts, output text and stop strings; None for token ids only.
+        adapters: name -> peft adapter directory (safetensors), loaded into the pool now.
+        max_loras, max_cpu_loras, max_rank: the `AdapterPool`'s device slots, CPU tier, rank cap;
+            a step holds at most `max_loras` distinct adapters.
+        kv_dtype: "int8" (int8 pages, a float32 scale per token and kv head) or "model" (the
+            model's dtype).
+        kv_cache_tokens: tokens the paged cache holds, all requests together (rounded up to
+            pages); None for 65,536.
+        page_size: tokens per page (a power of two >= 8).
+        max_batch_tokens: tokens one step may run (prefill tokens + one per decode); a prompt
+            longer than this is refused.
+        max_running: sequences in one step at most.
+        max_waiting: requests waiting at most; `add_request` raises `QueueFull` beyond.
+        clock: seconds, for the metrics (time.monotonic).
+    """
+
+    def __init__(self, model, tokenizer=None, *, adapters=None, max_loras: int = 8, max_cpu_loras: int = 64,
+                 max_rank: int = 64, kv_dtype: str = "int8", kv_cache_tokens: int | None = None, page_size: int = 16,
+                 max_batch_tokens: int = 4096, max_running: int = 256, max_waiting: int = 1024,
+                 clock=time.monotonic):  # fmt: skip
+        if kv_dtype not in ("int8", "model"):
+            raise ValueError(f'kv_dtype must be "int8" or "model", got {kv_dtype!r}')
+        if not isinstance(page_size, int) or page_size < 8 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 8, got {page_size!r}")
+        kv_cache_tokens = DEFAULT_KV_CACHE_TOKENS if kv_cache_tokens is None else kv_cache_tokens
+        if not isinstance(kv_cache_tokens, int) or isinstance(kv_cache_tokens, bool) or kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be a positive int or None, got {kv_cache_tokens!r}")
+        if not hasattr(model, "config") or not hasattr(model, "generation_config"):
+            raise ValueError(f"model must be a transformers causal LM, got {type(model).__name__}")
+        parameter = next(model.parameters())
+        self.model = fused_train.patch(model.eval())
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.pool = AdapterPool(model, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_rank=max_rank)
+        try:
+            for name, path in (adapters or {}).items():
+                self.pool.load(name, path)
+        except Exception:
+            self.pool.close()
+            raise
+        pages = PageAllocator(-(-kv_cache_tokens // page_size), page_size)
+        self.cache = PagedKVCache(model.config, pages.num_pages, page_size, kv_dtype, parameter.dtype, parameter.device)
+        self.scheduler = Scheduler(pages, max_batch_tokens=max_batch_tokens, max_running=max_running,
+                                   max_adapters=max_loras, max_waiting=max_waiting)  # fmt: skip
+        self.runner = Runner(model, self.cache, self.pool)
+        self.kv_dtype = kv_dtype
+        eos = model.generation_config.eos_token_id
+        eos = model.config.eos_token_id if eos is None else eos
+        self._eos = frozenset([eos] if isinstance(eos, int) else eos or ())
+        self._lock = threading.Condition()
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._drain = True
+        self._in_flight: frozenset = frozenset()  # the running step's sequences
+        self._counters = dict(requests_finished=0, requests_cancelled=0, requests_failed=0, prompt_tokens=0,
+                              generation_tokens=0, steps=0, step_tokens=0, step_seconds=0.0)  # fmt: skip
+        self._last_batch_size = 0
+        self._thread = threading.Thread(target=self._loop, name="fused_train-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- requests
+
+    def add_request(self, prompt, params: SamplingParams | None = None, adapter: str | None = None,
+                    request_id: str | None = None) -> RequestHandle:  # fmt: skip
+        """Queue one request: `prompt` text (needs the tokenizer) or a list of token ids; `adapter`
+        a loaded adapter's name or None for the base model. Raises ValueError on a bad request,
+        `QueueFull` when the waiting queue is full; otherwise returns its handle at once."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._encode(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
+        if adapter is not None and adapter not in self.pool.names():
+            raise ValueError(f"unknown adapter {adapter!r}; loaded: {self.pool.names()}")
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        generator = torch.Generator()
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+            if request_id in self._requests:
+                raise ValueError(f"request_id {request_id!r} is already running")
+            seq = Sequence(request_id, list(prompt_ids), len(prompt_ids) + params.max_tokens, adapter)
+            handle = RequestHandle(self, request_id)
+            self.scheduler.add(seq)  # raises ValueError / QueueFull before anything is recorded
+            self._requests[request_id] = _Request(seq, params, list(prompt_ids), generator, self.clock(), handle)
+            self._counters["prompt_tokens"] += len(prompt_ids)
+            self._lock.notify_all()
+        return handle
+
+    def generate(self, prompts, params=None, adapters=None) -> list[RequestOutput]:
+        """Run `prompts` (texts or token-id lists) to the end and return their outputs in order;
+        `params` one SamplingParams for all or one per prompt; `adapters` one name (or None) for
+        all, or one per prompt. Like vLLM's `LLM.generate`: a failed request's output says why."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]  # one prompt of token ids
+        params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        adapters = adapters if isinstance(adapters, (list, tuple)) else [adapters] * len(prompts)
+        for arg, values in (("params", params), ("adapters", adapters)):
+            if len(values) != len(prompts):
+                raise ValueError(f"{arg} must hold one entry per prompt ({len(prompts)}), got {len(values)}")
+        handles = []
+        try:
+            for prompt, param, adapter in zip(prompts, params, adapters):
+                handles.append(self.add_request(prompt, param, adapter))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return [handle.result() for handle in handles]
+
+    def load_adapter(self, name: str, path) -> None:
+        self.pool.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.pool.unload(name)
+
+    def adapters(self) -> list[str]:
+        return self.pool.names()
+
+    def metrics(self) -> dict:
+        """Plain numbers (totals since start, and the state now) for an exporter."""
+        with self._lock:
+            pages = self.scheduler.pages
+            return dict(
+                self._counters,
+                waiting=len(self.scheduler.waiting),
+                running=len(self.scheduler.running),
+                batch_size=self._last_batch_size,
+                preemptions=self.scheduler.num_preemptions,
+                kv_pages_total=pages.num_pages,
+                kv_pages_used=pages.used_pages,
+                kv_pages_free=pages.free_pages,
+                kv_page_size=pages.page_size,
+                kv_bytes=self.cache.nbytes(),
+                kv_bytes_per_token=self.cache.bytes_per_token(),
+                adapters=self.pool.stats(),
+            )
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; `drain` runs the queued and running ones to their end, otherwise they
+        are cancelled. Returns when the loop thread has ended; the adapter pool is closed."""
+        with self._lock:
+            self._stopping, self._drain = True, drain
+            self._lock.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the engine loop did not end within {timeout} s")
+        self.pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown(drain=exc[0] is None)
+
+    # ---------------------------------------------------------------- the loop
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs the engine's tokenizer; pass token ids instead")
+            return list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("prompt must be a string or a list of token ids")
+        return list(prompt)
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._lock:
+            request = self._requests.get(handle.request_id)
+            if request is None or request.handle is not handle:
+                return
+            request.cancelled = True
+            if request.seq not in self._in_flight:
+                self._end(request, "cancelled")
+
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # a bug here must not leave requests waiting forever
+            with self._lock:
+                self._stopping = True
+                for request in list(self._requests.values()):
+                    self._end(request, "error", f"engine loop failed: {type(error).__name__}: {error}")
+            raise
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self.scheduler.has_work() or self._stopping)
+                if self._stopping and not self._drain:
+                    for request in list(self._requests.values()):
+                        self._end(request, "cancelled")
+                if not self.scheduler.has_work():
+                    return  # stopping, and nothing left
+                step = self.scheduler.schedule()
+                self._in_flight = frozenset(step.sequences)
+                requests = [self._requests[seq.request_id] for seq in step.sequences]
+                now = self.clock()
+                for request in requests:
+                    request.first_scheduled = request.first_scheduled or now
+            if not requests:
+                raise AssertionError("the scheduler gave an empty step with work pending")
+            started = time.perf_counter()
+            sampled = self._run(step, requests)
+            with self._lock:
+                self._in_flight = frozenset()
+                self._counters["steps"] += 1
+                self._counters["step_tokens"] += step.num_tokens
+                self._counters["step_seconds"] += time.perf_counter() - started
+                self._last_batch_size = len(requests)
+                now = self.clock()
+                for request, token in sampled:
+                    request.seq.num_cached = len(request.seq.token_ids)
+                    if request.cancelled:
+                        self._end(request, "cancelled")
+                        continue
+                    self._append(request, token, now)
+
+    def _run(self, step, requests) -> list[tuple[_Request, int]]:
+        """Forward and sample: (request, its next token) for each request of the step. A request
+        whose adapter cannot be served fails alone, and the step runs again without it."""
+        while True:
+            try:
+                names = [request.seq.adapter for request in requests]
+                token_slots = None
+                if any(name is not None for name in names):
+                    token_slots = self.pool.slots_for(names, num_tokens=[r.seq.num_new for r in requests])
+                logits = self.runner.run(step, token_slots).cpu()
+                break
+            except Exception as error:  # noqa: BLE001 - every request must end with a reason
+                broken = self._broken_adapters(names)
+                with self._lock:
+                    if not broken:
+                        for request in requests:
+                            self._end(request, "error", f"{type(error).__name__}: {error}")
+                        return []
+                    for request in requests:
+                        if request.seq.adapter in broken:
+                            self._end(request, "error", f"adapter {request.seq.adapter!r}: {broken[request.seq.adapter]}")
+                    requests = [r for r in requests if r.seq.status != FINISHED]
+                    step.prefills[:] = [s for s in step.prefills if s.status != FINISHED]
+                    step.decodes[:] = [s for s in step.decodes if s.status != FINISHED]
+                    if not requests:
+                        return []
+        return [
+            (request, sample(row, request.params.temperature, request.params.top_p, request.params.top_k,
+                             request.generator))  # fmt: skip
+            for request, row in zip(requests, logits)
+        ]
+
+    def _broken_adapters(self, names) -> dict[str, str]:
+        broken = {}
+        for name in dict.fromkeys(n for n in names if n is not None):
+            try:
+                self.pool.slots_for([name])
+            except Exception as error:  # noqa: BLE001
+                broken[name] = f"{type(error).__name__}: {error}"
+        return broken
+
+    def _append(self, request: _Request, token: int, now: float) -> None:
+        params = request.params
+        request.generated.append(token)
+        request.seq.token_ids.append(token)
+        request.first_token = request.first_token or now
+        self._counters["generation_tokens"] += 1
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self._eos):
+            reason = "stop"
+        if params.stop:
+            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                request.text, reason = text[:cut], "stop"
+        if reason is None and len(request.generated) >= params.max_tokens:
+            reason = "length"
+        if reason is None:
+            request.handle._publish([token], None)
+        else:
+            self._end(request, reason, new_tokens=[token])
+
+    def _end(self, request: _Request, reason: str, error: str | None = None, new_tokens=()) -> None:
+        """The one place a request ends: its pages freed, its output published."""
+        self.scheduler.finish(request.seq)
+        self._requests.pop(request.seq.request_id, None)
+        key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
+        self._counters[key] += 1
+        now = self.clock()
+        text = request.text
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        tpot = None
+        if request.first_token is not None and len(request.generated) > 1:
+            tpot = (now - request.first_token) / (len(request.generated) - 1)
+        output = RequestOutput(
+            request_id=request.seq.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.generated),
+            text=text,
+            finish_reason=reason,
+            adapter=request.seq.adapter,
+            error=error,
+            queue_time=None if request.first_scheduled is None else request.first_scheduled - request.arrival,
+            time_to_first_token=None if request.first_token is None else request.first_token - request.arrival,
+            time_per_output_token=tpot,
+            latency=now - request.arrival,
+            preemptions=request.seq.preemptions,
+        )
+        request.handle._publish(list(new_tokens), output)
