@@ -31,7 +31,8 @@ def paged_decode_attention_ref(
 ):  # fmt: skip
     """Plain PyTorch, in float32 (float64 for float64 `q`): each sequence's pages gathered once into
     a batch padded to the longest sequence and its queries to the most per sequence, then one
-    masked attention for the whole batch."""
+    masked attention for the whole batch (int8 values are exact in float32, their scales applied to
+    the scores and probabilities)."""
     batch = page_table.shape[0]
     total_q, num_heads, head_dim = q.shape
     num_kv_heads, page_size = k_pages.shape[1], k_pages.shape[2]
@@ -56,23 +57,33 @@ def paged_decode_attention_ref(
     key_index = torch.arange(num_pages * page_size, device=device)
     key_ok = key_index[None, :] < kv_lens[:, None]  # [batch, keys]
 
-    def gather(pool, scales):
-        """[batch, num_kv_heads, keys, head_dim] in compute_dtype, zero past each sequence's length
-        (unwritten slots may hold NaN, which 0 * NaN would spread)."""
-        values = pool[pages].to(compute_dtype)  # [batch, num_pages, num_kv_heads, page_size, head_dim]
-        if scales is not None:
-            values = values * scales[pages].to(compute_dtype)[..., None]
-        values = values.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, num_pages * page_size, head_dim)
-        return torch.where(key_ok[:, None, :, None], values, 0)
+    def gather(pool):
+        """[batch, num_kv_heads, keys, head_dim] in compute_dtype: one copy converts and lays out."""
+        keys = torch.empty(batch, num_kv_heads, num_pages * page_size, head_dim, dtype=compute_dtype, device=device)
+        gathered = pool.index_select(0, pages.view(-1)).view(batch, num_pages, num_kv_heads, page_size, head_dim)
+        keys.view(batch, num_kv_heads, num_pages, page_size, head_dim).copy_(gathered.transpose(1, 2))
+        return keys
 
-    keys, values = gather(k_pages, k_scales), gather(v_pages, v_scales)
+    def gather_scales(scales):
+        """[batch, num_kv_heads, keys], zero past each sequence's length (unwritten slots may hold NaN)."""
+        scales = scales.index_select(0, pages.view(-1)).view(batch, num_pages, num_kv_heads, page_size)
+        scales = scales.transpose(1, 2).reshape(batch, num_kv_heads, num_pages * page_size)
+        return torch.where(key_ok[:, None], scales.to(compute_dtype), 0)
+
+    keys, values = gather(k_pages), gather(v_pages)
+    if k_scales is None:
+        # Unwritten slots of float pages may hold NaN, which a probability of 0 times NaN would spread.
+        values.masked_fill_(~key_ok[:, None, :, None], 0)
 
     # Queries padded to [batch, max_queries]; row t of sequence b is q[cu[b] + t] while t < n_b.
     query_index = torch.arange(max_queries, device=device)
     query_ok = query_index[None, :] < num_queries[:, None]  # [batch, max_queries]
     rows = torch.where(query_ok, cu[:-1, None] + query_index[None, :], 0)
     q_padded = q[rows].to(compute_dtype).view(batch, max_queries, num_kv_heads, group, head_dim)
-    scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys) * scale
+    scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys)
+    # Int8 pages: the per-token scales multiply the scores' and the probabilities' columns, which
+    # costs less than dequantizing the keys and values.
+    scores *= scale if k_scales is None else gather_scales(k_scales)[:, :, None, None] * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     positions = (kv_lens - num_queries)[:, None] + query_index[None, :]  # [batch, max_queries]
@@ -82,6 +93,8 @@ def paged_decode_attention_ref(
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     # Padding rows see no key: softmax gives NaN there, and they are dropped.
     probs = torch.softmax(scores, dim=-1)
+    if v_scales is not None:
+        probs *= gather_scales(v_scales)[:, :, None, None]
     attended = torch.einsum("bkgtj,bkjd->btkgd", probs, values).reshape(batch, max_queries, num_heads, head_dim)
     # Sequences' queries follow each other in q, as the rows of query_ok do.
     return attended[query_ok].to(q.dtype)
