@@ -149,6 +149,13 @@ def test_forced_splits_match_loop_reference(poisoned_outputs):
                num_splits=num_splits)
 
 
+def test_several_row_blocks_per_decoding_sequence(poisoned_outputs):
+    """32 query heads of one kv head in blocks of 16 rows: two per sequence, with and without cu_seqlens_q."""
+    for num_queries in (None, [1, 1]):
+        _check([45, 3], num_queries, 32, 1, 16, 16, seed=11, attention=kernel_module.paged_decode_attention,
+               config=(16, 16, 4, 1))
+
+
 SHIPPED_CONFIGS = [(torch.float32, torch.float32, 128), (torch.bfloat16, torch.int8, 64),
                    (torch.float16, torch.float16, 80)]
 
