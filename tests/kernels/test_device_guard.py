@@ -8,6 +8,7 @@ import torch
 import fused_train
 from fused_train.kernels.int8_decode_attention_ref import int8_decode_attention_ref
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
+from fused_train.kernels.linear_cross_entropy_ref import linear_cross_entropy_ref
 from fused_train.kernels.lora_ref import lora_linear_ref
 from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
 from fused_train.kernels.paged_decode_attention_ref import paged_decode_attention_ref
@@ -80,6 +81,18 @@ def test_every_kernel_runs_on_cuda_1_while_cuda_0_is_current():
     got = paged_decode_attention(query[:, :, 0], *pages, page_table, kv_lens, k_scales=page_scales[0],
                                  v_scales=page_scales[1])
     _assert_close(got, paged_decode_attention_ref(query[:, :, 0], *pages, page_table, kv_lens, *page_scales))
+
+    hidden = torch.randn(2, 5, 64, **bf16, requires_grad=True)
+    lm_weight = torch.randn(200, 64, **bf16, requires_grad=True)
+    labels = torch.randint(0, 200, (2, 5), device=device)
+    loss = fused_train.linear_cross_entropy(hidden, lm_weight, labels)
+    loss.backward()
+    leaves = [t.detach().float().requires_grad_() for t in (hidden, lm_weight)]
+    expected = linear_cross_entropy_ref(*leaves, labels)
+    expected.backward()
+    _assert_close(loss, expected)
+    for got, leaf in zip((hidden, lm_weight), leaves):
+        _assert_close(got.grad, leaf.grad)
 
     torch.cuda.synchronize(device)
     assert torch.cuda.current_device() == 0
