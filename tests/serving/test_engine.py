@@ -1,0 +1,186 @@
+"""The serving engine end to end on a tiny Llama with real peft adapters: every request's tokens
+equal running it alone through unpatched peft.
+
+The test of what the kernels compute (greedy equality, model-dtype pages) runs them through the
+interpreter on CPU; the others (int8 pages, seeds, preemption, cancellation, failures) run the
+engine as a CPU user does, on the PyTorch reference path (`cpu_path`), because the interpreter
+makes each step seconds long.
+"""
+
+import asyncio
+import copy
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig
+
+from fused_train.serving import Engine, QueueFull, RequestFailed, SamplingParams
+from fused_train.serving.paged_cache import PagedKVCache
+from tests.conftest import DEVICE
+from tests.patching.tiny_models import tiny_model
+
+ADAPTERS = {
+    "qv4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]),
+    "mlp2": dict(r=2, lora_alpha=4, target_modules=["up_proj", "down_proj"]),
+}  # fmt: skip
+# Prompt lengths (a 1-token prompt included) and adapters (None: the base model) of the mix.
+MIX = [(1, None), (5, "qv4"), (12, "all8"), (3, "mlp2"), (17, "qv4"), (7, None), (2, "all8")]
+MAX_TOKENS = 6
+
+
+def _base():
+    return tiny_model("llama").to(DEVICE).eval()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine_adapters")
+    dirs = {}
+    for seed, (name, config) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(seed)
+        get_peft_model(_base(), LoraConfig(init_lora_weights=False, **config)).save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def _prompts():
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 97, (length,), generator=generator).tolist() for length, _ in MIX]
+
+
+def _engine(adapter_dirs, **options):
+    return Engine(_base(), adapters=adapter_dirs, **{"kv_dtype": "model", "kv_cache_tokens": 512, **options})
+
+
+def _run_mix(engine, params):
+    """The mix, arriving at different steps: the first three, then the rest once the first has
+    produced two tokens."""
+    prompts = _prompts()
+    handles = [engine.add_request(p, params[i], adapter) for i, (p, (_, adapter)) in enumerate(zip(prompts[:3], MIX))]
+    stream = iter(handles[0])
+    next(stream), next(stream)
+    handles += [engine.add_request(p, params[i + 3], adapter) for i, (p, (_, adapter)) in
+                enumerate(zip(prompts[3:], MIX[3:]))]  # fmt: skip
+    return [handle.result(timeout=300) for handle in handles]
+
+
+@pytest.fixture
+def cpu_path(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read per call by fused_train.dispatch
+
+
+def _greedy():
+    return [SamplingParams(max_tokens=MAX_TOKENS, temperature=0)] * len(MIX)
+
+
+@pytest.fixture(scope="module")
+def greedy_outputs(adapter_dirs):
+    with _engine(adapter_dirs) as engine:
+        outputs = _run_mix(engine, _greedy())
+        assert engine.metrics()["kv_pages_used"] == 0
+    return outputs
+
+
+def test_greedy_mix_equals_each_request_alone_through_peft(adapter_dirs, greedy_outputs):
+    for prompt, (_, adapter), output in zip(_prompts(), MIX, greedy_outputs):
+        model = _base() if adapter is None else PeftModel.from_pretrained(_base(), adapter_dirs[adapter]).eval()
+        with torch.no_grad():
+            expected = model.generate(input_ids=torch.tensor([prompt], device=DEVICE), max_new_tokens=MAX_TOKENS,
+                                      do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+        assert output.token_ids == expected, (adapter, len(prompt))
+        assert output.finish_reason == ("stop" if expected[-1] == 2 else "length")
+        assert output.adapter == adapter and output.prompt_token_ids == prompt
+        assert output.time_to_first_token >= output.queue_time >= 0
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(adapter_dirs, cpu_path):
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.9, top_k=20, seed=i) for i in range(len(MIX))]
+    with _engine(adapter_dirs) as engine:
+        mixed = _run_mix(engine, params)
+        alone = [engine.generate([prompt], params[i], adapter)[0] for i, (prompt, (_, adapter)) in
+                 enumerate(zip(_prompts(), MIX))]  # fmt: skip
+    assert [o.token_ids for o in mixed] == [o.token_ids for o in alone]
+    assert len({tuple(o.token_ids) for o in mixed}) > 1
+
+
+def test_int8_pages_agree_with_model_dtype_pages(adapter_dirs, greedy_outputs, cpu_path):
+    with _engine(adapter_dirs, kv_dtype="int8") as engine:
+        outputs = _run_mix(engine, _greedy())
+        assert engine.metrics()["kv_pages_used"] == 0
+    agree = total = 0
+    for got, expected in zip(outputs, greedy_outputs):
+        # Compare up to the first difference of each request: after it, the two continue different texts.
+        for a, b in zip(got.token_ids, expected.token_ids):
+            total += 1
+            agree += a == b
+            if a != b:
+                break
+    assert agree / total >= 0.95, (agree, total)
+
+
+def test_a_pool_too_small_preempts_and_every_request_finishes_the_same(adapter_dirs, cpu_path, greedy_outputs):
+    # 3 pages of 16 tokens: the mix's requests (up to 23 tokens each) cannot all stay.
+    with _engine(adapter_dirs, kv_cache_tokens=48) as engine:
+        outputs = _run_mix(engine, _greedy())
+        metrics = engine.metrics()
+    assert metrics["preemptions"] > 0 and metrics["kv_pages_used"] == 0
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in greedy_outputs]
+
+
+def test_kv_bytes_per_token_against_bfloat16():
+    config = LlamaConfig(hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, head_dim=128,
+                         num_hidden_layers=1, intermediate_size=64, vocab_size=32)  # fmt: skip
+    bf16_per_token = 2 * 8 * 128 * 2  # keys and values, 8 kv heads of 128, 2 bytes
+    for context, bound in ((512, 0.6), (4096, 0.53)):
+        pages = -(-context // 16)
+        cache = PagedKVCache(config, pages, 16, "int8", torch.bfloat16, "cpu")
+        assert cache.nbytes() <= bound * context * bf16_per_token, context
+
+
+def test_cancel_stream_stop_ids_and_a_full_queue(adapter_dirs, cpu_path):
+    with _engine(adapter_dirs, max_running=1, max_waiting=2) as engine:
+        long = engine.add_request([5, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        next(iter(long))  # running now; the next two wait behind it (one sequence per step)
+        waiting = [engine.add_request([8, 9], SamplingParams(max_tokens=3, temperature=0), "qv4") for _ in range(2)]
+        with pytest.raises(QueueFull):
+            engine.add_request([4], SamplingParams(max_tokens=3))
+        long.cancel()
+        assert long.result(timeout=60).finish_reason == "cancelled"
+        first, second = (handle.result(timeout=300) for handle in waiting)
+        assert first.token_ids == second.token_ids and first.finish_reason in ("length", "stop")
+
+        async def streamed():
+            handle = engine.add_request([8, 9], SamplingParams(max_tokens=3, temperature=0), "qv4")
+            return [token async for token in handle.stream()]
+
+        assert asyncio.run(streamed()) == first.token_ids
+        stopped = engine.generate([[8, 9]], SamplingParams(max_tokens=3, temperature=0,
+                                                           stop_token_ids=[first.token_ids[0]]), "qv4")[0]  # fmt: skip
+        assert stopped.token_ids == first.token_ids[:1] and stopped.finish_reason == "stop"
+        with pytest.raises(ValueError, match="unknown adapter"):
+            engine.add_request([8, 9], adapter="nope")
+        assert engine.metrics()["kv_pages_used"] == 0
+
+
+def test_a_request_whose_adapter_breaks_fails_alone(adapter_dirs, cpu_path, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(adapter_dirs["qv4"]):
+        (broken / name).write_bytes((tmp_path / ".." / adapter_dirs["qv4"] / name).read_bytes())
+    # One adapter in host memory at a time: "broken" is read from its directory again when needed.
+    with Engine(_base(), adapters={"broken": str(broken), "mlp2": adapter_dirs["mlp2"]}, kv_dtype="model",
+                kv_cache_tokens=256, max_cpu_loras=1, max_loras=1) as engine:  # fmt: skip
+        weights = broken / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated on disk
+        params = SamplingParams(max_tokens=3, temperature=0)
+        good, bad, base = (engine.add_request([5, 6], params, adapter) for adapter in ("mlp2", "broken", None))
+        with pytest.raises(RequestFailed, match="broken"):
+            list(bad)
+        assert bad.result().finish_reason == "error"
+        assert len(good.result(timeout=300).token_ids) == 3 and len(base.result(timeout=300).token_ids) == 3
+        assert engine.metrics()["kv_pages_used"] == 0
