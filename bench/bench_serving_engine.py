@@ -1,0 +1,299 @@
+"""Serving many adapters: one request trace through our engine and through the ways peft users serve.
+
+The trace: prompts from the embedded corpus (bench/demo.py's stdlib sentences, byte tokens),
+output lengths from a long-tailed (log-normal) distribution, Poisson arrivals, and 32 adapters
+(ranks 8-64 mixed, all seven projections) picked with Zipf popularity (a few hot, many cold).
+Every way gets the same requests and generates exactly each request's output length (greedy,
+end of sequence ignored), so tokens/s compare like for like:
+- `engine_int8`, `engine_model`: `fused_train.serving.Engine` with int8 / model-dtype KV pages,
+  requests added at their arrival times, streamed;
+- `peft_naive`: one peft model, per request in arrival order `set_adapter` (or the base with
+  adapters disabled) then `generate`;
+- `peft_static`: peft's mixed batch (`adapter_names=`), `generate` over static batches of
+  `--static-batch` requests taken in arrival order (left-padded, each batch starting when its last
+  request has arrived and the previous batch is done).
+transformers' own continuous batching (`generate_batch`) is left out: it serves one model without
+adapters, so it cannot run this trace.
+
+Reports output tokens/s (all output tokens over the time from the first arrival to the last
+token), TTFT and TPOT (TPOT = (latency - TTFT) / (output tokens - 1), vLLM's definition) at
+p50/p95/p99, the KV cache's bytes per token (the engine's pool; peft's DynamicCache in the model
+dtype) and peak memory; JSON and PNG under bench/results/.
+
+    python bench/bench_serving_engine.py            # CPU: the demo's tiny Llama; GPU: a 1B-shaped Llama
+    python bench/bench_serving_engine.py --quick    # fewer requests (the GPU check)
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+import transformers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `bench.demo` when run as `python bench/bench_serving_engine.py`
+
+from bench.demo import MODEL, load_documents  # noqa: E402
+from fused_train.serving import Engine, SamplingParams  # noqa: E402
+
+RESULTS = os.path.join(REPO, "bench", "results")
+ADAPTERS, RANKS = 32, (8, 16, 32, 64)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPU_MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096)  # fmt: skip
+WAYS = ("engine_int8", "engine_model", "peft_naive", "peft_static")
+
+
+def make_trace(requests, rate, seed, max_prompt, mean_output, max_output, vocab_size):
+    """[(arrival s, prompt ids, output tokens, adapter name or None)], in arrival order."""
+    rng = np.random.default_rng(seed)
+    documents, _ = load_documents(max_prompt, "sentences")
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, requests)) - 0  # Poisson process
+    arrivals -= arrivals[0]
+    outputs = np.clip(rng.lognormal(np.log(mean_output), 0.8, requests).round(), 2, max_output).astype(int)
+    zipf = 1.0 / np.arange(1, ADAPTERS + 1)
+    picks = rng.choice(ADAPTERS + 1, size=requests, p=np.append(zipf, zipf[0]) / (zipf.sum() + zipf[0]))
+    trace = []
+    for i in range(requests):
+        prompt = [t % vocab_size for t in documents[int(rng.integers(len(documents)))]]
+        adapter = None if picks[i] == ADAPTERS else f"adapter{picks[i]}"  # the base is as popular as the top adapter
+        trace.append((float(arrivals[i]), prompt, int(outputs[i]), adapter))
+    return trace
+
+
+def make_adapters(base, folder):
+    from peft import LoraConfig, get_peft_model
+
+    paths = {}
+    for i in range(ADAPTERS):
+        torch.manual_seed(100 + i)
+        config = LoraConfig(r=RANKS[i % len(RANKS)], lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+        model = get_peft_model(copy.deepcopy(base), config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.mul_(0.1)  # keep the random adapters' outputs in a sane range
+        paths[f"adapter{i}"] = os.path.join(folder, f"adapter{i}")
+        model.save_pretrained(paths[f"adapter{i}"])
+    return paths
+
+
+class _Times:
+    """Wall time of each token a request receives (first, last, count)."""
+
+    def __init__(self):
+        self.first = self.last = None
+        self.count = 0
+
+    def token(self, now):
+        self.first = self.first if self.first is not None else now
+        self.last = now
+        self.count += 1
+
+
+def run_engine(base, paths, trace, kv_dtype, device):
+    engine = Engine(copy.deepcopy(base), adapters=paths, kv_dtype=kv_dtype, max_loras=ADAPTERS,
+                    kv_cache_tokens=65536 if device == "cuda" else 16384, max_batch_tokens=4096)  # fmt: skip
+    times = [_Times() for _ in trace]
+    start = time.perf_counter()
+    threads = []
+    for i, (arrival, prompt, outputs, adapter) in enumerate(trace):
+        time.sleep(max(0.0, start + arrival - time.perf_counter()))
+        handle = engine.add_request(prompt, SamplingParams(max_tokens=outputs, temperature=0, ignore_eos=True), adapter)
+
+        def consume(handle=handle, record=times[i]):
+            for _ in handle:
+                record.token(time.perf_counter())
+
+        threads.append(threading.Thread(target=consume))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    metrics = engine.metrics()
+    engine.shutdown()
+    return start, times, dict(kv_bytes_per_token=metrics["kv_bytes_per_token"], preemptions=metrics["preemptions"],
+                              steps=metrics["steps"], adapter_loads=metrics["adapters"]["loads"])  # fmt: skip
+
+
+class _Streamer(transformers.generation.streamers.BaseStreamer):
+    """Records each generation step's time for the batch's rows (the first `put` is the prompt)."""
+
+    def __init__(self, records, lengths):
+        self.records, self.lengths, self.prompt_seen = records, lengths, False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        now = time.perf_counter()
+        for record, length in zip(self.records, self.lengths):
+            if record.count < length:
+                record.token(now)
+
+    def end(self):
+        pass
+
+
+def _peft_model(base, paths):
+    from peft import PeftModel
+
+    names = list(paths)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(paths[name], adapter_name=name)
+    return model.eval()
+
+
+def run_peft_naive(base, paths, trace, device):
+    model = _peft_model(base, paths)
+    times = [_Times() for _ in trace]
+    start = time.perf_counter()
+    for i, (arrival, prompt, outputs, adapter) in enumerate(trace):
+        time.sleep(max(0.0, start + arrival - time.perf_counter()))
+        ids = torch.tensor([prompt], device=device)
+        kwargs = dict(max_new_tokens=outputs, min_new_tokens=outputs, do_sample=False, pad_token_id=0,
+                      streamer=_Streamer([times[i]], [outputs]))  # fmt: skip
+        with torch.no_grad():
+            if adapter is None:
+                with model.disable_adapter():
+                    model.generate(input_ids=ids, **kwargs)
+            else:
+                model.set_adapter(adapter)
+                model.generate(input_ids=ids, **kwargs)
+    return start, times, dict(kv_bytes_per_token=_dynamic_cache_bytes_per_token(base))
+
+
+def run_peft_static(base, paths, trace, batch_size, device):
+    model = _peft_model(base, paths)
+    times = [_Times() for _ in trace]
+    start = time.perf_counter()
+    for first in range(0, len(trace), batch_size):
+        batch = trace[first:first + batch_size]
+        time.sleep(max(0.0, start + batch[-1][0] - time.perf_counter()))
+        width = max(len(prompt) for _, prompt, _, _ in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for _, p, _, _ in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p, _, _ in batch], device=device)
+        lengths = [outputs for _, _, outputs, _ in batch]
+        names = [adapter or "__base__" for _, _, _, adapter in batch]
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=max(lengths),
+                           min_new_tokens=max(lengths), do_sample=False, pad_token_id=0,
+                           streamer=_Streamer(times[first:first + batch_size], lengths))  # fmt: skip
+    return start, times, dict(kv_bytes_per_token=_dynamic_cache_bytes_per_token(base))
+
+
+def _dynamic_cache_bytes_per_token(base):
+    config = base.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * base.dtype.itemsize
+
+
+def summarize(start, times, trace, extra):
+    arrivals = [start + arrival for arrival, _, _, _ in trace]
+    ttft = np.array([t.first - a for t, a in zip(times, arrivals)]) * 1e3
+    tpot = np.array([(t.last - t.first) / (t.count - 1) for t in times if t.count > 1]) * 1e3
+    tokens = sum(t.count for t in times)
+    expected = sum(outputs for _, _, outputs, _ in trace)
+    if tokens != expected:
+        raise AssertionError(f"{tokens} output tokens received, {expected} asked for")
+    makespan = max(t.last for t in times) - start
+    row = dict(output_tokens=tokens, seconds=makespan, output_tokens_per_s=tokens / makespan, **extra)
+    for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot)):
+        for p in (50, 95, 99):
+            row[f"{name}_p{p}"] = float(np.percentile(values, p))
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (the GPU check)")
+    parser.add_argument("--requests", type=int, help="requests in the trace (CPU 64, GPU 256; --quick: 24 / 96)")
+    parser.add_argument("--rate", type=float, help="mean arrivals per second (CPU 16, GPU 64)")
+    parser.add_argument("--static-batch", type=int, default=8, help="peft_static's batch size")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {','.join(WAYS)}")
+    parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = device == "cuda"
+    requests = args.requests or ((96 if gpu else 24) if args.quick else (256 if gpu else 64))
+    rate = args.rate or (64.0 if gpu else 16.0)
+    config = transformers.LlamaConfig(**(GPU_MODEL if gpu else MODEL), attn_implementation="sdpa")
+    config.use_cache = True
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16 if gpu else torch.float32).eval()
+    trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size)
+    rows = {}
+    process = psutil.Process()
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_adapters(base, folder)
+        for way in args.ways.split(","):
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            if way.startswith("engine"):
+                result = run_engine(base, paths, trace, "int8" if way == "engine_int8" else "model", device)
+            elif way == "peft_naive":
+                result = run_peft_naive(base, paths, trace, device)
+            elif way == "peft_static":
+                result = run_peft_static(base, paths, trace, args.static_batch, device)
+            else:
+                raise SystemExit(f"unknown way {way!r}; choose from {WAYS}")
+            rows[way] = summarize(*result[:2], trace, result[2])
+            rows[way]["peak_memory_mb"] = (torch.cuda.max_memory_allocated() if gpu else process.memory_info().rss) / 2**20
+            print(f"{way}: {rows[way]['output_tokens_per_s']:.1f} output tokens/s", flush=True)
+    for way, row in rows.items():
+        for baseline in ("peft_naive", "peft_static"):
+            if baseline in rows:
+                row[f"speedup_over_{baseline}"] = row["output_tokens_per_s"] / rows[baseline]["output_tokens_per_s"]
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"serving_engine_{device}{'_quick' if args.quick else ''}")
+    report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
+                  threads=torch.get_num_threads(), model=config.to_diff_dict(), requests=requests, rate=rate,
+                  adapters=ADAPTERS, static_batch=args.static_batch, ways=rows)  # fmt: skip
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    _chart(rows, stem + ".png", report["device"])
+    print(f"{'way':>13} {'tok/s':>8} {'x naive':>8} {'x static':>8} {'TTFT p50/p95/p99 ms':>24} "
+          f"{'TPOT p50/p95/p99 ms':>22} {'KV B/token':>10}")
+    for way, r in rows.items():
+        print(f"{way:>13} {r['output_tokens_per_s']:>8.1f} {r.get('speedup_over_peft_naive', float('nan')):>8.2f} "
+              f"{r.get('speedup_over_peft_static', float('nan')):>8.2f} "
+              f"{r['ttft_ms_p50']:>8.0f}/{r['ttft_ms_p95']:.0f}/{r['ttft_ms_p99']:.0f} "
+              f"{r['tpot_ms_p50']:>8.1f}/{r['tpot_ms_p95']:.1f}/{r['tpot_ms_p99']:.1f} {r['kv_bytes_per_token']:>10.0f}")
+    print(f"wrote {stem}.json and {stem}.png")
+
+
+def _chart(rows, path, device_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    names = list(rows)
+    axes[0].bar(names, [rows[n]["output_tokens_per_s"] for n in names])
+    axes[0].set_title("output tokens/s (higher is better)", fontsize=8)
+    for ax, metric in zip(axes[1:], ("ttft_ms", "tpot_ms")):
+        for offset, p in enumerate((50, 95, 99)):
+            ax.bar(np.arange(len(names)) + (offset - 1) * 0.27, [rows[n][f"{metric}_p{p}"] for n in names], 0.27,
+                   label=f"p{p}")  # fmt: skip
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yscale("log")
+        ax.set_title(f"{metric} (lower is better)", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in axes:
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"32 adapters, one trace, {device_name}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
