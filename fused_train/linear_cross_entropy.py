@@ -5,7 +5,7 @@
 (the math is in `fused_train.kernels.linear_cross_entropy_ref`). The ops compute per-token losses;
 the reduction is plain PyTorch on `[tokens]` outside them, so autograd hands the backward one
 gradient per token and `mean`, `sum`, `none` and HF's `num_items_in_batch` are right alike. The
-forward saves the per-token log-sum-exp; the backward recomputes the logits. Triton kernels run
+forward saves two floats per token (the largest logit and the log-sum-exp below it); the backward recomputes the logits. Triton kernels run
 where `fused_train.dispatch.triton_runs_on` allows, elsewhere the reference's chunked path: neither
 holds more than a chunk of logits.
 """
@@ -40,7 +40,8 @@ def _lce_fwd(
     softcap: float,
     z_loss: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(loss, lse)` per token, fp32 `[T]` (float64 for float64 inputs); `softcap` 0 means none."""
+    """`(loss, stats)`: fp32 `[T]` and `[2, T]` (largest logit, `log Σ exp(z' - max)`; float64 for
+    float64 inputs); `softcap` 0 means none."""
     fwd = linear_cross_entropy_fwd if _kernels_run(x, weight, bias, labels) else linear_cross_entropy_fwd_ref
     return fwd(x, weight, bias, labels, ignore_index, label_smoothing, softcap or None, z_loss)
 
@@ -51,7 +52,7 @@ _lce_fwd_op = torch.library.custom_op("fused_train::linear_cross_entropy_fwd", _
 @_lce_fwd_op.register_fake
 def _(x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss):
     accum = torch.promote_types(x.dtype, torch.float32)
-    return x.new_empty(x.shape[0], dtype=accum), x.new_empty(x.shape[0], dtype=accum)
+    return x.new_empty(x.shape[0], dtype=accum), x.new_empty(2, x.shape[0], dtype=accum)
 
 
 def _lce_bwd(
@@ -60,7 +61,7 @@ def _lce_bwd(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
@@ -72,7 +73,7 @@ def _lce_bwd(
     """`(dx, dW, dbias)` in the dtypes of `x`, `weight`, `bias`; an empty tensor for each not asked for."""
     bwd = linear_cross_entropy_bwd if _kernels_run(x, weight, bias, labels) else linear_cross_entropy_bwd_ref
     grads = bwd(
-        grad_loss.to(lse.dtype).contiguous(), x, weight, bias, labels, lse, ignore_index, label_smoothing,
+        grad_loss.to(stats.dtype).contiguous(), x, weight, bias, labels, stats, ignore_index, label_smoothing,
         softcap or None, z_loss, compute_dx, compute_dw, compute_db,
     )  # fmt: skip
     grad_x, grad_w, grad_b = (x.new_empty(0) if grad is None else grad for grad in grads)
@@ -83,7 +84,7 @@ _lce_bwd_op = torch.library.custom_op("fused_train::linear_cross_entropy_bwd", _
 
 
 @_lce_bwd_op.register_fake
-def _(grad_loss, x, weight, bias, labels, lse, ignore_index, label_smoothing, softcap, z_loss, compute_dx, compute_dw,
+def _(grad_loss, x, weight, bias, labels, stats, ignore_index, label_smoothing, softcap, z_loss, compute_dx, compute_dw,
       compute_db):  # fmt: skip
     grad_x = torch.empty_like(x) if compute_dx else x.new_empty(0)
     grad_w = torch.empty_like(weight) if compute_dw else x.new_empty(0)
@@ -97,17 +98,17 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss):
         fwd = _lce_fwd_op if torch.compiler.is_compiling() else _lce_fwd
-        loss, lse = fwd(x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss)
-        ctx.save_for_backward(x, weight, bias, labels, lse)
+        loss, stats = fwd(x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss)
+        ctx.save_for_backward(x, weight, bias, labels, stats)
         ctx.options = (ignore_index, label_smoothing, softcap, z_loss)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, bias, labels, lse = ctx.saved_tensors
+        x, weight, bias, labels, stats = ctx.saved_tensors
         needs = ctx.needs_input_grad
         bwd = _lce_bwd_op if torch.compiler.is_compiling() else _lce_bwd
-        grad_x, grad_w, grad_b = bwd(grad_loss, x, weight, bias, labels, lse, *ctx.options, needs[0], needs[1], needs[2])
+        grad_x, grad_w, grad_b = bwd(grad_loss, x, weight, bias, labels, stats, *ctx.options, needs[0], needs[1], needs[2])
         return (
             grad_x if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None,
             None, None, None, None, None,

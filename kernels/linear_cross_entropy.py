@@ -3,8 +3,8 @@
 The math (loss and gradients) is in `linear_cross_entropy_ref` (its module docstring), beside the
 definition and the chunked CPU path, which need no Triton.
 
-Design: recompute, not gradient-in-forward. The forward keeps, per token, only the log-sum-exp
-(4 bytes); the backward recomputes each `[BLOCK_T, BLOCK_V]` logit tile on chip and turns it into
+Design: recompute, not gradient-in-forward. The forward keeps, per token, only the largest logit
+`m` and `log Σ exp(z' - m)` (8 bytes); the backward recomputes each `[BLOCK_T, BLOCK_V]` logit tile on chip and turns it into
 its dx and dW contributions at once. The alternative (Liger's) computes dx and dW in the forward,
 one matmul fewer, but it must know the upstream gradient then, so it is only right for a scalar
 loss (`reduction="none"` needs a per-token gradient that arrives later), it holds a full-size fp32
@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .device import on_device_of_first_argument
+from .linear_cross_entropy_ref import per_token_loss
 
 # Triton's interpreter computes bf16 arithmetic (tl.dot included) wrongly; there, tiles are cast to
 # fp32 right after loading. Compiled kernels keep the input dtype for the tensor cores.
@@ -139,7 +140,7 @@ def _lce_fwd_kernel(
 
 @triton.jit
 def _lce_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, labels_ptr, lse_ptr, grad_ptr, dx_ptr, dw_ptr, db_ptr,
+    x_ptr, w_ptr, bias_ptr, labels_ptr, stats_ptr, grad_ptr, dx_ptr, dw_ptr, db_ptr,
     T, V, H, stride_xt, stride_wv, stride_dxt, stride_dwv,
     ignore_index, softcap, smoothing, z_loss,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -158,10 +159,13 @@ def _lce_bwd_kernel(
         HAS_BIAS, HAS_SOFTCAP, BLOCK_T, BLOCK_V, BLOCK_H, UPCAST,
     )  # fmt: skip
     labels = tl.load(labels_ptr + rows)
-    lse = tl.load(lse_ptr + rows)
+    row_max = tl.load(stats_ptr + rows)
+    log_sum = tl.load(stats_ptr + T + rows)
+    lse = row_max + log_sum
     # Wrapped rows and ignored tokens get a zero factor, so they add nothing anywhere.
     scale = tl.where((offs_t < T) & (labels != ignore_index), tl.load(grad_ptr + rows), 0.0)
-    prob = tl.exp(logits - lse[:, None])
+    # exp((z' - m) - log_sum), not exp(z' - lse): lse's rounding (~1e-6 at 15) would swamp 1 - p.
+    prob = tl.exp((logits - row_max[:, None]) - log_sum[:, None])
     grad = prob * ((1.0 + 2.0 * z_loss * lse) * scale)[:, None] - (smoothing / V) * scale[:, None]
     grad -= tl.where(offs_v[None, :] == labels[:, None], (1.0 - smoothing) * scale[:, None], 0.0)
     if HAS_SOFTCAP:
@@ -207,12 +211,12 @@ def _upcast(x):
 
 @on_device_of_first_argument
 def linear_cross_entropy_fwd(x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss):
-    """`(loss, lse)`, each fp32 `[T]`: `x` `[T, H]` and `weight` `[V, H]` contiguous, of one dtype;
+    """`(loss, stats)`: fp32 `[T]` and `[2, T]` (each token's largest logit and `log Σ exp(z' - max)`): `x` `[T, H]` and `weight` `[V, H]` contiguous, of one dtype;
     `bias` `[V]` or None; `labels` int64 `[T]` in `[0, V)` or `ignore_index`; `softcap` None or > 0."""
     num_tokens, hidden = x.shape
     vocab_size = weight.shape[0]
     if num_tokens == 0:
-        return x.new_zeros(0, dtype=torch.float32), x.new_zeros(0, dtype=torch.float32)
+        return x.new_zeros(0, dtype=torch.float32), x.new_zeros(2, 0, dtype=torch.float32)
     config = FWD_CONFIGS[config_name(x.dtype)]
     token_blocks = triton.cdiv(num_tokens, config["BLOCK_T"])
     vocab_tiles = triton.cdiv(vocab_size, config["BLOCK_V"])
@@ -227,20 +231,19 @@ def linear_cross_entropy_fwd(x, weight, bias, labels, ignore_index, label_smooth
     )  # fmt: skip
     split_max, sum_exp, target, sum_logits = part
     row_max = split_max.amax(0)
-    lse = row_max + torch.log((sum_exp * torch.exp(split_max - row_max)).sum(0))
-    per_token = lse - (1.0 - label_smoothing) * target.sum(0) + z_loss * lse * lse
-    if label_smoothing:
-        per_token = per_token - (label_smoothing / vocab_size) * sum_logits.sum(0)
-    return torch.where(labels != ignore_index, per_token, 0.0), lse
+    log_sum = torch.log((sum_exp * torch.exp(split_max - row_max)).sum(0))
+    stats = torch.stack((row_max, log_sum))
+    return per_token_loss(row_max, log_sum, target.sum(0), sum_logits.sum(0), labels, ignore_index, label_smoothing,
+                          z_loss, vocab_size), stats  # fmt: skip
 
 
 @on_device_of_first_argument
 def linear_cross_entropy_bwd(
-    grad_loss, x, weight, bias, labels, lse, ignore_index, label_smoothing, softcap, z_loss, compute_dx, compute_dw,
+    grad_loss, x, weight, bias, labels, stats, ignore_index, label_smoothing, softcap, z_loss, compute_dx, compute_dw,
     compute_db,
 ):  # fmt: skip
     """`(dx, dW, dbias)` in the dtypes of `x`, `weight`, `bias` (None where not asked for), for the
-    per-token gradient `grad_loss` fp32 `[T]` and the forward's `lse`."""
+    per-token gradient `grad_loss` fp32 `[T]` and the forward's `stats`."""
     num_tokens, hidden = x.shape
     vocab_size = weight.shape[0]
     # fp32 accumulators the atomics add into; zeros, since every program adds only its share.
@@ -251,7 +254,7 @@ def linear_cross_entropy_bwd(
         config = BWD_CONFIGS[config_name(x.dtype)]
         grid = (triton.cdiv(num_tokens, config["BLOCK_T"]), triton.cdiv(vocab_size, config["BLOCK_V"]))
         _lce_bwd_kernel[grid](
-            x, weight, bias if bias is not None else x, labels, lse, grad_loss,
+            x, weight, bias if bias is not None else x, labels, stats, grad_loss,
             grad_x if compute_dx else x, grad_w if compute_dw else x, grad_b if compute_db else x,
             num_tokens, vocab_size, hidden, x.stride(0), weight.stride(0), hidden, hidden,
             ignore_index, softcap or 1.0, label_smoothing, z_loss,

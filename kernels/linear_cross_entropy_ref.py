@@ -68,6 +68,18 @@ def linear_cross_entropy_ref(
     )
 
 
+def per_token_loss(row_max, log_sum, target, sum_logits, labels, ignore_index, label_smoothing, z_loss, vocab_size):
+    """`loss_t` from each token's largest logit `m`, `log Σ exp(z' - m)`, target logit and `Σ z'`;
+    `m - z'_y` comes first, so a confident token (`z'_y = m`) keeps its small loss exactly."""
+    # lse - (1 - ε)·z'_y - ε·mean(z') with lse = m + log_sum, each difference to m taken first.
+    loss = (1.0 - label_smoothing) * (row_max - target) + log_sum
+    if label_smoothing:
+        loss = loss + label_smoothing * (row_max - sum_logits / vocab_size)
+    if z_loss:
+        loss = loss + z_loss * (row_max + log_sum) ** 2
+    return torch.where(labels != ignore_index, loss, 0.0)
+
+
 def _chunk_tokens(vocab_size):
     return max(1, CHUNK_ELEMENTS // vocab_size)
 
@@ -83,28 +95,28 @@ def _capped_logits(x, weight, bias, softcap):
 
 
 def linear_cross_entropy_fwd_ref(x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss):
-    """`(loss, lse)`, each `[T]` in fp32 (float64 for float64 inputs), chunk by chunk of tokens."""
+    """`(loss, stats)`: `[T]` and `[2, T]` (each token's largest logit and `log Σ exp(z' - max)`), in
+    fp32 (float64 for float64 inputs), chunk by chunk of tokens."""
     num_tokens, vocab_size = x.shape[0], weight.shape[0]
     accum = torch.promote_types(x.dtype, torch.float32)
     loss = torch.empty(num_tokens, dtype=accum, device=x.device)
-    lse = torch.empty(num_tokens, dtype=accum, device=x.device)
+    stats = torch.empty(2, num_tokens, dtype=accum, device=x.device)
     step = _chunk_tokens(vocab_size)
     for start in range(0, num_tokens, step):
         rows = slice(start, start + step)
         logits, _ = _capped_logits(x[rows], weight, bias, softcap)
-        chunk_lse = torch.logsumexp(logits, -1)
-        valid = labels[rows] != ignore_index
-        target = logits.gather(1, torch.where(valid, labels[rows], 0)[:, None])[:, 0]
-        chunk_loss = chunk_lse - (1.0 - label_smoothing) * target + z_loss * chunk_lse**2
-        if label_smoothing:
-            chunk_loss = chunk_loss - (label_smoothing / vocab_size) * logits.sum(-1)
-        loss[rows] = torch.where(valid, chunk_loss, 0.0)
-        lse[rows] = chunk_lse
-    return loss, lse
+        target = logits.gather(1, torch.where(labels[rows] != ignore_index, labels[rows], 0)[:, None])[:, 0]
+        sum_logits = logits.sum(-1) if label_smoothing else None
+        row_max = logits.amax(-1)
+        log_sum = logits.sub_(row_max[:, None]).exp_().sum(-1).log_()
+        loss[rows] = per_token_loss(row_max, log_sum, target, sum_logits, labels[rows], ignore_index, label_smoothing,
+                                    z_loss, vocab_size)  # fmt: skip
+        stats[0, rows], stats[1, rows] = row_max, log_sum
+    return loss, stats
 
 
 def linear_cross_entropy_bwd_ref(
-    grad_loss, x, weight, bias, labels, lse, ignore_index, label_smoothing, softcap, z_loss, compute_dx, compute_dw,
+    grad_loss, x, weight, bias, labels, stats, ignore_index, label_smoothing, softcap, z_loss, compute_dx, compute_dw,
     compute_db,
 ):  # fmt: skip
     """`(dx, dW, dbias)` in the dtypes of `x`, `weight`, `bias` for the per-token gradient `grad_loss`
@@ -122,7 +134,9 @@ def linear_cross_entropy_bwd_ref(
         valid = labels[rows] != ignore_index
         scale = torch.where(valid, grad_loss[rows].to(accum), 0.0)
         # In place on the chunk's logits: one [chunk, V] buffer (two with softcap) at a time.
-        grad = logits.sub_(lse[rows, None]).exp_().mul_(((1.0 + 2.0 * z_loss * lse[rows]) * scale)[:, None])
+        row_max, log_sum = stats[0, rows], stats[1, rows]
+        factor = (1.0 + 2.0 * z_loss * (row_max + log_sum)) * scale
+        grad = logits.sub_(row_max[:, None]).sub_(log_sum[:, None]).exp_().mul_(factor[:, None])
         if label_smoothing:
             grad -= (label_smoothing / vocab_size) * scale[:, None]
         target = torch.where(valid, labels[rows], 0)[:, None]

@@ -21,7 +21,7 @@ from tests.kernels.sm90 import (
 
 FWD_ARGS = "x_ptr w_ptr bias_ptr labels_ptr part_ptr T V H tiles_per_split stride_xt stride_wv stride_part softcap".split()
 BWD_ARGS = (
-    "x_ptr w_ptr bias_ptr labels_ptr lse_ptr grad_ptr dx_ptr dw_ptr db_ptr T V H stride_xt stride_wv stride_dxt "
+    "x_ptr w_ptr bias_ptr labels_ptr stats_ptr grad_ptr dx_ptr dw_ptr db_ptr T V H stride_xt stride_wv stride_dxt "
     "stride_dwv ignore_index softcap smoothing z_loss"
 ).split()
 UNALIGNED = {"T", "tiles_per_split", "ignore_index", "softcap", "smoothing", "z_loss"}
