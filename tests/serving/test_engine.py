@@ -184,3 +184,33 @@ def test_a_request_whose_adapter_breaks_fails_alone(adapter_dirs, cpu_path, tmp_
         assert bad.result().finish_reason == "error"
         assert len(good.result(timeout=300).token_ids) == 3 and len(base.result(timeout=300).token_ids) == 3
         assert engine.metrics()["kv_pages_used"] == 0
+
+
+def _char_tokenizer():
+    """A character-level tokenizer over the tiny model's 97 ids: `<pad>`, `<s>`, `</s>`, then 90 characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(32 + i): 3 + i for i in range(90)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_text_prompts_text_outputs_and_stop_strings(cpu_path):
+    tokenizer = _char_tokenizer()
+    with Engine(_base(), tokenizer, kv_dtype="model", kv_cache_tokens=256) as engine:
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        (free,) = engine.generate("hello world", params)
+        assert free.prompt_token_ids == tokenizer("hello world")["input_ids"]
+        assert free.text == tokenizer.decode(free.token_ids, skip_special_tokens=True) and len(free.text) >= 4
+        stop = free.text[2:4]
+        (stopped,) = engine.generate("hello world", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                                   stop=stop))  # fmt: skip
+        cut = free.text.find(stop)
+        assert stopped.finish_reason == "stop" and stopped.text == free.text[:cut]
+        assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+    with pytest.raises(ValueError, match="tokenizer"):
+        with Engine(_base(), kv_dtype="model", kv_cache_tokens=64) as engine:
+            engine.add_request("text without a tokenizer")
