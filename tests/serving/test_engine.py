@@ -214,3 +214,16 @@ def test_text_prompts_text_outputs_and_stop_strings(cpu_path):
     with pytest.raises(ValueError, match="tokenizer"):
         with Engine(_base(), kv_dtype="model", kv_cache_tokens=64) as engine:
             engine.add_request("text without a tokenizer")
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma2", "phi3"])
+def test_sliding_windows_and_softcapping_equal_generate(model_type, cpu_path):
+    # Windows of 6-9 tokens (tests/patching/tiny_models.py) against prompts of up to 17 + 6 tokens.
+    reference = tiny_model(model_type).to(DEVICE).eval()
+    with Engine(copy.deepcopy(reference), kv_dtype="model", kv_cache_tokens=256) as engine:
+        outputs = engine.generate(_prompts(), SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
+    for prompt, output in zip(_prompts(), outputs):
+        with torch.no_grad():
+            expected = reference.generate(input_ids=torch.tensor([prompt], device=DEVICE), max_new_tokens=MAX_TOKENS,
+                                          do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+        assert output.token_ids == expected, len(prompt)
