@@ -12,7 +12,7 @@ tokens, 32 requests of 256 tokens (CPU: smaller). Providers (`PROVIDERS`, a dict
   index, two matmuls and an `index_add_` per adapter, row indices prepared before timing);
 - `peft`: peft's own mixed batch (`adapter_names=`, one name per request) on the layer wrapped by
   `get_peft_model` with the batch's adapters, unpatched.
-Reports ms (GPU: `triton.testing.do_bench`; CPU: the best of 7 runs), tokens/s, the path
+Reports ms (GPU: `triton.testing.do_bench`; CPU: the best of 7 runs, in rounds), tokens/s, the path
 `multi_lora` took and, per provider, tokens/s against its own single-adapter case of the same
 shape; writes JSON and a PNG chart under bench/results/.
 
@@ -172,20 +172,24 @@ def _peft(case):
 PROVIDERS = {"base": _base, "multi_lora": _multi_lora, "multi_lora_int8": _multi_lora_int8, "loop": _loop, "peft": _peft}
 
 
-def _time_ms(fn, device):
+def _time_ms(steps, device, runs=7):
+    """ms of each step: `do_bench` on a GPU; on a CPU the best of `runs`, timed in rounds (each step
+    in turn), so that a burst of other load hits every provider rather than one."""
     with torch.no_grad():
         if device == "cuda":
             import triton.testing
 
-            return triton.testing.do_bench(fn, warmup=25, rep=100)
-        fn()
-        samples = []
-        for _ in range(7):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
+            return {name: triton.testing.do_bench(step, warmup=25, rep=100) for name, step in steps.items()}
+        samples = {name: [] for name in steps}
+        for step in steps.values():
+            step()
+        for _ in range(runs):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                samples[name].append((time.perf_counter() - start) * 1e3)
         # The best run: slower ones measure the machine's other load (CI runners share their cores).
-        return min(samples)
+        return {name: min(times) for name, times in samples.items()}
 
 
 def _path(tokens, device):
@@ -211,8 +215,8 @@ def bench_layers(device, dtype_name, quick):
         case = make_case(phase, tokens, fan_in, fan_out, adapters, dtype, device)
         row = dict(fan_in=fan_in, fan_out=fan_out, phase=phase, tokens=tokens, adapters=adapters, dtype=dtype_name,
                    multi_lora_path=_path(tokens, device))  # fmt: skip
-        for name, builder in PROVIDERS.items():
-            ms = _time_ms(builder(case), device)
+        steps = {name: builder(case) for name, builder in PROVIDERS.items()}
+        for name, ms in _time_ms(steps, device).items():
             row[f"{name}_ms"] = ms
             row[f"{name}_tokens_per_s"] = tokens / ms * 1e3
         rows.append(row)
