@@ -24,7 +24,8 @@ and one decode step over that 64-token cache, through
 - `peft_patched`: the same model after `fused_train.patch` (its mixed batches through
   `multi_lora_linear`, our attention);
 - `pool`: the plain model with the adapters in a `fused_train.serving.AdapterPool`,
-  `with pool.activate(pool.slots_for(names, num_tokens)): model(...)`.
+  `with pool.activate(pool.slots_for(names, num_tokens)): model(...)`;
+- `base_alone`: the plain model without adapters, the floor no provider can beat.
 Logits are checked against `peft_mixed` first; the best of 15 runs, and the ratio to `peft_mixed`.
 
     python bench/bench_multi_lora.py            # 4096×4096 and 4096×14336 on a GPU; small shapes on CPU
@@ -246,6 +247,8 @@ def print_layers(rows):
 E2E_ADAPTERS, E2E_REQUESTS, E2E_PROMPT_TOKENS = 8, 32, 64
 E2E_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 E2E_PROVIDERS = ("peft_mixed", "peft_patched", "pool")
+# The same model without adapters: what the batch costs with LoRA for free (no provider can beat it).
+E2E_FLOOR = "base_alone"
 
 
 def bench_model(runs=15):
@@ -287,8 +290,11 @@ def bench_model(runs=15):
         with pool.activate(pool.slots_for(names, num_tokens=[ids.shape[1]] * len(names))):
             return pooled(input_ids=ids, past_key_values=cache, use_cache=cache is not None).logits
 
+    def alone(ids, cache):
+        return pooled(input_ids=ids, past_key_values=cache, use_cache=cache is not None).logits
+
     forwards = {"peft_mixed": through_peft(peft_mixed), "peft_patched": through_peft(peft_patched),
-                "pool": through_pool}  # fmt: skip
+                "pool": through_pool, E2E_FLOOR: alone}  # fmt: skip
     torch.manual_seed(0)
     prompt = torch.randint(3, MODEL["vocab_size"], (E2E_REQUESTS, E2E_PROMPT_TOKENS))
     next_ids = torch.randint(3, MODEL["vocab_size"], (E2E_REQUESTS, 1))
@@ -301,6 +307,8 @@ def bench_model(runs=15):
             for name, forward in forwards.items():
                 steps[name] = _model_step(forward, phase, prompt, next_ids)
                 logits = steps[name]()
+                if name == E2E_FLOOR:
+                    continue  # no adapters: other logits
                 expected = logits if expected is None else expected
                 row[f"{name}_max_abs_diff"] = (logits - expected).abs().max().item()
                 if row[f"{name}_max_abs_diff"] > 1e-3:
@@ -315,7 +323,7 @@ def bench_model(runs=15):
             for name in steps:
                 row[f"{name}_ms"] = min(samples[name])
                 row[f"{name}_tokens_per_s"] = row["tokens"] / row[f"{name}_ms"] * 1e3
-            for name in E2E_PROVIDERS:
+            for name in E2E_PROVIDERS + (E2E_FLOOR,):
                 row[f"{name}_speedup_over_peft_mixed"] = row["peft_mixed_ms"] / row[f"{name}_ms"]
             rows.append(row)
     pool.close()
@@ -340,11 +348,12 @@ def _model_step(forward, phase, prompt, next_ids):
 
 def print_model(rows):
     print(f"tiny Llama ({E2E_REQUESTS} requests over {E2E_ADAPTERS} adapters, {E2E_PROMPT_TOKENS}-token prompts):")
-    print(f"{'phase':>8} " + " ".join(f"{name + ' ms':>16}" for name in E2E_PROVIDERS)
-          + " " + " ".join(f"{name + '/peft':>18}" for name in E2E_PROVIDERS[1:]))  # fmt: skip
+    names = E2E_PROVIDERS + (E2E_FLOOR,)
+    print(f"{'phase':>8} " + " ".join(f"{name + ' ms':>16}" for name in names)
+          + " " + " ".join(f"{name + '/peft':>18}" for name in names[1:]))  # fmt: skip
     for r in rows:
-        print(f"{r['phase']:>8} " + " ".join(f"{r[f'{name}_ms']:>16.2f}" for name in E2E_PROVIDERS) + " "
-              + " ".join(f"{r[f'{name}_speedup_over_peft_mixed']:>17.2f}x" for name in E2E_PROVIDERS[1:]))  # fmt: skip
+        print(f"{r['phase']:>8} " + " ".join(f"{r[f'{name}_ms']:>16.2f}" for name in names) + " "
+              + " ".join(f"{r[f'{name}_speedup_over_peft_mixed']:>17.2f}x" for name in names[1:]))  # fmt: skip
 
 
 def main(argv=None):
