@@ -48,6 +48,7 @@ step tests 150 python3 -m pytest tests -q --maxfail=10 --ignore tests/test_train
     --ignore-glob 'tests/test_bench_*.py' --ignore-glob 'tests/kernels/test_compile_sm90_*.py' \
     --junitxml "$OUT/tests.xml" -p no:cacheprovider
 step bench_multi_lora 90 python3 bench/bench_multi_lora.py --quick --out "$OUT"
+step bench_paged_decode 60 python3 bench/bench_paged_decode.py --quick --out "$OUT"
 step bench_serving_engine 90 python3 bench/bench_serving_engine.py --quick --out "$OUT"
 # bench_lora compiles and times every way its two GEMMs can run at their first call
 # (kernels/lora.py, _choose_gemm_way): hence 150 s.
