@@ -70,18 +70,26 @@ def make_trace(requests, rate, seed, max_prompt, mean_output, max_output, vocab_
 
 
 def make_adapters(base, folder):
-    from peft import LoraConfig, get_peft_model
+    """32 random peft adapters on disk, written as peft saves them (adapter_config.json and
+    adapter_model.safetensors), without a copy of the model per adapter."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
 
+    generator = torch.Generator().manual_seed(100)
+    linears = [(name, module) for name, module in base.named_modules()
+               if name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, torch.nn.Linear)]  # fmt: skip
     paths = {}
     for i in range(ADAPTERS):
-        torch.manual_seed(100 + i)
-        config = LoraConfig(r=RANKS[i % len(RANKS)], lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
-        model = get_peft_model(copy.deepcopy(base), config)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.mul_(0.1)  # keep the random adapters' outputs in a sane range
-        paths[f"adapter{i}"] = os.path.join(folder, f"adapter{i}")
-        model.save_pretrained(paths[f"adapter{i}"])
+        rank = RANKS[i % len(RANKS)]
+        path = paths[f"adapter{i}"] = os.path.join(folder, f"adapter{i}")
+        LoraConfig(r=rank, lora_alpha=16, target_modules=TARGETS).save_pretrained(path)
+        tensors = {}
+        for name, module in linears:
+            lora_a = torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
+            lora_b = torch.randn(module.out_features, rank, generator=generator) * 0.02
+            tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.to(base.dtype)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.to(base.dtype)
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     return paths
 
 
