@@ -29,6 +29,7 @@ def _run_without_triton():
     import fused_train
     from fused_train import dispatch
     from fused_train.kv_cache_ops import int8_decode_attention, quantize_kv_append
+    from fused_train.paged_kv_ops import paged_decode_attention, write_kv_pages
     from tests.patching.tiny_models import tiny_model
 
     torch.manual_seed(0)
@@ -95,6 +96,18 @@ def _run_without_triton():
         enable_gqa=True,
     )  # fmt: skip
     torch.testing.assert_close(out, expected)
+
+    # The paged KV cache ops: the same tokens written into page 1 of a pool, then the same query over them.
+    pages = [torch.zeros(2, 2, 8, 16, dtype=torch.int8) for _ in range(2)]
+    page_scales = [torch.zeros(2, 2, 8) for _ in range(2)]
+    write_kv_pages(keys[0].transpose(0, 1), values[0].transpose(0, 1), *pages, torch.arange(8, 13),
+                   k_scales=page_scales[0], v_scales=page_scales[1])
+    assert torch.equal(pages[0][1, :, :5], k_data[0, :, :5])
+    assert torch.equal(page_scales[1][1, :, :5], v_scale[0, :, :5])
+    page_table, kv_lens = torch.tensor([[1]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
+    out = paged_decode_attention(query[:, :, 0], *pages, page_table, kv_lens, k_scales=page_scales[0],
+                                 v_scales=page_scales[1])
+    torch.testing.assert_close(out, expected[:, :, 0])
     assert sys.modules["triton"] is None and not any(name.startswith("triton.") for name in sys.modules)
 
 
