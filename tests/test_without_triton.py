@@ -70,6 +70,19 @@ def _run_without_triton():
             expected_row += scalings[slot] * (tokens[row] @ stacked_a[slot, :rank].T) @ stacked_b[slot, :, :rank].T
         torch.testing.assert_close(y[row], expected_row)
 
+    # Fused linear cross-entropy (its chunked reference) and its gradients, against the logits path.
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    lm_weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[1, :3] = -100
+    loss = fused_train.linear_cross_entropy(hidden, lm_weight, labels, softcap=5.0)
+    grads = torch.autograd.grad(loss, [hidden, lm_weight])
+    logits = 5.0 * torch.tanh(F.linear(hidden, lm_weight) / 5.0)
+    expected_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(loss, expected_loss)
+    for got, expected in zip(grads, torch.autograd.grad(expected_loss, [hidden, lm_weight])):
+        torch.testing.assert_close(got, expected)
+
     # A patched tiny Llama on a packed batch: the per-document loss of the stock model.
     reference = tiny_model("llama")
     patched = fused_train.patch(copy.deepcopy(reference))
@@ -80,6 +93,8 @@ def _run_without_triton():
                             for doc in docs if len(doc) > 1)
         batch = fused_train.PackedCollator(max_tokens=16)([{"input_ids": doc} for doc in docs])
         torch.testing.assert_close(patched(**batch).loss, expected_loss)
+    fused_train.patch(patched, fused_loss=True).train()
+    torch.testing.assert_close(patched(**batch).loss, expected_loss)
 
     # The int8 KV cache ops: quantize-on-append, then one query over the cache.
     keys, values = torch.randn(2, 1, 2, 5, 16).unbind(0)
