@@ -37,7 +37,7 @@ import importlib.util
 import json
 import os
 import platform
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from transformers.cache_utils import DynamicLayer, QuantizedCache
 from fused_train.dispatch import triton_runs_on
 from fused_train.kv_cache import Int8KVLayer
 from fused_train.kv_cache_ops import int8_decode_attention
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `bench.common` as a script
+from bench.common import make_timer, measure_copy_bandwidth  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -85,35 +88,6 @@ def available_quantized_backends():
         if found:
             backends.append(backend)
     return backends
-
-
-def _timer(device, cpu_repeats):
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def best_of(fn):
-        fn()
-        times = []
-        for _ in range(cpu_repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return min(times)
-
-    return best_of
-
-
-def measure_hbm_bandwidth(timer):
-    """GB/s of a 1 GiB device-to-device copy (it reads and writes the bytes: 2 * bytes / time)."""
-    nbytes = 1 << 30
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / ms / 1e6
 
 
 def _restorer(layer):
@@ -252,8 +226,8 @@ def fits(batch, context, dtype, device):
 
 
 def run(args, device, dtype, shapes, memory, backends):
-    timer = _timer(device, args.cpu_repeats)
-    bandwidth = measure_hbm_bandwidth(timer) if device == "cuda" else None
+    timer = make_timer(device, args.cpu_repeats)
+    bandwidth = measure_copy_bandwidth(timer) if device == "cuda" else None
     if bandwidth:
         print(f"measured HBM bandwidth (1 GiB device-to-device copy): {bandwidth:.0f} GB/s")
     rows = []

@@ -30,7 +30,7 @@ import argparse
 import json
 import os
 import platform
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ from tqdm import tqdm
 from fused_train.dispatch import triton_runs_on
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.kv_cache_ops import int8_decode_attention
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `bench.common` as a script
+from bench.common import make_timer, measure_copy_bandwidth  # noqa: E402
 from fused_train.paged_kv_ops import paged_decode_attention, write_kv_pages
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -50,35 +53,6 @@ QUICK_SHAPES = [(32, 512), (32, 8192), (128, 2048), (256, 512), (256, 8192)]
 CPU_SHAPES = [(4, 512), (32, 512), (4, 2048)]
 CPU_QUICK_SHAPES = [(4, 512)]
 PROVIDERS = ("paged_int8", "paged_model", "contiguous_int8", "sdpa")
-
-
-def _timer(device, cpu_repeats):
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def best_of(fn):
-        fn()
-        times = []
-        for _ in range(cpu_repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return min(times)
-
-    return best_of
-
-
-def measure_copy_bandwidth(timer):
-    """GB/s of a 1 GiB device-to-device copy (it reads and writes the bytes: 2 * bytes / time)."""
-    nbytes = 1 << 30
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / ms / 1e6
 
 
 def _to_pages(cache, order):
@@ -146,7 +120,7 @@ def fits(batch, context, dtype, device):
 
 
 def run(args, device, dtype, shapes):
-    timer = _timer(device, args.cpu_repeats)
+    timer = make_timer(device, args.cpu_repeats)
     bandwidth = measure_copy_bandwidth(timer) if device == "cuda" else None
     if bandwidth:
         print(f"measured copy bandwidth (1 GiB device-to-device): {bandwidth:.0f} GB/s")
