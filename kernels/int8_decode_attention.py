@@ -247,7 +247,7 @@ def _int8_decode_attention_combine_kernel(
 def _num_splits(programs, kv_len, block_n, device):
     """Splits of the keys (see _PROGRAMS_PER_SM): 1 when the programs fill the GPU already."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _DEFAULT_SMS
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, programs)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
     return max(1, min(wanted, _MAX_SPLITS, triton.cdiv(kv_len, block_n) // _MIN_BLOCKS_PER_SPLIT))
 
 

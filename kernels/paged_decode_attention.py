@@ -33,14 +33,14 @@ re-exports them.
 # below int64 bases where they can grow.
 # ---------------------------------------------------------------------------------------------
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .device import on_device_of_first_argument
-from .int8_decode_attention import _P_SCALE, _UNBOUNDED, _attend_block, block_d_of
+from .int8_decode_attention import (
+    _COMBINE_WARPS, _P_SCALE, _UNBOUNDED, _attend_block, _interpreting, _num_splits, block_d_of,
+)  # fmt: skip
 from .paged_decode_attention_ref import check_paged_decode_attention_inputs, paged_decode_attention_ref  # noqa: F401
 from .varlen_attention import LOG2E
 
@@ -69,17 +69,6 @@ CONFIGS = {
 # The interpreter: 16 keys per block so that short test caches cross several blocks, splits and
 # (at page size 8) pages within a block.
 INTERPRETER_CONFIG = (16, 64, 4, 1)
-# Splits, as for the contiguous kernel: a few programs per SM, at most 16, each over at least 4
-# key blocks of the longest possible sequence.
-_PROGRAMS_PER_SM = 4
-_MAX_SPLITS = 16
-_MIN_BLOCKS_PER_SPLIT = 4
-_DEFAULT_SMS = 132  # H100/H200, for the interpreter
-_COMBINE_WARPS = 4
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def config_key(q_dtype, pages_dtype, head_dim):
@@ -225,13 +214,6 @@ def _paged_decode_attention_combine_kernel(
     out = tl.sum(weight[:, None] * part_out, 0) / tl.sum(weight, 0)
     out_ptrs = Out + (row // num_heads) * stride_ot + (row % num_heads) * stride_oh + offs_d
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
-def _num_splits(programs, max_kv_len, block_n, device):
-    """Splits of the keys (see _PROGRAMS_PER_SM): 1 when the programs fill the GPU already."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _DEFAULT_SMS
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
-    return max(1, min(wanted, _MAX_SPLITS, triton.cdiv(max_kv_len, block_n) // _MIN_BLOCKS_PER_SPLIT))
 
 
 @on_device_of_first_argument
