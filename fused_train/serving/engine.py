@@ -401,7 +401,8 @@ class Engine:
                 requests = [self._requests[seq.request_id] for seq in step.sequences]
                 now = self.clock()
                 for request in requests:
-                    request.first_scheduled = request.first_scheduled or now
+                    if request.first_scheduled is None:
+                        request.first_scheduled = now
             if not requests:
                 raise AssertionError("the scheduler gave an empty step with work pending")
             started = time.perf_counter()
@@ -465,7 +466,8 @@ class Engine:
         params = request.params
         request.generated.append(token)
         request.seq.token_ids.append(token)
-        request.first_token = request.first_token or now
+        if request.first_token is None:
+            request.first_token = now
         self._counters["generation_tokens"] += 1
         reason = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self._eos):
