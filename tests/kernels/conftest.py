@@ -3,6 +3,22 @@ import math
 import pytest
 import torch
 
+from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
+from tests.conftest import DEVICE
+
+
+def make_base_weight(out_features, in_features, dtype, bits):
+    """A random frozen base `W` and its quantization kwargs: `bits` None for a float weight in
+    `dtype`, 8 for int8 (`weight_scale`), 4 for packed int4 (`weight_scale`, `weight_offset`)."""
+    weight = torch.randn(out_features, in_features, device=DEVICE) / in_features**0.5
+    if bits == 8:
+        weight, scale = quantize_int8(weight)
+        return weight, {"weight_scale": scale}
+    if bits == 4:
+        weight, scale, offset = quantize_int4(weight)
+        return weight, {"weight_scale": scale, "weight_offset": offset}
+    return weight.to(dtype), {}
+
 
 @pytest.fixture(autouse=True)
 def float32_kernels_on_gpu():

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from fused_train.kernels import lora as lora_kernels
-from fused_train.kernels.lora import INT4_GROUP_SIZE, dequantize_int4, lora_linear_ref, quantize_int4, quantize_int8
+from fused_train.kernels.lora import INT4_GROUP_SIZE, dequantize_int4, lora_linear_ref, quantize_int4
 from fused_train.lora import dropout_keep_mask, lora_linear
 from tests.conftest import DEVICE
+from tests.kernels.conftest import make_base_weight
 
 # Where `_lora_gemm_tma_kernel` can run: the interpreter, or an NVIDIA GPU from Hopper on.
 TMA_HERE = lora_kernels.TensorDescriptor is not None and (
@@ -20,14 +21,7 @@ EXTRA_ERROR = {torch.float32: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 def _make_inputs(tokens, in_features, out_features, rank, dtype, lora_dtype, with_bias, bits):
     """`bits`: None for a float weight in `dtype`, else 8 or 4 (quantized)."""
-    weight = torch.randn(out_features, in_features, device=DEVICE) / in_features**0.5
-    quantized = {}
-    if bits == 8:
-        weight, quantized["weight_scale"] = quantize_int8(weight)
-    elif bits == 4:
-        weight, quantized["weight_scale"], quantized["weight_offset"] = quantize_int4(weight)
-    else:
-        weight = weight.to(dtype)
+    weight, quantized = make_base_weight(out_features, in_features, dtype, bits)
     return quantized | dict(
         x=torch.randn(tokens, in_features, device=DEVICE, dtype=dtype, requires_grad=True),
         weight=weight,

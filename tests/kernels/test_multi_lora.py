@@ -9,6 +9,7 @@ from fused_train.kernels import multi_lora_ref
 from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
 from fused_train.kernels.multi_lora_ref import base_linear_ref, multi_lora_linear_ref
 from tests.conftest import DEVICE
+from tests.kernels.conftest import make_base_weight
 
 # Beyond twice the error of PyTorch in the same dtype, this much of the largest reference value:
 # the kernels round the base output once before the LoRA term is added; fp32 runs as tf32 on the GPU.
@@ -69,14 +70,7 @@ def _case(tokens, num_slots, r_max, in_features, out_features, dtype, lora_dtype
         "distinct": lambda: torch.randperm(num_slots)[:tokens],
         "base": lambda: torch.full((tokens,), -1),
     }[slots]().to(device=DEVICE, dtype=torch.int32)
-    weight = torch.randn(out_features, in_features, device=DEVICE) / in_features**0.5
-    quantized = {}
-    if bits == 8:
-        weight, quantized["weight_scale"] = quantize_int8(weight)
-    elif bits == 4:
-        weight, quantized["weight_scale"], quantized["weight_offset"] = quantize_int4(weight)
-    else:
-        weight = weight.to(dtype)
+    weight, quantized = make_base_weight(out_features, in_features, dtype, bits)
     return quantized | dict(
         x=torch.randn(tokens, in_features, device=DEVICE, dtype=dtype),
         weight=weight,
