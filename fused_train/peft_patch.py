@@ -276,15 +276,17 @@ def _stacked_adapters(layer: LoraLinear, compute_dtype: torch.dtype, device: tor
     if cached is not None and cached[0] == key:
         return cached[1]
     r_max = max(layer.r[name] for name in names)
-    lora_a = torch.zeros(len(names), r_max, layer.in_features, dtype=dtype, device=device)
-    lora_b = torch.zeros(len(names), layer.out_features, r_max, dtype=dtype, device=device)
-    with torch.no_grad():
+    # Never inference tensors (generate runs under inference mode): the op's reference path caches a
+    # compacted copy of the stacks by their version counters, which those lack.
+    with torch.inference_mode(False), torch.no_grad():
+        lora_a = torch.zeros(len(names), r_max, layer.in_features, dtype=dtype, device=device)
+        lora_b = torch.zeros(len(names), layer.out_features, r_max, dtype=dtype, device=device)
         for slot, name in enumerate(names):
             rank = layer.r[name]
             lora_a[slot, :rank] = layer.lora_A[name].weight
             lora_b[slot, :, :rank] = layer.lora_B[name].weight
-    scalings = torch.tensor([layer.scaling[name] for name in names], dtype=torch.float32, device=device)
-    ranks = torch.tensor([layer.r[name] for name in names], dtype=torch.int32, device=device)
+        scalings = torch.tensor([layer.scaling[name] for name in names], dtype=torch.float32, device=device)
+        ranks = torch.tensor([layer.r[name] for name in names], dtype=torch.int32, device=device)
     stacked = (lora_a, lora_b, scalings, ranks, {name: slot for slot, name in enumerate(names)})
     _stacks[layer] = (key, stacked)
     return stacked

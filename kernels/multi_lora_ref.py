@@ -15,6 +15,9 @@ rank 0 is an adapter that does not touch this layer. `W` is float, int8 or packe
 This module needs no Triton; the kernels are in `multi_lora.py`.
 """
 
+import weakref
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -46,45 +49,79 @@ def multi_lora_linear_ref(
     returned in the dtype of `x`. Inputs are assumed valid.
 
     No loop over tokens: small problems go through every slot's adapter at once, larger ones
-    through one segment of slot-sorted tokens per slot present (EVERY_SLOT_MAX_MACS says where);
-    the latter reads the segment lengths back, a host sync on a GPU (where the kernels run instead).
+    through one segment of slot-sorted tokens per slot present (EVERY_SLOT_MAX_MACS says where).
+    Both read values back (a host sync on a GPU, where the kernels run instead).
     """
     base = base_linear_ref(x, weight, bias, weight_scale, weight_offset)
-    num_slots, r_max, in_features = lora_a.shape
-    macs = x.shape[0] * num_slots * r_max * (in_features + lora_b.shape[1])
-    through = _through_every_slot if macs <= EVERY_SLOT_MAX_MACS else _through_present_slots
-    lora = through(x.to(lora_a.dtype), lora_a, lora_b, token_slots, scalings.to(lora_a.dtype), ranks.to(x.device))
-    return (base + lora).to(x.dtype)
+    lora_x = x.to(lora_a.dtype)
+    if x.shape[0] * int(ranks.sum()) * (lora_a.shape[2] + lora_b.shape[1]) <= EVERY_SLOT_MAX_MACS:
+        compact = compact_stacks(lora_a, lora_b, scalings, ranks)
+        return (base + _through_every_slot(lora_x, compact, token_slots)).to(x.dtype)
+    y = base.to(lora_a.dtype)  # the base output itself when the dtypes agree: segments add into it
+    _add_present_slots(y, lora_x, lora_a, lora_b, token_slots, scalings.to(lora_a.dtype), ranks)
+    return y.to(x.dtype)
 
 
-def _through_every_slot(x, lora_a, lora_b, token_slots, scalings, ranks):
-    """Every token through every slot's `A` (one matmul, `[T, S·r_max]`), its own slot's columns
-    kept (the rest, and the padding, zeroed), then one matmul through the stacked `B`s."""
-    num_tokens = x.shape[0]
+class CompactStacks(NamedTuple):
+    """Every slot's live rank rows side by side, padding gone: `lora_a` rows `[R, in]`, `lora_b`
+    columns as rows `[R, out]`, and each row's slot `[R]` and scale `[R]` (R = sum of ranks)."""
+
+    lora_a: torch.Tensor
+    lora_b_t: torch.Tensor
+    rank_rows: torch.Tensor
+    row_scalings: torch.Tensor
+
+
+# Stacks that stay the same tensors between calls (an adapter pool's, a patched peft model's) are
+# compacted once per change: keyed by the four tensors' ids, checked against weak references (an id
+# can be reused) and version counters. A version is bumped after its in-place write completes, so
+# an entry built while a write ran carries the old version and is rebuilt on the next call.
+# Inference tensors have no version counter; theirs are compacted on every call.
+_compacted: dict[tuple[int, ...], tuple[tuple, tuple[int, ...], CompactStacks]] = {}
+
+
+def compact_stacks(lora_a, lora_b, scalings, ranks) -> CompactStacks:
+    """The `CompactStacks` of a slot stack, from the cache when its tensors are unchanged."""
+    stacks = (lora_a, lora_b, scalings, ranks)
+    if any(t.is_inference() for t in stacks):
+        return _compact(*stacks)
+    key = tuple(map(id, stacks))
+    versions = tuple(t._version for t in stacks)
+    cached = _compacted.get(key)
+    if cached is not None and cached[1] == versions and all(ref() is t for ref, t in zip(cached[0], stacks)):
+        return cached[2]
+    for stale in [k for k, (refs, _, _) in _compacted.items() if any(ref() is None for ref in refs)]:
+        del _compacted[stale]
+    compact = _compact(*stacks)
+    _compacted[key] = (tuple(map(weakref.ref, stacks)), versions, compact)
+    return compact
+
+
+def _compact(lora_a, lora_b, scalings, ranks) -> CompactStacks:
     num_slots, r_max, _ = lora_a.shape
-    live = token_slots >= 0
-    slot = token_slots.clamp_min(0).long()
-    in_rank = torch.arange(r_max, device=x.device) < ranks[:, None]  # [S, r_max]
-    own = (slot[:, None] == torch.arange(num_slots, device=x.device)) & live[:, None]  # [T, S]
-    shrunk = (x @ lora_a.reshape(num_slots * r_max, -1).T).view(num_tokens, num_slots, r_max)
-    shrunk = torch.where(own[:, :, None] & in_rank, shrunk * scalings[slot][:, None, None], 0)
-    stacked_b = torch.where(in_rank[:, None, :], lora_b, 0).permute(1, 0, 2).reshape(lora_b.shape[1], -1)
-    return shrunk.view(num_tokens, num_slots * r_max) @ stacked_b.T
+    ranks = ranks.to(lora_a.device)
+    in_rank = torch.arange(r_max, device=lora_a.device) < ranks[:, None]  # [S, r_max]
+    rank_rows = torch.arange(num_slots, device=lora_a.device).repeat_interleave(ranks.long())
+    return CompactStacks(
+        lora_a[in_rank], lora_b.transpose(1, 2)[in_rank], rank_rows, scalings.to(lora_a.device, lora_a.dtype)[rank_rows]
+    )
 
 
-def _through_present_slots(x, lora_a, lora_b, token_slots, scalings, ranks):
-    """Tokens sorted by slot (stable); each present slot's segment through its own first
-    `ranks[s]` rows of `A` and columns of `B`; the results put back in token order."""
+def _through_every_slot(x, compact, token_slots):
+    """Every token through every slot's live rows of `A` (one matmul, `[T, R]`), its own slot's
+    columns kept and scaled (-1 owns none), then one matmul through the `B`s."""
+    shrunk = x @ compact.lora_a.T
+    own = token_slots[:, None].to(compact.rank_rows.device) == compact.rank_rows
+    return torch.where(own, shrunk * compact.row_scalings, 0) @ compact.lora_b_t
+
+
+def _add_present_slots(y, x, lora_a, lora_b, token_slots, scalings, ranks):
+    """Add each token's LoRA term into `y` in place: tokens grouped by slot (a stable sort), each
+    present slot's segment through its own first `ranks[s]` rows of `A` and columns of `B`."""
     order = torch.argsort(token_slots, stable=True)
     present, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
     rank_of = ranks.tolist()
-    segments = []
-    for slot, segment in zip(present.tolist(), x[order].split(counts.tolist())):
-        if slot < 0:
-            segments.append(segment.new_zeros(segment.shape[0], lora_b.shape[1]))
-        else:
-            rank = rank_of[slot]
-            segments.append((segment @ lora_a[slot, :rank].T * scalings[slot]) @ lora_b[slot, :, :rank].T)
-    lora = torch.empty(x.shape[0], lora_b.shape[1], device=x.device, dtype=x.dtype)
-    lora[order] = torch.cat(segments)
-    return lora
+    for slot, rows in zip(present.tolist(), order.split(counts.tolist())):
+        rank = rank_of[slot] if slot >= 0 else 0
+        if rank:
+            y.index_add_(0, rows, (x[rows] @ lora_a[slot, :rank].T * scalings[slot]) @ lora_b[slot, :, :rank].T)

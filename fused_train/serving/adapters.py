@@ -93,10 +93,14 @@ class _LayerSlots:
         weight = layer.weight
         self.layer = layer
         self.batch = batch
-        self.lora_a = torch.zeros(num_slots, max_rank, layer.in_features, dtype=weight.dtype, device=weight.device)
-        self.lora_b = torch.zeros(num_slots, layer.out_features, max_rank, dtype=weight.dtype, device=weight.device)
-        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=weight.device)
-        self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)
+        # Never inference tensors (a first fill may run under inference mode): the op's reference
+        # path caches a compacted copy of the stacks by their version counters, which those lack.
+        with torch.inference_mode(False):
+            device = weight.device
+            self.lora_a = torch.zeros(num_slots, max_rank, layer.in_features, dtype=weight.dtype, device=device)
+            self.lora_b = torch.zeros(num_slots, layer.out_features, max_rank, dtype=weight.dtype, device=device)
+            self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+            self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=device)
         # Slots with rank > 0 here; replaced, never mutated, so a running forward reads a consistent set.
         self.targeted = frozenset()
 

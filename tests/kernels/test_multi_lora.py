@@ -244,3 +244,16 @@ def test_compiles_fullgraph():
     inputs = _valid_inputs()
     compiled = torch.compile(fused_train.multi_lora_linear, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(**inputs), fused_train.multi_lora_linear(**inputs))
+
+
+def test_reference_sees_stacks_changed_in_place():
+    """The reference caches compacted stacks per tensor (an adapter pool's stay the same tensors):
+    a slot refilled, a rank and a scale changed in place, as the pool does, show on the next call."""
+    inputs = _case(12, 3, 16, 20, 24, torch.float32, torch.float32, "random", [16, 4, 9], None, None)
+    stacks = [inputs[name] for name in ("lora_a", "lora_b", "scalings", "ranks")]
+    assert multi_lora_ref.compact_stacks(*stacks) is multi_lora_ref.compact_stacks(*stacks)
+    multi_lora_linear_ref(**inputs)
+    inputs["lora_b"][1, :, :4].mul_(-2.0)
+    inputs["ranks"][2] = 3
+    inputs["scalings"][0] *= 3.0
+    torch.testing.assert_close(multi_lora_linear_ref(**inputs).double(), _loop_ref(**inputs), rtol=1e-5, atol=1e-5)
