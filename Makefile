@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet "setuptools>=64" "pybind11>=2.12" ninja
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,serve,ray]"
 	touch $@
 
 # The lent GPU machine's Triton, for the sm_90 compile tests only (tests/kernels/sm90.py says why).
