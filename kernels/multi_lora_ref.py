@@ -90,8 +90,8 @@ def compact_stacks(lora_a, lora_b, scalings, ranks) -> CompactStacks:
     cached = _compacted.get(key)
     if cached is not None and cached[1] == versions and all(ref() is t for ref, t in zip(cached[0], stacks)):
         return cached[2]
-    for stale in [k for k, (refs, _, _) in _compacted.items() if any(ref() is None for ref in refs)]:
-        del _compacted[stale]
+    for stale in [k for k, (refs, _, _) in list(_compacted.items()) if any(ref() is None for ref in refs)]:
+        _compacted.pop(stale, None)  # another thread may have pruned it
     compact = _compact(*stacks)
     _compacted[key] = (tuple(map(weakref.ref, stacks)), versions, compact)
     return compact
