@@ -33,15 +33,22 @@ from fused_train.serving.adapters import AdapterPool
 from fused_train.serving.pages import PageAllocator
 from fused_train.serving.paged_cache import PagedKVCache
 from fused_train.serving.runner import Runner, sample
-from fused_train.serving.scheduler import FINISHED, QueueFull, Scheduler, Sequence
+from fused_train.serving.scheduler import FINISHED, PromptTooLong, QueueFull, Scheduler, Sequence, Step
 
-__all__ = ["Engine", "QueueFull", "RequestFailed", "RequestHandle", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "Engine", "EngineStopped", "PromptTooLong", "QueueFull", "RequestFailed", "RequestHandle", "RequestOutput",
+    "SamplingParams",
+]  # fmt: skip
 
 DEFAULT_KV_CACHE_TOKENS = 65536
 
 
 class RequestFailed(RuntimeError):
     """A request ended with an error (its `RequestOutput.error` says which)."""
+
+
+class EngineStopped(RuntimeError):
+    """`add_request` after `shutdown` began: the engine takes no more requests."""
 
 
 @dataclass(frozen=True)
@@ -256,8 +263,9 @@ class Engine:
     def add_request(self, prompt, params: SamplingParams | None = None, adapter: str | None = None,
                     request_id: str | None = None) -> RequestHandle:  # fmt: skip
         """Queue one request: `prompt` text (needs the tokenizer) or a list of token ids; `adapter`
-        a loaded adapter's name or None for the base model. Raises ValueError on a bad request,
-        `QueueFull` when the waiting queue is full; otherwise returns its handle at once."""
+        a loaded adapter's name or None for the base model. Raises ValueError on a bad request
+        (`PromptTooLong` when it could never fit a step or the cache), `QueueFull` when the waiting
+        queue is full, `EngineStopped` once `shutdown` began; otherwise returns its handle at once."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -276,7 +284,7 @@ class Engine:
             generator.manual_seed(params.seed)
         with self._lock:
             if self._stopping:
-                raise RuntimeError("the engine is shutting down")
+                raise EngineStopped("the engine is shutting down")
             request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
             if request_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already running")
@@ -423,35 +431,59 @@ class Engine:
 
     def _run(self, step, requests) -> list[tuple[_Request, int]]:
         """Forward and sample: (request, its next token) for each request of the step. A request
-        whose adapter cannot be served fails alone, and the step runs again without it."""
+        whose adapter cannot be served fails alone, and the step runs again without it. When the
+        forward raises for another reason, each request runs again alone, and only those that
+        raise alone fail: one bad request does not fail the others of its step."""
+        try:
+            requests, logits = self._forward(step, requests)
+        except Exception as error:  # noqa: BLE001 - every request must end with a reason
+            requests = [r for r in requests if r.seq.status != FINISHED]
+            if len(requests) == 1:
+                with self._lock:
+                    self._end(requests[0], "error", f"{type(error).__name__}: {error}")
+                return []
+            kept, rows = [], []
+            for request in requests:
+                seq = request.seq
+                alone = Step([seq], [], []) if seq in step.prefills else Step([], [seq], [])
+                try:
+                    alive, row = self._forward(alone, [request])
+                except Exception as error:  # noqa: BLE001
+                    with self._lock:
+                        self._end(request, "error", f"{type(error).__name__}: {error}")
+                    continue
+                kept += alive
+                rows += list(row)
+            requests, logits = kept, rows
+        return [
+            (request, sample(row, request.params.temperature, request.params.top_p, request.params.top_k,
+                             request.generator))  # fmt: skip
+            for request, row in zip(requests, logits)
+        ]
+
+    def _forward(self, step, requests) -> tuple[list[_Request], torch.Tensor]:
+        """The step's logits on the CPU, and its requests still alive: those whose adapter breaks
+        fail here and the step runs again without them. Other errors propagate."""
         while True:
             try:
                 names = [request.seq.adapter for request in requests]
                 token_slots = None
                 if any(name is not None for name in names):
                     token_slots = self.pool.slots_for(names, num_tokens=[r.seq.num_new for r in requests])
-                logits = self.runner.run(step, token_slots).cpu()
-                break
-            except Exception as error:  # noqa: BLE001 - every request must end with a reason
+                return requests, self.runner.run(step, token_slots).cpu()
+            except Exception:
                 broken = self._broken_adapters(names)
+                if not broken:
+                    raise
                 with self._lock:
-                    if not broken:
-                        for request in requests:
-                            self._end(request, "error", f"{type(error).__name__}: {error}")
-                        return []
                     for request in requests:
                         if request.seq.adapter in broken:
                             self._end(request, "error", f"adapter {request.seq.adapter!r}: {broken[request.seq.adapter]}")
                     requests = [r for r in requests if r.seq.status != FINISHED]
                     step.prefills[:] = [s for s in step.prefills if s.status != FINISHED]
                     step.decodes[:] = [s for s in step.decodes if s.status != FINISHED]
-                    if not requests:
-                        return []
-        return [
-            (request, sample(row, request.params.temperature, request.params.top_p, request.params.top_k,
-                             request.generator))  # fmt: skip
-            for request, row in zip(requests, logits)
-        ]
+                if not requests:
+                    return [], torch.empty(0)
 
     def _broken_adapters(self, names) -> dict[str, str]:
         broken = {}

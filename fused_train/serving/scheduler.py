@@ -29,6 +29,11 @@ class QueueFull(RuntimeError):
     """The waiting queue holds `max_waiting` sequences already."""
 
 
+class PromptTooLong(ValueError):
+    """A sequence that could never run: its prompt exceeds one step's budget, or prompt + max new
+    tokens exceeds the cache."""
+
+
 @dataclass(eq=False)
 class Sequence:
     """The scheduler's view of one request: its tokens so far (prompt, then generated ones), how
@@ -84,17 +89,17 @@ class Scheduler:
         self.num_preemptions = 0
 
     def check(self, seq: Sequence) -> None:
-        """Raise ValueError when `seq` could never run here (see the module docstring)."""
+        """Raise ValueError (`PromptTooLong` for lengths) when `seq` could never run (module docstring)."""
         if not seq.token_ids:
             raise ValueError("the prompt is empty: a request needs at least one token")
         if len(seq.token_ids) > self.max_batch_tokens:
-            raise ValueError(
+            raise PromptTooLong(
                 f"the prompt has {len(seq.token_ids)} tokens, more than max_batch_tokens={self.max_batch_tokens} "
                 "(a prefill runs in one step)"
             )
         capacity = self.pages.num_pages * self.pages.page_size
         if seq.max_total_tokens > capacity:
-            raise ValueError(
+            raise PromptTooLong(
                 f"prompt + max_tokens is {seq.max_total_tokens} tokens, more than the KV cache holds ({capacity})"
             )
 

@@ -1,0 +1,677 @@
+"""An OpenAI-compatible HTTP server over the serving engine (FastAPI + uvicorn).
+
+    app = build_app(engine, model_name="tiny", adapter_dirs=["/srv/adapters"], api_key="secret")
+    with start_server(app, port=8000) as server:  # uvicorn in a background thread
+        print(server.url)
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (`stream: true` as server-sent
+events ending with `data: [DONE]`), `GET /v1/models`, `POST /v1/load_lora_adapter`,
+`POST /v1/unload_lora_adapter`, `GET /health`, `GET /metrics` (Prometheus text). The request's
+`model` is the base model's name or an adapter's (vLLM's and LoRAX's convention).
+
+The app uses only this much of the engine, so another engine (a naive baseline, a Ray proxy) can
+stand in: `tokenizer` (the server tokenizes, applies chat templates and detokenizes),
+`add_request(prompt_token_ids, params, adapter, request_id)` returning a handle with `stream()`,
+`result(timeout)` and `cancel()`, `adapters()`, `load_adapter(name, path)`,
+`unload_adapter(name)` and `metrics()`.
+
+Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; a stream that fails
+after its first event ends, as vLLM's do, with an `data: {"error": ...}` event, then `data: [DONE]`.
+A parameter that would change the output and that the engine does not have is refused (400 naming
+it), never ignored.
+"""
+
+import asyncio
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import fastapi
+import uvicorn
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fused_train.serving.engine import EngineStopped, PromptTooLong, QueueFull, RequestFailed, SamplingParams
+
+__all__ = ["RunningServer", "build_app", "start_server"]
+
+MAX_N = 16  # choices per request: each is an engine request
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = 256  # a chat reply without max_tokens stops here (finish_reason "length")
+RETRY_AFTER_S = 1
+# Engine totals exported as counters (the rest of `metrics()` are gauges: the state now).
+COUNTERS = frozenset({
+    "requests_finished", "requests_cancelled", "requests_failed", "prompt_tokens", "generation_tokens", "steps",
+    "step_tokens", "step_seconds", "preemptions", "adapters_hits", "adapters_loads", "adapters_evictions",
+    "adapters_disk_reads", "adapters_cpu_evictions", "adapters_load_ms",
+})  # fmt: skip
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    # Unknown fields are refused: a misspelt or unsupported parameter must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extensions
+    top_k: int = Field(0, ge=-1)
+    ignore_eos: bool = False
+    # Accepted and without effect on the output.
+    user: str | None = None
+    # OpenAI parameters the engine does not have: refused unless neutral (`_refuse_unsupported`).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(_Body):
+    type: str
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+
+class LoadAdapterRequest(_Body):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(_Body):
+    lora_name: str = Field(min_length=1)
+
+
+# The values of unsupported parameters that change nothing (what a client sends by default).
+_NEUTRAL = {
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+}  # fmt: skip
+
+
+def _refuse_unsupported(body: _Sampling) -> None:
+    for name, neutral in _NEUTRAL.items():
+        if name in type(body).model_fields and getattr(body, name) not in neutral:
+            what = "logprobs are" if "logprobs" in name else f"{name} is"
+            raise APIError(400, f"{what} not supported by this server", param=name, code="unsupported_parameter")
+
+
+def _sampling_params(body: _Sampling, max_tokens: int | None, default_max_tokens: int) -> list[SamplingParams]:
+    """One SamplingParams per choice: seeds s, s+1, ... so that the n choices differ and each is reproducible."""
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    if stop is not None and not all(stop):
+        raise APIError(400, "stop strings must be non-empty", param="stop")
+    return [
+        SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
+                       top_k=body.top_k, seed=None if body.seed is None else body.seed + i, stop=stop,
+                       ignore_eos=body.ignore_eos)  # fmt: skip
+        for i in range(body.n)
+    ]
+
+
+# ---------------------------------------------------------------- streaming text
+
+
+class _Detokenizer:
+    """A choice's text as its tokens arrive, released only once final: never the tail of an
+    incomplete UTF-8 sequence (the decoder shows U+FFFD there until it completes), never a stop
+    string or the start of one. The engine's final `RequestOutput.text` has the last word."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.token_ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        end = len(text.rstrip("\ufffd"))
+        for stop in self.stop:
+            found = text.find(stop)
+            if found >= 0:
+                end = min(end, found)
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if text[:end].endswith(stop[:k]):
+                    end -= k
+                    break
+        if end <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) : end], text[:end]
+        return delta
+
+    def finish(self, text: str) -> str:
+        return text[len(self.sent) :] if text.startswith(self.sent) else ""
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class _EngineCollector:
+    """The engine's `metrics()` read at scrape time: totals as counters, the rest as gauges (a
+    nested dict's numbers prefixed by its key, a list as its length)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        for name, value in sorted(_flatten(self.engine.metrics()).items()):
+            family = CounterMetricFamily if name in COUNTERS else GaugeMetricFamily
+            yield family(f"fused_train_{name}", f"engine metrics()[{name!r}]", value=value)
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}_"))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = len(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+class _Metrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine))
+
+        def histogram(name, what):
+            return Histogram(f"fused_train_{name}_seconds", what, buckets=LATENCY_BUCKETS, registry=self.registry)
+
+        self.ttft = histogram("time_to_first_token", "arrival to first token, per request")
+        self.tpot = histogram("time_per_output_token", "(last token - first token) / (tokens - 1), per request")
+        self.e2e = histogram("e2e_request_latency", "arrival to end, per request")
+        self.queue = histogram("request_queue_time", "arrival to first scheduled, per request")
+
+    def observe(self, output) -> None:
+        for histogram, value in ((self.ttft, output.time_to_first_token), (self.tpot, output.time_per_output_token),
+                                 (self.e2e, output.latency), (self.queue, output.queue_time)):  # fmt: skip
+            if value is not None:
+                histogram.observe(value)
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _read_chat_template(path: str) -> str | None:
+    """An adapter directory's own chat template (chat_template.jinja, or tokenizer_config.json's), if any."""
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as file:
+            return file.read()
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as file:
+            template = json.load(file).get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return template if isinstance(template, str) else None
+    return None
+
+
+class _Server:
+    """The app's state and request handling (the routes are thin wrappers in `build_app`)."""
+
+    def __init__(self, engine, model_name, adapter_dirs, adapter_paths):
+        self.engine, self.model_name = engine, model_name
+        self.adapter_dirs = [os.path.realpath(d) for d in adapter_dirs]
+        self.adapter_paths = dict(adapter_paths or {})
+        self.templates = {name: _read_chat_template(path) for name, path in self.adapter_paths.items()}
+        self.metrics = _Metrics(engine)
+        self.created = int(time.time())
+
+    # -- models
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.model_name:
+            return None
+        if model in self.engine.adapters():
+            return model
+        raise APIError(404, f"the model {model!r} does not exist; see GET /v1/models", param="model",
+                       code="model_not_found")  # fmt: skip
+
+    def models(self) -> dict:
+        def card(name, root, parent):
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "fused_train", "root": root,
+                    "parent": parent}  # fmt: skip
+
+        cards = [card(self.model_name, self.model_name, None)]
+        cards += [card(name, self.adapter_paths.get(name, name), self.model_name) for name in self.engine.adapters()]
+        return {"object": "list", "data": cards}
+
+    # -- adapters at run time
+
+    async def load_adapter(self, body: LoadAdapterRequest) -> dict:
+        if not self.adapter_dirs:
+            raise APIError(403, "loading adapters at run time is off: start the server with --adapter-dir DIR",
+                           type="permission_error", param="lora_path")  # fmt: skip
+        path = os.path.realpath(body.lora_path)
+        if not any(os.path.commonpath([path, root]) == root for root in self.adapter_dirs):
+            raise APIError(403, f"lora_path {body.lora_path!r} is not under an --adapter-dir of this server",
+                           type="permission_error", param="lora_path")  # fmt: skip
+        if body.lora_name == self.model_name or body.lora_name in self.engine.adapters():
+            raise APIError(400, f"the model {body.lora_name!r} exists already", param="lora_name")
+        try:
+            await run_in_threadpool(self.engine.load_adapter, body.lora_name, path)
+        except ValueError as error:
+            raise APIError(400, str(error), param="lora_path") from error
+        self.adapter_paths[body.lora_name] = path
+        self.templates[body.lora_name] = _read_chat_template(path)
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    async def unload_adapter(self, body: UnloadAdapterRequest) -> dict:
+        if body.lora_name not in self.engine.adapters():
+            raise APIError(404, f"no adapter {body.lora_name!r} is loaded", param="lora_name", code="model_not_found")
+        try:
+            await run_in_threadpool(self.engine.unload_adapter, body.lora_name)
+        except ValueError as error:  # unloaded meanwhile
+            raise APIError(404, str(error), param="lora_name", code="model_not_found") from error
+        self.adapter_paths.pop(body.lora_name, None)
+        self.templates.pop(body.lora_name, None)
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    # -- generation
+
+    def encode_prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        tokenizer = self.engine.tokenizer
+        return [list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompt]
+
+    def encode_chat(self, messages: list[ChatMessage], adapter: str | None) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        template = self.templates.get(adapter) if adapter is not None else None
+        if template is None and tokenizer.chat_template is None:
+            raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+        plain = []
+        for message in messages:
+            content = message.content
+            if isinstance(content, list):
+                if any(part.type != "text" for part in content):
+                    raise APIError(400, "only text content parts are supported", param="messages")
+                content = "".join(part.text for part in content)
+            plain.append({"role": message.role, "content": content or ""})
+        try:
+            text = tokenizer.apply_chat_template(plain, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - a template's raise_exception (e.g. roles out of turn)
+            raise APIError(400, f"the chat template refused these messages: {error}", param="messages") from error
+        # The template writes the special tokens (BOS) itself.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], adapter, request_id: str, param: str):
+        """Engine handles, prompt-major then choice (OpenAI's choice index order); all or none."""
+        handles = []
+        try:
+            for i, prompt_ids in enumerate(prompts):
+                for j, choice_params in enumerate(params):
+                    handle = self.engine.add_request(prompt_ids, choice_params, adapter, f"{request_id}-{i}-{j}")
+                    handles.append(handle)
+        except BaseException as error:
+            for handle in handles:
+                handle.cancel()
+            raise _engine_error(error, param) from error
+        return handles
+
+    async def generate(self, kind: str, body, prompts: list[list[int]], adapter, param: str):
+        _refuse_unsupported(body)
+        if kind == "chat":
+            max_tokens, default = body.max_completion_tokens or body.max_tokens, CHAT_MAX_TOKENS
+        else:
+            max_tokens, default = body.max_tokens, COMPLETION_MAX_TOKENS
+        params = _sampling_params(body, max_tokens, default)
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        handles = self.submit(prompts, params, adapter, request_id, param)
+        base = {"id": request_id, "created": int(time.time()), "model": body.model}
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = self.stream_events(kind, base, handles, params[0].stop, include_usage, len(params))
+            return StreamingResponse(events, media_type="text/event-stream")
+        return JSONResponse(await self.complete(kind, base, handles, len(params)))
+
+    async def complete(self, kind, base, handles, n) -> dict:
+        try:
+            outputs = []
+            for handle in handles:
+                async for _ in handle.stream():
+                    pass
+                outputs.append(handle.result(timeout=0))
+                self.metrics.observe(outputs[-1])
+        except RequestFailed as error:
+            raise APIError(500, str(error), type="server_error", code="request_failed") from error
+        finally:
+            for handle in handles:
+                handle.cancel()
+        choices = []
+        for index, output in enumerate(outputs):
+            choice = {"index": index, "logprobs": None, "finish_reason": output.finish_reason}
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": output.text}
+            else:
+                choice["text"] = output.text
+            choices.append(choice)
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        return {**base, "object": obj, "choices": choices, "usage": _usage(outputs, n)}
+
+    async def stream_events(self, kind, base, handles, stop, include_usage, n):
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(choices, **extra) -> str:
+            return f"data: {json.dumps({**base, 'object': obj, 'choices': choices, **extra})}\n\n"
+
+        def choice(index, text, finish_reason=None):
+            if kind == "chat":
+                delta = {} if text is None else {"content": text}
+                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+        outputs = [None] * len(handles)
+        try:
+            try:
+                if kind == "chat":
+                    for index in range(len(handles)):
+                        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}])  # fmt: skip
+                async for index, text, output in _merge([self.choice_events(h, stop) for h in handles]):
+                    if output is None:
+                        yield chunk([choice(index, text)])
+                        continue
+                    outputs[index] = output
+                    if text:
+                        yield chunk([choice(index, text)])
+                    yield chunk([choice(index, None, output.finish_reason)])
+                if include_usage:
+                    yield chunk([], usage=_usage(outputs, n))
+            except RequestFailed as error:
+                failed = APIError(500, str(error), type="server_error", code="request_failed")
+                yield f"data: {json.dumps(failed.body())}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # a client that went away cancels its requests: their pages come back
+            for handle in handles:
+                handle.cancel()
+
+    async def choice_events(self, handle, stop):
+        """(text, None) as a choice's text becomes final, then (the rest, its RequestOutput)."""
+        detokenizer = _Detokenizer(self.engine.tokenizer, tuple(stop))
+        async for token_id in handle.stream():
+            text = detokenizer.push(token_id)
+            if text:
+                yield text, None
+        output = handle.result(timeout=0)
+        self.metrics.observe(output)
+        yield detokenizer.finish(output.text), output
+
+
+async def _merge(streams):
+    """(index, *item) from several async iterators as items arrive; the first error propagates."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index, stream):
+        try:
+            async for item in stream:
+                await queue.put((index, item, None))
+            await queue.put((index, done, None))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, None, error))
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+            else:
+                yield (index, *item)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _usage(outputs, n: int) -> dict:
+    # Each prompt counts once, whatever its number of choices.
+    prompt = sum(len(output.prompt_token_ids) for output in outputs[::n])
+    completion = sum(len(output.token_ids) for output in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _engine_error(error: BaseException, param: str) -> BaseException:
+    if isinstance(error, PromptTooLong):
+        return APIError(400, str(error), param=param, code="context_length_exceeded")
+    if isinstance(error, ValueError):
+        return APIError(400, str(error))
+    if isinstance(error, QueueFull):
+        return APIError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+    # EngineStopped, or the plain RuntimeError of another engine that is shutting down.
+    if isinstance(error, (EngineStopped, RuntimeError)):
+        return APIError(503, f"the server is shutting down: {error}", type="server_error", code="unavailable")
+    return error
+
+
+def _validation_error(error: RequestValidationError) -> APIError:
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                        code="invalid_json")  # fmt: skip
+    loc = [str(part) for part in first["loc"] if part != "body"]
+    # A union's errors name the member type tried (e.g. "str", "list[int]") after the field.
+    param = ".".join(part for part in loc if not any(c in part for c in "[]") and part not in ("str", "int"))
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"unknown parameter {param!r}: this server does not support it", param=param,
+                        code="unsupported_parameter")  # fmt: skip
+    if first["type"] == "missing":
+        return APIError(400, f"{param} is required", param=param)
+    if not param:
+        return APIError(400, f"the body must be a JSON object: {first['msg']}")
+    return APIError(400, f"{param}: {first['msg']}", param=param)
+
+
+def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None = None,
+              adapter_paths: dict | None = None) -> fastapi.FastAPI:  # fmt: skip
+    """The FastAPI app over `engine` (see the module docstring).
+
+    Args:
+        engine: an `Engine`, or anything with its serving interface (module docstring).
+        model_name: the base model's `model` name.
+        adapter_dirs: directories under which `POST /v1/load_lora_adapter` may load adapters
+            (their real paths: no `..` or symlink leads out); none: loading at run time is off.
+        api_key: when given, every /v1 route needs `Authorization: Bearer <api_key>`; /health
+            and /metrics stay open.
+        adapter_paths: name -> directory of the adapters loaded at start: `/v1/models` shows
+            them as `root`, and an adapter's own chat template is read from there.
+    """
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be a non-empty str, got {model_name!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty str or None")
+    if isinstance(adapter_dirs, (str, os.PathLike)):
+        raise ValueError("adapter_dirs must be a list of directories, not one path")
+    for directory in adapter_dirs:
+        if not os.path.isdir(directory):
+            raise ValueError(f"adapter_dirs: {directory!r} is not a directory")
+    server = _Server(engine, model_name, adapter_dirs, adapter_paths)
+    app = fastapi.FastAPI(title="fused_train", openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, error: RequestValidationError):
+        return _validation_error(error).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return APIError(error.status_code, str(error.detail), type=kind).response()
+
+    async def authorized(authorization: str | None = fastapi.Header(None)):
+        if api_key is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "a valid API key is needed: Authorization: Bearer <key>", type="authentication_error",
+                           code="invalid_api_key")  # fmt: skip
+
+    v1 = fastapi.APIRouter(prefix="/v1", dependencies=[fastapi.Depends(authorized)])
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest):
+        adapter = server.adapter_for(body.model)
+        return await server.generate("completion", body, server.encode_prompts(body.prompt), adapter, "prompt")
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        adapter = server.adapter_for(body.model)
+        return await server.generate("chat", body, [server.encode_chat(body.messages, adapter)], adapter, "messages")
+
+    @v1.get("/models")
+    async def models():
+        return server.models()
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadAdapterRequest):
+        return await server.load_adapter(body)
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadAdapterRequest):
+        return await server.unload_adapter(body)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return fastapi.Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class RunningServer:
+    """A uvicorn server running `app` in a background thread (`start_server`)."""
+
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread, host: str, port: int):
+        self._server, self._thread = server, thread
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}"
+
+    def stop(self, timeout: float = 30) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the server at {self.url} did not stop within {timeout} s")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def start_server(app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
+                 startup_timeout: float = 30) -> RunningServer:  # fmt: skip
+    """Serve `app` on `host`:`port` (0: a free port, read back from the bound socket) from a
+    background thread; returns once it accepts connections."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    # A stream still open at stop() gets a few seconds, then is closed.
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(5)
+            sock.close()
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.01)
+    return RunningServer(server, thread, host, port)
