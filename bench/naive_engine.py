@@ -1,0 +1,361 @@
+"""The naive per-request peft server, as a baseline for the load test: one request at a time.
+
+`NaiveEngine` has the engine interface that `fused_train.serving.server.build_app` uses, so
+`build_app(NaiveEngine(...), ...)` serves the same OpenAI API as our `Engine`. Behind it, what a
+peft user writes first: a worker thread takes requests in arrival order from a bounded queue, and
+for each one `set_adapter` (or the base with the adapters disabled), a prefill, then token-by-token
+decoding with a `DynamicCache`, each token published to the request's handle as it is made (so
+the time to first token it shows is honest). Sampling is the engine's (`runner.sample`, one seeded
+generator per request; greedy at temperature 0), and so are the stop rules, so both give the same
+tokens for the same greedy request.
+
+    python bench/naive_engine.py serve --model DIR --adapter a=DIR_A --adapter b=DIR_B --port 8001
+"""
+
+import argparse
+import contextlib
+import inspect
+import itertools
+import os
+import sys
+import threading
+import time
+from collections import deque
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `fused_train` from this checkout when run as `python bench/naive_engine.py`
+
+from fused_train.serving.engine import QueueFull, RequestHandle, RequestOutput, SamplingParams  # noqa: E402
+from fused_train.serving.runner import sample  # noqa: E402
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class _Request:
+    def __init__(self, request_id, prompt_ids, params, adapter, handle, arrival):
+        self.request_id, self.prompt_ids, self.params, self.adapter = request_id, prompt_ids, params, adapter
+        self.handle, self.arrival = handle, arrival
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+        self.generated: list[int] = []
+        self.text: str | None = None
+        self.first_scheduled = self.first_token = None
+        self.cancelled = False
+
+
+class NaiveEngine:
+    """One request at a time over a peft model (see the module docstring).
+
+    Args:
+        model: a `peft.PeftModel`, or a plain transformers causal LM (wrapped in peft when
+            `adapters` are given).
+        tokenizer: the model's Hugging Face tokenizer (the server needs it).
+        adapters: name -> peft adapter directory (safetensors only, as the pool's rule).
+        max_waiting: requests queued at most; `add_request` raises `QueueFull` beyond.
+    """
+
+    def __init__(self, model, tokenizer=None, *, adapters=None, max_waiting: int = 1024, clock=time.monotonic):
+        from peft import PeftModel
+
+        if not isinstance(max_waiting, int) or isinstance(max_waiting, bool) or max_waiting < 1:
+            raise ValueError(f"max_waiting must be a positive int, got {max_waiting!r}")
+        if not hasattr(model, "config") or not hasattr(model, "generation_config"):
+            raise ValueError(f"model must be a transformers causal LM or a peft model, got {type(model).__name__}")
+        self.tokenizer, self.clock, self.max_waiting = tokenizer, clock, max_waiting
+        self._names: list[str] = list(model.peft_config) if isinstance(model, PeftModel) else []
+        for name, path in (adapters or {}).items():
+            self._check_adapter(name, path)
+            if isinstance(model, PeftModel):
+                model.load_adapter(path, adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            self._names.append(name)
+        self.model = model.eval()
+        config = model.config.get_text_config(decoder=True)
+        self._vocab = config.vocab_size
+        eos = model.generation_config.eos_token_id
+        eos = config.eos_token_id if eos is None else eos
+        self._eos = frozenset([eos] if isinstance(eos, int) else eos or ())
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns).
+        forward = model.get_base_model().forward if isinstance(model, PeftModel) else model.forward
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        itemsize = next(model.parameters()).dtype.itemsize
+        self._kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+        self._lock = threading.Condition()
+        self._model_lock = threading.Lock()  # adapters are added or removed between requests, never during one
+        self._waiting: deque[_Request] = deque()
+        self._requests: dict[str, _Request] = {}
+        self._running: _Request | None = None
+        self._ids = itertools.count()
+        self._stopping, self._drain = False, True
+        self._counters = dict(requests_finished=0, requests_cancelled=0, requests_failed=0, prompt_tokens=0,
+                              generation_tokens=0, steps=0, step_tokens=0, step_seconds=0.0)  # fmt: skip
+        self._thread = threading.Thread(target=self._loop, name="naive-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- the engine interface
+
+    def add_request(self, prompt, params: SamplingParams | None = None, adapter: str | None = None,
+                    request_id: str | None = None) -> RequestHandle:  # fmt: skip
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._encode(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt must hold at least one token")
+        if any(not 0 <= t < self._vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self._vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
+        with self._lock:
+            if adapter is not None and adapter not in self._names:
+                raise ValueError(f"unknown adapter {adapter!r}; loaded: {self._names}")
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+            if request_id in self._requests:
+                raise ValueError(f"request_id {request_id!r} is already running")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests); retry later")
+            handle = RequestHandle(self, request_id)
+            request = _Request(request_id, prompt_ids, params, adapter, handle, self.clock())
+            self._requests[request_id] = request
+            self._waiting.append(request)
+            self._counters["prompt_tokens"] += len(prompt_ids)
+            self._lock.notify_all()
+        return handle
+
+    def adapters(self) -> list[str]:
+        with self._lock:
+            return list(self._names)
+
+    def load_adapter(self, name: str, path) -> None:
+        path = os.fspath(path)
+        self._check_adapter(name, path)
+        with self._model_lock:
+            with self._lock:
+                if name in self._names:
+                    raise ValueError(f"adapter {name!r} is already loaded")
+            self.model.load_adapter(path, adapter_name=name)
+            with self._lock:
+                self._names.append(name)
+
+    def unload_adapter(self, name: str) -> None:
+        with self._model_lock:
+            with self._lock:
+                if name not in self._names:
+                    raise ValueError(f"unknown adapter {name!r}; loaded: {self._names}")
+                self._names.remove(name)
+            self.model.delete_adapter(name)
+
+    def metrics(self) -> dict:
+        """Engine.metrics' keys: no pages here (a DynamicCache per request), so the page counts are 0."""
+        with self._lock:
+            running = self._running
+            tokens = 0 if running is None else len(running.prompt_ids) + len(running.generated)
+            return dict(
+                self._counters,
+                waiting=len(self._waiting),
+                running=int(running is not None),
+                batch_size=int(running is not None),
+                preemptions=0,
+                kv_pages_total=0,
+                kv_pages_used=0,
+                kv_pages_free=0,
+                kv_page_size=0,
+                kv_bytes=tokens * self._kv_bytes_per_token,
+                kv_bytes_per_token=self._kv_bytes_per_token,
+                adapters=dict(hits=0, loads=0, evictions=0, disk_reads=len(self._names), cpu_evictions=0,
+                              load_ms=0.0, resident=list(self._names), host=[], pinned=[], leased_slots=[]),  # fmt: skip
+            )
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        with self._lock:
+            self._stopping, self._drain = True, drain
+            self._lock.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the naive engine's worker did not end within {timeout} s")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown(drain=exc[0] is None)
+
+    # ---------------------------------------------------------------- the worker
+
+    def _check_adapter(self, name, path) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
+        if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+            raise ValueError(f"adapter path {path!r} has no {WEIGHTS_FILE} (pickle weights are never loaded)")
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs the engine's tokenizer; pass token ids instead")
+            return list(self.tokenizer(prompt)["input_ids"])
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("prompt must be a string or a list of token ids")
+        return list(prompt)
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._lock:
+            request = self._requests.get(handle.request_id)
+            if request is None or request.handle is not handle:
+                return
+            request.cancelled = True
+            if request is not self._running:  # the worker ends a running one between two tokens
+                self._waiting.remove(request)
+                self._end(request, "cancelled")
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._waiting or self._stopping)
+                if self._stopping and not self._drain:
+                    for request in list(self._waiting):
+                        self._end(request, "cancelled")
+                    self._waiting.clear()
+                if not self._waiting:
+                    return
+                request = self._running = self._waiting.popleft()
+                request.first_scheduled = self.clock()
+            try:
+                with self._model_lock:
+                    self._decode(request)
+            except Exception as error:  # noqa: BLE001 - the request fails alone, the worker goes on
+                with self._lock:
+                    self._end(request, "error", f"{type(error).__name__}: {error}")
+            finally:
+                with self._lock:
+                    self._running = None
+
+    @torch.inference_mode()
+    def _decode(self, request: _Request) -> None:
+        from transformers import DynamicCache
+
+        model = self.model
+        if request.adapter is not None:
+            model.set_adapter(request.adapter)
+            adapter_context = contextlib.nullcontext()
+        else:
+            adapter_context = model.disable_adapter() if self._names else contextlib.nullcontext()
+        device = next(model.parameters()).device
+        cache = DynamicCache()
+        input_ids = torch.tensor([request.prompt_ids], device=device)
+        with adapter_context:
+            while True:
+                started = time.perf_counter()
+                logits = model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache}).logits[0, -1]
+                token = sample(logits.float().cpu(), request.params.temperature, request.params.top_p,
+                               request.params.top_k, request.generator)  # fmt: skip
+                with self._lock:
+                    self._counters["steps"] += 1
+                    self._counters["step_tokens"] += input_ids.shape[1]
+                    self._counters["step_seconds"] += time.perf_counter() - started
+                    if request.cancelled:
+                        self._end(request, "cancelled")
+                        return
+                    if self._append(request, token):
+                        return
+                input_ids = torch.tensor([[token]], device=device)
+
+    def _append(self, request: _Request, token: int) -> bool:
+        """Records `token` and publishes it; True when it ended the request (the engine's stop rules)."""
+        params = request.params
+        request.generated.append(token)
+        if request.first_token is None:
+            request.first_token = self.clock()
+        self._counters["generation_tokens"] += 1
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self._eos):
+            reason = "stop"
+        if params.stop:
+            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                request.text, reason = text[:cut], "stop"
+        if reason is None and len(request.generated) >= params.max_tokens:
+            reason = "length"
+        if reason is None:
+            request.handle._publish([token], None)
+            return False
+        self._end(request, reason, new_tokens=[token])
+        return True
+
+    def _end(self, request: _Request, reason: str, error: str | None = None, new_tokens=()) -> None:
+        """The one place a request ends (called under the lock): its output published."""
+        self._requests.pop(request.request_id, None)
+        key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
+        self._counters[key] += 1
+        now = self.clock()
+        text = request.text
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        tpot = None
+        if request.first_token is not None and len(request.generated) > 1:
+            tpot = (now - request.first_token) / (len(request.generated) - 1)
+        output = RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_ids,
+            token_ids=list(request.generated),
+            text=text,
+            finish_reason=reason,
+            adapter=request.adapter,
+            error=error,
+            queue_time=None if request.first_scheduled is None else request.first_scheduled - request.arrival,
+            time_to_first_token=None if request.first_token is None else request.first_token - request.arrival,
+            time_per_output_token=tpot,
+            latency=now - request.arrival,
+        )
+        request.handle._publish(list(new_tokens), output)
+
+
+def _named_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the OpenAI API over a NaiveEngine (uvicorn, until Ctrl-C)")
+    serve.add_argument("--model", required=True, help="Hugging Face model directory")
+    serve.add_argument("--adapter", action="append", type=_named_path, default=[], metavar="NAME=PATH")
+    serve.add_argument("--adapter-dir", action="append", default=[], help="folders /v1/load_lora_adapter may read")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8001)
+    serve.add_argument("--served-model-name", help="the base model's name in the API (default: the folder's name)")
+    serve.add_argument("--api-key")
+    serve.add_argument("--max-waiting", type=int, default=1024)
+    args = parser.parse_args(argv)
+
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fused_train.serving.server import build_app
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    engine = NaiveEngine(model, tokenizer, adapters=dict(args.adapter), max_waiting=args.max_waiting)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = build_app(engine, model_name=name, adapter_dirs=args.adapter_dir, api_key=args.api_key)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown(drain=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
