@@ -27,7 +27,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `fused_train` from this checkout when run as `python bench/naive_engine.py`
 
-from fused_train.serving.engine import QueueFull, RequestHandle, RequestOutput, SamplingParams  # noqa: E402
+from fused_train.serving.engine import EngineStopped, QueueFull, RequestHandle, RequestOutput, SamplingParams  # noqa: E402
 from fused_train.serving.runner import sample  # noqa: E402
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -117,7 +117,7 @@ class NaiveEngine:
             if adapter is not None and adapter not in self._names:
                 raise ValueError(f"unknown adapter {adapter!r}; loaded: {self._names}")
             if self._stopping:
-                raise RuntimeError("the engine is shutting down")
+                raise EngineStopped("the engine is shutting down")
             request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
             if request_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already running")
