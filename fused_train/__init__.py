@@ -9,10 +9,12 @@ from fused_train.multi_lora import multi_lora_linear
 from fused_train.packing import plan_packing, plan_packing_arrays
 from fused_train.patching import TESTED_MODEL_TYPES, is_patched, patch, unpatch
 from fused_train.quantize import dequantize_base, quantize_base
+from fused_train.sampler import PackedBatchSampler
 from fused_train.telemetry import TrainingTelemetry
 
 __all__ = [
     "Int8KVCache",
+    "PackedBatchSampler",
     "PackedCollator",
     "TESTED_MODEL_TYPES",
     "TrainingTelemetry",
