@@ -16,6 +16,7 @@ __all__ = [
     "Int8KVCache",
     "PackedBatchSampler",
     "PackedCollator",
+    "PackedTrainer",
     "TESTED_MODEL_TYPES",
     "TrainingTelemetry",
     "block_diagonal_causal_mask",
@@ -31,3 +32,12 @@ __all__ = [
     "unpatch",
     "varlen_attention",
 ]
+
+
+def __getattr__(name):
+    # PackedTrainer pulls in transformers.Trainer and accelerate: loaded on first use only.
+    if name == "PackedTrainer":
+        from fused_train.trainer import PackedTrainer
+
+        return PackedTrainer
+    raise AttributeError(f"module 'fused_train' has no attribute {name!r}")

@@ -143,3 +143,63 @@ def test_load_state_dict_refuses_another_plan():
         other.load_state_dict(sampler.state_dict())
     with pytest.raises(ValueError, match="state\\['step'\\]"):
         sampler.load_state_dict({**sampler.state_dict(), "step": len(sampler) + 1})
+
+
+def _trained_documents(trainer_class):
+    """A Trainer subclass that records the documents of every batch it trains on, in order."""
+
+    class Recording(trainer_class):
+        batches = []
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            ids, starts = inputs["input_ids"][0].tolist(), inputs["position_ids"][0].tolist()
+            cuts = [i for i, p in enumerate(starts) if p == 0] + [len(ids)]
+            self.batches.append([tuple(ids[a:b]) for a, b in zip(cuts, cuts[1:])])
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return Recording
+
+
+def test_trainer_resume_trains_every_document_of_the_epoch_once(tmp_path):
+    import datasets
+    import torch
+    import transformers
+
+    import fused_train
+    from tests.patching.tiny_models import tiny_model
+
+    generator = torch.Generator().manual_seed(0)
+    # The first two tokens number the document, so each is told apart from its tokens alone.
+    docs = [[3 + i // 90, 3 + i % 90] + torch.randint(3, 97, (int(n),), generator=generator).tolist()
+            for i, n in enumerate(torch.randint(1, 28, (40,), generator=generator))]
+    dataset = datasets.Dataset.from_list([{"input_ids": d} for d in docs])
+    tokens_per_step, accumulation = 64, 2
+
+    def trainer(**overrides):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), gradient_accumulation_steps=accumulation, num_train_epochs=2,
+            learning_rate=1e-3, report_to=[], use_cpu=True, seed=3, **{"save_strategy": "no", **overrides},
+        )  # fmt: skip
+        return _trained_documents(fused_train.PackedTrainer)(
+            model=tiny_model("llama"), args=args, train_dataset=dataset, tokens_per_step=tokens_per_step,
+            data_collator=fused_train.PackedCollator(tokens_per_step, flatten=True),
+        )  # fmt: skip
+
+    sampler = PackedBatchSampler([len(d) for d in docs], tokens_per_step, seed=3)
+    steps_per_epoch = len(sampler)
+    assert steps_per_epoch % accumulation == 0 and steps_per_epoch >= 8
+    stop = steps_per_epoch // accumulation + 2  # optimizer steps: two into the second epoch
+    first = trainer(max_steps=stop, save_strategy="steps", save_steps=stop)
+    first.train()
+    second = trainer()
+    second.batches = []
+    second.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{stop}"))
+
+    expected = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        expected += [[tuple(docs[i]) for i in batch] for batch in sampler]
+    assert first.batches + second.batches == expected
+    epoch = expected[steps_per_epoch:]
+    assert sorted(d for batch in epoch for d in batch) == sorted(map(tuple, docs))
+    assert expected[:steps_per_epoch] != epoch
