@@ -8,10 +8,14 @@ STAMP := $(VENV)/.installed
 COMPAT_TRITON := .triton-compat/3.6.0
 COMPAT_PEFT := .peft-compat/0.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo serve-demo test bench clean
 
 demo: $(STAMP)
 	$(PY) bench/demo.py
+
+# Trains a tiny model and 3 adapters (~1 min), serves them, load-tests the server for ~30 s.
+serve-demo: $(STAMP)
+	$(PY) bench/serve_demo.py
 
 test: $(STAMP) $(COMPAT_TRITON) $(COMPAT_PEFT)
 	$(PY) -m pytest tests

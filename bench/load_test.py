@@ -352,7 +352,8 @@ def server_command(kind, model_dir, adapters, port, max_loras) -> list[str]:
     """The command that serves `model_dir` with `adapters` on 127.0.0.1:`port`: our server
     (`fused-train serve`) or the naive per-request peft one (bench/naive_engine.py)."""
     if kind == "ours":
-        command = [sys.executable, "-m", "fused_train.cli", "serve", "--max-loras", str(max_loras)]
+        command = [sys.executable, "-m", "fused_train.cli", "serve", "--max-loras", str(max_loras), "--log-level",
+                   "warning"]  # fmt: skip
     else:
         command = [sys.executable, os.path.join(REPO, "bench", "naive_engine.py"), "serve"]
     command += ["--model", model_dir, "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1",
