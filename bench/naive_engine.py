@@ -234,9 +234,6 @@ class NaiveEngine:
             except Exception as error:  # noqa: BLE001 - the request fails alone, the worker goes on
                 with self._lock:
                     self._end(request, "error", f"{type(error).__name__}: {error}")
-            finally:
-                with self._lock:
-                    self._running = None
 
     @torch.inference_mode()
     def _decode(self, request: _Request) -> None:
@@ -294,6 +291,8 @@ class NaiveEngine:
     def _end(self, request: _Request, reason: str, error: str | None = None, new_tokens=()) -> None:
         """The one place a request ends (called under the lock): its output published."""
         self._requests.pop(request.request_id, None)
+        if self._running is request:
+            self._running = None
         key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self._counters[key] += 1
         now = self.clock()

@@ -13,7 +13,7 @@ from bench import load_test
 from bench.naive_engine import NaiveEngine
 from bench.tiny_serving import make_adapters, make_model_dir
 from fused_train.cli import open_engine
-from fused_train.serving import Engine, SamplingParams
+from fused_train.serving import Engine, QueueFull, SamplingParams
 from fused_train.serving.server import build_app, start_server
 
 MODEL_NAME = "tiny"
@@ -145,3 +145,25 @@ def test_naive_engine_gives_the_engines_greedy_tokens(tiny, reference_path):
             naive.add_request(prompts[0], params, "nope")
     finally:
         naive.shutdown()
+
+
+def test_naive_engine_queue_is_bounded_and_cancels(tiny, reference_path):
+    model_dir, adapters = tiny
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    naive = NaiveEngine(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, adapters=adapters, max_waiting=1)
+    try:
+        long = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+        running = naive.add_request([1, 70, 71], long, "a")
+        next(iter(running))  # it is decoding: the queue is empty again
+        waiting = naive.add_request([1, 72], long, None)
+        with pytest.raises(QueueFull):
+            naive.add_request([1, 73], long, None)
+        waiting.cancel()
+        assert waiting.result(timeout=1).finish_reason == "cancelled" and waiting.result().token_ids == []
+        running.cancel()
+        output = running.result(timeout=10)
+        assert output.finish_reason == "cancelled" and 1 <= len(output.token_ids) < 1000
+        metrics = naive.metrics()
+        assert metrics["requests_cancelled"] == 2 and metrics["waiting"] == metrics["running"] == 0
+    finally:
+        naive.shutdown(drain=False)
