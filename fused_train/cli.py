@@ -23,3 +23,84 @@ def open_engine(model_path, adapters=None, **engine_options):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
     return Engine(model, tokenizer, adapters=dict(adapters or {}), **engine_options)
+
+
+def _adapter_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter takes NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fused-train", description="fused_train command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server of a model and its LoRA adapters")
+    serve.add_argument("--model", required=True, help="Hugging Face model directory (model + tokenizer)")
+    serve.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=PATH",
+                       help="a peft adapter (safetensors) loaded at start, served as model NAME; repeatable")  # fmt: skip
+    serve.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                       help="POST /v1/load_lora_adapter may load adapters from under DIR; repeatable (none: off)")  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0: a free port (the URL is printed)")
+    serve.add_argument("--served-model-name", help="the base model's `model` name (default: the directory's name)")
+    serve.add_argument("--api-key", default=os.environ.get("FUSED_TRAIN_API_KEY"),
+                       help="require Authorization: Bearer KEY on /v1 (default: $FUSED_TRAIN_API_KEY)")  # fmt: skip
+    serve.add_argument("--max-loras", type=int, default=8, help="adapters on the device at once (one step's most)")
+    serve.add_argument("--kv-dtype", choices=["int8", "model"], default="int8")
+    serve.add_argument("--kv-cache-tokens", type=int, help="tokens the paged KV cache holds (default 65536)")
+    serve.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens one step runs; longer prompts: 400")
+    serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests at most; beyond: 429")
+    serve.add_argument("--drain-timeout", type=float, default=30, help="seconds running requests get at shutdown")
+    serve.add_argument("--log-level", default="info")
+    return parser
+
+
+def serve(args) -> None:
+    """Serve until SIGINT or SIGTERM; then new requests get 503 while the running ones finish."""
+    import signal
+    import threading
+
+    from fused_train.serving.server import build_app, start_server
+
+    names = [name for name, _ in args.adapter]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"fused-train serve: --adapter names must differ, got {names}")
+    adapters = dict(args.adapter)
+    model_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    engine = open_engine(args.model, adapters, max_loras=args.max_loras, kv_dtype=args.kv_dtype,
+                         kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
+                         max_waiting=args.max_waiting)  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        app = build_app(engine, model_name=model_name, adapter_dirs=args.adapter_dir, api_key=args.api_key,
+                        adapter_paths=adapters)  # fmt: skip
+        server = start_server(app, args.host, args.port, log_level=args.log_level)
+    except BaseException:
+        engine.shutdown(drain=False)
+        raise
+    print(f"fused-train: serving {model_name!r} with adapters {names} at {server.url}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+        try:
+            engine.shutdown(drain=True, timeout=args.drain_timeout)
+        except TimeoutError:
+            print(f"fused-train: requests still running after {args.drain_timeout} s are cut", flush=True)
+    finally:
+        server.stop()
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            serve(args)
+    except ValueError as error:  # a bad model, adapter or option: said without a traceback
+        raise SystemExit(f"fused-train {args.command}: {error}") from error
+
+
+if __name__ == "__main__":
+    sys.exit(main())

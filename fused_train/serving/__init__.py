@@ -2,9 +2,11 @@
 engine over a paged KV cache."""
 
 from fused_train.serving.adapters import BASE_ADAPTER, AdapterPool, NoFreeSlot
-from fused_train.serving.engine import Engine, QueueFull, RequestFailed, RequestHandle, RequestOutput, SamplingParams
+from fused_train.serving.engine import (
+    Engine, EngineStopped, PromptTooLong, QueueFull, RequestFailed, RequestHandle, RequestOutput, SamplingParams,
+)  # fmt: skip
 
 __all__ = [
-    "AdapterPool", "BASE_ADAPTER", "Engine", "NoFreeSlot", "QueueFull", "RequestFailed", "RequestHandle",
+    "AdapterPool", "BASE_ADAPTER", "Engine", "EngineStopped", "NoFreeSlot", "PromptTooLong", "QueueFull", "RequestFailed", "RequestHandle",
     "RequestOutput", "SamplingParams",
 ]  # fmt: skip

@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -523,8 +523,16 @@ def _engine_error(error: BaseException, param: str) -> BaseException:
     return error
 
 
-def _validation_error(error: RequestValidationError) -> APIError:
-    first = error.errors()[0]
+async def _parse(request: fastapi.Request, model: type[_Body]):
+    """The body as `model`, whatever its content type (curl -d sends a form's); 400 naming the field."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise _validation_error(error.errors()) from error
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    first = errors[0]
     if first["type"] == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                         code="invalid_json")  # fmt: skip
@@ -574,7 +582,7 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, error: RequestValidationError):
-        return _validation_error(error).response()
+        return _validation_error(error.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error: StarletteHTTPException):
@@ -592,12 +600,14 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
     v1 = fastapi.APIRouter(prefix="/v1", dependencies=[fastapi.Depends(authorized)])
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(request: fastapi.Request):
+        body = await _parse(request, CompletionRequest)
         adapter = server.adapter_for(body.model)
         return await server.generate("completion", body, server.encode_prompts(body.prompt), adapter, "prompt")
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(request: fastapi.Request):
+        body = await _parse(request, ChatRequest)
         adapter = server.adapter_for(body.model)
         return await server.generate("chat", body, [server.encode_chat(body.messages, adapter)], adapter, "messages")
 
@@ -606,12 +616,12 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
         return server.models()
 
     @v1.post("/load_lora_adapter")
-    async def load_lora_adapter(body: LoadAdapterRequest):
-        return await server.load_adapter(body)
+    async def load_lora_adapter(request: fastapi.Request):
+        return await server.load_adapter(await _parse(request, LoadAdapterRequest))
 
     @v1.post("/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadAdapterRequest):
-        return await server.unload_adapter(body)
+    async def unload_lora_adapter(request: fastapi.Request):
+        return await server.unload_adapter(await _parse(request, UnloadAdapterRequest))
 
     app.include_router(v1)
 

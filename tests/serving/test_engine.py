@@ -227,3 +227,24 @@ def test_sliding_windows_and_softcapping_equal_generate(model_type, cpu_path):
             expected = reference.generate(input_ids=torch.tensor([prompt], device=DEVICE), max_new_tokens=MAX_TOKENS,
                                           do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
         assert output.token_ids == expected, len(prompt)
+
+
+def test_a_request_whose_forward_raises_fails_alone(adapter_dirs, cpu_path):
+    poison = 96
+
+    def poisoned(module, args):
+        # Only the bad prompt's prefill holds three: a step's decodes hold one token per request.
+        if (args[0] == poison).sum() >= 3:
+            raise RuntimeError("poisoned input")
+
+    params = SamplingParams(max_tokens=4, temperature=0)
+    with _engine(adapter_dirs) as engine:
+        (expected,) = engine.generate([[5, 6, 7]], params, "qv4")
+        engine.model.model.embed_tokens.register_forward_pre_hook(poisoned)
+        good = engine.add_request([5, 6, 7], params, "qv4")
+        next(iter(good))  # decoding now: the bad prefill joins its next step
+        bad = engine.add_request([8, poison, poison, poison], params)
+        with pytest.raises(RequestFailed, match="poisoned input"):
+            list(bad)
+        assert good.result(timeout=300).token_ids == expected.token_ids
+        assert engine.metrics()["kv_pages_used"] == 0
