@@ -12,8 +12,8 @@ events ending with `data: [DONE]`), `GET /v1/models`, `POST /v1/load_lora_adapte
 The app uses only this much of the engine, so another engine (a naive baseline, a Ray proxy) can
 stand in: `tokenizer` (the server tokenizes, applies chat templates and detokenizes),
 `add_request(prompt_token_ids, params, adapter, request_id)` returning a handle with `stream()`,
-`result(timeout)` and `cancel()`, `adapters()`, `load_adapter(name, path)`,
-`unload_adapter(name)` and `metrics()`.
+`result(timeout)` and `cancel()` (or an awaitable of that handle: a remote engine's, once queued
+there), `adapters()`, `load_adapter(name, path)`, `unload_adapter(name)` and `metrics()`.
 
 Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; a stream that fails
 after its first event ends, as vLLM's do, with an `data: {"error": ...}` event, then `data: [DONE]`.
@@ -23,6 +23,7 @@ it), never ignored.
 
 import asyncio
 import hmac
+import inspect
 import json
 import os
 import threading
@@ -369,13 +370,16 @@ class _Server:
         # The template writes the special tokens (BOS) itself.
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams], adapter, request_id: str, param: str):
+    async def submit(self, prompts: list[list[int]], params: list[SamplingParams], adapter, request_id: str,
+                     param: str):  # fmt: skip
         """Engine handles, prompt-major then choice (OpenAI's choice index order); all or none."""
         handles = []
         try:
             for i, prompt_ids in enumerate(prompts):
                 for j, choice_params in enumerate(params):
                     handle = self.engine.add_request(prompt_ids, choice_params, adapter, f"{request_id}-{i}-{j}")
+                    if inspect.isawaitable(handle):  # a remote engine (the Ray proxy) answers once queued
+                        handle = await handle
                     handles.append(handle)
         except BaseException as error:
             for handle in handles:
@@ -392,7 +396,7 @@ class _Server:
         params = _sampling_params(body, max_tokens, default)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
-        handles = self.submit(prompts, params, adapter, request_id, param)
+        handles = await self.submit(prompts, params, adapter, request_id, param)
         base = {"id": request_id, "created": int(time.time()), "model": body.model}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
