@@ -56,7 +56,9 @@ class PackedBatchSampler:
         shuffle: shuffle documents and steps each epoch (False: the plan of `seed` order).
     """
 
-    def __init__(self, lengths, tokens_per_step: int, *, num_replicas=None, rank=None, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self, lengths, tokens_per_step: int, *, num_replicas=None, rank=None, seed: int = 0, shuffle: bool = True
+    ):
         self.lengths = _as_int64_array(lengths)
         if len(self.lengths) and self.lengths.min() < 1:
             bad = int(np.flatnonzero(self.lengths < 1)[0])
@@ -98,7 +100,8 @@ class PackedBatchSampler:
     def epoch_plan(self) -> list[list[np.ndarray]]:
         """This epoch's plan for all ranks: per step, per rank, the dataset indices of its batch."""
         if self._plan is None or self._plan[0] != self.epoch:
-            self._plan = (self.epoch, _plan_epoch(self.lengths, self.tokens_per_step, self.num_replicas, self.seed, self.epoch, self.shuffle))
+            plan = _plan_epoch(self.lengths, self.tokens_per_step, self.num_replicas, self.seed, self.epoch, self.shuffle)
+            self._plan = (self.epoch, plan)
         return self._plan[1]
 
     def __len__(self) -> int:

@@ -43,7 +43,9 @@ class PackedTrainer(transformers.Trainer):
             raise ValueError("PackedTrainer: training requires a train_dataset")
         dataset = self.train_dataset
         if isinstance(dataset, torch.utils.data.IterableDataset):
-            raise ValueError("train_dataset must have a length (a map-style dataset): the epoch is planned from its lengths")
+            raise ValueError(
+                "train_dataset must be a map-style dataset with a length: the epoch is planned from its lengths"
+            )
         collator = self.data_collator
         if _is_hf_dataset(dataset):
             lengths = _lengths(dataset, self.args.length_column_name)
