@@ -38,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="an OpenAI-compatible server of a model and its LoRA adapters")
     serve.add_argument("--model", required=True, help="Hugging Face model directory (model + tokenizer)")
     serve.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=PATH",
-                       help="a peft adapter (safetensors) loaded at start, served as model NAME; repeatable")  # fmt: skip
+                       help="a peft adapter (safetensors) loaded at start, as model NAME; repeatable")  # fmt: skip
     serve.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
-                       help="POST /v1/load_lora_adapter may load adapters from under DIR; repeatable (none: off)")  # fmt: skip
+                       help="/v1/load_lora_adapter may load from under DIR; repeatable (none: off)")  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: a free port (the URL is printed)")
     serve.add_argument("--served-model-name", help="the base model's `model` name (default: the directory's name)")

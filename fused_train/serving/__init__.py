@@ -7,6 +7,6 @@ from fused_train.serving.engine import (
 )  # fmt: skip
 
 __all__ = [
-    "AdapterPool", "BASE_ADAPTER", "Engine", "EngineStopped", "NoFreeSlot", "PromptTooLong", "QueueFull", "RequestFailed", "RequestHandle",
-    "RequestOutput", "SamplingParams",
+    "AdapterPool", "BASE_ADAPTER", "Engine", "EngineStopped", "NoFreeSlot", "PromptTooLong", "QueueFull",
+    "RequestFailed", "RequestHandle", "RequestOutput", "SamplingParams",
 ]  # fmt: skip

@@ -33,7 +33,6 @@ from typing import Any
 
 import fastapi
 import uvicorn
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -387,7 +386,7 @@ class _Server:
             raise _engine_error(error, param) from error
         return handles
 
-    async def generate(self, kind: str, body, prompts: list[list[int]], adapter, param: str):
+    async def generate(self, request: fastapi.Request, kind: str, body, prompts: list[list[int]], adapter, param: str):
         _refuse_unsupported(body)
         if kind == "chat":
             max_tokens, default = body.max_completion_tokens or body.max_tokens, CHAT_MAX_TOKENS
@@ -402,9 +401,10 @@ class _Server:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             events = self.stream_events(kind, base, handles, params[0].stop, include_usage, len(params))
             return StreamingResponse(events, media_type="text/event-stream")
-        return JSONResponse(await self.complete(kind, base, handles, len(params)))
+        return JSONResponse(await self.complete(request, kind, base, handles, len(params)))
 
-    async def complete(self, kind, base, handles, n) -> dict:
+    async def complete(self, request: fastapi.Request, kind, base, handles, n) -> dict:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
         try:
             outputs = []
             for handle in handles:
@@ -415,6 +415,7 @@ class _Server:
         except RequestFailed as error:
             raise APIError(500, str(error), type="server_error", code="request_failed") from error
         finally:
+            watcher.cancel()
             for handle in handles:
                 handle.cancel()
         choices = []
@@ -477,6 +478,15 @@ class _Server:
         yield detokenizer.finish(output.text), output
 
 
+async def _cancel_on_disconnect(request: fastapi.Request, handles) -> None:
+    """A client that goes away before its (not streamed) answer cancels its requests. The body is
+    read already, so the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    for handle in handles:
+        handle.cancel()
+
+
 async def _merge(streams):
     """(index, *item) from several async iterators as items arrive; the first error propagates."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -528,7 +538,8 @@ def _engine_error(error: BaseException, param: str) -> BaseException:
 
 
 async def _parse(request: fastapi.Request, model: type[_Body]):
-    """The body as `model`, whatever its content type (curl -d sends a form's); 400 naming the field."""
+    """The body as `model`, whatever its content type (curl -d sends a form's); 400 naming the field.
+    Parsed here rather than by FastAPI, whose validation errors would be 422s in its own shape."""
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as error:
@@ -584,10 +595,6 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
     async def api_error(request, error: APIError):
         return error.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, error: RequestValidationError):
-        return _validation_error(error.errors()).response()
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error: StarletteHTTPException):
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
@@ -607,13 +614,15 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
     async def completions(request: fastapi.Request):
         body = await _parse(request, CompletionRequest)
         adapter = server.adapter_for(body.model)
-        return await server.generate("completion", body, server.encode_prompts(body.prompt), adapter, "prompt")
+        prompts = server.encode_prompts(body.prompt)
+        return await server.generate(request, "completion", body, prompts, adapter, "prompt")
 
     @v1.post("/chat/completions")
     async def chat_completions(request: fastapi.Request):
         body = await _parse(request, ChatRequest)
         adapter = server.adapter_for(body.model)
-        return await server.generate("chat", body, [server.encode_chat(body.messages, adapter)], adapter, "messages")
+        prompts = [server.encode_chat(body.messages, adapter)]
+        return await server.generate(request, "chat", body, prompts, adapter, "messages")
 
     @v1.get("/models")
     async def models():

@@ -85,6 +85,7 @@ def test_every_model_streamed_or_not_equals_the_engine(live_server):
     seeded = [SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=7 + i) for i in range(2)]
     sampled = engine.generate([prompt_ids] * 2, seeded, "d")
     assert sampled[0].token_ids != sampled[1].token_ids
+    two_prompts = engine.generate([prompt_ids, engine.tokenizer("A dog")["input_ids"]], _greedy(), "a")
 
     async def send_all():
         async with live_server.async_client() as client:
@@ -94,10 +95,11 @@ def test_every_model_streamed_or_not_equals_the_engine(live_server):
             chat = [client.chat.completions.create(model=m, messages=MESSAGES, **options) for m in MODELS]
             chat_streamed = [_stream_chat(client, model=m, messages=MESSAGES, **options) for m in MODELS]
             n = client.completions.create(model="d", prompt=PROMPT, max_tokens=MAX_TOKENS, n=2, seed=7)
-            return await asyncio.gather(*plain, *streamed, *chat, *chat_streamed, n)
+            batch = client.completions.create(model="a", prompt=[PROMPT, "A dog"], **options)
+            return await asyncio.gather(*plain, *streamed, *chat, *chat_streamed, n, batch)
 
     results = asyncio.run(send_all())
-    plain, streamed, chat, chat_streamed, (n,) = (results[i : i + 4] for i in range(0, 17, 4))
+    plain, streamed, chat, chat_streamed, (n, batch) = (results[i : i + 4] for i in range(0, 18, 4))
     for model, expected, got, (text, chunks) in zip(MODELS, completions, plain, streamed):
         assert got.model == model and got.object == "text_completion" and got.id.startswith("cmpl-")
         assert got.choices[0].text == expected.text == text, model
@@ -113,6 +115,8 @@ def test_every_model_streamed_or_not_equals_the_engine(live_server):
     assert [choice.text for choice in n.choices] == [output.text for output in sampled]
     assert [choice.index for choice in n.choices] == [0, 1]
     assert n.usage.prompt_tokens == len(prompt_ids)
+    assert [choice.text for choice in batch.choices] == [output.text for output in two_prompts]
+    assert batch.usage.prompt_tokens == sum(len(output.prompt_token_ids) for output in two_prompts)
     _wait_idle(engine)
 
 
@@ -273,7 +277,7 @@ def test_adapters_load_only_from_under_adapter_dir_as_safetensors(serve, tiny_ad
     assert _assert_error(response, 403, "lora_path", match="off")["type"] == "permission_error"
 
 
-def test_a_client_that_disconnects_mid_stream_cancels_its_request(live_server):
+def test_a_client_that_disconnects_cancels_its_request(live_server):
     engine = live_server.engine
     cancelled = engine.metrics()["requests_cancelled"]
     body = {"model": "b", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -283,6 +287,12 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(live_server):
         assert engine.metrics()["kv_pages_used"] > 0
     _wait_idle(engine)
     assert engine.metrics()["requests_cancelled"] == cancelled + 1
+    # Not streamed: the client gives up waiting.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_server.url}/v1/completions", json={**body, "stream": False},
+                   timeout=httpx.Timeout(30, read=0.5))  # fmt: skip
+    _wait_idle(engine)
+    assert engine.metrics()["requests_cancelled"] == cancelled + 2
     _healthy(live_server)
 
 
@@ -363,7 +373,8 @@ def test_503_while_draining_then_metrics(serve):
         while not server.engine._stopping:  # set by shutdown() at once; the drain takes the 11 tokens left
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        response = httpx.post(url, json={"model": "c", "prompt": PROMPT}, timeout=30)
+        # The base model: an adapter's name is unknown once the drain has ended (the pool is closed).
+        response = httpx.post(url, json={"model": "tiny", "prompt": PROMPT}, timeout=30)
         _assert_error(response, 503, code="unavailable", match="shutting down")
         _healthy(server)
         rest = [line for line in lines if line]
@@ -381,7 +392,8 @@ def test_503_while_draining_then_metrics(serve):
 
 def test_the_cli_serves_until_terminated(tiny_model_dir, tiny_adapters):
     command = [sys.executable, "-m", "fused_train.cli", "serve", "--model", tiny_model_dir, "--adapter",
-               f"a={tiny_adapters['a']}", "--port", "0", "--served-model-name", "tiny", "--log-level", "warning"]  # fmt: skip
+               f"a={tiny_adapters['a']}", "--port", "0", "--served-model-name", "tiny",
+               "--log-level", "warning"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
