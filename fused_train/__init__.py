@@ -2,6 +2,7 @@
 
 from fused_train.attention import varlen_attention
 from fused_train.collator import PackedCollator, block_diagonal_causal_mask
+from fused_train.distributed import global_token_count
 from fused_train.kv_cache import Int8KVCache
 from fused_train.linear_cross_entropy import linear_cross_entropy
 from fused_train.lora import lora_linear
@@ -18,9 +19,11 @@ __all__ = [
     "PackedCollator",
     "PackedTrainer",
     "TESTED_MODEL_TYPES",
+    "TelemetryCallback",
     "TrainingTelemetry",
     "block_diagonal_causal_mask",
     "dequantize_base",
+    "global_token_count",
     "is_patched",
     "linear_cross_entropy",
     "lora_linear",
@@ -40,4 +43,8 @@ def __getattr__(name):
         from fused_train.trainer import PackedTrainer
 
         return PackedTrainer
+    if name == "TelemetryCallback":
+        from fused_train.trainer_callback import TelemetryCallback
+
+        return TelemetryCallback
     raise AttributeError(f"module 'fused_train' has no attribute {name!r}")

@@ -15,8 +15,12 @@ positions must then match `labels`), Gemma 2's `final_logit_softcapping`, `retur
 `lm_head` that peft keeps in `modules_to_save` (its active copy is trained). Refused, with a
 ValueError: model types not in `FUSED_LOSS_MODEL_TYPES` (their forwards may transform logits in
 other ways), a custom `loss_function`, a peft LoRA (or other adapter) on `lm_head`, an `lm_head`
-that is not a plain `nn.Linear` (quantized), peft's mixed-batch `adapter_names`, and an FSDP2-sharded
-`lm_head.weight` (`linear_cross_entropy` refuses a DTensor).
+that is not a plain `nn.Linear` (quantized), and peft's mixed-batch `adapter_names`.
+
+FSDP2: where `lm_head` (or peft's wrapper of it) is its own `fully_shard` unit, its weight is a
+sharded DTensor outside `lm_head`'s forward, which the fused loss never calls; the loss then runs
+as a forward method of that unit (`register_fsdp_forward_method`), so FSDP gathers the weight
+before it (casting the hidden states to its `MixedPrecisionPolicy`) and again for the backward.
 """
 
 import functools
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -36,6 +41,8 @@ from fused_train.linear_cross_entropy import linear_cross_entropy
 FUSED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 
 _ORIGINAL_FORWARD = "_fused_train_forward_before_fused_loss"
+# The loss as a forward method of an FSDP2 unit holding lm_head (set at its first call).
+_FSDP_LOSS_METHOD = "_fused_train_fsdp_loss"
 _NO_INSTANCE_FORWARD = object()
 
 
@@ -48,7 +55,7 @@ def patch_loss(model) -> None:
             "logits in ways the fused loss does not know, patch it without fused_loss"
         )
     _check_loss_function(model)
-    _lm_head_weights(model, {})
+    _lm_head_linear(model, {})
     if hasattr(model, _ORIGINAL_FORWARD):
         return
     setattr(model, _ORIGINAL_FORWARD, model.__dict__.get("forward", _NO_INSTANCE_FORWARD))
@@ -60,6 +67,8 @@ def unpatch_loss(model) -> None:
     original = model.__dict__.pop(_ORIGINAL_FORWARD, None)
     if original is None:
         return
+    for module in model.get_output_embeddings().modules():
+        module.__dict__.pop(_FSDP_LOSS_METHOD, None)
     del model.forward
     if original is not _NO_INSTANCE_FORWARD:
         model.forward = original
@@ -73,8 +82,8 @@ def _check_loss_function(model):
         )
 
 
-def _lm_head_weights(model, kwargs):
-    """`(weight, bias)` of the linear layer that `model.lm_head` runs now, or a ValueError saying why not."""
+def _lm_head_linear(model, kwargs):
+    """The linear layer that `model.lm_head` runs now, or a ValueError saying why not."""
     head = model.get_output_embeddings()
     if isinstance(head, BaseTunerLayer):
         raise ValueError(
@@ -86,12 +95,19 @@ def _lm_head_weights(model, kwargs):
             raise ValueError("adapter_names (peft mixed batches) with fused_loss=True: patch without fused_loss")
         active = not head.disable_adapters and head.active_adapters
         head = head.modules_to_save[head.active_adapters[0]] if active else head.original_module
-    if type(head) is not torch.nn.Linear:
+    # fully_shard makes the class FSDP<Class>(FSDPModule, Class).
+    head_class = type(head).__bases__[1] if isinstance(head, FSDPModule) else type(head)
+    if head_class is not torch.nn.Linear:
         raise ValueError(
-            f"lm_head is a {type(head).__name__}, not a torch.nn.Linear: fused_loss=True needs its weight "
+            f"lm_head is a {head_class.__name__}, not a torch.nn.Linear: fused_loss=True needs its weight "
             "as a plain tensor; patch without fused_loss"
         )
-    return head.weight, head.bias
+    return head
+
+
+def _head_loss(unit, hidden, labels, *, linear, **kwargs):
+    # `unit`: the FSDP2 module this runs as a method of (None without FSDP); FSDP's hooks need the binding.
+    return linear_cross_entropy(hidden, linear.weight, labels, bias=linear.bias, **kwargs)
 
 
 def _fused_loss_forward(model, original):
@@ -110,6 +126,18 @@ def _fused_loss_forward(model, original):
     return forward
 
 
+def _loss_function(model, linear):
+    """`_head_loss` as a forward method of the FSDP2 unit whose forward gathers `linear`'s weight, if any."""
+    units = [module for module in (linear, model.get_output_embeddings()) if isinstance(module, FSDPModule)]
+    if not units:
+        return functools.partial(_head_loss, None)
+    unit = units[0]
+    if _FSDP_LOSS_METHOD not in unit.__dict__:
+        setattr(unit, _FSDP_LOSS_METHOD, _head_loss.__get__(unit))
+        register_fsdp_forward_method(unit, _FSDP_LOSS_METHOD)
+    return getattr(unit, _FSDP_LOSS_METHOD)
+
+
 def _forward_with_fused_loss(model, arguments):
     _check_loss_function(model)
     labels = arguments.pop("labels")
@@ -118,7 +146,7 @@ def _forward_with_fused_loss(model, arguments):
     # The loss's own arguments; HF passes them to the decoder too, where they mean nothing.
     ignore_index = arguments.pop("ignore_index", -100)
     shift_labels = arguments.pop("shift_labels", None)
-    weight, bias = _lm_head_weights(model, arguments)
+    linear = _lm_head_linear(model, arguments)
     outputs = model.base_model(**arguments, return_dict=True)
     hidden = outputs[0]
     kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -133,8 +161,8 @@ def _forward_with_fused_loss(model, arguments):
     num_items_in_batch = arguments.get("num_items_in_batch")
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(hidden.device)
-    loss = linear_cross_entropy(
-        hidden, weight, shift_labels.to(hidden.device), bias=bias, ignore_index=ignore_index,
+    loss = _loss_function(model, linear)(
+        hidden, shift_labels.to(hidden.device), linear=linear, ignore_index=ignore_index,
         softcap=getattr(model.config, "final_logit_softcapping", None), num_items_in_batch=num_items_in_batch,
     )  # fmt: skip
     rest = {key: value for key, value in outputs.items() if key != "last_hidden_state"}

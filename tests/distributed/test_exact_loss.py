@@ -1,7 +1,8 @@
-"""The exact token-mean loss of a packed step split over 2 gloo ranks, through the Trainer (DDP) and a plain loop.
+"""The exact token-mean loss of a packed step split over 2 gloo ranks, through the Trainer (DDP) and a plain loop,
+and `TelemetryCallback`'s figures on those Trainer runs.
 
-One pair of processes runs every check (spawning costs seconds); the single-process references
-run in the pytest process. The corpus mixes 2-5 token documents with 40-60 token ones, so ranks
+`rank_checks` runs on the 2 ranks (conftest's `two_ranks`); the single-process references run in
+the pytest process. The corpus mixes 2-5 token documents with 40-60 token ones, so ranks
 (and micro-batches) hold different numbers of packed rows and of targets.
 """
 
@@ -12,20 +13,11 @@ import transformers
 
 import fused_train
 from fused_train.distributed import global_token_count, warn_if_tokens_not_averaged
-from tests.distributed.launcher import run_on_ranks
 from tests.patching.tiny_models import tiny_model
 
 DOCS_PER_RANK = 3
 MAX_TOKENS = 64
 ACCUMULATIONS = (1, 3)
-# The patched model's plain-PyTorch CPU path: the interpreted kernels (tested elsewhere) would take
-# minutes per step, and what is checked here is the loss's normalization across processes.
-NO_INTERPRETER = {"TRITON_INTERPRET": "0"}
-
-
-@pytest.fixture(autouse=True)
-def _no_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def _documents(count):
@@ -43,7 +35,9 @@ class _RecordingCollator(fused_train.PackedCollator):
 
     def __call__(self, examples):
         batch = super().__call__(examples)
-        self.batches.append({key: batch[key].clone() for key in ("input_ids", "labels")})
+        real_tokens = sum(len(example["input_ids"]) for example in examples)
+        self.batches.append({"rows": batch["input_ids"].shape[0], "real_tokens": real_tokens,
+                             "processed_tokens": batch["input_ids"].numel()})  # fmt: skip
         return batch
 
 
@@ -66,11 +60,14 @@ def _train_one_step(docs, accumulation, per_device_docs, folder, average_tokens=
     dataset = datasets.Dataset.from_list([{"input_ids": d} for d in docs])
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                    callbacks=[capture])  # fmt: skip
+    fused_train.TelemetryCallback().add_to(trainer)
     result = trainer.train()
-    return {"loss": result.training_loss, "gradients": capture.gradients, "batches": collator.batches}
+    logs = trainer.state.log_history[0]
+    return {"loss": result.training_loss, "gradients": capture.gradients, "batches": collator.batches,
+            "telemetry": {key: value for key, value in logs.items() if key.startswith("telemetry/")}}  # fmt: skip
 
 
-def _ranks(rank, world_size, folder):
+def rank_checks(rank, world_size, folder):
     out = {}
     for accumulation in ACCUMULATIONS:
         docs = _documents(world_size * DOCS_PER_RANK * accumulation)
@@ -100,9 +97,9 @@ def _examples(docs):
     return [{"input_ids": d} for d in docs]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_on_ranks(_ranks, 2, args=(str(tmp_path_factory.mktemp("ddp")),), timeout_s=300, env=NO_INTERPRETER)
+@pytest.fixture
+def exact_loss(two_ranks):
+    return [ranked["exact_loss"] for ranked in two_ranks]
 
 
 def _assert_gradients_close(actual, expected):
@@ -112,28 +109,42 @@ def _assert_gradients_close(actual, expected):
 
 
 @pytest.mark.parametrize("accumulation", ACCUMULATIONS)
-def test_trainer_ddp_step_equals_one_process(two_ranks, accumulation, tmp_path):
+def test_trainer_ddp_step_equals_one_process(exact_loss, accumulation, tmp_path):
     docs = _documents(2 * DOCS_PER_RANK * accumulation)
     single = _train_one_step(docs, accumulation, 2 * DOCS_PER_RANK, str(tmp_path))
-    rows = [[b["input_ids"].shape[0] for b in ranked[accumulation]["batches"]] for ranked in two_ranks]
+    rows = [[b["rows"] for b in ranked[accumulation]["batches"]] for ranked in exact_loss]
     assert rows[0] != rows[1], f"the corpus should give the ranks different row counts, got {rows}"
-    for ranked in two_ranks:
+    for ranked in exact_loss:
         assert ranked[accumulation]["loss"] == pytest.approx(single["loss"], rel=1e-5)
         _assert_gradients_close(ranked[accumulation]["gradients"], single["gradients"])
 
 
-def test_trainer_loss_without_token_averaging_is_not_the_token_mean(two_ranks, tmp_path):
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+def test_telemetry_callback_figures_are_the_batches_counts(exact_loss, accumulation):
+    real = torch.tensor([sum(b["real_tokens"] for b in ranked[accumulation]["batches"]) for ranked in exact_loss])
+    processed = sum(b["processed_tokens"] for ranked in exact_loss for b in ranked[accumulation]["batches"])
+    for ranked in exact_loss:
+        figures = ranked[accumulation]["telemetry"]
+        assert figures["telemetry/real_tokens_per_rank_max"] == real.max()
+        assert figures["telemetry/real_tokens_per_rank_mean"] == pytest.approx(real.float().mean())
+        assert figures["telemetry/rank_imbalance"] == pytest.approx(real.max() / real.float().mean())
+        assert figures["telemetry/padding_fraction"] == pytest.approx(1 - real.sum() / processed)
+        assert figures["telemetry/real_tokens_per_s"] > 0 and figures["telemetry/peak_memory_mb"] > 0
+        assert "telemetry/mfu" not in figures
+
+
+def test_trainer_loss_without_token_averaging_is_not_the_token_mean(exact_loss, tmp_path):
     single = _train_one_step(_documents(2 * DOCS_PER_RANK), 1, 2 * DOCS_PER_RANK, str(tmp_path))
-    assert two_ranks[0]["not_averaged"]["loss"] != pytest.approx(single["loss"], rel=1e-3)
+    assert exact_loss[0]["not_averaged"]["loss"] != pytest.approx(single["loss"], rel=1e-3)
 
 
-def test_plain_loop_with_global_token_count_equals_one_process(two_ranks):
+def test_plain_loop_with_global_token_count_equals_one_process(exact_loss):
     docs = _documents(8)
     batch = fused_train.PackedCollator(MAX_TOKENS)(_examples(docs))
     model = fused_train.patch(tiny_model("llama"))
     model(**batch).loss.backward()
     targets = sum(len(d) - 1 for d in docs)
-    for ranked in two_ranks:
+    for ranked in exact_loss:
         assert ranked["plain_loop"]["count"] == targets
         _assert_gradients_close(ranked["plain_loop"]["gradients"], {n: p.grad for n, p in model.named_parameters()})
 

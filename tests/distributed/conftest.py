@@ -1,0 +1,25 @@
+import pytest
+
+from tests.distributed.launcher import run_on_ranks
+
+# The patched model's plain-PyTorch CPU path: the interpreted kernels (tested elsewhere) would take
+# minutes per step, and what is checked here is how the loss and gradients combine across processes.
+NO_INTERPRETER = {"TRITON_INTERPRET": "0"}
+
+
+@pytest.fixture(autouse=True)
+def _no_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _every_check(rank, world_size, folder):
+    # One pair of processes for all files: each spawn costs seconds of imports.
+    from tests.distributed import test_exact_loss, test_fsdp
+
+    return {"exact_loss": test_exact_loss.rank_checks(rank, world_size, folder), "fsdp": test_fsdp.rank_checks(rank, world_size)}
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    """Every rank's results of each test file's `rank_checks`, from one run on 2 gloo ranks."""
+    return run_on_ranks(_every_check, 2, args=(str(tmp_path_factory.mktemp("ranks")),), timeout_s=300, env=NO_INTERPRETER)
