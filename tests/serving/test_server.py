@@ -82,10 +82,14 @@ def test_every_model_streamed_or_not_equals_the_engine(live_server):
     adapters = [_adapter(model) for model in MODELS]
     completions = engine.generate([prompt_ids] * 4, _greedy(), adapters)
     chats = engine.generate([chat_ids] * 4, _greedy(), adapters)
-    seeded = [SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=7 + i) for i in range(2)]
+    sampling = dict(temperature=0.8, top_p=0.9, top_k=20)
+    seeded = [SamplingParams(max_tokens=MAX_TOKENS, seed=7 + i, **sampling) for i in range(2)]
     sampled = engine.generate([prompt_ids] * 2, seeded, "d")
     assert sampled[0].token_ids != sampled[1].token_ids
     two_prompts = engine.generate([prompt_ids, engine.tokenizer("A dog")["input_ids"]], _greedy(), "a")
+    stop = next(c for c in completions[1].text[1:] if c != "\ufffd")  # a whole character the output holds
+    (stopped,) = engine.generate([prompt_ids], _greedy(stop=stop), "a")
+    assert stopped.finish_reason == "stop" and stop not in stopped.text
 
     async def send_all():
         async with live_server.async_client() as client:
@@ -94,12 +98,17 @@ def test_every_model_streamed_or_not_equals_the_engine(live_server):
             streamed = [_stream_completion(client, model=m, prompt=PROMPT, **options) for m in MODELS]
             chat = [client.chat.completions.create(model=m, messages=MESSAGES, **options) for m in MODELS]
             chat_streamed = [_stream_chat(client, model=m, messages=MESSAGES, **options) for m in MODELS]
-            n = client.completions.create(model="d", prompt=PROMPT, max_tokens=MAX_TOKENS, n=2, seed=7)
+            n = client.completions.create(model="d", prompt=PROMPT, max_tokens=MAX_TOKENS, n=2, seed=7,
+                                          extra_body={"top_k": 20}, temperature=0.8, top_p=0.9)  # fmt: skip
             batch = client.completions.create(model="a", prompt=[PROMPT, "A dog"], **options)
-            return await asyncio.gather(*plain, *streamed, *chat, *chat_streamed, n, batch)
+            stop_plain = client.completions.create(model="a", prompt=PROMPT, stop=[stop], **options)
+            stop_streamed = _stream_completion(client, model="a", prompt=PROMPT, stop=stop, **options)
+            return await asyncio.gather(*plain, *streamed, *chat, *chat_streamed, n, batch, stop_plain, stop_streamed)
 
     results = asyncio.run(send_all())
-    plain, streamed, chat, chat_streamed, (n, batch) = (results[i : i + 4] for i in range(0, 18, 4))
+    plain, streamed, chat, chat_streamed, (n, batch, stop_plain, (stop_text, _)) = (
+        results[i : i + 4] for i in range(0, 20, 4)
+    )
     for model, expected, got, (text, chunks) in zip(MODELS, completions, plain, streamed):
         assert got.model == model and got.object == "text_completion" and got.id.startswith("cmpl-")
         assert got.choices[0].text == expected.text == text, model
@@ -117,6 +126,7 @@ def test_every_model_streamed_or_not_equals_the_engine(live_server):
     assert n.usage.prompt_tokens == len(prompt_ids)
     assert [choice.text for choice in batch.choices] == [output.text for output in two_prompts]
     assert batch.usage.prompt_tokens == sum(len(output.prompt_token_ids) for output in two_prompts)
+    assert stop_plain.choices[0].text == stop_text == stopped.text and stop_plain.choices[0].finish_reason == "stop"
     _wait_idle(engine)
 
 
