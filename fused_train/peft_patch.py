@@ -159,6 +159,11 @@ def _operands_reason(layer: LoraLinear, adapters: list[str], x: torch.Tensor) ->
         return f"base layer {type(base).__name__} holds {weight.dtype} weights not made by fused_train.quantize_base"
     if x.dtype not in _FLOAT_DTYPES:
         return f"input dtype {x.dtype} is not float16, bfloat16 or float32"
+    adapter_weights = [modules[a].weight for modules in (layer.lora_A, layer.lora_B) for a in adapters]
+    if any(_is_dtensor(w) for w in (weight, *adapter_weights)):
+        # An FSDP2 unit of its own (a wrap policy that shards LoRA modules apart) gathers its weight
+        # only when called: peft's forward calls it, the fused path would read the shard.
+        return "a weight is an FSDP2 shard (DTensor) outside its module's forward"
     autocast = torch.is_autocast_enabled(x.device.type)
     if not autocast and weight.dtype not in _QUANTIZED_DTYPES and x.dtype != weight.dtype:
         return f"input dtype {x.dtype} differs from base weight dtype {weight.dtype}"
@@ -354,3 +359,11 @@ def unpatch_lora_layers(model: nn.Module) -> int:
             del module.forward
             restored += 1
     return restored
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

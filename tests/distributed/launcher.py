@@ -33,7 +33,7 @@ def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 1
     with tempfile.TemporaryDirectory() as folder:
         paths = [os.path.join(folder, f"rank{rank}.pt") for rank in range(world_size)]
         children = [
-            context.Process(target=_child, args=(fn, rank, world_size, port, args, env or {}, paths[rank]), daemon=True)
+            context.Process(target=_child, args=(fn, rank, world_size, port, args, env or {}, paths[rank]))
             for rank in range(world_size)
         ]
         for child in children:

@@ -1,7 +1,8 @@
 """FSDP2 (`fully_shard`, gloo, 2 ranks) on a peft LoRA model patched by `fused_train.patch`.
 
 Each decoder layer and `lm_head` are their own FSDP units, as users shard them, so the fused loss
-(`patch(model, fused_loss=True)`) reads `lm_head.weight` outside `lm_head`'s forward. The
+(`patch(model, fused_loss=True)`) reads `lm_head.weight` outside `lm_head`'s forward; in one
+run every LoRA A and B is a unit too, which the fused LoRA path reads the same way. The
 gradients of the LoRA parameters must be the single-process ones: float32 within 1e-5; a bf16
 frozen base with float32 LoRA (peft's default dtypes) under a bf16 `MixedPrecisionPolicy` within
 bf16 error of them.
@@ -42,10 +43,16 @@ def _lora_gradients(model):
     }
 
 
-def _shard(model, world_size, mixed_precision=None):
+def _shard(model, world_size, mixed_precision=None, lora_units=False):
     mesh = init_device_mesh("cpu", (world_size,))
     kwargs = {"mesh": mesh} | ({"mp_policy": mixed_precision} if mixed_precision else {})
     base = model.get_base_model()
+    if lora_units:
+        # As wrap policies that give trainable parameters their own units do: the fused LoRA path
+        # reads lora_A/lora_B weights without calling those modules.
+        for module in [m for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]:
+            for linear in module.values():
+                fully_shard(linear, **kwargs)
     for layer in base.model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(base.lm_head, **kwargs)
@@ -66,11 +73,12 @@ def _step(model, batch, world_size):
 def rank_checks(rank, world_size):
     batch = fused_train.PackedCollator(MAX_TOKENS)(_examples(_documents(8)[rank::world_size]))
     out = {}
-    for name, dtype, mixed_precision in (
-        ("float32", torch.float32, None),
-        ("bf16_base", torch.bfloat16, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)),
+    for name, dtype, mixed_precision, lora_units in (
+        ("float32", torch.float32, None, False),
+        ("lora_units", torch.float32, None, True),
+        ("bf16_base", torch.bfloat16, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), False),
     ):
-        model = _shard(_lora_model(dtype), world_size, mixed_precision)
+        model = _shard(_lora_model(dtype), world_size, mixed_precision, lora_units)
         out[name] = {"loss": _step(model, batch, world_size), "gradients": _lora_gradients(model)}
     return out
 
@@ -90,12 +98,13 @@ def one_process():
     return {"loss": loss.item(), "gradients": _lora_gradients(model)}
 
 
-def test_fully_shard_lora_fused_loss_equals_one_process(fsdp, one_process):
+@pytest.mark.parametrize("units", ["float32", "lora_units"])
+def test_fully_shard_lora_fused_loss_equals_one_process(fsdp, one_process, units):
     for ranked in fsdp:
-        assert ranked["float32"]["loss"] == pytest.approx(one_process["loss"], rel=1e-5)
-        assert ranked["float32"]["gradients"].keys() == one_process["gradients"].keys()
+        assert ranked[units]["loss"] == pytest.approx(one_process["loss"], rel=1e-5)
+        assert ranked[units]["gradients"].keys() == one_process["gradients"].keys()
         for name, gradient in one_process["gradients"].items():
-            torch.testing.assert_close(ranked["float32"]["gradients"][name], gradient, atol=1e-5, rtol=1e-5, msg=name)
+            torch.testing.assert_close(ranked[units]["gradients"][name], gradient, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_fully_shard_bf16_base_float32_lora_within_bf16_error(fsdp, one_process):
