@@ -13,15 +13,25 @@ import os
 import sys
 
 
-def open_engine(model_path, adapters=None, **engine_options):
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def open_engine(model_path, adapters=None, *, device=None, dtype="auto", **engine_options):
     """An `Engine` over the model and tokenizer in the Hugging Face directory `model_path`, with
-    `adapters` (name -> peft adapter directory) loaded; `engine_options` go to `Engine`."""
+    `adapters` (name -> peft adapter directory) loaded, on `device` (None: CUDA when there is one)
+    in `dtype` ("auto": bfloat16 on CUDA, float32 on the CPU); `engine_options` go to `Engine`."""
+    import torch
     import transformers
 
     from fused_train.serving import Engine
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device)
     return Engine(model, tokenizer, adapters=dict(adapters or {}), **engine_options)
 
 
@@ -47,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("FUSED_TRAIN_API_KEY"),
                        help="require Authorization: Bearer KEY on /v1 (default: $FUSED_TRAIN_API_KEY)")  # fmt: skip
     serve.add_argument("--max-loras", type=int, default=8, help="adapters on the device at once (one step's most)")
+    serve.add_argument("--device", help="where the model runs (default: cuda when there is a GPU, else cpu)")
+    serve.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     serve.add_argument("--kv-dtype", choices=["int8", "model"], default="int8")
     serve.add_argument("--kv-cache-tokens", type=int, help="tokens the paged KV cache holds (default 65536)")
     serve.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens one step runs; longer prompts: 400")
@@ -68,9 +80,9 @@ def serve(args) -> None:
         raise SystemExit(f"fused-train serve: --adapter names must differ, got {names}")
     adapters = dict(args.adapter)
     model_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    engine = open_engine(args.model, adapters, max_loras=args.max_loras, kv_dtype=args.kv_dtype,
-                         kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
-                         max_waiting=args.max_waiting)  # fmt: skip
+    engine = open_engine(args.model, adapters, device=args.device, dtype=args.dtype, max_loras=args.max_loras,
+                         kv_dtype=args.kv_dtype, kv_cache_tokens=args.kv_cache_tokens,
+                         max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting)  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -43,8 +43,8 @@ def _greedy(max_tokens=MAX_TOKENS, **params):
     return SamplingParams(max_tokens=max_tokens, temperature=0, **params)
 
 
-def _healthy(server):
-    response = httpx.get(f"{server.url}/health", timeout=30)
+def _healthy(server, http=httpx):
+    response = http.get(f"{server.url}/health", timeout=30)
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
@@ -209,12 +209,12 @@ BAD_CHATS = [
 
 
 def test_bad_requests_get_400_or_404_in_openais_shape_and_health_stays_ok(live_server):
-    for path, cases in (("completions", BAD_COMPLETIONS), ("chat/completions", BAD_CHATS)):
-        for body, status, param, code, match in cases:
-            content = body if isinstance(body, bytes) else json.dumps(body).encode()
-            response = httpx.post(f"{live_server.url}/v1/{path}", content=content, timeout=30)
-            _assert_error(response, status, param, code, match)
-            _healthy(live_server)
+    with httpx.Client(timeout=30) as http:  # one client: making one costs ~0.1 s
+        for path, cases in (("completions", BAD_COMPLETIONS), ("chat/completions", BAD_CHATS)):
+            for body, status, param, code, match in cases:
+                content = body if isinstance(body, bytes) else json.dumps(body).encode()
+                _assert_error(http.post(f"{live_server.url}/v1/{path}", content=content), status, param, code, match)
+                _healthy(live_server, http)
     # Harmless OpenAI parameters are accepted; a neutral value of an unsupported one changes nothing.
     ok = live_server.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=2, user="me",
                                                  frequency_penalty=0)  # fmt: skip
