@@ -29,25 +29,23 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
 
 import fastapi
 import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fused_train.serving.engine import EngineStopped, PromptTooLong, QueueFull, RequestFailed, SamplingParams
+from fused_train.serving.engine import RequestFailed, SamplingParams
+from fused_train.serving.openai_protocol import (
+    CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, APIError, ChatMessage, ChatRequest, CompletionRequest, LoadAdapterRequest,
+    UnloadAdapterRequest, engine_error, parse_body, refuse_unsupported, sampling_params, usage,
+)  # fmt: skip
 
 __all__ = ["RunningServer", "build_app", "start_server"]
 
-MAX_N = 16  # choices per request: each is an engine request
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_MAX_TOKENS = 256  # a chat reply without max_tokens stops here (finish_reason "length")
-RETRY_AFTER_S = 1
 # Engine totals exported as counters (the rest of `metrics()` are gauges: the state now).
 COUNTERS = frozenset({
     "requests_finished", "requests_cancelled", "requests_failed", "prompt_tokens", "generation_tokens", "steps",
@@ -55,122 +53,6 @@ COUNTERS = frozenset({
     "adapters_disk_reads", "adapters_cpu_evictions", "adapters_load_ms",
 })  # fmt: skip
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-# ---------------------------------------------------------------- request bodies
-
-
-class _Body(BaseModel):
-    # Unknown fields are refused: a misspelt or unsupported parameter must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    # vLLM's extensions
-    top_k: int = Field(0, ge=-1)
-    ignore_eos: bool = False
-    # Accepted and without effect on the output.
-    user: str | None = None
-    # OpenAI parameters the engine does not have: refused unless neutral (`_refuse_unsupported`).
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-class TextPart(_Body):
-    type: str
-    text: str
-
-
-class ChatMessage(_Body):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-
-
-class LoadAdapterRequest(_Body):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
-
-
-class UnloadAdapterRequest(_Body):
-    lora_name: str = Field(min_length=1)
-
-
-# The values of unsupported parameters that change nothing (what a client sends by default).
-_NEUTRAL = {
-    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}), "logprobs": (None, False),
-    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
-}  # fmt: skip
-
-
-def _refuse_unsupported(body: _Sampling) -> None:
-    for name, neutral in _NEUTRAL.items():
-        if name in type(body).model_fields and getattr(body, name) not in neutral:
-            what = "logprobs are" if "logprobs" in name else f"{name} is"
-            raise APIError(400, f"{what} not supported by this server", param=name, code="unsupported_parameter")
-
-
-def _sampling_params(body: _Sampling, max_tokens: int | None, default_max_tokens: int) -> list[SamplingParams]:
-    """One SamplingParams per choice: seeds s, s+1, ... so that the n choices differ and each is reproducible."""
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    if stop is not None and not all(stop):
-        raise APIError(400, "stop strings must be non-empty", param="stop")
-    return [
-        SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
-                       top_k=body.top_k, seed=None if body.seed is None else body.seed + i, stop=stop,
-                       ignore_eos=body.ignore_eos)  # fmt: skip
-        for i in range(body.n)
-    ]
 
 
 # ---------------------------------------------------------------- streaming text
@@ -383,16 +265,16 @@ class _Server:
         except BaseException as error:
             for handle in handles:
                 handle.cancel()
-            raise _engine_error(error, param) from error
+            raise engine_error(error, param) from error
         return handles
 
     async def generate(self, request: fastapi.Request, kind: str, body, prompts: list[list[int]], adapter, param: str):
-        _refuse_unsupported(body)
+        refuse_unsupported(body)
         if kind == "chat":
             max_tokens, default = body.max_completion_tokens or body.max_tokens, CHAT_MAX_TOKENS
         else:
             max_tokens, default = body.max_tokens, COMPLETION_MAX_TOKENS
-        params = _sampling_params(body, max_tokens, default)
+        params = sampling_params(body, max_tokens, default)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         handles = await self.submit(prompts, params, adapter, request_id, param)
@@ -427,7 +309,7 @@ class _Server:
                 choice["text"] = output.text
             choices.append(choice)
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        return {**base, "object": obj, "choices": choices, "usage": _usage(outputs, n)}
+        return {**base, "object": obj, "choices": choices, "usage": usage(outputs, n)}
 
     async def stream_events(self, kind, base, handles, stop, include_usage, n):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -457,7 +339,7 @@ class _Server:
                         yield chunk([choice(index, text)])
                     yield chunk([choice(index, None, output.finish_reason)])
                 if include_usage:
-                    yield chunk([], usage=_usage(outputs, n))
+                    yield chunk([], usage=usage(outputs, n))
             except RequestFailed as error:
                 failed = APIError(500, str(error), type="server_error", code="request_failed")
                 yield f"data: {json.dumps(failed.body())}\n\n"
@@ -516,54 +398,6 @@ async def _merge(streams):
             task.cancel()
 
 
-def _usage(outputs, n: int) -> dict:
-    # Each prompt counts once, whatever its number of choices.
-    prompt = sum(len(output.prompt_token_ids) for output in outputs[::n])
-    completion = sum(len(output.token_ids) for output in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _engine_error(error: BaseException, param: str) -> BaseException:
-    if isinstance(error, PromptTooLong):
-        return APIError(400, str(error), param=param, code="context_length_exceeded")
-    if isinstance(error, ValueError):
-        return APIError(400, str(error))
-    if isinstance(error, QueueFull):
-        return APIError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded",
-                        headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
-    # EngineStopped, or the plain RuntimeError of another engine that is shutting down.
-    if isinstance(error, (EngineStopped, RuntimeError)):
-        return APIError(503, f"the server is shutting down: {error}", type="server_error", code="unavailable")
-    return error
-
-
-async def _parse(request: fastapi.Request, model: type[_Body]):
-    """The body as `model`, whatever its content type (curl -d sends a form's); 400 naming the field.
-    Parsed here rather than by FastAPI, whose validation errors would be 422s in its own shape."""
-    try:
-        return model.model_validate_json(await request.body())
-    except ValidationError as error:
-        raise _validation_error(error.errors()) from error
-
-
-def _validation_error(errors: list[dict]) -> APIError:
-    first = errors[0]
-    if first["type"] == "json_invalid":
-        return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                        code="invalid_json")  # fmt: skip
-    loc = [str(part) for part in first["loc"] if part != "body"]
-    # A union's errors name the member type tried (e.g. "str", "list[int]") after the field.
-    param = ".".join(part for part in loc if not any(c in part for c in "[]") and part not in ("str", "int"))
-    if first["type"] == "extra_forbidden":
-        return APIError(400, f"unknown parameter {param!r}: this server does not support it", param=param,
-                        code="unsupported_parameter")  # fmt: skip
-    if first["type"] == "missing":
-        return APIError(400, f"{param} is required", param=param)
-    if not param:
-        return APIError(400, f"the body must be a JSON object: {first['msg']}")
-    return APIError(400, f"{param}: {first['msg']}", param=param)
-
-
 def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None = None,
               adapter_paths: dict | None = None) -> fastapi.FastAPI:  # fmt: skip
     """The FastAPI app over `engine` (see the module docstring).
@@ -612,14 +446,14 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
 
     @v1.post("/completions")
     async def completions(request: fastapi.Request):
-        body = await _parse(request, CompletionRequest)
+        body = await parse_body(request, CompletionRequest)
         adapter = server.adapter_for(body.model)
         prompts = server.encode_prompts(body.prompt)
         return await server.generate(request, "completion", body, prompts, adapter, "prompt")
 
     @v1.post("/chat/completions")
     async def chat_completions(request: fastapi.Request):
-        body = await _parse(request, ChatRequest)
+        body = await parse_body(request, ChatRequest)
         adapter = server.adapter_for(body.model)
         prompts = [server.encode_chat(body.messages, adapter)]
         return await server.generate(request, "chat", body, prompts, adapter, "messages")
@@ -630,11 +464,11 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
 
     @v1.post("/load_lora_adapter")
     async def load_lora_adapter(request: fastapi.Request):
-        return await server.load_adapter(await _parse(request, LoadAdapterRequest))
+        return await server.load_adapter(await parse_body(request, LoadAdapterRequest))
 
     @v1.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: fastapi.Request):
-        return await server.unload_adapter(await _parse(request, UnloadAdapterRequest))
+        return await server.unload_adapter(await parse_body(request, UnloadAdapterRequest))
 
     app.include_router(v1)
 

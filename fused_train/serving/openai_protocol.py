@@ -1,0 +1,181 @@
+"""The OpenAI wire format of the server (`fused_train.serving.server`): request bodies validated
+strictly (an unknown or unsupported parameter is refused, never ignored), their `SamplingParams`,
+`usage` counts, and every error as `APIError` in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` with its HTTP status."""
+
+from typing import Any
+
+import fastapi
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fused_train.serving.engine import EngineStopped, PromptTooLong, QueueFull, SamplingParams
+
+MAX_N = 16  # choices per request: each is an engine request
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = 256  # a chat reply without max_tokens stops here (finish_reason "length")
+RETRY_AFTER_S = 1
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+class Body(BaseModel):
+    # Unknown fields are refused: a misspelt or unsupported parameter must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class SamplingBody(Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extensions
+    top_k: int = Field(0, ge=-1)
+    ignore_eos: bool = False
+    # Accepted and without effect on the output.
+    user: str | None = None
+    # OpenAI parameters the engine does not have: refused unless neutral (`refuse_unsupported`).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(SamplingBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(Body):
+    type: str
+    text: str
+
+
+class ChatMessage(Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(SamplingBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+
+class LoadAdapterRequest(Body):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(Body):
+    lora_name: str = Field(min_length=1)
+
+
+# The values of unsupported parameters that change nothing (what a client sends by default).
+NEUTRAL = {
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+}  # fmt: skip
+
+
+def refuse_unsupported(body: SamplingBody) -> None:
+    for name, neutral in NEUTRAL.items():
+        if name in type(body).model_fields and getattr(body, name) not in neutral:
+            what = "logprobs are" if "logprobs" in name else f"{name} is"
+            raise APIError(400, f"{what} not supported by this server", param=name, code="unsupported_parameter")
+
+
+def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_tokens: int) -> list[SamplingParams]:
+    """One SamplingParams per choice: seeds s, s+1, ... so that the n choices differ and each is reproducible."""
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    if stop is not None and not all(stop):
+        raise APIError(400, "stop strings must be non-empty", param="stop")
+    return [
+        SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
+                       top_k=body.top_k, seed=None if body.seed is None else body.seed + i, stop=stop,
+                       ignore_eos=body.ignore_eos)  # fmt: skip
+        for i in range(body.n)
+    ]
+
+
+def usage(outputs, n: int) -> dict:
+    # Each prompt counts once, whatever its number of choices.
+    prompt = sum(len(output.prompt_token_ids) for output in outputs[::n])
+    completion = sum(len(output.token_ids) for output in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def engine_error(error: BaseException, param: str) -> BaseException:
+    if isinstance(error, PromptTooLong):
+        return APIError(400, str(error), param=param, code="context_length_exceeded")
+    if isinstance(error, ValueError):
+        return APIError(400, str(error))
+    if isinstance(error, QueueFull):
+        return APIError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+    # EngineStopped, or the plain RuntimeError of another engine that is shutting down.
+    if isinstance(error, (EngineStopped, RuntimeError)):
+        return APIError(503, f"the server is shutting down: {error}", type="server_error", code="unavailable")
+    return error
+
+
+async def parse_body(request: fastapi.Request, model: type[Body]):
+    """The body as `model`, whatever its content type (curl -d sends a form's); 400 naming the field.
+    Parsed here rather than by FastAPI, whose validation errors would be 422s in its own shape."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise validation_error(error.errors()) from error
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                        code="invalid_json")  # fmt: skip
+    loc = [str(part) for part in first["loc"] if part != "body"]
+    # A union's errors name the member type tried (e.g. "str", "list[int]") after the field.
+    param = ".".join(part for part in loc if not any(c in part for c in "[]") and part not in ("str", "int"))
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"unknown parameter {param!r}: this server does not support it", param=param,
+                        code="unsupported_parameter")  # fmt: skip
+    if first["type"] == "missing":
+        return APIError(400, f"{param} is required", param=param)
+    if not param:
+        return APIError(400, f"the body must be a JSON object: {first['msg']}")
+    return APIError(400, f"{param}: {first['msg']}", param=param)
