@@ -15,10 +15,10 @@ stand in: `tokenizer` (the server tokenizes, applies chat templates and detokeni
 `result(timeout)` and `cancel()` (or an awaitable of that handle: a remote engine's, once queued
 there), `adapters()`, `load_adapter(name, path)`, `unload_adapter(name)` and `metrics()`.
 
-Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; a stream that fails
-after its first event ends, as vLLM's do, with an `data: {"error": ...}` event, then `data: [DONE]`.
-A parameter that would change the output and that the engine does not have is refused (400 naming
-it), never ignored.
+Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (`openai_protocol`,
+with the request bodies); a stream that fails after its first event ends, as vLLM's do, with a
+`data: {"error": ...}` event, then `data: [DONE]`. A parameter that would change the output and
+that the engine does not have is refused (400 naming it), never ignored.
 """
 
 import asyncio
