@@ -41,7 +41,8 @@ except ImportError as error:  # ray is an optional extra
 
 from ray.exceptions import RayError, RayTaskError
 
-from fused_train.serving.engine import Engine, RequestFailed, RequestOutput, SamplingParams
+from fused_train.cli import open_engine
+from fused_train.serving.engine import RequestFailed, RequestOutput, SamplingParams
 
 __all__ = ["EngineDeployment", "OpenAIIngress", "RemoteEngine", "app_builder", "build_deployment"]
 
@@ -49,16 +50,6 @@ _COUNTERS = ("requests_finished", "requests_cancelled", "requests_failed", "prom
 # A replica's engine batches every request it is sent, so Serve must not cap them at its default
 # of 5 in flight; the engine's own queue bound (`max_waiting`) refuses what is beyond.
 MAX_ONGOING_REQUESTS = 1024
-
-
-def _load_engine(model_dir: str, engine_kwargs: dict) -> Engine:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    return Engine(model, AutoTokenizer.from_pretrained(model_dir), **engine_kwargs)
 
 
 class _Resident:
@@ -82,12 +73,13 @@ class EngineDeployment:
         adapters: name -> peft adapter directory, the adapters requests may name.
         max_models_per_replica: adapters a replica holds at most (Serve evicts the least recently
             used beyond); the engine's `max_loras` should be at least this.
-        engine_kwargs: keyword arguments of `Engine` (kv_dtype, max_loras, kv_cache_tokens, ...).
+        engine_kwargs: keyword arguments of `fused_train.cli.open_engine`: `device` (None: CUDA when
+            there is one), `dtype`, and the `Engine`'s (kv_dtype, max_loras, kv_cache_tokens, ...).
     """
 
     def __init__(self, model_dir: str, adapters: dict, max_models_per_replica: int = 2,
                  engine_kwargs: dict | None = None):  # fmt: skip
-        self.engine = _load_engine(model_dir, dict(engine_kwargs or {}))
+        self.engine = open_engine(model_dir, **(engine_kwargs or {}))
         self._paths = dict(adapters)
         self._lock = threading.Lock()  # Serve runs a synchronous `__del__` in a worker thread
         self._running = Counter()  # adapter -> requests of it in this replica now
@@ -294,8 +286,9 @@ def build_deployment(model_dir: str, adapters: dict, *, num_replicas: int = 2, m
     """The Serve application: `OpenAIIngress` in front of `num_replicas` replicas of
     `EngineDeployment`, each holding at most `max_models_per_replica` of `adapters` (name -> peft
     adapter directory) at a time. `served_model_name` is the base model's `model` name (default:
-    the directory's name); `engine_kwargs` go to each replica's `Engine`; `ray_actor_options` are
-    each engine replica's resources (e.g. `{"num_gpus": 1}`). Run it with `serve.run(app)`."""
+    the directory's name); `engine_kwargs` go to each replica's `open_engine` (device, dtype and the
+    `Engine`'s options); `ray_actor_options` are each engine replica's resources (e.g.
+    `{"num_gpus": 1}`). Run it with `serve.run(app)`."""
     for arg, value in (("num_replicas", num_replicas), ("max_models_per_replica", max_models_per_replica)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")

@@ -19,8 +19,8 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from fused_train.cli import open_engine  # noqa: E402
-from fused_train.serving import SamplingParams  # noqa: E402
-from fused_train.serving.ray import EngineDeployment, app_builder, build_deployment  # noqa: E402
+from fused_train.serving import RequestFailed, SamplingParams  # noqa: E402
+from fused_train.serving.ray import EngineDeployment, RemoteEngine, app_builder, build_deployment  # noqa: E402
 from tests.serving.conftest import ENGINE_OPTIONS  # noqa: E402
 
 APP = "fused_train"
@@ -167,6 +167,45 @@ def test_a_client_that_disconnects_cancels_its_request_on_the_replica(ray_server
                 return
             await asyncio.sleep(0.1)
         raise AssertionError(f"the request was not cancelled: {stats}")
+
+    asyncio.run(main())
+
+
+def test_remote_engine_cancel_ends_the_request_on_its_replica(ray_server, tiny_model_dir, tiny_adapters, expected):
+    # The server cancels handles while its HTTP request goes on (the other choices of one that
+    # failed): the cancel itself must reach the replica, not only a cancelled HTTP request.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer(PROMPTS[1])["input_ids"]
+
+    async def main():
+        engine = RemoteEngine(serve.get_deployment_handle("EngineDeployment", app_name=APP), tokenizer, tiny_adapters)
+        handle = await engine.add_request(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), "c")
+        tokens = [token async for token in handle.stream()]
+        output = handle.result(timeout=0)
+        assert output.token_ids == tokens and output.text == expected[PROMPTS[1], "c"]
+        long = SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+        handle = await engine.add_request(prompt, long, "c")
+        stream = handle.stream()
+        await stream.__anext__()
+        before = {r: s["metrics"]["requests_cancelled"] for r, s in (await _replica_stats()).items()}
+        handle.cancel()
+        with pytest.raises(RequestFailed):
+            handle.result(timeout=0)
+        for _ in range(300):
+            stats = await _replica_stats()
+            if sum(s["metrics"]["requests_cancelled"] - before[r] for r, s in stats.items()) == 1 and all(
+                s["metrics"]["kv_pages_used"] == 0 for s in stats.values()
+            ):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"the request was not cancelled on its replica: {stats}")
+        assert engine.metrics() == dict(requests_finished=1, requests_cancelled=1, requests_failed=0, running=0,
+                                        prompt_tokens=2 * len(prompt), generation_tokens=MAX_TOKENS)  # fmt: skip
+        with pytest.raises(ValueError, match="unknown adapter"):
+            await engine.add_request(prompt, long, "e")
 
     asyncio.run(main())
 
