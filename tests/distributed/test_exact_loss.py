@@ -6,6 +6,8 @@ the pytest process. The corpus mixes 2-5 token documents with 40-60 token ones, 
 (and micro-batches) hold different numbers of packed rows and of targets.
 """
 
+import warnings
+
 import datasets
 import pytest
 import torch
@@ -61,10 +63,13 @@ def _train_one_step(docs, accumulation, per_device_docs, folder, average_tokens=
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                    callbacks=[capture])  # fmt: skip
     fused_train.TelemetryCallback().add_to(trainer)
-    result = trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = trainer.train()
     logs = trainer.state.log_history[0]
     return {"loss": result.training_loss, "gradients": capture.gradients, "batches": collator.batches,
-            "telemetry": {key: value for key, value in logs.items() if key.startswith("telemetry/")}}  # fmt: skip
+            "telemetry": {key: value for key, value in logs.items() if key.startswith("telemetry/")},
+            "warned": any("average_tokens_across_devices=False" in str(w.message) for w in caught)}  # fmt: skip
 
 
 def rank_checks(rank, world_size, folder):
@@ -136,6 +141,9 @@ def test_telemetry_callback_figures_are_the_batches_counts(exact_loss, accumulat
 def test_trainer_loss_without_token_averaging_is_not_the_token_mean(exact_loss, tmp_path):
     single = _train_one_step(_documents(2 * DOCS_PER_RANK), 1, 2 * DOCS_PER_RANK, str(tmp_path))
     assert exact_loss[0]["not_averaged"]["loss"] != pytest.approx(single["loss"], rel=1e-3)
+    # TelemetryCallback finds the PackedCollator behind the Trainer's dataloader and warns, on that run only.
+    assert all(ranked["not_averaged"]["warned"] for ranked in exact_loss)
+    assert not any(ranked[a]["warned"] for ranked in exact_loss for a in ACCUMULATIONS) and not single["warned"]
 
 
 def test_plain_loop_with_global_token_count_equals_one_process(exact_loss):
