@@ -3,7 +3,8 @@ holding at most 2 adapters each, 4 adapters, the OpenAI ingress on 127.0.0.1 thr
 client. Every request's greedy output equals a local Engine's, and once every adapter has a home the
 requests of each go only to a replica that holds it (the replicas' own counters say so).
 
-One Ray start (~30-60 s here: two replicas import torch) serves the whole module."""
+One Ray start serves the whole module: 55-105 s of wall time on the 2-core development machine under
+a load of 8-13 (Ray's processes, three replicas importing torch); the requests themselves take ~6 s."""
 
 import asyncio
 import socket
