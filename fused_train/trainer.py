@@ -5,6 +5,7 @@ import transformers
 from accelerate.data_loader import prepare_data_loader
 from transformers.utils import is_datasets_available
 
+from fused_train.distributed import warn_if_tokens_not_averaged
 from fused_train.sampler import PackedBatchSampler
 
 
@@ -37,6 +38,9 @@ class PackedTrainer(transformers.Trainer):
             raise ValueError(f"tokens_per_step must be a positive int, got {tokens_per_step!r}")
         self.tokens_per_step = tokens_per_step
         super().__init__(*args, **kwargs)
+        # Ranks hold different numbers of tokens by design: only the Trainer's token averaging
+        # keeps the loss the token mean of the step.
+        warn_if_tokens_not_averaged(self.args, self.data_collator)
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         if self.train_dataset is None:

@@ -1,5 +1,7 @@
 """PackedBatchSampler: equal steps on every rank, each document once per epoch, exact resume."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -212,3 +214,21 @@ def test_packed_trainer_needs_a_positive_token_budget():
 
     with pytest.raises(ValueError, match="tokens_per_step"):
         fused_train.PackedTrainer(tokens_per_step=0)
+
+
+def test_packed_trainer_warns_when_tokens_are_not_averaged_across_ranks(monkeypatch, tmp_path):
+    import transformers
+
+    import fused_train
+    from tests.patching.tiny_models import tiny_model
+
+    monkeypatch.setattr(transformers.TrainingArguments, "world_size", property(lambda self: 2))
+    for averaged in (True, False):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                              average_tokens_across_devices=averaged)  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fused_train.PackedTrainer(model=tiny_model("llama"), args=args, tokens_per_step=64,
+                                      data_collator=fused_train.PackedCollator(64, flatten=True))  # fmt: skip
+        told = [w for w in caught if "average_tokens_across_devices=False" in str(w.message)]
+        assert len(told) == (0 if averaged else 1)
