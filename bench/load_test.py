@@ -424,7 +424,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request at most")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-prompt-tokens", type=int, default=96, help="prompts of at most this many bytes")
-    parser.add_argument("--warmup", type=int, default=2, help="requests sent one by one first, not measured")
+    parser.add_argument("--warmup", type=int,
+                        help="requests sent one by one first, not measured (default: one per model name)")  # fmt: skip
     parser.add_argument("--slo-ttft-ms", type=float, help="goodput: TTFT at most this")
     parser.add_argument("--slo-tpot-ms", type=float, help="goodput: TPOT at most this")
     parser.add_argument("--max-p99-ttft-ms", type=float, default=1000.0, help="the sustainable rate's p99 TTFT")
@@ -437,7 +438,7 @@ def parse_args(argv=None):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     for name in ("num_adapters", "warmup"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error("--max-concurrency must be >= 1")
@@ -456,12 +457,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
+    command = None
     with contextlib.ExitStack() as stack:
         if args.start:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="load_test_"))
             print(f"starting the {args.start} server on the tiny model with {args.num_adapters} adapters ...", flush=True)
             server, args.base_url = start_tiny_server(args.start, args.num_adapters, folder, args.max_loras)
             stack.enter_context(server)
+            command = [os.path.basename(part) if part == sys.executable else part for part in server.process.args]
         base, listed = list_models(args.base_url, args.api_key)
         base = args.model or base
         if args.adapter_prefix is not None:
@@ -473,8 +476,13 @@ def main(argv=None) -> int:
         models = adapters or [base]
         prompts = load_prompts(args.max_prompt_tokens)
         trace = make_trace(args.num_requests, models, args.zipf_s, prompts, args.burstiness, args.seed)
-        for item in trace[: args.warmup]:
-            warm = asyncio.run(run_rate(args.base_url, [item], math.inf, args))[0][0]
+        # Warm-up, not measured: a first request per model name pays one-time costs (an adapter's first
+        # use in peft takes seconds) that a long-running server pays once, not at every rate.
+        warmup = len(models) if args.warmup is None else args.warmup
+        warm_args = argparse.Namespace(**{**vars(args), "max_tokens": 2, "max_concurrency": None})
+        for i in range(warmup):
+            item = dict(trace[i % len(trace)], model=models[i % len(models)])
+            warm = asyncio.run(run_rate(args.base_url, [item], math.inf, warm_args))[0][0]
             if not warm["ok"]:
                 print(f"warm-up request failed: {warm['error']}", file=sys.stderr)
         runs = []
@@ -492,6 +500,7 @@ def main(argv=None) -> int:
     report = dict(
         server=server_name,
         base_url=args.base_url,
+        server_command=command,
         settings={key: value for key, value in vars(args).items() if key not in ("api_key", "out", "label")},
         models=models,
         environment=dict(python=platform.python_version(), platform=platform.platform(), cpus=os.cpu_count(),
