@@ -10,7 +10,7 @@
    the three adapters with Zipf popularity): its latency table, JSON and PNG (under `--out`).
 The server is stopped at the end, even when a step fails.
 
-    python bench/serve_demo.py                  # ~2 minutes on 2 CPU cores
+    python bench/serve_demo.py                  # under 2.5 minutes on 2 CPU cores
 """
 
 import argparse
@@ -114,8 +114,8 @@ def show_completions(base_url, names) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-seconds", type=float, default=30.0)
-    parser.add_argument("--adapter-seconds", type=float, default=10.0)
+    parser.add_argument("--train-seconds", type=float, default=25.0)
+    parser.add_argument("--adapter-seconds", type=float, default=8.0)
     parser.add_argument("--load-seconds", type=float, default=30.0, help="the load test's sending time, all rates")
     parser.add_argument("--rates", default="1,2,4", help="the load test's request rates")
     parser.add_argument("--seed", type=int, default=0)
