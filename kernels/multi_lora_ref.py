@@ -108,10 +108,15 @@ def _compact(lora_a, lora_b, scalings, ranks) -> CompactStacks:
 
 
 def _through_every_slot(x, compact, token_slots):
-    """Every token through every slot's live rows of `A` (one matmul, `[T, R]`), its own slot's
-    columns kept and scaled (-1 owns none), then one matmul through the `B`s."""
+    """Every token through the live rows of `A` of every slot the batch names (one matmul, `[T, R]`),
+    its own slot's columns kept and scaled (-1 owns none), then one matmul through those `B`s."""
+    token_slots = token_slots.to(compact.rank_rows.device)
+    named = torch.isin(compact.rank_rows, token_slots).nonzero().squeeze(1)
+    # A decode step names a few of a pool's slots: copying their rows costs less than reading all.
+    if len(named) < len(compact.rank_rows):
+        compact = CompactStacks(*(t.index_select(0, named) for t in compact))
     shrunk = x @ compact.lora_a.T
-    own = token_slots[:, None].to(compact.rank_rows.device) == compact.rank_rows
+    own = token_slots[:, None] == compact.rank_rows
     return torch.where(own, shrunk * compact.row_scalings, 0) @ compact.lora_b_t
 
 
