@@ -151,9 +151,13 @@ async def _stream(client, url, body, headers, record) -> None:
                 record["usage_tokens"] = chunk["usage"].get("completion_tokens")
     if not done:
         record["error"] = "the stream ended without data: [DONE]"
-    elif last is None:
+    elif last is None and not record["usage_tokens"]:
         record["error"] = "the stream held no tokens"
     else:
+        if last is None:
+            # Tokens whose text is empty (special tokens, bytes of no whole character): the client
+            # sees its first output with the end of the answer.
+            record["ttft"] = end - start
         record["ok"] = True
         record["e2el"] = end - start
         record["output_tokens"] = chunks if record["usage_tokens"] is None else record["usage_tokens"]
