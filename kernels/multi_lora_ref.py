@@ -33,12 +33,12 @@ def base_linear_ref(x, weight, bias=None, weight_scale=None, weight_offset=None)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-# Up to this many multiply-adds through every slot's adapter (`_through_every_slot`), the reference
-# runs that way, a few large ops; above, one segment per present slot. Measured on one CPU core
-# (torch 2.13): at 8.4M they tie (256 tokens, 8 slots, r 16, 128×128: 0.46 vs 0.43 ms); at 0.5M the
-# former is 1.6x faster (32 tokens, 64×64: 0.17 vs 0.27 ms, each segment costing ~28 µs); at 67M 5x
-# slower (32 tokens, 32 slots, r 64, 512×512: 8.6 vs 1.7 ms).
-EVERY_SLOT_MAX_MACS = 2**23
+# Up to this many multiply-adds through the named slots' rows (`_through_every_slot`: every token
+# through every slot the batch names), the reference runs that way, a few large ops; above, one
+# segment per present slot. Measured on 2 CPU threads (torch 2.13, 128 -> 344, 32 slots of ranks
+# 8-64): 210 tokens over 10 slots (26M) 1.0 vs 1.4 ms; 64 tokens over 16 (15M) 0.7 vs 1.7 ms; 210 over
+# 32 (95M) 2.3 vs 4.1 ms, but 600 over 10 (75M) 2.3 vs 1.8 ms and 2048 over 8 (232M) 11.9 vs 3.0 ms.
+EVERY_SLOT_MAX_MACS = 2**25
 
 
 def multi_lora_linear_ref(
@@ -48,15 +48,18 @@ def multi_lora_linear_ref(
     `scalings` float. The LoRA branch runs in the dtype of `lora_a` (as peft does), the sum is
     returned in the dtype of `x`. Inputs are assumed valid.
 
-    No loop over tokens: small problems go through every slot's adapter at once, larger ones
-    through one segment of slot-sorted tokens per slot present (EVERY_SLOT_MAX_MACS says where).
+    No loop over tokens: small problems go through the adapters of every slot the batch names at
+    once, larger ones through one segment of slot-sorted tokens per slot present
+    (EVERY_SLOT_MAX_MACS says where).
     Both read values back (a host sync on a GPU, where the kernels run instead).
     """
     base = base_linear_ref(x, weight, bias, weight_scale, weight_offset)
     lora_x = x.to(lora_a.dtype)
-    if x.shape[0] * int(ranks.sum()) * (lora_a.shape[2] + lora_b.shape[1]) <= EVERY_SLOT_MAX_MACS:
-        compact = compact_stacks(lora_a, lora_b, scalings, ranks)
-        return (base + _through_every_slot(lora_x, compact, token_slots)).to(x.dtype)
+    macs_per_row = x.shape[0] * (lora_a.shape[2] + lora_b.shape[1])
+    if macs_per_row <= EVERY_SLOT_MAX_MACS:
+        compact = _named_rows(compact_stacks(lora_a, lora_b, scalings, ranks), token_slots)
+        if macs_per_row * compact.rank_rows.shape[0] <= EVERY_SLOT_MAX_MACS:
+            return (base + _through_every_slot(lora_x, compact, token_slots)).to(x.dtype)
     y = base.to(lora_a.dtype)  # the base output itself when the dtypes agree: segments add into it
     _add_present_slots(y, lora_x, lora_a, lora_b, token_slots, scalings.to(lora_a.dtype), ranks)
     return y.to(x.dtype)
@@ -107,16 +110,20 @@ def _compact(lora_a, lora_b, scalings, ranks) -> CompactStacks:
     )
 
 
+def _named_rows(compact: CompactStacks, token_slots) -> CompactStacks:
+    """The rows of the slots that `token_slots` names (a decode step names a few of a pool's slots:
+    copying their rows costs less than reading every slot's)."""
+    named = torch.isin(compact.rank_rows, token_slots.to(compact.rank_rows.device)).nonzero().squeeze(1)
+    if len(named) == len(compact.rank_rows):
+        return compact
+    return CompactStacks(*(t.index_select(0, named) for t in compact))
+
+
 def _through_every_slot(x, compact, token_slots):
-    """Every token through the live rows of `A` of every slot the batch names (one matmul, `[T, R]`),
-    its own slot's columns kept and scaled (-1 owns none), then one matmul through those `B`s."""
-    token_slots = token_slots.to(compact.rank_rows.device)
-    named = torch.isin(compact.rank_rows, token_slots).nonzero().squeeze(1)
-    # A decode step names a few of a pool's slots: copying their rows costs less than reading all.
-    if len(named) < len(compact.rank_rows):
-        compact = CompactStacks(*(t.index_select(0, named) for t in compact))
+    """Every token through all rows of `compact`'s `A` (one matmul, `[T, R]`), its own slot's
+    columns kept and scaled (-1 owns none), then one matmul through the `B`s."""
     shrunk = x @ compact.lora_a.T
-    own = token_slots[:, None] == compact.rank_rows
+    own = token_slots[:, None].to(compact.rank_rows.device) == compact.rank_rows
     return torch.where(own, shrunk * compact.row_scalings, 0) @ compact.lora_b_t
 
 
