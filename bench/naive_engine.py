@@ -27,7 +27,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `fused_train` from this checkout when run as `python bench/naive_engine.py`
 
-from fused_train.serving.engine import EngineStopped, QueueFull, RequestHandle, RequestOutput, SamplingParams  # noqa: E402
+from fused_train.serving.engine import (  # noqa: E402
+    EngineStopped, QueueFull, RequestHandle, RequestOutput, SamplingParams, stop_reason,
+)
 from fused_train.serving.runner import sample  # noqa: E402
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -267,21 +269,13 @@ class NaiveEngine:
 
     def _append(self, request: _Request, token: int) -> bool:
         """Records `token` and publishes it; True when it ended the request (the engine's stop rules)."""
-        params = request.params
         request.generated.append(token)
         if request.first_token is None:
             request.first_token = self.clock()
         self._counters["generation_tokens"] += 1
-        reason = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self._eos):
-            reason = "stop"
-        if params.stop:
-            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                request.text, reason = text[:cut], "stop"
-        if reason is None and len(request.generated) >= params.max_tokens:
-            reason = "length"
+        reason, text = stop_reason(request.params, request.generated, self._eos, self.tokenizer)
+        if text is not None:
+            request.text = text
         if reason is None:
             request.handle._publish([token], None)
             return False

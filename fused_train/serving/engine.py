@@ -192,6 +192,23 @@ class RequestHandle:
             loop.call_soon_threadsafe(event.set)
 
 
+def stop_reason(params: SamplingParams, generated: list[int], eos, tokenizer) -> tuple[str | None, str | None]:
+    """Whether a request ends with its last generated token: ("stop" or "length", or None), and
+    its text cut before a stop string when one appeared (else None). `eos` holds the end ids."""
+    token = generated[-1]
+    reason, text = None, None
+    if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
+        reason = "stop"
+    if params.stop:
+        decoded = tokenizer.decode(generated, skip_special_tokens=True)
+        cut = min((i for i in (decoded.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            reason, text = "stop", decoded[:cut]
+    if reason is None and len(generated) >= params.max_tokens:
+        reason = "length"
+    return reason, text
+
+
 class Engine:
     """Continuous batching over `model` (see the module docstring).
 
@@ -501,16 +518,9 @@ class Engine:
         if request.first_token is None:
             request.first_token = now
         self._counters["generation_tokens"] += 1
-        reason = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self._eos):
-            reason = "stop"
-        if params.stop:
-            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                request.text, reason = text[:cut], "stop"
-        if reason is None and len(request.generated) >= params.max_tokens:
-            reason = "length"
+        reason, text = stop_reason(params, request.generated, self._eos, self.tokenizer)
+        if text is not None:
+            request.text = text
         if reason is None:
             request.handle._publish([token], None)
         else:
