@@ -28,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `fused_train` from this checkout when run as `python bench/naive_engine.py`
 
 from fused_train.serving.engine import (  # noqa: E402
-    EngineStopped, QueueFull, RequestHandle, RequestOutput, SamplingParams, stop_reason,
+    EngineStopped, QueueFull, RequestHandle, SamplingParams, encode_prompt, ended_output, request_generator,
+    stop_reason,
 )
 from fused_train.serving.runner import sample  # noqa: E402
 
@@ -37,13 +38,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 class _Request:
     def __init__(self, request_id, prompt_ids, params, adapter, handle, arrival):
-        self.request_id, self.prompt_ids, self.params, self.adapter = request_id, prompt_ids, params, adapter
+        self.request_id, self.prompt_token_ids, self.params, self.adapter = request_id, prompt_ids, params, adapter
         self.handle, self.arrival = handle, arrival
-        self.generator = torch.Generator()
-        if params.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(params.seed)
+        self.generator = request_generator(params.seed)
         self.generated: list[int] = []
         self.text: str | None = None
         self.first_scheduled = self.first_token = None
@@ -108,7 +105,7 @@ class NaiveEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt_ids = self._encode(prompt)
+        prompt_ids = encode_prompt(prompt, self.tokenizer)
         if not prompt_ids:
             raise ValueError("prompt must hold at least one token")
         if any(not 0 <= t < self._vocab for t in prompt_ids):
@@ -160,7 +157,7 @@ class NaiveEngine:
         """Engine.metrics' keys: no pages here (a DynamicCache per request), so the page counts are 0."""
         with self._lock:
             running = self._running
-            tokens = 0 if running is None else len(running.prompt_ids) + len(running.generated)
+            tokens = 0 if running is None else len(running.prompt_token_ids) + len(running.generated)
             return dict(
                 self._counters,
                 waiting=len(self._waiting),
@@ -198,15 +195,6 @@ class NaiveEngine:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
         if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
             raise ValueError(f"adapter path {path!r} has no {WEIGHTS_FILE} (pickle weights are never loaded)")
-
-    def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs the engine's tokenizer; pass token ids instead")
-            return list(self.tokenizer(prompt)["input_ids"])
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError("prompt must be a string or a list of token ids")
-        return list(prompt)
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self._lock:
@@ -249,7 +237,7 @@ class NaiveEngine:
             adapter_context = model.disable_adapter() if self._names else contextlib.nullcontext()
         device = next(model.parameters()).device
         cache = DynamicCache()
-        input_ids = torch.tensor([request.prompt_ids], device=device)
+        input_ids = torch.tensor([request.prompt_token_ids], device=device)
         with adapter_context:
             while True:
                 started = time.perf_counter()
@@ -289,26 +277,7 @@ class NaiveEngine:
             self._running = None
         key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self._counters[key] += 1
-        now = self.clock()
-        text = request.text
-        if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-        tpot = None
-        if request.first_token is not None and len(request.generated) > 1:
-            tpot = (now - request.first_token) / (len(request.generated) - 1)
-        output = RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_ids,
-            token_ids=list(request.generated),
-            text=text,
-            finish_reason=reason,
-            adapter=request.adapter,
-            error=error,
-            queue_time=None if request.first_scheduled is None else request.first_scheduled - request.arrival,
-            time_to_first_token=None if request.first_token is None else request.first_token - request.arrival,
-            time_per_output_token=tpot,
-            latency=now - request.arrival,
-        )
+        output = ended_output(request, request.request_id, request.adapter, reason, error, self.clock(), self.tokenizer)
         request.handle._publish(list(new_tokens), output)
 
 

@@ -192,6 +192,55 @@ class RequestHandle:
             loop.call_soon_threadsafe(event.set)
 
 
+def encode_prompt(prompt, tokenizer) -> list[int]:
+    """The token ids of `prompt`: a text (needs `tokenizer`), a list of ids or a tensor of them."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs the engine's tokenizer; pass token ids instead")
+        return list(tokenizer(prompt)["input_ids"])
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ValueError("prompt must be a string or a list of token ids")
+    return list(prompt)
+
+
+def request_generator(seed: int | None) -> torch.Generator:
+    """A request's own sampling generator: seeded, or from fresh entropy when `seed` is None."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def ended_output(request, request_id: str, adapter: str | None, reason: str, error: str | None, now: float,
+                 tokenizer, preemptions: int = 0) -> RequestOutput:  # fmt: skip
+    """The `RequestOutput` of `request` ending at `now`; `request` holds its `prompt_token_ids`,
+    `generated` ids, `text` (None: decoded here), `arrival`, `first_scheduled` and `first_token` times."""
+    text = request.text
+    if text is None and tokenizer is not None:
+        text = tokenizer.decode(request.generated, skip_special_tokens=True)
+    tpot = None
+    if request.first_token is not None and len(request.generated) > 1:
+        tpot = (now - request.first_token) / (len(request.generated) - 1)
+    return RequestOutput(
+        request_id=request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        token_ids=list(request.generated),
+        text=text,
+        finish_reason=reason,
+        adapter=adapter,
+        error=error,
+        queue_time=None if request.first_scheduled is None else request.first_scheduled - request.arrival,
+        time_to_first_token=None if request.first_token is None else request.first_token - request.arrival,
+        time_per_output_token=tpot,
+        latency=now - request.arrival,
+        preemptions=preemptions,
+    )
+
+
 def stop_reason(params: SamplingParams, generated: list[int], eos, tokenizer) -> tuple[str | None, str | None]:
     """Whether a request ends with its last generated token: ("stop" or "length", or None), and
     its text cut before a stop string when one appeared (else None). `eos` holds the end ids."""
@@ -286,7 +335,7 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt_ids = self._encode(prompt)
+        prompt_ids = encode_prompt(prompt, self.tokenizer)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
         if adapter is not None and adapter not in self.pool.names():
@@ -294,11 +343,7 @@ class Engine:
         vocab = self.model.config.get_text_config(decoder=True).vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        generator = torch.Generator()
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
+        generator = request_generator(params.seed)
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -381,17 +426,6 @@ class Engine:
         self.shutdown(drain=exc[0] is None)
 
     # ---------------------------------------------------------------- the loop
-
-    def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs the engine's tokenizer; pass token ids instead")
-            return list(self.tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError("prompt must be a string or a list of token ids")
-        return list(prompt)
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self._lock:
@@ -532,25 +566,6 @@ class Engine:
         self._requests.pop(request.seq.request_id, None)
         key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self._counters[key] += 1
-        now = self.clock()
-        text = request.text
-        if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-        tpot = None
-        if request.first_token is not None and len(request.generated) > 1:
-            tpot = (now - request.first_token) / (len(request.generated) - 1)
-        output = RequestOutput(
-            request_id=request.seq.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(request.generated),
-            text=text,
-            finish_reason=reason,
-            adapter=request.seq.adapter,
-            error=error,
-            queue_time=None if request.first_scheduled is None else request.first_scheduled - request.arrival,
-            time_to_first_token=None if request.first_token is None else request.first_token - request.arrival,
-            time_per_output_token=tpot,
-            latency=now - request.arrival,
-            preemptions=request.seq.preemptions,
-        )
+        output = ended_output(request, request.seq.request_id, request.seq.adapter, reason, error, self.clock(),
+                              self.tokenizer, preemptions=request.seq.preemptions)  # fmt: skip
         request.handle._publish(list(new_tokens), output)
