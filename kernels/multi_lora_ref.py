@@ -57,8 +57,12 @@ def multi_lora_linear_ref(
     lora_x = x.to(lora_a.dtype)
     macs_per_row = x.shape[0] * (lora_a.shape[2] + lora_b.shape[1])
     if macs_per_row <= EVERY_SLOT_MAX_MACS:
-        compact = _named_rows(compact_stacks(lora_a, lora_b, scalings, ranks), token_slots)
-        if macs_per_row * compact.rank_rows.shape[0] <= EVERY_SLOT_MAX_MACS:
+        compact = compact_stacks(lora_a, lora_b, scalings, ranks)
+        named = torch.isin(compact.rank_rows, token_slots.to(compact.rank_rows.device)).nonzero().squeeze(1)
+        if macs_per_row * len(named) <= EVERY_SLOT_MAX_MACS:
+            if len(named) < len(compact.rank_rows):
+                # A decode step names a few of a pool's slots: copying their rows costs less than reading all.
+                compact = CompactStacks(*(t.index_select(0, named) for t in compact))
             return (base + _through_every_slot(lora_x, compact, token_slots)).to(x.dtype)
     y = base.to(lora_a.dtype)  # the base output itself when the dtypes agree: segments add into it
     _add_present_slots(y, lora_x, lora_a, lora_b, token_slots, scalings.to(lora_a.dtype), ranks)
@@ -108,15 +112,6 @@ def _compact(lora_a, lora_b, scalings, ranks) -> CompactStacks:
     return CompactStacks(
         lora_a[in_rank], lora_b.transpose(1, 2)[in_rank], rank_rows, scalings.to(lora_a.device, lora_a.dtype)[rank_rows]
     )
-
-
-def _named_rows(compact: CompactStacks, token_slots) -> CompactStacks:
-    """The rows of the slots that `token_slots` names (a decode step names a few of a pool's slots:
-    copying their rows costs less than reading every slot's)."""
-    named = torch.isin(compact.rank_rows, token_slots.to(compact.rank_rows.device)).nonzero().squeeze(1)
-    if len(named) == len(compact.rank_rows):
-        return compact
-    return CompactStacks(*(t.index_select(0, named) for t in compact))
 
 
 def _through_every_slot(x, compact, token_slots):
