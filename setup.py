@@ -9,7 +9,6 @@ from torch.utils.cpp_extension import BuildExtension
 # `kernels/` ships as `fused_train.kernels`: a top-level `kernels` package already exists on PyPI.
 setup(
     packages=["fused_train", "fused_train.kernels", "fused_train.serving"],
-    package_dir={"fused_train": "fused_train", "fused_train.kernels": "kernels"},
     package_data={"fused_train": ["data/*.gz"]},
     ext_modules=[
         Pybind11Extension(

@@ -51,7 +51,8 @@ from fused_train.dispatch import triton_runs_on
 from fused_train.kv_cache import Int8KVLayer
 from fused_train.kv_cache_ops import int8_decode_attention
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `bench.common` as a script
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import make_timer, measure_copy_bandwidth  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -258,7 +258,8 @@ def bench_model(runs=15):
 
     from fused_train.serving import AdapterPool
 
-    sys.path.insert(0, REPO)  # `bench.demo` when run as `python bench/bench_multi_lora.py`
+    if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+        sys.path.insert(0, REPO)
     from bench.demo import MODEL
 
     torch.manual_seed(0)

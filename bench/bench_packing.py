@@ -48,7 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, str(REPO))
 
 from bench.packing_oracle import plan_packing_python  # noqa: E402
 from fused_train.packing import plan_packing, plan_packing_arrays  # noqa: E402

@@ -40,7 +40,8 @@ from fused_train.dispatch import triton_runs_on
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.kv_cache_ops import int8_decode_attention
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `bench.common` as a script
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import make_timer, measure_copy_bandwidth  # noqa: E402
 from fused_train.paged_kv_ops import paged_decode_attention, write_kv_pages
 

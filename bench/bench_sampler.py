@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.demo import MODEL, PAD_ID, load_documents  # noqa: E402
 from fused_train import PackedBatchSampler, PackedCollator  # noqa: E402

@@ -39,7 +39,8 @@ import torch
 import transformers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `bench.demo` when run as `python bench/bench_serving_engine.py`
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, REPO)
 
 from bench.demo import MODEL, load_documents  # noqa: E402
 from fused_train.serving import Engine, SamplingParams  # noqa: E402

@@ -58,8 +58,8 @@ from tqdm import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # `bench.demo` when run as `python bench/eval_kv_quality.py`
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, str(REPO))
 
 import fused_train  # noqa: E402
 from bench.demo import MODEL, PAD_ID, VOCAB_SIZE, cpu_model, load_documents  # noqa: E402

@@ -34,8 +34,8 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # `bench.*` when run as `python bench/eval_quantized_base.py`
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, str(REPO))
 
 import fused_train  # noqa: E402
 from bench.eval_kv_quality import (  # noqa: E402

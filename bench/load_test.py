@@ -48,7 +48,8 @@ import urllib.parse
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `bench.*` when run as `python bench/load_test.py`
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, REPO)
 
 from bench.demo import BOS_ID, BYTE_OFFSET, load_documents  # noqa: E402
 

@@ -25,7 +25,8 @@ from collections import deque
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `fused_train` from this checkout when run as `python bench/naive_engine.py`
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, REPO)
 
 from fused_train.serving.engine import (  # noqa: E402
     EngineStopped, QueueFull, RequestHandle, SamplingParams, encode_prompt, ended_output, request_generator,

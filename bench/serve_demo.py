@@ -24,7 +24,8 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `bench.*` when run as `python bench/serve_demo.py`
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, REPO)
 
 from bench import load_test  # noqa: E402
 from bench.demo import BYTE_OFFSET, LEARNING_RATE, MODEL, PAD_ID, load_documents  # noqa: E402

@@ -71,6 +71,9 @@ def test_sentences_corpus_is_made_from_the_docstrings_corpus(tmp_path):
 def test_run_in_a_worker_process_equals_the_run_in_this_process(monkeypatch):
     """`make demo` runs each configuration in a spawned worker, for its own peak memory."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # The spawned worker imports `bench.demo` by name with this process's sys.path, which pytest
+    # keeps free of the repository root; the worker's needs it (`make demo` runs it as a script).
+    monkeypatch.syspath_prepend(str(demo.REPO))
     args = demo.parse_args(["--steps=3", "--batch-size=2", "--max-doc-tokens=64"])
     local = demo.Run("packed", "sentences", args)
     worker = demo.RunInSubprocess("packed", "sentences", args)

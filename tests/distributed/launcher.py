@@ -16,6 +16,7 @@ interpreted kernels, which are tested elsewhere and cost minutes per training st
 
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -23,6 +24,8 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 120.0, env: dict | None = None) -> list:
@@ -36,8 +39,15 @@ def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 1
             context.Process(target=_child, args=(fn, rank, world_size, port, args, env or {}, paths[rank]))
             for rank in range(world_size)
         ]
-        for child in children:
-            child.start()
+        # Spawned children import `fn` by its module's name (`tests.…`), so the repository root goes on
+        # their sys.path, which spawn copies from this process at start(); pytest keeps it off this one's.
+        parent_path = list(sys.path)
+        sys.path.insert(0, _REPO)
+        try:
+            for child in children:
+                child.start()
+        finally:
+            sys.path[:] = parent_path
         deadline = time.monotonic() + timeout_s
         try:
             # Poll rather than join: once a rank fails, the others may wait forever at a collective.
