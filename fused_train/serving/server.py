@@ -292,6 +292,11 @@ class _Server:
         else:
             max_tokens, default = body.max_tokens, COMPLETION_MAX_TOKENS
         params = sampling_params(body, max_tokens, default)
+        limit = getattr(self.engine, "max_model_len", None)
+        if limit is not None and params[0].max_tokens >= limit:  # too long whatever the prompt: name the field
+            field = "max_completion_tokens" if kind == "chat" and body.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{field}={params[0].max_tokens} leaves no room for a prompt in this model's maximum "
+                                f"context length of {limit} tokens", param=field, code="context_length_exceeded")  # fmt: skip
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         handles = await self.submit(prompts, params, adapter, request_id, param)
