@@ -219,7 +219,8 @@ def wait_idle(engine, timeout=60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         metrics = engine.metrics()
-        if not (metrics["running"] or metrics["waiting"] or metrics["kv_pages_used"] or metrics["adapters"]["draining"]):
+        busy = metrics["running"] or metrics["waiting"] or metrics["kv_pages_used"] or metrics["adapters"]["draining"]
+        if not busy:
             break
         time.sleep(0.05)
     return engine.metrics()

@@ -295,8 +295,8 @@ class _Server:
         limit = getattr(self.engine, "max_model_len", None)
         if limit is not None and params[0].max_tokens >= limit:  # too long whatever the prompt: name the field
             field = "max_completion_tokens" if kind == "chat" and body.max_completion_tokens else "max_tokens"
-            raise APIError(400, f"{field}={params[0].max_tokens} leaves no room for a prompt in this model's maximum "
-                                f"context length of {limit} tokens", param=field, code="context_length_exceeded")  # fmt: skip
+            message = f"{field}={params[0].max_tokens} leaves no room for a prompt in this model's maximum context"
+            raise APIError(400, f"{message} length of {limit} tokens", param=field, code="context_length_exceeded")
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         handles = await self.submit(prompts, params, adapter, request_id, param)

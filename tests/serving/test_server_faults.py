@@ -143,7 +143,7 @@ def test_fuzzed_fields_get_answers_in_openais_shape_naming_the_field(serve, tiny
         for path, base in bases.items():
             for field in fields[path].model_fields:
                 for value in FUZZ_VALUES:
-                    if path == "load_lora_adapter" and field == "lora_name" and isinstance(value, str) and value.isalnum():
+                    if path == "load_lora_adapter" and field == "lora_name" and value == "x":
                         continue  # a valid name: it would load
                     response = http.post(f"/{path}", json={**base, field: value})
                     where = (path, field, value, response.status_code, response.text[:300])
