@@ -30,7 +30,7 @@ if not __package__:  # run as a script: its siblings as `bench.*`, the way tests
 
 from fused_train.serving.engine import (  # noqa: E402
     EngineStopped, QueueFull, RequestHandle, SamplingParams, encode_prompt, ended_output, request_generator,
-    stop_reason,
+    stop_reason, suppress_stops,
 )
 from fused_train.serving.runner import sample  # noqa: E402
 
@@ -243,8 +243,9 @@ class NaiveEngine:
             while True:
                 started = time.perf_counter()
                 logits = model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache}).logits[0, -1]
-                token = sample(logits.float().cpu(), request.params.temperature, request.params.top_p,
-                               request.params.top_k, request.generator)  # fmt: skip
+                logits = suppress_stops(logits.float().cpu(), request.params, request.generated, self._eos)
+                token = sample(logits, request.params.temperature, request.params.top_p, request.params.top_k,
+                               request.generator)  # fmt: skip
                 with self._lock:
                     self._counters["steps"] += 1
                     self._counters["step_tokens"] += input_ids.shape[1]

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-tokens", type=int, help="tokens the paged KV cache holds (default 65536)")
     serve.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens one step runs; longer prompts: 400")
     serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests at most; beyond: 429")
+    serve.add_argument("--max-model-len", type=int,
+                       help="prompt + max_tokens at most (default and most: the model's max_position_embeddings)")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="request bodies at most; beyond: 413")
     serve.add_argument("--drain-timeout", type=float, default=30, help="seconds running requests get at shutdown")
     serve.add_argument("--log-level", default="info")
     return parser
@@ -82,13 +85,14 @@ def serve(args) -> None:
     model_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     engine = open_engine(args.model, adapters, device=args.device, dtype=args.dtype, max_loras=args.max_loras,
                          kv_dtype=args.kv_dtype, kv_cache_tokens=args.kv_cache_tokens,
-                         max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting)  # fmt: skip
+                         max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
+                         max_model_len=args.max_model_len)  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         app = build_app(engine, model_name=model_name, adapter_dirs=args.adapter_dir, api_key=args.api_key,
-                        adapter_paths=adapters)  # fmt: skip
+                        adapter_paths=adapters, max_body_bytes=args.max_body_bytes)  # fmt: skip
         server = start_server(app, args.host, args.port, log_level=args.log_level)
     except BaseException:
         engine.shutdown(drain=False)

@@ -26,6 +26,14 @@ On CUDA slots are filled on a side stream, so the copies overlap the running ste
 (on the device) for its slots' copies, and a copy into a slot waits for the last batch that read it.
 All bookkeeping holds one lock; a file read that `slots_for` needs (a CPU-tier miss) holds it too.
 
+Versions, the rule that lets a request outlive an unload or a reload: each `load` registers a new
+`AdapterVersion` of its name. `acquire(name)` gives the current version and holds it until
+`release`; `slots_for` takes versions as well as names, so a request that acquired at its start
+reads the same weights at every step. `unload(name)` unregisters the name at once (a new
+`acquire` or `slots_for(name)` raises `UnknownAdapter`), but a held version stays, draining, until
+its last holder releases it; a `load` under the same name meanwhile is another version. A CPU-tier
+miss re-reads the adapter's files only if they are as they were at `load`, never other weights.
+
 Files. Only `adapter_config.json` + `adapter_model.safetensors` are read, with `safetensors`:
 nothing is ever unpickled, and a directory holding only `.bin`/`.pt` weights is refused. An adapter
 is validated whole before it is registered (its module names must name linear layers of this
@@ -35,6 +43,7 @@ model, its shapes fit them, its rank be at most `max_rank`, its values be finite
 
 import contextlib
 import contextvars
+import itertools
 import json
 import math
 import os
@@ -74,11 +83,24 @@ class NoFreeSlot(RuntimeError):
     """A batch needs a device slot for an adapter, and every slot is pinned or leased."""
 
 
+class UnknownAdapter(ValueError):
+    """No adapter of that name is loaded (never was, or was unloaded)."""
+
+
+class AdapterVersion(NamedTuple):
+    """One `load` of an adapter: its `name` and the pool's load counter (see "Versions")."""
+
+    name: str
+    number: int
+
+
 class _HostAdapter(NamedTuple):
-    """A validated adapter in host memory: module name -> (lora_a [r, in], lora_b [out, r], scaling)."""
+    """A validated adapter in host memory: module name -> (lora_a [r, in], lora_b [out, r], scaling),
+    and its files' (size, mtime) when read."""
 
     path: str
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    files: tuple
 
 
 class _Batch(NamedTuple):
@@ -141,11 +163,14 @@ class AdapterPool:
         self._device = parameter.device
         self._lock = threading.RLock()
         self._batch = contextvars.ContextVar("adapter_pool_batch", default=None)
-        self._paths: dict[str, str] = {}  # registered adapters, in load order
-        self._host: OrderedDict[str, _HostAdapter] = OrderedDict()  # CPU tier, least recently used first
-        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
-        self._owner: list[str | None] = [None] * max_loras
-        self._pinned: set[str] = set()
+        self._current: dict[str, AdapterVersion] = {}  # registered names, in load order
+        self._files: dict[AdapterVersion, tuple[str, tuple]] = {}  # every live version: its path and files
+        self._holds: Counter[AdapterVersion] = Counter()
+        self._versions = itertools.count()
+        self._host: OrderedDict[AdapterVersion, _HostAdapter] = OrderedDict()  # CPU tier, least recently used first
+        self._resident: OrderedDict[AdapterVersion, int] = OrderedDict()  # -> slot, least recently used first
+        self._owner: list[AdapterVersion | None] = [None] * max_loras
+        self._pinned: set[AdapterVersion] = set()
         self._leases: Counter[int] = Counter()
         self._handed_out: dict[int, frozenset[int]] = {}  # id(token_slots) -> its slots, while it lives
         self._layers: dict[str, _LayerSlots] = {}
@@ -172,59 +197,79 @@ class AdapterPool:
         with self._lock:
             self._check_new(name)
             self._counts["disk_reads"] += 1
-            self._paths[name] = path
-            self._keep_on_host(name, adapter)
+            version = self._current[name] = AdapterVersion(name, next(self._versions))
+            self._files[version] = (path, adapter.files)
+            self._keep_on_host(version, adapter)
 
     def unload(self, name: str) -> None:
-        """Forget `name` (pinned or not). Batches already holding its slot keep it until their leases end."""
+        """Forget `name` (pinned or not). Batches already holding its slot keep it until their leases
+        end; requests holding its version (`acquire`) keep it until they `release` it."""
         with self._lock:
-            self._check_known(name)
-            del self._paths[name]
-            self._host.pop(name, None)
-            self._pinned.discard(name)
-            slot = self._resident.pop(name, None)
-            if slot is not None:
-                self._owner[slot] = None
+            version = self._version(name)
+            del self._current[name]
+            self._pinned.discard(version)
+            if not self._holds[version]:
+                self._drop(version)
+
+    def acquire(self, name: str) -> AdapterVersion:
+        """The current version of `name`, held (kept, even through `unload`) until `release`."""
+        with self._lock:
+            version = self._version(name)
+            self._holds[version] += 1
+            return version
+
+    def release(self, version: AdapterVersion) -> None:
+        with self._lock:
+            self._holds[version] -= 1
+            if self._holds[version] <= 0:
+                del self._holds[version]
+                if self._current.get(version.name) != version:  # unloaded meanwhile: it has drained
+                    self._drop(version)
 
     def pin(self, name: str) -> None:
         """Give `name` a device slot now and never evict it until `unpin`. Raises `NoFreeSlot` when
         every slot is pinned or leased."""
         with self._lock:
-            self._check_known(name)
-            self._make_resident([name])
-            self._pinned.add(name)
+            version = self._version(name)
+            self._make_resident([version])
+            self._pinned.add(version)
 
     def unpin(self, name: str) -> None:
         with self._lock:
-            self._check_known(name)
-            self._pinned.discard(name)
+            self._pinned.discard(self._version(name))
 
     def names(self) -> list[str]:
         """The registered adapters, in load order."""
         with self._lock:
-            return list(self._paths)
+            return list(self._current)
 
     def stats(self) -> dict:
         """Counts since construction: `hits` (a batch's adapter already in a slot), `loads` (slots
         filled), `evictions` (of device slots), `disk_reads` (files read, by `load` and by CPU-tier
         misses), `cpu_evictions`; `load_ms`, host milliseconds spent filling slots (file re-reads
         included; on CUDA the copies themselves run on a side stream); and the current tiers:
-        `resident` and `host` (least recently used first), `pinned`, `leased_slots`."""
+        `resident` and `host` (least recently used first), `pinned`, `leased_slots`, and `draining`:
+        name -> holders of an unloaded (or reloaded) version that is still held."""
         with self._lock:
+            draining = Counter()
+            for version, count in self._holds.items():
+                if self._current.get(version.name) != version:
+                    draining[version.name] += count
             return {
                 **self._counts,
                 "load_ms": self._load_ms,
-                "resident": list(self._resident),
-                "host": list(self._host),
-                "pinned": sorted(self._pinned),
+                "resident": [version.name for version in self._resident],
+                "host": [version.name for version in self._host],
+                "pinned": sorted(version.name for version in self._pinned),
                 "leased_slots": sorted(slot for slot, count in self._leases.items() if count),
+                "draining": dict(draining),
             }
 
     # Batches.
 
     def slots_for(self, names, num_tokens=None) -> torch.Tensor:
-        """int32 slots on the model's device for a batch: one per entry of `names` (an adapter name, or
-        None / "__base__" for the base model), or, with `num_tokens` (one count per entry), each
+        """int32 slots on the model's device for a batch: one per entry of `names` (an adapter name, an
+        `AdapterVersion`, or None / "__base__" for the base model), or, with `num_tokens` (one count per entry), each
         entry's slot repeated that many times: per-token slots for a flat batch of requests, or
         `num_tokens=[seq_len] * batch` for a padded `[batch, seq_len]` one.
 
@@ -232,8 +277,8 @@ class AdapterPool:
         ones; the returned tensor leases its slots while it lives (see the module docstring)."""
         names = list(names)
         for entry in names:
-            if entry is not None and not isinstance(entry, str):
-                raise ValueError(f"names must hold adapter names (str) or None, got {entry!r}")
+            if entry is not None and not isinstance(entry, (str, AdapterVersion)):
+                raise ValueError(f"names must hold adapter names (str), AdapterVersions or None, got {entry!r}")
         if num_tokens is not None:
             num_tokens = list(num_tokens)
             if len(num_tokens) != len(names) or any(
@@ -244,10 +289,9 @@ class AdapterPool:
         if len(wanted) > self.max_loras:
             raise ValueError(f"names holds {len(wanted)} distinct adapters, more than max_loras={self.max_loras}")
         with self._lock:
-            for name in wanted:
-                self._check_known(name)
-            self._make_resident(wanted)
-            slot_of = {name: self._resident[name] for name in wanted}
+            version_of = {entry: self._live(entry) for entry in wanted}
+            self._make_resident(list(dict.fromkeys(version_of.values())))
+            slot_of = {entry: self._resident[version] for entry, version in version_of.items()}
             row_slots = torch.tensor([slot_of.get(entry, -1) for entry in names], dtype=torch.int32)
             if num_tokens is not None:
                 row_slots = row_slots.repeat_interleave(torch.tensor(num_tokens, dtype=torch.int64))
@@ -301,7 +345,9 @@ class AdapterPool:
             for name in self._layers:
                 del self._modules[name].forward
             self._layers.clear()
-            self._paths.clear()
+            self._current.clear()
+            self._files.clear()
+            self._holds.clear()
             self._host.clear()
             self._resident.clear()
             self._pinned.clear()
@@ -312,14 +358,31 @@ class AdapterPool:
     # Internals; the lock is held.
 
     def _check_new(self, name: str) -> None:
-        if name in self._paths:
-            raise ValueError(f"adapter {name!r} is already loaded (from {self._paths[name]!r}); unload it first")
+        if name in self._current:
+            path = self._files[self._current[name]][0]
+            raise ValueError(f"adapter {name!r} is already loaded (from {path!r}); unload it first")
 
-    def _check_known(self, name) -> None:
-        if name not in self._paths:
-            raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(self._paths) or 'none'}")
+    def _version(self, name) -> AdapterVersion:
+        if name not in self._current:
+            raise UnknownAdapter(f"unknown adapter {name!r}; loaded: {', '.join(self._current) or 'none'}")
+        return self._current[name]
 
-    def _make_resident(self, wanted: list[str]) -> None:
+    def _live(self, entry) -> AdapterVersion:
+        """A name's current version, or a version still registered or held."""
+        if not isinstance(entry, AdapterVersion):
+            return self._version(entry)
+        if entry not in self._files:
+            raise UnknownAdapter(f"adapter {entry.name!r} (version {entry.number}) was unloaded and is not held")
+        return entry
+
+    def _drop(self, version: AdapterVersion) -> None:
+        del self._files[version]
+        self._host.pop(version, None)
+        slot = self._resident.pop(version, None)
+        if slot is not None:
+            self._owner[slot] = None
+
+    def _make_resident(self, wanted: list[AdapterVersion]) -> None:
         missing = [name for name in wanted if name not in self._resident]
         keep = set(wanted)
         free = [slot for slot, owner in enumerate(self._owner) if owner is None and not self._leases[slot]]
@@ -350,22 +413,28 @@ class AdapterPool:
         if missing:
             self._load_ms += (time.perf_counter() - start) * 1e3
 
-    def _host_copy(self, name: str) -> _HostAdapter:
-        adapter = self._host.get(name)
+    def _host_copy(self, version: AdapterVersion) -> _HostAdapter:
+        adapter = self._host.get(version)
         if adapter is None:
-            adapter = self._read(self._paths[name])
+            path, files = self._files[version]
+            if _file_stamps(path) != files:
+                raise ValueError(
+                    f"the files of adapter {version.name!r} in {path!r} changed since it was loaded: they would "
+                    "give other weights; unload it and load it again"
+                )
+            adapter = self._read(path)
             self._counts["disk_reads"] += 1
-            self._keep_on_host(name, adapter)
-        self._host.move_to_end(name)
+            self._keep_on_host(version, adapter)
+        self._host.move_to_end(version)
         return adapter
 
-    def _keep_on_host(self, name: str, adapter: _HostAdapter) -> None:
-        self._host[name] = adapter
+    def _keep_on_host(self, version: AdapterVersion, adapter: _HostAdapter) -> None:
+        self._host[version] = adapter
         while len(self._host) > self.max_cpu_loras:
             self._host.popitem(last=False)
             self._counts["cpu_evictions"] += 1
 
-    def _fill(self, slot: int, name: str, adapter: _HostAdapter) -> None:
+    def _fill(self, slot: int, version: AdapterVersion, adapter: _HostAdapter) -> None:
         with self._copying_into(slot):
             for module_name in adapter.modules:
                 if module_name not in self._layers:
@@ -384,8 +453,8 @@ class AdapterPool:
                 layer.ranks[slot].fill_(rank)
                 layer.scalings[slot].fill_(scaling)
                 layer.targeted = layer.targeted | {slot} if rank else layer.targeted - {slot}
-        self._owner[slot] = name
-        self._resident[name] = slot
+        self._owner[slot] = version
+        self._resident[version] = slot
 
     @contextlib.contextmanager
     def _copying_into(self, slot: int):
@@ -421,6 +490,7 @@ class AdapterPool:
     # Reading and validating adapter files (no pool state is touched).
 
     def _read(self, path: str) -> _HostAdapter:
+        files = _file_stamps(path)
         config = _read_config(path)
         try:
             tensors = load_file(os.path.join(path, WEIGHTS_FILE))
@@ -447,7 +517,7 @@ class AdapterPool:
         modules = {}
         for name, pair in sorted(pairs.items()):
             modules[name] = self._validated(path, config, name, pair)
-        return _HostAdapter(path, modules)
+        return _HostAdapter(path, modules, files)
 
     def _validated(self, path: str, config: dict, name: str, pair: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
         where = f"adapter {path!r}, module {name!r}"
@@ -484,6 +554,19 @@ class AdapterPool:
         pin = self._device.type == "cuda"
         lora_a, lora_b = (t.to(dtype).contiguous() for t in (lora_a, lora_b))
         return (lora_a.pin_memory(), lora_b.pin_memory(), scaling) if pin else (lora_a, lora_b, scaling)
+
+
+def _file_stamps(path: str) -> tuple:
+    """(size, mtime) of the adapter's two files (None where one is missing: `_read_config` says so)."""
+    stamps = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            stat = os.stat(os.path.join(path, name))
+        except (OSError, ValueError):
+            stamps.append(None)
+        else:
+            stamps.append((stat.st_size, stat.st_mtime_ns))
+    return tuple(stamps)
 
 
 def _read_config(path: str) -> dict:

@@ -11,7 +11,9 @@ leave, waiting ones join, preemption when pages run out), run it (`runner.Runner
 the patched Hugging Face model for the whole batch, every request with its own adapter through
 the `AdapterPool`), sample each request's next token, stream it, end what is finished. Every
 request ends finished ("stop", "length"), cancelled ("cancelled") or failed ("error", with the
-reason): its pages and adapter leases are released there, in one place.
+reason): its pages and adapter leases are released there, in one place. A request holds the
+version of its adapter it started with (`AdapterPool.acquire`) until it ends: an unload or a reload
+of that name meanwhile changes nothing for it, only for the requests that come after.
 
 The model is patched (`fused_train.patch`) so that its attention reads the paged cache; it must be
 a plain transformers causal LM (adapters come from the pool, not from peft). Sampling runs on the
@@ -20,6 +22,7 @@ batches it shares; greedy is temperature 0.
 """
 
 import asyncio
+import contextlib
 import itertools
 import math
 import threading
@@ -34,6 +37,8 @@ from fused_train.serving.pages import PageAllocator
 from fused_train.serving.paged_cache import PagedKVCache
 from fused_train.serving.runner import Runner, sample
 from fused_train.serving.scheduler import FINISHED, PromptTooLong, QueueFull, Scheduler, Sequence, Step
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 __all__ = [
     "Engine", "EngineStopped", "PromptTooLong", "QueueFull", "RequestFailed", "RequestHandle", "RequestOutput",
@@ -63,6 +68,8 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str | None = None  # needs the engine's tokenizer
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0  # no end of sequence, stop id or stop string before this many tokens
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -73,8 +80,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise ValueError(f"top_k must be an int >= -1 (0 or -1: no cut), got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):  # fmt: skip
+            raise ValueError(f"seed must be an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None, got {self.seed!r}")
+        if (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
+                or not 0 <= self.min_tokens <= self.max_tokens):  # fmt: skip
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
@@ -113,6 +124,7 @@ class _Request:
     generator: torch.Generator
     arrival: float
     handle: "RequestHandle"
+    adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
     text: str | None = None
     first_scheduled: float | None = None
@@ -168,7 +180,12 @@ class RequestHandle:
                 if not new and not ended:
                     self._async_waiters.append((loop, event))
             if not new and not ended:
-                await event.wait()
+                try:
+                    await event.wait()
+                finally:  # cancelled, too: a waiter left behind would be woken on a loop that may be closed
+                    with self._changed:
+                        if (loop, event) in self._async_waiters:
+                            self._async_waiters.remove((loop, event))
                 continue
             for token in new:
                 yield token
@@ -189,7 +206,9 @@ class RequestHandle:
             self._changed.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+            # A consumer's loop that closed meanwhile has nobody waiting: it must not stop the engine.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
 
 
 def encode_prompt(prompt, tokenizer) -> list[int]:
@@ -203,6 +222,13 @@ def encode_prompt(prompt, tokenizer) -> list[int]:
     if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise ValueError("prompt must be a string or a list of token ids")
     return list(prompt)
+
+
+def decode_text(tokenizer, token_ids) -> str:
+    """The text of generated `token_ids`: special tokens skipped, and no clean-up of tokenization
+    spaces (as vLLM), which rewrites text already there (" ," -> ","): then the decode of more tokens
+    always extends the decode of fewer, and a streamed text equals the final one."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def request_generator(seed: int | None) -> torch.Generator:
@@ -221,7 +247,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
     `generated` ids, `text` (None: decoded here), `arrival`, `first_scheduled` and `first_token` times."""
     text = request.text
     if text is None and tokenizer is not None:
-        text = tokenizer.decode(request.generated, skip_special_tokens=True)
+        text = decode_text(tokenizer, request.generated)
     tpot = None
     if request.first_token is not None and len(request.generated) > 1:
         tpot = (now - request.first_token) / (len(request.generated) - 1)
@@ -243,19 +269,35 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
 
 def stop_reason(params: SamplingParams, generated: list[int], eos, tokenizer) -> tuple[str | None, str | None]:
     """Whether a request ends with its last generated token: ("stop" or "length", or None), and
-    its text cut before a stop string when one appeared (else None). `eos` holds the end ids."""
+    its text cut before a stop string when one appeared (after it with `include_stop_str_in_output`;
+    else None). `eos` holds the end ids. Before `min_tokens` tokens nothing stops it."""
     token = generated[-1]
     reason, text = None, None
+    if len(generated) < params.min_tokens:
+        return None, None
     if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
         reason = "stop"
     if params.stop:
-        decoded = tokenizer.decode(generated, skip_special_tokens=True)
-        cut = min((i for i in (decoded.find(s) for s in params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            reason, text = "stop", decoded[:cut]
+        decoded = decode_text(tokenizer, generated)
+        found = [(i, -len(s)) for i, s in ((decoded.find(s), s) for s in params.stop) if i >= 0]
+        if found:
+            cut, minus_length = min(found)  # the first stop string, the longest of those starting there
+            reason, text = "stop", decoded[: cut - minus_length if params.include_stop_str_in_output else cut]
     if reason is None and len(generated) >= params.max_tokens:
         reason = "length"
     return reason, text
+
+
+def suppress_stops(logits: torch.Tensor, params: SamplingParams, generated: list[int], eos) -> torch.Tensor:
+    """`logits` with the end-of-sequence (unless `ignore_eos`) and stop ids at -inf while the request
+    has fewer than `min_tokens` tokens: it cannot choose to end before then (vLLM's `min_tokens`)."""
+    if len(generated) >= params.min_tokens:
+        return logits
+    ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
+    ids = [i for i in ids if i < logits.shape[-1]]
+    if not ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(ids), float("-inf"))
 
 
 class Engine:
@@ -276,13 +318,15 @@ class Engine:
             longer than this is refused.
         max_running: sequences in one step at most.
         max_waiting: requests waiting at most; `add_request` raises `QueueFull` beyond.
+        max_model_len: prompt + max_tokens at most, per request (`PromptTooLong` beyond); None: the
+            model's `max_position_embeddings`, which it may lower, never raise.
         clock: seconds, for the metrics (time.monotonic).
     """
 
     def __init__(self, model, tokenizer=None, *, adapters=None, max_loras: int = 8, max_cpu_loras: int = 64,
                  max_rank: int = 64, kv_dtype: str = "int8", kv_cache_tokens: int | None = None, page_size: int = 16,
                  max_batch_tokens: int = 4096, max_running: int = 256, max_waiting: int = 1024,
-                 clock=time.monotonic):  # fmt: skip
+                 max_model_len: int | None = None, clock=time.monotonic):  # fmt: skip
         if kv_dtype not in ("int8", "model"):
             raise ValueError(f'kv_dtype must be "int8" or "model", got {kv_dtype!r}')
         if not isinstance(page_size, int) or page_size < 8 or page_size & (page_size - 1):
@@ -292,6 +336,14 @@ class Engine:
             raise ValueError(f"kv_cache_tokens must be a positive int or None, got {kv_cache_tokens!r}")
         if not hasattr(model, "config") or not hasattr(model, "generation_config"):
             raise ValueError(f"model must be a transformers causal LM, got {type(model).__name__}")
+        positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if max_model_len is not None:
+            if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or max_model_len < 1:
+                raise ValueError(f"max_model_len must be a positive int or None, got {max_model_len!r}")
+            if positions is not None and max_model_len > positions:
+                raise ValueError(f"max_model_len={max_model_len} is more than the model's max_position_embeddings "
+                                 f"({positions}): it would run past the positions it was trained on")  # fmt: skip
+        self.max_model_len = positions if max_model_len is None else max_model_len
         parameter = next(model.parameters())
         self.model = fused_train.patch(model.eval())
         self.tokenizer = tokenizer
@@ -331,18 +383,24 @@ class Engine:
         """Queue one request: `prompt` text (needs the tokenizer) or a list of token ids; `adapter`
         a loaded adapter's name or None for the base model. Raises ValueError on a bad request
         (`PromptTooLong` when it could never fit a step or the cache), `QueueFull` when the waiting
-        queue is full, `EngineStopped` once `shutdown` began; otherwise returns its handle at once."""
+        queue is full, `EngineStopped` once `shutdown` began; otherwise returns its handle at once.
+        The request holds the adapter's current version until it ends."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         prompt_ids = encode_prompt(prompt, self.tokenizer)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
-        if adapter is not None and adapter not in self.pool.names():
-            raise ValueError(f"unknown adapter {adapter!r}; loaded: {self.pool.names()}")
         vocab = self.model.config.get_text_config(decoder=True).vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if self.max_model_len is not None and total > self.max_model_len:
+            raise PromptTooLong(
+                f"this model's maximum context length is {self.max_model_len} tokens; this request asks for {total} "
+                f"tokens ({len(prompt_ids)} in the prompt, max_tokens={params.max_tokens} in the completion): "
+                "shorten the prompt or lower max_tokens"
+            )
         generator = request_generator(params.seed)
         with self._lock:
             if self._stopping:
@@ -350,10 +408,17 @@ class Engine:
             request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
             if request_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already running")
-            seq = Sequence(request_id, list(prompt_ids), len(prompt_ids) + params.max_tokens, adapter)
+            version = None if adapter is None else self.pool.acquire(adapter)  # raises UnknownAdapter
+            seq = Sequence(request_id, list(prompt_ids), total, version)
             handle = RequestHandle(self, request_id)
-            self.scheduler.add(seq)  # raises ValueError / QueueFull before anything is recorded
-            self._requests[request_id] = _Request(seq, params, list(prompt_ids), generator, self.clock(), handle)
+            try:
+                self.scheduler.add(seq)  # raises ValueError / QueueFull before anything is recorded
+            except BaseException:
+                if version is not None:
+                    self.pool.release(version)
+                raise
+            self._requests[request_id] = _Request(seq, params, list(prompt_ids), generator, self.clock(), handle,
+                                                  adapter)  # fmt: skip
             self._counters["prompt_tokens"] += len(prompt_ids)
             self._lock.notify_all()
         return handle
@@ -384,6 +449,8 @@ class Engine:
         self.pool.load(name, path)
 
     def unload_adapter(self, name: str) -> None:
+        """Unregister `name` at once; its running requests end as they would have (they hold their
+        version), and `metrics()["adapters"]["draining"]` counts them meanwhile."""
         self.pool.unload(name)
 
     def adapters(self) -> list[str]:
@@ -407,6 +474,12 @@ class Engine:
                 kv_bytes_per_token=self.cache.bytes_per_token(),
                 adapters=self.pool.stats(),
             )
+
+    @property
+    def accepting(self) -> bool:
+        """False once `shutdown` began (draining) or the loop failed: `add_request` would refuse."""
+        with self._lock:
+            return not self._stopping
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; `drain` runs the queued and running ones to their end, otherwise they
@@ -507,7 +580,8 @@ class Engine:
                 rows += list(row)
             requests, logits = kept, rows
         return [
-            (request, sample(row, request.params.temperature, request.params.top_p, request.params.top_k,
+            (request, sample(suppress_stops(row, request.params, request.generated, self._eos),
+                             request.params.temperature, request.params.top_p, request.params.top_k,
                              request.generator))  # fmt: skip
             for request, row in zip(requests, logits)
         ]
@@ -517,32 +591,32 @@ class Engine:
         fail here and the step runs again without them. Other errors propagate."""
         while True:
             try:
-                names = [request.seq.adapter for request in requests]
+                versions = [request.seq.adapter for request in requests]
                 token_slots = None
-                if any(name is not None for name in names):
-                    token_slots = self.pool.slots_for(names, num_tokens=[r.seq.num_new for r in requests])
+                if any(version is not None for version in versions):
+                    token_slots = self.pool.slots_for(versions, num_tokens=[r.seq.num_new for r in requests])
                 return requests, self.runner.run(step, token_slots).cpu()
             except Exception:
-                broken = self._broken_adapters(names)
+                broken = self._broken_adapters(versions)
                 if not broken:
                     raise
                 with self._lock:
                     for request in requests:
                         if request.seq.adapter in broken:
-                            self._end(request, "error", f"adapter {request.seq.adapter!r}: {broken[request.seq.adapter]}")
+                            self._end(request, "error", f"adapter {request.adapter!r}: {broken[request.seq.adapter]}")
                     requests = [r for r in requests if r.seq.status != FINISHED]
                     step.prefills[:] = [s for s in step.prefills if s.status != FINISHED]
                     step.decodes[:] = [s for s in step.decodes if s.status != FINISHED]
                 if not requests:
                     return [], torch.empty(0)
 
-    def _broken_adapters(self, names) -> dict[str, str]:
+    def _broken_adapters(self, versions) -> dict:
         broken = {}
-        for name in dict.fromkeys(n for n in names if n is not None):
+        for version in dict.fromkeys(v for v in versions if v is not None):
             try:
-                self.pool.slots_for([name])
+                self.pool.slots_for([version])
             except Exception as error:  # noqa: BLE001
-                broken[name] = f"{type(error).__name__}: {error}"
+                broken[version] = f"{type(error).__name__}: {error}"
         return broken
 
     def _append(self, request: _Request, token: int, now: float) -> None:
@@ -561,11 +635,12 @@ class Engine:
             self._end(request, reason, new_tokens=[token])
 
     def _end(self, request: _Request, reason: str, error: str | None = None, new_tokens=()) -> None:
-        """The one place a request ends: its pages freed, its output published."""
+        """The one place a request ends: its pages and adapter version freed, its output published."""
         self.scheduler.finish(request.seq)
-        self._requests.pop(request.seq.request_id, None)
+        if self._requests.pop(request.seq.request_id, None) is request and request.seq.adapter is not None:
+            self.pool.release(request.seq.adapter)
         key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self._counters[key] += 1
-        output = ended_output(request, request.seq.request_id, request.seq.adapter, reason, error, self.clock(),
+        output = ended_output(request, request.seq.request_id, request.adapter, reason, error, self.clock(),
                               self.tokenizer, preemptions=request.seq.preemptions)  # fmt: skip
         request.handle._publish(list(new_tokens), output)

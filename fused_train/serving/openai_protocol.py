@@ -7,14 +7,17 @@ from typing import Any
 
 import fastapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fused_train.serving.adapters import UnknownAdapter
 from fused_train.serving.engine import EngineStopped, PromptTooLong, QueueFull, SamplingParams
 
 MAX_N = 16  # choices per request: each is an engine request
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS = 256  # a chat reply without max_tokens stops here (finish_reason "length")
 RETRY_AFTER_S = 1
+MAX_BODY_BYTES = 8 * 2**20  # a request body beyond this gets 413 (`build_app(max_body_bytes=...)`)
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed (and vLLM's)
 
 
 class APIError(Exception):
@@ -41,6 +44,7 @@ class Body(BaseModel):
 
 class StreamOptions(Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage (so far) in every chunk, with include_usage
 
 
 class SamplingBody(Body):
@@ -49,13 +53,16 @@ class SamplingBody(Body):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extensions
     top_k: int = Field(0, ge=-1)
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
     # Accepted and without effect on the output.
     user: str | None = None
     # OpenAI parameters the engine does not have: refused unless neutral (`refuse_unsupported`).
@@ -96,13 +103,21 @@ class ChatRequest(SamplingBody):
     store: bool | None = None
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not hold a NUL byte")
+    return value
+
+
 class LoadAdapterRequest(Body):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
+    _text = field_validator("lora_name", "lora_path")(_no_nul)
 
 
 class UnloadAdapterRequest(Body):
     lora_name: str = Field(min_length=1)
+    _text = field_validator("lora_name")(_no_nul)
 
 
 # The values of unsupported parameters that change nothing (what a client sends by default).
@@ -125,10 +140,17 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and not all(stop):
         raise APIError(400, "stop strings must be non-empty", param="stop")
+    if body.stop_token_ids is not None and any(t < 0 for t in body.stop_token_ids):
+        raise APIError(400, "stop_token_ids must be token ids (>= 0)", param="stop_token_ids")
+    max_tokens = max_tokens or default_max_tokens
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})",
+                       param="min_tokens")  # fmt: skip
     return [
-        SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
-                       top_k=body.top_k, seed=None if body.seed is None else body.seed + i, stop=stop,
-                       ignore_eos=body.ignore_eos)  # fmt: skip
+        SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                       seed=None if body.seed is None else body.seed + i, stop=stop,
+                       stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+                       include_stop_str_in_output=body.include_stop_str_in_output)  # fmt: skip
         for i in range(body.n)
     ]
 
@@ -141,10 +163,13 @@ def usage(outputs, n: int) -> dict:
 
 
 def engine_error(error: BaseException, param: str) -> BaseException:
+    """The APIError of what `add_request` raised for a request whose prompt is field `param`."""
     if isinstance(error, PromptTooLong):
         return APIError(400, str(error), param=param, code="context_length_exceeded")
-    if isinstance(error, ValueError):
-        return APIError(400, str(error))
+    if isinstance(error, UnknownAdapter):  # unloaded since the request was read
+        return APIError(404, str(error), param="model", code="model_not_found")
+    if isinstance(error, ValueError):  # the prompt's token ids (the body's other fields are checked before)
+        return APIError(400, str(error), param=param)
     if isinstance(error, QueueFull):
         return APIError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
@@ -154,11 +179,22 @@ def engine_error(error: BaseException, param: str) -> BaseException:
     return error
 
 
-async def parse_body(request: fastapi.Request, model: type[Body]):
-    """The body as `model`, whatever its content type (curl -d sends a form's); 400 naming the field.
-    Parsed here rather than by FastAPI, whose validation errors would be 422s in its own shape."""
+async def parse_body(request: fastapi.Request, model: type[Body], max_bytes: int = MAX_BODY_BYTES):
+    """The body as `model`, whatever its content type (curl -d sends a form's); 400 naming the field,
+    413 beyond `max_bytes` (read no further). Parsed here rather than by FastAPI, whose validation
+    errors would be 422s in its own shape."""
+    too_large = APIError(413, f"the request body is larger than this server's limit of {max_bytes} bytes",
+                         code="request_too_large")  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(bytes(body))
     except ValidationError as error:
         raise validation_error(error.errors()) from error
 

@@ -13,7 +13,11 @@ The app uses only this much of the engine, so another engine (a naive baseline, 
 stand in: `tokenizer` (the server tokenizes, applies chat templates and detokenizes),
 `add_request(prompt_token_ids, params, adapter, request_id)` returning a handle with `stream()`,
 `result(timeout)` and `cancel()` (or an awaitable of that handle: a remote engine's, once queued
-there), `adapters()`, `load_adapter(name, path)`, `unload_adapter(name)` and `metrics()`.
+there), `adapters()`, `load_adapter(name, path)`, `unload_adapter(name)` and `metrics()`; and, where
+it has them, `max_model_len` (shown by `/v1/models`) and `accepting` (False: `/health` answers 503).
+
+Tokenizing and applying chat templates run in a worker thread, never on the event loop: one long
+prompt does not stall the other streams or `/health`. A body beyond `max_body_bytes` gets 413.
 
 Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (`openai_protocol`,
 with the request bodies); a stream that fails after its first event ends, as vLLM's do, with a
@@ -38,10 +42,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fused_train.serving.engine import RequestFailed, SamplingParams
+from fused_train.serving.engine import RequestFailed, SamplingParams, decode_text
 from fused_train.serving.openai_protocol import (
-    CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, APIError, ChatMessage, ChatRequest, CompletionRequest, LoadAdapterRequest,
-    UnloadAdapterRequest, engine_error, parse_body, refuse_unsupported, sampling_params, usage,
+    CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, MAX_BODY_BYTES, APIError, ChatMessage, ChatRequest, CompletionRequest,
+    LoadAdapterRequest, UnloadAdapterRequest, engine_error, parse_body, refuse_unsupported, sampling_params, usage,
 )  # fmt: skip
 
 __all__ = ["RunningServer", "build_app", "start_server"]
@@ -61,7 +65,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class _Detokenizer:
     """A choice's text as its tokens arrive, released only once final: never the tail of an
     incomplete UTF-8 sequence (the decoder shows U+FFFD there until it completes), never a stop
-    string or the start of one. The engine's final `RequestOutput.text` has the last word."""
+    string or the start of one. The engine's final `RequestOutput.text` has the last word; both
+    decode as `decode_text` does, so each decode extends the text already sent."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, stop
@@ -70,7 +75,7 @@ class _Detokenizer:
 
     def push(self, token_id: int) -> str:
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = decode_text(self.tokenizer, self.token_ids)
         end = len(text.rstrip("\ufffd"))
         for stop in self.stop:
             found = text.find(stop)
@@ -100,9 +105,18 @@ class _EngineCollector:
         self.engine = engine
 
     def collect(self):
-        for name, value in sorted(_flatten(self.engine.metrics()).items()):
+        metrics = self.engine.metrics()
+        draining = (metrics.get("adapters") or {}).get("draining")
+        for name, value in sorted(_flatten(metrics).items()):
             family = CounterMetricFamily if name in COUNTERS else GaugeMetricFamily
             yield family(f"fused_train_{name}", f"engine metrics()[{name!r}]", value=value)
+        if isinstance(draining, dict):
+            family = GaugeMetricFamily("fused_train_adapter_draining_requests",
+                                       "running requests of an unloaded adapter, which is freed when they end",
+                                       labels=["adapter"])  # fmt: skip
+            for adapter, count in sorted(draining.items()):
+                family.add_metric([adapter], count)
+            yield family
 
 
 def _flatten(metrics: dict, prefix: str = "") -> dict:
@@ -160,8 +174,8 @@ def _read_chat_template(path: str) -> str | None:
 class _Server:
     """The app's state and request handling (the routes are thin wrappers in `build_app`)."""
 
-    def __init__(self, engine, model_name, adapter_dirs, adapter_paths):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine, model_name, adapter_dirs, adapter_paths, max_body_bytes):
+        self.engine, self.model_name, self.max_body_bytes = engine, model_name, max_body_bytes
         self.adapter_dirs = [os.path.realpath(d) for d in adapter_dirs]
         self.adapter_paths = dict(adapter_paths or {})
         self.templates = {name: _read_chat_template(path) for name, path in self.adapter_paths.items()}
@@ -179,9 +193,12 @@ class _Server:
                        code="model_not_found")  # fmt: skip
 
     def models(self) -> dict:
+        max_model_len = getattr(self.engine, "max_model_len", None)
+
         def card(name, root, parent):
-            return {"id": name, "object": "model", "created": self.created, "owned_by": "fused_train", "root": root,
+            card = {"id": name, "object": "model", "created": self.created, "owned_by": "fused_train", "root": root,
                     "parent": parent}  # fmt: skip
+            return card if max_model_len is None else {**card, "max_model_len": max_model_len}
 
         cards = [card(self.model_name, self.model_name, None)]
         cards += [card(name, self.adapter_paths.get(name, name), self.model_name) for name in self.engine.adapters()]
@@ -275,13 +292,21 @@ class _Server:
         else:
             max_tokens, default = body.max_tokens, COMPLETION_MAX_TOKENS
         params = sampling_params(body, max_tokens, default)
+        limit = getattr(self.engine, "max_model_len", None)
+        if limit is not None and params[0].max_tokens >= limit:  # too long whatever the prompt: name the field
+            field = "max_completion_tokens" if kind == "chat" and body.max_completion_tokens else "max_tokens"
+            message = f"{field}={params[0].max_tokens} leaves no room for a prompt in this model's maximum context"
+            raise APIError(400, f"{message} length of {limit} tokens", param=field, code="context_length_exceeded")
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         handles = await self.submit(prompts, params, adapter, request_id, param)
         base = {"id": request_id, "created": int(time.time()), "model": body.model}
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = self.stream_events(kind, base, handles, params[0].stop, include_usage, len(params))
+            options = body.stream_options
+            include_usage = options is not None and options.include_usage
+            continuous = include_usage and options.continuous_usage_stats
+            prompt_tokens = sum(len(prompt) for prompt in prompts) if continuous else None
+            events = self.stream_events(kind, base, handles, params[0].stop, include_usage, prompt_tokens, len(params))
             return StreamingResponse(events, media_type="text/event-stream")
         return JSONResponse(await self.complete(request, kind, base, handles, len(params)))
 
@@ -311,10 +336,16 @@ class _Server:
         obj = "chat.completion" if kind == "chat" else "text_completion"
         return {**base, "object": obj, "choices": choices, "usage": usage(outputs, n)}
 
-    async def stream_events(self, kind, base, handles, stop, include_usage, n):
+    async def stream_events(self, kind, base, handles, stop, include_usage, prompt_tokens, n):
+        """The SSE events; with `prompt_tokens` (continuous_usage_stats), every chunk has the usage so far."""
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        completion_tokens = [0] * len(handles)
 
         def chunk(choices, **extra) -> str:
+            if prompt_tokens is not None and "usage" not in extra:
+                done = sum(completion_tokens)
+                extra["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                                  "total_tokens": prompt_tokens + done}  # fmt: skip
             return f"data: {json.dumps({**base, 'object': obj, 'choices': choices, **extra})}\n\n"
 
         def choice(index, text, finish_reason=None):
@@ -330,7 +361,8 @@ class _Server:
                     for index in range(len(handles)):
                         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}])  # fmt: skip
-                async for index, text, output in _merge([self.choice_events(h, stop) for h in handles]):
+                async for index, text, output, tokens in _merge([self.choice_events(h, stop) for h in handles]):
+                    completion_tokens[index] = tokens
                     if output is None:
                         yield chunk([choice(index, text)])
                         continue
@@ -349,15 +381,16 @@ class _Server:
                 handle.cancel()
 
     async def choice_events(self, handle, stop):
-        """(text, None) as a choice's text becomes final, then (the rest, its RequestOutput)."""
+        """(text, None, tokens so far) as a choice's text becomes final, then (the rest, its
+        RequestOutput, its tokens)."""
         detokenizer = _Detokenizer(self.engine.tokenizer, tuple(stop))
         async for token_id in handle.stream():
             text = detokenizer.push(token_id)
             if text:
-                yield text, None
+                yield text, None, len(detokenizer.token_ids)
         output = handle.result(timeout=0)
         self.metrics.observe(output)
-        yield detokenizer.finish(output.text), output
+        yield detokenizer.finish(output.text), output, len(output.token_ids)
 
 
 async def _cancel_on_disconnect(request: fastapi.Request, handles) -> None:
@@ -399,7 +432,7 @@ async def _merge(streams):
 
 
 def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None = None,
-              adapter_paths: dict | None = None) -> fastapi.FastAPI:  # fmt: skip
+              adapter_paths: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> fastapi.FastAPI:  # fmt: skip
     """The FastAPI app over `engine` (see the module docstring).
 
     Args:
@@ -411,17 +444,20 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
             and /metrics stay open.
         adapter_paths: name -> directory of the adapters loaded at start: `/v1/models` shows
             them as `root`, and an adapter's own chat template is read from there.
+        max_body_bytes: a request body beyond this gets 413 (8 MiB by default).
     """
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty str, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty str or None")
+    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
     if isinstance(adapter_dirs, (str, os.PathLike)):
         raise ValueError("adapter_dirs must be a list of directories, not one path")
     for directory in adapter_dirs:
         if not os.path.isdir(directory):
             raise ValueError(f"adapter_dirs: {directory!r} is not a directory")
-    server = _Server(engine, model_name, adapter_dirs, adapter_paths)
+    server = _Server(engine, model_name, adapter_dirs, adapter_paths, max_body_bytes)
     app = fastapi.FastAPI(title="fused_train", openapi_url=None)
     app.state.server = server
 
@@ -433,6 +469,14 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
     async def http_error(request, error: StarletteHTTPException):
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return APIError(error.status_code, str(error.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, error: Exception):  # a bug: still an answer in OpenAI's shape
+        return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error",
+                        code="internal_error").response()  # fmt: skip
+
+    async def body_of(request, model):
+        return await parse_body(request, model, server.max_body_bytes)
 
     async def authorized(authorization: str | None = fastapi.Header(None)):
         if api_key is None:
@@ -446,16 +490,16 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
 
     @v1.post("/completions")
     async def completions(request: fastapi.Request):
-        body = await parse_body(request, CompletionRequest)
+        body = await body_of(request, CompletionRequest)
         adapter = server.adapter_for(body.model)
-        prompts = server.encode_prompts(body.prompt)
+        prompts = await run_in_threadpool(server.encode_prompts, body.prompt)
         return await server.generate(request, "completion", body, prompts, adapter, "prompt")
 
     @v1.post("/chat/completions")
     async def chat_completions(request: fastapi.Request):
-        body = await parse_body(request, ChatRequest)
+        body = await body_of(request, ChatRequest)
         adapter = server.adapter_for(body.model)
-        prompts = [server.encode_chat(body.messages, adapter)]
+        prompts = [await run_in_threadpool(server.encode_chat, body.messages, adapter)]
         return await server.generate(request, "chat", body, prompts, adapter, "messages")
 
     @v1.get("/models")
@@ -464,16 +508,18 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
 
     @v1.post("/load_lora_adapter")
     async def load_lora_adapter(request: fastapi.Request):
-        return await server.load_adapter(await parse_body(request, LoadAdapterRequest))
+        return await server.load_adapter(await body_of(request, LoadAdapterRequest))
 
     @v1.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: fastapi.Request):
-        return await server.unload_adapter(await parse_body(request, UnloadAdapterRequest))
+        return await server.unload_adapter(await body_of(request, UnloadAdapterRequest))
 
     app.include_router(v1)
 
     @app.get("/health")
     async def health():
+        if not getattr(engine, "accepting", True):  # draining: a load balancer stops sending here
+            return APIError(503, "the server is shutting down", type="server_error", code="unavailable").response()
         return {"status": "ok"}
 
     @app.get("/metrics")

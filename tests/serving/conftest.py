@@ -19,6 +19,7 @@ import pytest
 from bench.tiny_serving import make_adapters, make_model_dir
 from fused_train.cli import open_engine
 from fused_train.serving import Engine
+from fused_train.serving.openai_protocol import MAX_BODY_BYTES
 from fused_train.serving.server import build_app, start_server
 
 MODEL_NAME = "tiny"
@@ -68,7 +69,8 @@ def reference_path():
 
 
 @contextlib.contextmanager
-def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None, **engine_options):
+def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None, max_body_bytes=MAX_BODY_BYTES,
+            **engine_options):  # fmt: skip
     """A LiveServer over `engine` (or a new Engine on `model_dir` with `adapters` and `engine_options`
     over ENGINE_OPTIONS); server and engine are stopped on exit."""
     import os
@@ -78,7 +80,7 @@ def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None
     engine = engine or open_engine(model_dir, adapters, **{**ENGINE_OPTIONS, **engine_options})
     try:
         app = build_app(engine, model_name=MODEL_NAME, adapter_dirs=adapter_dirs, api_key=api_key,
-                        adapter_paths=adapters)  # fmt: skip
+                        adapter_paths=adapters, max_body_bytes=max_body_bytes)  # fmt: skip
         with start_server(app) as server:
             yield LiveServer(server.url, engine, MODEL_NAME, dict(adapters), api_key)
     finally:

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig
 
-from fused_train.serving import Engine, QueueFull, RequestFailed, SamplingParams
+from fused_train.serving import Engine, PromptTooLong, QueueFull, RequestFailed, SamplingParams
 from fused_train.serving.paged_cache import PagedKVCache
 from tests.conftest import DEVICE
 from tests.patching.tiny_models import tiny_model
@@ -248,3 +248,87 @@ def test_a_request_whose_forward_raises_fails_alone(adapter_dirs, cpu_path):
             list(bad)
         assert good.result(timeout=300).token_ids == expected.token_ids
         assert engine.metrics()["kv_pages_used"] == 0
+
+
+def test_a_cancelled_async_consumer_leaves_the_engine_running(adapter_dirs, cpu_path):
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    with _engine(adapter_dirs) as engine:
+        (expected,) = engine.generate([[5, 6, 7]], greedy, "qv4")
+        handle = engine.add_request([5, 6, 7], SamplingParams(max_tokens=250, temperature=0, ignore_eos=True))
+
+        async def consume():
+            async for _ in handle.stream():
+                pass
+
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(asyncio.wait_for(consume(), 0.05))  # cancelled while waiting, then its loop closes
+        # The request goes on, its tokens published to nobody; the engine serves the others.
+        assert handle.result(timeout=300).finish_reason == "length"
+        assert engine.generate([[5, 6, 7]], greedy, "qv4")[0].token_ids == expected.token_ids
+        assert engine.metrics()["kv_pages_used"] == 0
+
+
+def _running(engine, prompt, params, adapter):
+    """A request that has produced two tokens: running, with most of its tokens to come."""
+    handle = engine.add_request(prompt, params, adapter)
+    tokens = iter(handle)
+    next(tokens), next(tokens)
+    return handle
+
+
+def test_a_request_keeps_the_adapter_version_it_started_with(adapter_dirs, cpu_path):
+    prompt, params = [5, 6, 7], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    with Engine(_base(), adapters={"x": adapter_dirs["qv4"]}, kv_dtype="model", kv_cache_tokens=512) as engine:
+        (old,) = engine.generate([prompt], params, "x")
+        handle = _running(engine, prompt, params, "x")
+        engine.unload_adapter("x")
+        engine.load_adapter("x", adapter_dirs["all8"])  # the same name, other weights
+        assert not handle.done()
+        (new,) = engine.generate([prompt], params, "x")  # alongside the running one: both versions in its steps
+        assert new.token_ids != old.token_ids
+        assert handle.result(timeout=300).token_ids == old.token_ids
+        metrics = engine.metrics()
+        assert metrics["adapters"]["draining"] == {} and metrics["adapters"]["resident"] == ["x"]
+        assert metrics["kv_pages_used"] == 0
+
+
+def test_unload_waits_for_the_running_requests_of_the_adapter(adapter_dirs, cpu_path):
+    prompt, params = [5, 6, 7], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    with _engine(adapter_dirs) as engine:
+        (alone,) = engine.generate([prompt], params, "all8")
+        handle = _running(engine, prompt, params, "all8")
+        engine.unload_adapter("all8")
+        assert "all8" not in engine.adapters() and engine.metrics()["adapters"]["draining"] == {"all8": 1}
+        with pytest.raises(ValueError, match="unknown adapter 'all8'"):
+            engine.add_request(prompt, params, "all8")
+        output = handle.result(timeout=300)
+        assert output.finish_reason == "length" and output.token_ids == alone.token_ids and output.adapter == "all8"
+        adapters = engine.metrics()["adapters"]
+        assert adapters["draining"] == {} and "all8" not in adapters["resident"] + adapters["host"]
+
+
+def test_prompt_and_max_tokens_are_held_to_the_context_length(cpu_path):
+    assert _base().config.max_position_embeddings == 256
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Engine(_base(), kv_dtype="model", kv_cache_tokens=64, max_model_len=257)
+    with Engine(_base(), kv_dtype="model", kv_cache_tokens=1024) as engine:
+        assert engine.max_model_len == 256
+        with pytest.raises(PromptTooLong, match="maximum context length is 256 tokens.*250 in the prompt"):
+            engine.add_request([5] * 250, SamplingParams(max_tokens=7))
+        assert len(engine.generate([[5] * 250], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids) == 6
+    with Engine(_base(), kv_dtype="model", kv_cache_tokens=64, max_model_len=32) as engine:
+        with pytest.raises(PromptTooLong, match="maximum context length is 32 tokens"):
+            engine.add_request([5] * 30, SamplingParams(max_tokens=3))
+
+
+def test_min_tokens_holds_back_the_stop_tokens(adapter_dirs, cpu_path):
+    with _engine(adapter_dirs) as engine:
+        (free,) = engine.generate([[8, 9]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        stop_id = free.token_ids[0]
+        params = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[stop_id], min_tokens=3)
+        (held,) = engine.generate([[8, 9]], params)
+        assert stop_id not in held.token_ids[:3] and len(held.token_ids) >= 3
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)

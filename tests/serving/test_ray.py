@@ -155,7 +155,7 @@ def test_a_client_that_disconnects_cancels_its_request_on_the_replica(ray_server
 
     async def main():
         before = await cancelled()
-        body = {"model": "b", "prompt": "The cat", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        body = {"model": "b", "prompt": "The cat", "max_tokens": 2000, "ignore_eos": True, "stream": True}
         async with httpx.AsyncClient(timeout=60) as client:
             async with client.stream("POST", f"{ray_server}/v1/completions", json=body) as response:
                 assert response.status_code == 200
@@ -186,7 +186,7 @@ def test_remote_engine_cancel_ends_the_request_on_its_replica(ray_server, tiny_m
         tokens = [token async for token in handle.stream()]
         output = handle.result(timeout=0)
         assert output.token_ids == tokens and output.text == expected[PROMPTS[1], "c"]
-        long = SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+        long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)  # within max_model_len (2048)
         handle = await engine.add_request(prompt, long, "c")
         stream = handle.stream()
         await stream.__anext__()

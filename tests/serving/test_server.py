@@ -133,6 +133,7 @@ def test_every_model_streamed_or_not_equals_the_engine(live_server):
 def test_models_lists_the_base_and_every_adapter(live_server):
     models = {m.id: m for m in live_server.client().models.list().data}
     assert set(models) == {"tiny", "a", "b", "c", "d"}
+    assert {m.max_model_len for m in models.values()} == {2048}  # max_position_embeddings, as vLLM shows it
     assert models["tiny"].parent is None and models["tiny"].owned_by == "fused_train"
     for name in "abcd":
         assert models[name].parent == "tiny" and models[name].root == live_server.adapters[name]
@@ -195,8 +196,13 @@ BAD_COMPLETIONS = [
     ({"model": "tiny", "prompt": PROMPT, "temprature": 0}, 400, "temprature", "unsupported_parameter", "unknown"),
     ({"model": "nope", "prompt": PROMPT}, 404, "model", "model_not_found", "nope"),
     ({"model": "tiny", "prompt": "x" * 1100}, 400, "prompt", "context_length_exceeded", "max_batch_tokens"),
-    ({"model": "tiny", "prompt": PROMPT, "max_tokens": 10**6}, 400, "prompt", "context_length_exceeded", "KV cache"),
-    ({"model": "tiny", "prompt": [1, 5, 10**6]}, 400, None, None, "token ids"),
+    ({"model": "tiny", "prompt": PROMPT, "max_tokens": 10**6}, 400, "max_tokens", "context_length_exceeded",
+     "maximum context length of 2048 tokens"),
+    ({"model": "tiny", "prompt": [1] * 2040, "max_tokens": 100}, 400, "prompt", "context_length_exceeded",
+     "maximum context length is 2048 tokens"),
+    ({"model": "tiny", "prompt": [1, 5, 10**6]}, 400, "prompt", None, "token ids"),
+    ({"model": "tiny", "prompt": PROMPT, "seed": 2**64}, 400, "seed", None, ""),
+    ({"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens", None, "at most"),
 ]  # fmt: skip
 BAD_CHATS = [
     ({"model": "tiny", "messages": "hi"}, 400, "messages", None, ""),
@@ -386,7 +392,8 @@ def test_503_while_draining_then_metrics(serve):
         # The base model: an adapter's name is unknown once the drain has ended (the pool is closed).
         response = httpx.post(url, json={"model": "tiny", "prompt": PROMPT}, timeout=30)
         _assert_error(response, 503, code="unavailable", match="shutting down")
-        _healthy(server)
+        # A load balancer's health check: stop sending here.
+        _assert_error(httpx.get(f"{server.url}/health", timeout=30), 503, code="unavailable", match="shutting down")
         rest = [line for line in lines if line]
     drain.join(60)
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
@@ -402,8 +409,8 @@ def test_503_while_draining_then_metrics(serve):
 
 def test_the_cli_serves_until_terminated(tiny_model_dir, tiny_adapters):
     command = [sys.executable, "-m", "fused_train.cli", "serve", "--model", tiny_model_dir, "--adapter",
-               f"a={tiny_adapters['a']}", "--port", "0", "--served-model-name", "tiny",
-               "--log-level", "warning"]  # fmt: skip
+               f"a={tiny_adapters['a']}", "--port", "0", "--served-model-name", "tiny", "--max-model-len", "512",
+               "--max-body-bytes", "1000", "--log-level", "warning"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -416,7 +423,10 @@ def test_the_cli_serves_until_terminated(tiny_model_dir, tiny_adapters):
             time.sleep(0.1)
         url = next(line for line in lines if "serving" in line).split()[-1]
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200
-        assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]] == ["tiny", "a"]
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [("tiny", 512), ("a", 512)]
+        response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x" * 1000}, timeout=30)
+        _assert_error(response, 413, code="request_too_large", match="1000 bytes")
         process.terminate()
         assert process.wait(timeout=60) == 0
     finally:
