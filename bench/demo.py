@@ -172,9 +172,9 @@ def make_collator(run: str, max_doc_tokens: int):
     if run == "flattening":
         flatten = DataCollatorWithFlattening(return_tensors="pt")
     else:
-        # One row, like the anchor: with a fixed number of documents per step, rows of max_tokens
-        # would leave filler in the last row (about 15% here), which a CPU computes for nothing.
-        # max_tokens is the longest document allowed, so no document is split.
+        # One row, like the anchor: no filler at all (the default rows leave a few percent,
+        # bench/bench_collator.py compares the layouts). max_tokens is the longest document
+        # allowed, so no document is split.
         flatten = fused_train.PackedCollator(max_tokens=max_doc_tokens, pad_token_id=PAD_ID, flatten=True)
     return lambda documents: flatten([{"input_ids": doc} for doc in documents])
 

@@ -2,11 +2,11 @@
 
 import torch
 
+from fused_train.attention_ops import varlen_attention_op
 from fused_train.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
 from fused_train.kernels.varlen_attention_ref import check_varlen_inputs, varlen_attention_ref
 
 if HAS_TRITON:
-    from fused_train.attention_ops import varlen_attention_triton
     from fused_train.kernels.varlen_attention import FP32_MAX_HEAD_DIM, MAX_HEAD_DIM, kernel_supports
 
 
@@ -48,24 +48,30 @@ def varlen_attention(
 
     The Triton kernel runs where `triton_runs_on` says so, for float16/bfloat16 with head_dim up to
     256 (larger raises ValueError) and float32 up to 128 (its matmuls run as tf32 on the GPU);
-    float64, float32 beyond head_dim 128 and other devices use the PyTorch reference. The kernel's
-    launcher validates the inputs inside the custom op, so the checks also run under `torch.compile`.
+    float64, float32 beyond head_dim 128 and other devices use the PyTorch reference (on a CPU in
+    few SDPA calls, `fused_train.cpu_attention`). Under `torch.compile` either runs inside the custom
+    op (`fused_train.attention_ops`), one opaque node in the graph; the op validates the inputs, so
+    the checks also run under `torch.compile`.
     """
-    if triton_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k):
-        if q.dim() == 3 and q.shape[2] > MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {q.shape[2]}")
-        if kernel_supports(q):
-            out, lse = varlen_attention_triton(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, check_cu_seqlens
-            )
-            return (out, lse) if return_lse else out
+    triton = triton_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if triton and q.dim() == 3 and q.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {q.shape[2]}")
+    kernel = triton and kernel_supports(q)
+    if triton and not kernel:
         warn_reference_path(q, f"varlen_attention {q.dtype}", (
             f"varlen_attention on {q.dtype} CUDA tensors of head_dim {q.shape[-1]} runs the PyTorch reference, one "
             f"attention per document: the kernel takes float16 and bfloat16 up to head_dim {MAX_HEAD_DIM}, float32 "
             f"up to {FP32_MAX_HEAD_DIM}. Pass bfloat16 or float16 inputs to run it."
         ))  # fmt: skip
+    # Under torch.compile the reference runs inside the custom op too, opaque to dynamo (its
+    # per-sequence loop would break the graph in every layer).
+    if kernel or torch.compiler.is_compiling():
+        out, lse = varlen_attention_op(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, check_cu_seqlens
+        )
+        return (out, lse) if return_lse else out
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens)
-    if q.device.type == "cpu" and softcap == 0 and not return_lse and not torch.compiler.is_compiling():
+    if q.device.type == "cpu" and softcap == 0 and not return_lse:
         from fused_train.cpu_attention import varlen_attention_cpu
 
         # Few SDPA calls per row, chosen by measured cost, instead of one per sequence.

@@ -3,12 +3,26 @@
 The forward op returns `(out, lse)`; its backward calls the backward op with the gradients of both
 (the lse's gradient `dlse` enters as `delta_i = rowsum(o_i * do_i) - dlse_i`, since
 `d lse_i / d s_ij = p_ij`). The fake implementations only allocate, so `torch.compile` traces the ops
-without running them; the kernels run with real tensors, where the launchers validate their inputs.
+without running them. With real tensors each op runs the Triton kernel where it can
+(`kernel_runs_on`) and the plain-PyTorch reference elsewhere (a CPU without Triton's interpreter,
+float64, ...), so that under `torch.compile` attention is one opaque op on every device: the
+reference's per-sequence loop reads the offsets on the host, which would break the graph in every
+layer if dynamo traced it. The kernels' launchers and the reference path validate their inputs.
 """
 
 import torch
 
-from fused_train.kernels.varlen_attention import varlen_attention_bwd, varlen_attention_fwd
+from fused_train.dispatch import HAS_TRITON, triton_runs_on
+from fused_train.kernels.varlen_attention_ref import check_varlen_inputs, varlen_attention_bwd_ref, varlen_attention_ref
+
+if HAS_TRITON:
+    from fused_train.kernels.varlen_attention import kernel_supports, varlen_attention_bwd, varlen_attention_fwd
+
+
+def kernel_runs_on(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on these inputs: Triton runs there (`triton_runs_on`) and the
+    kernels take `q`'s dtype and head_dim."""
+    return triton_runs_on(q, *tensors) and kernel_supports(q)
 
 
 @torch.library.custom_op("fused_train::varlen_attention_fwd", mutates_args=())
@@ -26,9 +40,15 @@ def varlen_attention_fwd_op(
     check_cu_seqlens_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(out, lse)`: `out` like `q`, `lse` `[num_heads, total_q]` float32."""
-    return varlen_attention_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, (window_left, window_right), softcap,
-        check_cu_seqlens_values=check_cu_seqlens_values,
+    window_size = (window_left, window_right)
+    if kernel_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        return varlen_attention_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap,
+            check_cu_seqlens_values=check_cu_seqlens_values,
+        )
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens_values)
+    return varlen_attention_ref(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, return_lse=True
     )
 
 
@@ -56,6 +76,11 @@ def varlen_attention_bwd_op(
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(dq, dk, dv)` given `dout` and, when the lse was used, `dlse`."""
+    if not kernel_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        return varlen_attention_bwd_ref(
+            dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+            (window_left, window_right), softcap,
+        )
     return varlen_attention_bwd(
         dout.contiguous(),
         q,
@@ -103,7 +128,7 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("fused_train::varlen_attention_fwd", _backward, setup_context=_setup_context)
 
 
-def varlen_attention_triton(
+def varlen_attention_op(
     q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, check_cu_seqlens_values=True
 ):
     """`(out, lse)` through the custom ops, differentiable in `q`, `k`, `v` (and through `lse`)."""

@@ -8,14 +8,26 @@ from fused_train.packing import chunk_spans, plan_packing
 
 
 class PackedCollator:
-    """Packs a list of examples into rows of `max_tokens` tokens (or one flat row) for causal LM training.
+    """Packs a list of examples into rows of at most `max_tokens` tokens (or one flat row) for causal LM training.
 
     Each example is a mapping with `input_ids` (a list of ints or a 1-D integer tensor) and optionally
     `labels` of the same length (-100 where no loss is wanted); without labels, the input ids are the
     labels. The rows are planned by best-fit-decreasing (`plan_packing`); an example longer than
-    `max_tokens` is cut into chunks, each then treated as a document of its own, never dropped.
+    `max_tokens` is cut into chunks of `max_tokens`, each then treated as a document of its own,
+    never dropped.
 
-    The returned dict holds, as `[rows, max_tokens]` tensors (`[1, total_tokens]` with `flatten=True`):
+    Layouts, all `[rows, width]` tensors:
+      - default: as few rows as best-fit-decreasing needs at `max_tokens`, with the documents then
+        spread over those rows so that the widest is as narrow as it can be, in steps of
+        `pad_to_multiple_of`; every row is padded to that width (at most `max_tokens`). A batch
+        that leaves the last row half empty at `max_tokens` costs little filler this way, and
+        widths vary from batch to batch in steps of `pad_to_multiple_of` only;
+      - `pad_to_max_tokens=True`: rows of exactly `max_tokens`, one shape for every batch (static
+        shapes: CUDA graphs, `torch.compile` without dynamic shapes), at the price of the filler
+        that the last row leaves, which the model computes for nothing;
+      - `flatten=True`: the same documents in one row of `total_tokens`, no filler.
+
+    The returned dict holds:
       - `input_ids`: documents one after another, filler `pad_token_id` after them;
       - `labels`: the documents' labels with -100 on each document's first token, so that no
         document is trained to predict its successor's first token, and -100 on filler;
@@ -24,20 +36,29 @@ class PackedCollator:
     row counts as one more sequence: `cu_seq_lens_q`/`cu_seq_lens_k` (int32) and
     `max_length_q`/`max_length_k` (ints). With `fused_train.patch(model)` attention never crosses a
     document; no attention mask is built.
-
-    Rows of `max_tokens` keep every batch one shape, at the price of filler that the model computes
-    for nothing (on average what the last row leaves free). Where shapes may vary from batch to
-    batch (CPU training; a GPU without static-shape compilation), `flatten=True` lays the same
-    documents in one row with no filler: same loss, fewer tokens computed.
     """
 
-    def __init__(self, max_tokens: int, pad_token_id: int = 0, label_pad_id: int = -100, flatten: bool = False):
+    def __init__(
+        self,
+        max_tokens: int,
+        pad_token_id: int = 0,
+        label_pad_id: int = -100,
+        flatten: bool = False,
+        pad_to_max_tokens: bool = False,
+        pad_to_multiple_of: int = 64,
+    ):
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if not isinstance(pad_to_multiple_of, int) or isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+        if flatten and pad_to_max_tokens:
+            raise ValueError("flatten=True lays one row without filler; it cannot also pad_to_max_tokens")
         self.max_tokens = max_tokens
         self.pad_token_id = pad_token_id
         self.label_pad_id = label_pad_id
         self.flatten = flatten
+        self.pad_to_max_tokens = pad_to_max_tokens
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: Sequence[Mapping]) -> dict:
         if len(examples) == 0:
@@ -45,10 +66,14 @@ class PackedCollator:
         input_ids, labels = zip(*(self._read_example(i, example) for i, example in enumerate(examples)))
         lengths = [len(ids) for ids in input_ids]
         rows = chunk_spans(plan_packing(lengths, self.max_tokens), lengths, self.max_tokens)
-
-        row_width = sum(lengths) if self.flatten else self.max_tokens
         if self.flatten:
             rows = [[span for row in rows for span in row]]
+            row_width = sum(lengths)
+        elif self.pad_to_max_tokens:
+            row_width = self.max_tokens
+        else:
+            rows, row_width = self._narrowest_rows(rows)
+
         out_ids = torch.full((len(rows), row_width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((len(rows), row_width), self.label_pad_id, dtype=torch.long)
         out_positions = torch.zeros((len(rows), row_width), dtype=torch.long)
@@ -76,6 +101,23 @@ class PackedCollator:
             "max_length_q": max(seq_lens),
             "max_length_k": max(seq_lens),
         }
+
+    def _narrowest_rows(self, rows):
+        """The pieces of `rows` re-planned into as many rows, as narrow as they can be in steps of
+        `pad_to_multiple_of` (at most `max_tokens`, where the given plan fits), and that width."""
+        pieces = [span for row in rows for span in row]
+        sizes = [end - start for _, start, end in pieces]
+        step = self.pad_to_multiple_of
+        width = max(-(-sum(sizes) // len(rows)), max(sizes))
+        width = -(-width // step) * step
+        while width < self.max_tokens:
+            plan = plan_packing(sizes, width, split_long=False)
+            if len(plan) <= len(rows):
+                rows = [[pieces[i] for i in row] for row in plan]
+                break
+            width += step
+        widest = max(sum(end - start for _, start, end in row) for row in rows)
+        return rows, min(-(-widest // step) * step, self.max_tokens)
 
     @staticmethod
     def _read_example(index: int, example: Mapping) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,3 +157,69 @@ def varlen_attention_ref(
         return out
     lse = torch.cat(lses, dim=1) if lses else q.new_zeros((num_heads, 0), dtype=torch.float32)
     return out, lse
+
+
+
+def varlen_attention_bwd_ref(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    causal=False,
+    softmax_scale=None,
+    window_size=(-1, -1),
+    softcap=0.0,
+):
+    """Plain-PyTorch backward of `varlen_attention_ref(..., return_lse=True)`: `(dq, dk, dv)`.
+
+    Given the gradients `dout` of `out` and `dlse` of `lse` (None where the lse was not used), with
+    the backward kernels' math, one sequence at a time: `p = softmax(s)`, `dv = p^T do`,
+    `ds = p * (do v^T - rowsum(do * o) + dlse)` (times `1 - tanh^2` under a softcap),
+    `dq = ds k * scale`, `dk = ds^T q * scale`; dk and dv are summed over each GQA group's query
+    heads. The probabilities and `o = p v` are recomputed in the compute dtype (float32, float64
+    for float64 inputs) rather than read from the forward's float32 lse and `q`-dtype output.
+    This is what the custom op runs where the kernel cannot, so it needs no autograd (none runs
+    inside a custom op).
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    if dlse is None:
+        dlse = q.new_zeros((num_heads, q.shape[0]), dtype=compute_dtype)
+    pieces = zip(
+        *(t.to(compute_dtype).split(lengths_q) for t in (q, dout)),
+        *(t.to(compute_dtype).split(lengths_k) for t in (k, v)),
+        dlse.to(compute_dtype).split(lengths_q, dim=1),
+    )
+    dqs, dks, dvs = [], [], []
+    for q_doc, do_doc, k_doc, v_doc, dlse_doc in pieces:
+        len_q, len_k = q_doc.shape[0], k_doc.shape[0]
+        # [heads, tokens, head_dim], keys and values repeated to every query head of their group.
+        q_seq, do_seq = q_doc.transpose(0, 1), do_doc.transpose(0, 1)
+        k_seq = k_doc.transpose(0, 1).repeat_interleave(group, dim=0)
+        v_seq = v_doc.transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = torch.matmul(q_seq, k_seq.transpose(1, 2)) * scale
+        if softcap > 0:
+            capped = torch.tanh(scores / softcap)
+            scores = softcap * capped
+        scores = scores.masked_fill(~visible_keys_mask(len_q, len_k, causal, window_size, q.device), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        # A row that sees no key (lse -inf) has probabilities zero, as its output.
+        probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0))
+        delta = (do_seq * torch.matmul(probs, v_seq)).sum(-1, keepdim=True) - dlse_doc[..., None]
+        dscores = probs * (torch.matmul(do_seq, v_seq.transpose(1, 2)) - delta)
+        if softcap > 0:
+            dscores = dscores * (1 - capped * capped)
+        dqs.append((torch.matmul(dscores, k_seq) * scale).transpose(0, 1))
+        dk_seq = torch.matmul(dscores.transpose(1, 2), q_seq) * scale
+        dv_seq = torch.matmul(probs.transpose(1, 2), do_seq)
+        dks.append(dk_seq.view(num_kv_heads, group, len_k, head_dim).sum(1).transpose(0, 1))
+        dvs.append(dv_seq.view(num_kv_heads, group, len_k, head_dim).sum(1).transpose(0, 1))
+    return torch.cat(dqs).to(q.dtype), torch.cat(dks).to(k.dtype), torch.cat(dvs).to(v.dtype)

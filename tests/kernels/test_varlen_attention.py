@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fused_train.attention import varlen_attention
-from fused_train.attention_ops import varlen_attention_bwd_op, varlen_attention_fwd_op
+from fused_train.attention_ops import varlen_attention_bwd_op, varlen_attention_fwd_op, varlen_attention_op
 from fused_train.kernels.varlen_attention import (
     BWD_DKDV_CONFIGS,
     BWD_DKDV_CONFIGS_FP32,
@@ -204,6 +204,48 @@ def test_backward_op_passes_opcheck():
     out, lse = varlen_attention_fwd_op(q, k, v, cu_q, cu_k, True, None, 4, -1, 0.0, True)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     torch.library.opcheck(varlen_attention_bwd_op, (dout, dlse, q, k, v, out, lse, cu_q, cu_k, True, None, 4, -1, 0.0))
+
+
+@pytest.mark.parametrize(
+    "case", ["lengths_1_and_off_block", "q_shorter_and_longer_than_k", "window_both_sides", "softcap", "gqa_4_to_1"]
+)
+def test_op_runs_the_reference_where_the_kernel_cannot(case):
+    """float64, which the kernel does not take: the op's forward and its explicit backward
+    (`varlen_attention_bwd_ref`, no autograd inside a custom op) against autograd through the
+    reference, with the lse in the loss."""
+    lengths_q, lengths_k, num_heads, num_kv_heads, head_dim, kwargs = CASES[case]
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, cu_q, cu_k = _inputs(
+        lengths_q, lengths_k or lengths_q, num_heads, num_kv_heads, head_dim, torch.float64, generator
+    )
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = varlen_attention_op(
+        q, k, v, cu_q, cu_k, kwargs["causal"], kwargs.get("softmax_scale"), kwargs.get("window_size", (-1, -1)),
+        kwargs.get("softcap", 0.0),
+    )
+    expected_out, expected_lse = varlen_attention_ref(q, k, v, cu_q, cu_k, return_lse=True, **kwargs)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+
+    def gradients(out, lse):
+        # Rows that see no key have lse -inf: where() keeps them out of the loss and its gradient.
+        lse = torch.where(torch.isinf(lse), 0.0, lse)
+        return torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v))
+
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=0)
+    for name, actual, expected in zip("qkv", gradients(out, lse), gradients(expected_out, expected_lse)):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_reference_in_the_ops_passes_opcheck():
+    generator = torch.Generator().manual_seed(1)
+    q, k, v, cu_q, cu_k = _inputs([9, 0, 20], [9, 3, 20], 2, 1, 16, torch.float64, generator)
+    torch.library.opcheck(varlen_attention_fwd_op, (q.requires_grad_(), k, v, cu_q, cu_k, True, None, -1, -1, 2.0, True))
+    out, lse = varlen_attention_fwd_op(q.detach(), k, v, cu_q, cu_k, True, None, 4, -1, 0.0, True)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(
+        varlen_attention_bwd_op, (dout, dlse, q.detach(), k, v, out, lse, cu_q, cu_k, True, None, 4, -1, 0.0)
+    )
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -4,7 +4,7 @@ import peft
 import torch
 
 import fused_train
-import fused_train.attention
+import fused_train.attention_ops
 import fused_train.lora
 from tests.conftest import DEVICE
 from tests.patching.tiny_models import tiny_model
@@ -21,7 +21,7 @@ def test_patched_peft_model_trains_through_both_kernels(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(
-        fused_train.attention, "varlen_attention_triton", counting("attention", fused_train.attention.varlen_attention_triton)
+        fused_train.attention_ops, "varlen_attention_fwd", counting("attention", fused_train.attention_ops.varlen_attention_fwd)
     )
     monkeypatch.setattr(fused_train.lora, "lora_linear_fwd", counting("lora", fused_train.lora.lora_linear_fwd))
     model = tiny_model("llama").to(DEVICE, torch.bfloat16)
