@@ -318,6 +318,8 @@ class Engine:
             longer than this is refused.
         max_running: sequences in one step at most.
         max_waiting: requests waiting at most; `add_request` raises `QueueFull` beyond.
+        max_overtakes: how many later requests may be admitted ahead of one waiting for an adapter
+            slot (the scheduler's adapter-aware admission); 0: first come first served.
         max_model_len: prompt + max_tokens at most, per request (`PromptTooLong` beyond); None: the
             model's `max_position_embeddings`, which it may lower, never raise.
         clock: seconds, for the metrics (time.monotonic).
@@ -326,7 +328,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, adapters=None, max_loras: int = 8, max_cpu_loras: int = 64,
                  max_rank: int = 64, kv_dtype: str = "int8", kv_cache_tokens: int | None = None, page_size: int = 16,
                  max_batch_tokens: int = 4096, max_running: int = 256, max_waiting: int = 1024,
-                 max_model_len: int | None = None, clock=time.monotonic):  # fmt: skip
+                 max_overtakes: int = 16, max_model_len: int | None = None, clock=time.monotonic):  # fmt: skip
         if kv_dtype not in ("int8", "model"):
             raise ValueError(f'kv_dtype must be "int8" or "model", got {kv_dtype!r}')
         if not isinstance(page_size, int) or page_size < 8 or page_size & (page_size - 1):
@@ -358,7 +360,8 @@ class Engine:
         pages = PageAllocator(-(-kv_cache_tokens // page_size), page_size)
         self.cache = PagedKVCache(model.config, pages.num_pages, page_size, kv_dtype, parameter.dtype, parameter.device)
         self.scheduler = Scheduler(pages, max_batch_tokens=max_batch_tokens, max_running=max_running,
-                                   max_adapters=max_loras, max_waiting=max_waiting)  # fmt: skip
+                                   max_adapters=max_loras, max_waiting=max_waiting,
+                                   max_overtakes=max_overtakes)  # fmt: skip
         self.runner = Runner(model, self.cache, self.pool)
         self.kv_dtype = kv_dtype
         eos = model.generation_config.eos_token_id
