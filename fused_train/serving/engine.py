@@ -597,9 +597,9 @@ class Engine:
         banned = [(row, token) for row, request in enumerate(requests)
                   for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
         params = [request.params for request in requests]
+        seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(logits, [p.temperature for p in params], [p.top_p for p in params],
-                              [p.top_k for p in params], [r.seed for r in requests], [len(r.generated) for r in requests],
-                              banned)  # fmt: skip
+                              [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
         return list(zip(requests, tokens))
 
     def _forward(self, step, requests) -> tuple[list[_Request], torch.Tensor]:

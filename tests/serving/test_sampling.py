@@ -61,7 +61,8 @@ def test_a_seeded_row_draws_the_same_tokens_alone_and_in_any_batch():
     batch = _batch(logits, settings, seeds, indices)
     alone = [_batch(logits[row : row + 1], [settings[row]], [seeds[row]], [indices[row]])[0] for row in range(6)]
     order = [5, 3, 1, 4, 0, 2]
-    shuffled = _batch(logits[order], [settings[i] for i in order], [seeds[i] for i in order], [indices[i] for i in order])
+    shuffled = _batch(logits[order], [settings[i] for i in order], [seeds[i] for i in order],
+                      [indices[i] for i in order])
     assert batch == alone == [shuffled[order.index(row)] for row in range(6)]
     draws = {tuple(_batch(logits[:1].expand(50, VOCAB), [SETTINGS[3]] * 50, [seed] * 50, list(range(50))))
              for seed in (1, 2)}  # fmt: skip
