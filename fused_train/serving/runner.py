@@ -103,13 +103,15 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
 _MASK32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """`x * constant mod 2**32` for int64 `x` in [0, 2**32), by 16-bit halves: no int64 overflow."""
+def _mul32(x, constant: int):
+    """`x * constant mod 2**32` for `x` in [0, 2**32) (an int or an int64 tensor), by 16-bit halves:
+    no int64 overflow."""
     return (x * (constant & 0xFFFF) + (((x * (constant >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (Wellons' lowbias32) of int64 `x` in [0, 2**32), elementwise."""
+def _hash32(x):
+    """A 32-bit integer hash (Wellons' lowbias32) of `x` in [0, 2**32): an int, or elementwise an
+    int64 tensor (the same function on the host and on the device)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -117,15 +119,22 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniforms(seeds: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniforms in (0, 1), `[rows, vocab]` float32: a pure function of each row's (64-bit seed, token
-    index) and the vocabulary id (a counter-based generator). `seeds` holds int64 pairs `[rows, 2]`
-    (low, high 32 bits), `indices` int64 `[rows]`; so a row draws the same noise whatever other rows
-    share its batch, with no generator state to keep."""
-    key = _hash32(_hash32(seeds[:, 0]) ^ seeds[:, 1])
-    key = _hash32(key ^ (indices & _MASK32))
-    ids = _hash32(torch.arange(1, vocab + 1, device=seeds.device, dtype=torch.int64))
-    bits = _hash32(_hash32(key[:, None] ^ ids[None, :]) ^ key[:, None])
+def row_key(seed: int, index: int) -> int:
+    """The 32-bit key of a row's noise: a hash of its request's seed (any 64 bits) and token index."""
+    return _hash32(_hash32(_hash32(seed & _MASK32) ^ ((seed >> 32) & _MASK32)) ^ (index & _MASK32))
+
+
+_VOCAB_HASHES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def counter_uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniforms in (0, 1), `[rows, vocab]` float32: a pure function of each row's `row_key` (int64
+    `keys [rows]`) and the vocabulary id, a counter-based generator: a row draws the same noise
+    whatever other rows share its batch, and there is no generator state to keep."""
+    ids = _VOCAB_HASHES.get((vocab, keys.device))
+    if ids is None:
+        ids = _VOCAB_HASHES[vocab, keys.device] = _hash32(torch.arange(1, vocab + 1, device=keys.device))
+    bits = _hash32(keys[:, None] ^ ids[None, :])
     return ((bits >> 9).float() + 0.5) * 2.0**-23  # 23 bits: float32 holds each below 1 exactly
 
 
@@ -148,8 +157,8 @@ def sample_batch(logits: torch.Tensor, temperatures: list[float], top_ps: list[f
         return chosen.tolist()
     ks = [top_ks[row] if 0 < top_ks[row] < vocab else vocab for row in sampled]
     ps = [float(top_ps[row]) for row in sampled]
-    ints = torch.tensor([[row, k, (seeds[row] & _MASK32), (seeds[row] >> 32) & _MASK32, indices[row]]
-                         for row, k in zip(sampled, ks)], dtype=torch.int64).to(device, non_blocking=True)  # fmt: skip
+    ints = torch.tensor([[row, k, row_key(seeds[row], indices[row])] for row, k in zip(sampled, ks)])
+    ints = ints.to(device, non_blocking=True)
     floats = torch.tensor([[temperatures[row], p] for row, p in zip(sampled, ps)], dtype=torch.float32)
     floats = floats.to(device, non_blocking=True)
     selected = ints[:, 0]
@@ -162,5 +171,5 @@ def sample_batch(logits: torch.Tensor, temperatures: list[float], top_ps: list[f
             # Keep a token while the mass before it is below top_p: the first token always stays.
             keep &= (torch.cumsum(probs, dim=-1) - probs) < floats[:, 1:2]
         scaled = scaled.masked_fill(~torch.zeros_like(keep).scatter(1, order, keep), float("-inf"))
-    gumbel = -torch.log(-torch.log(counter_uniforms(ints[:, 2:4], ints[:, 4], vocab)))
+    gumbel = -torch.log(-torch.log(counter_uniforms(ints[:, 2], vocab)))
     return chosen.index_copy(0, selected, (scaled + gumbel).argmax(-1)).tolist()

@@ -82,9 +82,9 @@ def test_held_back_ids_are_never_chosen():
 
 def test_counter_uniforms_are_uniform_and_inside_zero_and_one():
     # Below 1 strictly: a 1.0 would give an infinite Gumbel noise, and inf + -inf a NaN that argmax picks.
-    from fused_train.serving.runner import counter_uniforms
+    from fused_train.serving.runner import counter_uniforms, row_key
 
-    uniforms = counter_uniforms(torch.tensor([[i, i // 8] for i in range(64)]), torch.arange(64) % 3, 4096)
+    uniforms = counter_uniforms(torch.tensor([row_key(i << 29, i % 3) for i in range(64)]), 4096)
     assert 0 < uniforms.min() and uniforms.max() < 1
     counts = torch.bincount((uniforms * 16).long().flatten(), minlength=16).double()
     expected = uniforms.numel() / 16
