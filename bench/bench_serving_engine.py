@@ -22,6 +22,15 @@ dtype) and peak memory; JSON and PNG under bench/results/.
 
     python bench/bench_serving_engine.py            # CPU: the demo's tiny Llama; GPU: a 1B-shaped Llama
     python bench/bench_serving_engine.py --quick    # fewer requests (the GPU check)
+    python bench/bench_serving_engine.py --batch1   # batch 1 on the base model: the engine vs HF generate
+
+`--batch1` times one request at a time, no adapter, greedy and sampled (temperature 0.8, top_p 0.9,
+top_k 50), `--batch1-tokens` output tokens each: the engine (model-dtype and int8 pages) against
+the base model's own `generate`; time per output token = (last token - first token) / (tokens - 1),
+the median of `--batch1-repeats` runs after one warm-up, into serving_batch1_<device>.json. On a
+CPU, `--threads 1` compares like for like: the engine's loop runs in a thread of its own, where
+torch's OpenMP regions over 2 threads cost about 3x what they cost in the main thread (HF
+`generate` itself: 1.6 ms per token in the main thread, 5 ms in another, 1.6 there with 1 thread).
 """
 
 import argparse
@@ -220,6 +229,44 @@ def summarize(start, times, trace, extra):
     return row
 
 
+SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=50)
+
+
+def _median_tpot_ms(run, repeats):
+    run()  # warm-up
+    return float(np.median([run() for _ in range(repeats)])) * 1e3
+
+
+def run_batch1(base, device, tokens, repeats, prompt_len=32):
+    """Time per output token (ms) at batch 1 on the base model: HF generate and the engine."""
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, base.config.vocab_size, (prompt_len,), generator=generator).tolist()
+    ids = torch.tensor([prompt], device=device)
+    rows = {}
+    for mode, sampling in (("greedy", {}), ("sampled", SAMPLED)):
+
+        def hf(sampling=sampling):
+            times = _Times()
+            with torch.no_grad():
+                base.generate(input_ids=ids, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0,
+                              do_sample=bool(sampling), **sampling, streamer=_Streamer([times], [tokens]))  # fmt: skip
+            return (times.last - times.first) / (times.count - 1)
+
+        rows[f"hf_generate_{mode}"] = _median_tpot_ms(hf, repeats)
+        for kv_dtype in ("model", "int8"):
+            engine = Engine(copy.deepcopy(base), kv_dtype=kv_dtype, kv_cache_tokens=4096, max_batch_tokens=1024)
+            params = SamplingParams(max_tokens=tokens, ignore_eos=True, **(sampling or dict(temperature=0)))
+            try:
+                rows[f"engine_{kv_dtype}_{mode}"] = _median_tpot_ms(
+                    lambda: engine.generate([prompt], params)[0].time_per_output_token, repeats
+                )
+            finally:
+                engine.shutdown()
+        for kv_dtype in ("model", "int8"):
+            rows[f"engine_{kv_dtype}_{mode}_over_hf"] = rows[f"engine_{kv_dtype}_{mode}"] / rows[f"hf_generate_{mode}"]
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (the GPU check)")
@@ -228,7 +275,13 @@ def main(argv=None):
     parser.add_argument("--static-batch", type=int, default=8, help="peft_static's batch size")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {','.join(WAYS)}")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
+    parser.add_argument("--batch1", action="store_true", help="batch 1 on the base model vs HF generate instead")
+    parser.add_argument("--batch1-tokens", type=int, default=64, help="--batch1: output tokens per request")
+    parser.add_argument("--batch1-repeats", type=int, default=5, help="--batch1: timed runs per way (the median)")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (torch.set_num_threads)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
     requests = args.requests or ((96 if gpu else 24) if args.quick else (256 if gpu else 64))
@@ -237,6 +290,19 @@ def main(argv=None):
     config.use_cache = True
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16 if gpu else torch.float32).eval()
+    if args.batch1:
+        rows = run_batch1(base, device, args.batch1_tokens, args.batch1_repeats)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"serving_batch1_{device}.json")
+        report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
+                      threads=torch.get_num_threads(), model=config.to_diff_dict(), tokens=args.batch1_tokens,
+                      repeats=args.batch1_repeats, sampled=SAMPLED, tpot_ms=rows)  # fmt: skip
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        for name, value in rows.items():
+            print(f"{name:>28} {value:8.3f}{'x' if name.endswith('_over_hf') else ' ms'}")
+        print(f"wrote {path}")
+        return
     trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size)
     rows = {}
     process = psutil.Process()

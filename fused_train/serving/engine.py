@@ -17,14 +17,16 @@ of that name meanwhile changes nothing for it, only for the requests that come a
 
 The model is patched (`fused_train.patch`) so that its attention reads the paged cache; it must be
 a plain transformers causal LM (adapters come from the pool, not from peft). Sampling runs on the
-CPU with one `torch.Generator` per request, so a seeded request draws the same tokens whatever
-batches it shares; greedy is temperature 0.
+model's device, one vectorized pass for the step (`runner.sample_batch`), and only the chosen ids
+come to the host; its noise is a pure function of (the request's seed, the token's index), so a
+seeded request draws the same tokens whatever batches it shares; greedy is temperature 0.
 """
 
 import asyncio
 import contextlib
 import itertools
 import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ import fused_train
 from fused_train.serving.adapters import AdapterPool
 from fused_train.serving.pages import PageAllocator
 from fused_train.serving.paged_cache import PagedKVCache
-from fused_train.serving.runner import Runner, sample
+from fused_train.serving.runner import Runner, sample_batch
 from fused_train.serving.scheduler import FINISHED, PromptTooLong, QueueFull, Scheduler, Sequence, Step
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -121,7 +123,7 @@ class _Request:
     seq: Sequence
     params: SamplingParams
     prompt_token_ids: list[int]
-    generator: torch.Generator
+    seed: int  # the request's, or drawn at its start: its sampling noise is a function of it
     arrival: float
     handle: "RequestHandle"
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
@@ -232,7 +234,8 @@ def decode_text(tokenizer, token_ids) -> str:
 
 
 def request_generator(seed: int | None) -> torch.Generator:
-    """A request's own sampling generator: seeded, or from fresh entropy when `seed` is None."""
+    """A request's own sampling generator (the naive baseline's, for `runner.sample`): seeded, or
+    from fresh entropy when `seed` is None."""
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -288,13 +291,18 @@ def stop_reason(params: SamplingParams, generated: list[int], eos, tokenizer) ->
     return reason, text
 
 
-def suppress_stops(logits: torch.Tensor, params: SamplingParams, generated: list[int], eos) -> torch.Tensor:
-    """`logits` with the end-of-sequence (unless `ignore_eos`) and stop ids at -inf while the request
-    has fewer than `min_tokens` tokens: it cannot choose to end before then (vLLM's `min_tokens`)."""
+def held_back_ids(params: SamplingParams, generated: list[int], eos, vocab: int) -> list[int]:
+    """The ids a request may not choose next: the end-of-sequence (unless `ignore_eos`) and stop ids
+    while it has fewer than `min_tokens` tokens, so it cannot end before then (vLLM's `min_tokens`)."""
     if len(generated) >= params.min_tokens:
-        return logits
+        return []
     ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
-    ids = [i for i in ids if i < logits.shape[-1]]
+    return sorted(i for i in ids if i < vocab)
+
+
+def suppress_stops(logits: torch.Tensor, params: SamplingParams, generated: list[int], eos) -> torch.Tensor:
+    """`logits` with `held_back_ids` at -inf."""
+    ids = held_back_ids(params, generated, eos, logits.shape[-1])
     if not ids:
         return logits
     return logits.index_fill(-1, torch.tensor(ids), float("-inf"))
@@ -318,6 +326,8 @@ class Engine:
             longer than this is refused.
         max_running: sequences in one step at most.
         max_waiting: requests waiting at most; `add_request` raises `QueueFull` beyond.
+        max_overtakes: how many later requests may be admitted ahead of one waiting for an adapter
+            slot (the scheduler's adapter-aware admission); 0: first come first served.
         max_model_len: prompt + max_tokens at most, per request (`PromptTooLong` beyond); None: the
             model's `max_position_embeddings`, which it may lower, never raise.
         clock: seconds, for the metrics (time.monotonic).
@@ -326,7 +336,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, adapters=None, max_loras: int = 8, max_cpu_loras: int = 64,
                  max_rank: int = 64, kv_dtype: str = "int8", kv_cache_tokens: int | None = None, page_size: int = 16,
                  max_batch_tokens: int = 4096, max_running: int = 256, max_waiting: int = 1024,
-                 max_model_len: int | None = None, clock=time.monotonic):  # fmt: skip
+                 max_overtakes: int = 16, max_model_len: int | None = None, clock=time.monotonic):  # fmt: skip
         if kv_dtype not in ("int8", "model"):
             raise ValueError(f'kv_dtype must be "int8" or "model", got {kv_dtype!r}')
         if not isinstance(page_size, int) or page_size < 8 or page_size & (page_size - 1):
@@ -358,7 +368,8 @@ class Engine:
         pages = PageAllocator(-(-kv_cache_tokens // page_size), page_size)
         self.cache = PagedKVCache(model.config, pages.num_pages, page_size, kv_dtype, parameter.dtype, parameter.device)
         self.scheduler = Scheduler(pages, max_batch_tokens=max_batch_tokens, max_running=max_running,
-                                   max_adapters=max_loras, max_waiting=max_waiting)  # fmt: skip
+                                   max_adapters=max_loras, max_waiting=max_waiting,
+                                   max_overtakes=max_overtakes)  # fmt: skip
         self.runner = Runner(model, self.cache, self.pool)
         self.kv_dtype = kv_dtype
         eos = model.generation_config.eos_token_id
@@ -401,7 +412,7 @@ class Engine:
                 f"tokens ({len(prompt_ids)} in the prompt, max_tokens={params.max_tokens} in the completion): "
                 "shorten the prompt or lower max_tokens"
             )
-        generator = request_generator(params.seed)
+        seed = secrets.randbits(64) if params.seed is None else params.seed
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -417,7 +428,7 @@ class Engine:
                 if version is not None:
                     self.pool.release(version)
                 raise
-            self._requests[request_id] = _Request(seq, params, list(prompt_ids), generator, self.clock(), handle,
+            self._requests[request_id] = _Request(seq, params, list(prompt_ids), seed, self.clock(), handle,
                                                   adapter)  # fmt: skip
             self._counters["prompt_tokens"] += len(prompt_ids)
             self._lock.notify_all()
@@ -576,18 +587,23 @@ class Engine:
                     with self._lock:
                         self._end(request, "error", f"{type(error).__name__}: {error}")
                     continue
-                kept += alive
-                rows += list(row)
-            requests, logits = kept, rows
-        return [
-            (request, sample(suppress_stops(row, request.params, request.generated, self._eos),
-                             request.params.temperature, request.params.top_p, request.params.top_k,
-                             request.generator))  # fmt: skip
-            for request, row in zip(requests, logits)
-        ]
+                if alive:
+                    kept += alive
+                    rows.append(row)
+            requests, logits = kept, torch.cat(rows) if rows else None
+        if not requests:
+            return []
+        vocab = logits.shape[-1]
+        banned = [(row, token) for row, request in enumerate(requests)
+                  for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
+        params = [request.params for request in requests]
+        seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
+        tokens = sample_batch(logits, [p.temperature for p in params], [p.top_p for p in params],
+                              [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
+        return list(zip(requests, tokens))
 
     def _forward(self, step, requests) -> tuple[list[_Request], torch.Tensor]:
-        """The step's logits on the CPU, and its requests still alive: those whose adapter breaks
+        """The step's logits on the model's device, and its requests still alive: those whose adapter breaks
         fail here and the step runs again without them. Other errors propagate."""
         while True:
             try:
@@ -595,7 +611,7 @@ class Engine:
                 token_slots = None
                 if any(version is not None for version in versions):
                     token_slots = self.pool.slots_for(versions, num_tokens=[r.seq.num_new for r in requests])
-                return requests, self.runner.run(step, token_slots).cpu()
+                return requests, self.runner.run(step, token_slots)
             except Exception:
                 broken = self._broken_adapters(versions)
                 if not broken:

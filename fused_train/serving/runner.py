@@ -5,6 +5,10 @@ prefill's whole sequence (prompt, and for a preempted one what it had generated)
 decode's last token, with their positions, their page slots (`PagedLayout`), and, with an adapter
 pool, each token's adapter slot. The model runs once on that row, through `StepCache`, and the
 logits of each sequence's last token come back.
+
+`sample_batch` chooses every sequence's next token in one vectorized pass on the logits' device and
+hands only the ids to the host; `sample`, one row on the CPU with a `torch.Generator`, is its
+reference (and the naive baseline's sampler).
 """
 
 import inspect
@@ -94,3 +98,78 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
         probs = probs.scatter(0, order[drop], 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, constant: int):
+    """`x * constant mod 2**32` for `x` in [0, 2**32) (an int or an int64 tensor), by 16-bit halves:
+    no int64 overflow."""
+    return (x * (constant & 0xFFFF) + (((x * (constant >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x):
+    """A 32-bit integer hash (Wellons' lowbias32) of `x` in [0, 2**32): an int, or elementwise an
+    int64 tensor (the same function on the host and on the device)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_key(seed: int, index: int) -> int:
+    """The 32-bit key of a row's noise: a hash of its request's seed (any 64 bits) and token index."""
+    return _hash32(_hash32(_hash32(seed & _MASK32) ^ ((seed >> 32) & _MASK32)) ^ (index & _MASK32))
+
+
+_VOCAB_HASHES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def counter_uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniforms in (0, 1), `[rows, vocab]` float32: a pure function of each row's `row_key` (int64
+    `keys [rows]`) and the vocabulary id, a counter-based generator: a row draws the same noise
+    whatever other rows share its batch, and there is no generator state to keep."""
+    ids = _VOCAB_HASHES.get((vocab, keys.device))
+    if ids is None:
+        ids = _VOCAB_HASHES[vocab, keys.device] = _hash32(torch.arange(1, vocab + 1, device=keys.device))
+    bits = _hash32(keys[:, None] ^ ids[None, :])
+    return ((bits >> 9).float() + 0.5) * 2.0**-23  # 23 bits: float32 holds each below 1 exactly
+
+
+def sample_batch(logits: torch.Tensor, temperatures: list[float], top_ps: list[float], top_ks: list[int],
+                 seeds: list[int], indices: list[int], banned: list[tuple[int, int]] = ()) -> list[int]:  # fmt: skip
+    """The next token id of every row of float32 `logits` `[rows, vocab]`, in one pass on their
+    device; what `sample` draws, per row: greedy at temperature 0, else softmax(logits / temperature)
+    cut to the `top_k` most likely (0 or -1: all) and to the smallest set whose probability reaches
+    `top_p`. The draw is Gumbel-max with `counter_uniforms` of the row's `seeds` (ints, any 64 bits)
+    and `indices` (the row's token index): a seeded request draws the same tokens alone or in any
+    batch. `banned` (row, token id) pairs are never chosen (min_tokens). One copy to the host."""
+    rows, vocab = logits.shape
+    device = logits.device
+    if banned:
+        banned_rows, banned_ids = (torch.tensor(column, device=device) for column in zip(*banned))
+        logits = logits.index_put((banned_rows, banned_ids), torch.tensor(float("-inf"), device=device))
+    chosen = logits.argmax(-1)
+    sampled = [row for row in range(rows) if temperatures[row] > 0]
+    if not sampled:
+        return chosen.tolist()
+    ks = [top_ks[row] if 0 < top_ks[row] < vocab else vocab for row in sampled]
+    ps = [float(top_ps[row]) for row in sampled]
+    ints = torch.tensor([[row, k, row_key(seeds[row], indices[row])] for row, k in zip(sampled, ks)])
+    ints = ints.to(device, non_blocking=True)
+    floats = torch.tensor([[temperatures[row], p] for row, p in zip(sampled, ps)], dtype=torch.float32)
+    floats = floats.to(device, non_blocking=True)
+    selected = ints[:, 0]
+    scaled = logits.index_select(0, selected) / floats[:, :1]
+    if min(ks) < vocab or min(ps) < 1.0:
+        ordered, order = torch.sort(scaled, dim=-1, descending=True)
+        keep = ordered >= ordered.gather(1, ints[:, 1:2] - 1)  # the top k, ties with the k-th kept
+        if min(ps) < 1.0:
+            probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
+            # Keep a token while the mass before it is below top_p: the first token always stays.
+            keep &= (torch.cumsum(probs, dim=-1) - probs) < floats[:, 1:2]
+        scaled = scaled.masked_fill(~torch.zeros_like(keep).scatter(1, order, keep), float("-inf"))
+    gumbel = -torch.log(-torch.log(counter_uniforms(ints[:, 2], vocab)))
+    return chosen.index_copy(0, selected, (scaled + gumbel).argmax(-1)).tolist()

@@ -6,9 +6,17 @@ Every step, first come first served under one token budget (`max_batch_tokens`):
    of the waiting queue with everything it generated, to be recomputed (one prefill of prompt +
    generated tokens) when pages are free again. A preempted sequence is never lost.
 2. Waiting sequences are then admitted in arrival order while their whole prefill fits the
-   budget, their pages are free, the batch stays within `max_running` sequences and within
-   `max_adapters` distinct adapters (the adapter pool's device slots). The first that does not fit
-   stops admission (no overtaking: a long prompt is not starved by short ones).
+   budget, their pages are free and the batch stays within `max_running` sequences; the first that
+   does not fit stops admission (a long prompt is not starved by short ones).
+3. Adapters: the running sequences hold at most `max_adapters` distinct adapters (the adapter
+   pool's device slots). A waiting sequence whose adapter is not among them when no slot is left
+   is skipped, so the requests behind it whose adapter is running (or that need no adapter) are
+   admitted: a hot adapter does not wait behind a cold one (vLLM's skip of a LoRA that cannot
+   join). When an adapter's last running sequence ends its slot is free, and the earliest waiting
+   sequence of a cold adapter takes it (the pool evicts its least recently used unleased slot).
+   Each admission behind a skipped sequence counts one overtake against it; once a sequence has
+   been overtaken `max_overtakes` times, admission stops behind it until it is admitted, as first
+   come first served would: the running adapters drain, and no adapter starves.
 The waiting queue is bounded (`max_waiting`); `add` raises `QueueFull` beyond it.
 
 A sequence's prefill is one step (no chunked prefill): `add` refuses a prompt longer than the
@@ -47,6 +55,7 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     status: str = WAITING
     preemptions: int = 0
+    overtakes: int = 0  # admissions of later sequences while this one waited for an adapter slot
 
     @property
     def num_new(self) -> int:
@@ -74,16 +83,19 @@ class Step:
 
 class Scheduler:
     def __init__(self, pages: PageAllocator, *, max_batch_tokens: int, max_running: int, max_adapters: int,
-                 max_waiting: int):  # fmt: skip
+                 max_waiting: int, max_overtakes: int = 16):  # fmt: skip
         for arg, value in (("max_batch_tokens", max_batch_tokens), ("max_running", max_running),
                            ("max_adapters", max_adapters), ("max_waiting", max_waiting)):  # fmt: skip
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if not isinstance(max_overtakes, int) or isinstance(max_overtakes, bool) or max_overtakes < 0:
+            raise ValueError(f"max_overtakes must be an int >= 0 (0: first come first served), got {max_overtakes!r}")
         self.pages = pages
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.max_adapters = max_adapters
         self.max_waiting = max_waiting
+        self.max_overtakes = max_overtakes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
@@ -130,26 +142,33 @@ class Scheduler:
             if seq.status == RUNNING:
                 decodes.append(seq)
                 budget -= seq.num_new
-        prefills = []
+        prefills, skipped = [], []
         adapters = {seq.adapter for seq in self.running if seq.adapter is not None}
-        while self.waiting and len(self.running) < self.max_running:
-            seq = self.waiting[0]
-            if seq in preempted:  # preempted in this step: it waits for the next
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_running or seq in preempted:  # preempted now: it waits for the next
                 break
+            if seq.adapter is not None and seq.adapter not in adapters and len(adapters) >= self.max_adapters:
+                if seq.overtakes >= self.max_overtakes:
+                    break
+                skipped.append(seq)
+                continue
             # A recomputed sequence may have outgrown the budget: it then runs in a step of its own.
             if seq.num_new > budget and (decodes or prefills):
                 break
-            if seq.adapter is not None and seq.adapter not in adapters and len(adapters) >= self.max_adapters:
-                break
             if not self.pages.grow(seq.pages, len(seq.token_ids)):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = RUNNING
+            seq.overtakes = 0
             self.running.append(seq)
             if seq.adapter is not None:
                 adapters.add(seq.adapter)
             prefills.append(seq)
             budget -= seq.num_new
+            for waiting in skipped:
+                waiting.overtakes += 1
+            if any(waiting.overtakes >= self.max_overtakes for waiting in skipped):
+                break
         return Step(prefills, decodes, preempted)
 
     def finish(self, seq: Sequence) -> None:

@@ -332,3 +332,26 @@ def test_min_tokens_holds_back_the_stop_tokens(adapter_dirs, cpu_path):
         SamplingParams(max_tokens=2, min_tokens=3)
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**64)
+
+
+def test_requests_of_a_running_adapter_overtake_one_waiting_for_a_slot(adapter_dirs, cpu_path):
+    # The head-of-line case: two slots, long requests on qv4 and all8, then one for mlp2 (no slot),
+    # then three short ones for qv4: these end while the long ones run, and every request's tokens
+    # are those it gets alone.
+    prompts = _prompts()
+    long_params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    short_params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    requests = [(prompts[0], long_params, "qv4"), (prompts[1], long_params, "all8"), (prompts[2], short_params, "mlp2")]
+    requests += [(prompt, short_params, "qv4") for prompt in prompts[3:6]]
+    with _engine(adapter_dirs, max_loras=2) as engine:
+        longs = [engine.add_request(*request) for request in requests[:2]]
+        for handle in longs:
+            next(iter(handle))
+        others = [engine.add_request(*request) for request in requests[2:]]
+        shorts = [handle.result(timeout=60) for handle in others[1:]]
+        assert not any(handle.done() for handle in longs)
+        mixed = [handle.result(timeout=60) for handle in longs + others]
+        alone = [engine.generate([prompt], params, adapter)[0] for prompt, params, adapter in requests]
+        assert engine.metrics()["kv_pages_used"] == 0
+    assert [len(output.token_ids) for output in shorts] == [2, 2, 2]
+    assert [o.token_ids for o in mixed] == [o.token_ids for o in alone]

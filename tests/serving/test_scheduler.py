@@ -1,5 +1,7 @@
 """The scheduler and page allocator alone: pure bookkeeping, no model, milliseconds."""
 
+import random
+
 import pytest
 
 from fused_train.serving.pages import PageAllocator
@@ -51,7 +53,8 @@ def test_distinct_adapters_per_step_are_capped():
     for name, adapter in (("a", "x"), ("b", "y"), ("c", None), ("d", "z"), ("e", "x")):
         scheduler.add(_seq(name, 2, adapter=adapter))
     step = scheduler.schedule()
-    assert [s.request_id for s in step.prefills] == ["a", "b", "c"]  # d would be a third adapter
+    assert [s.request_id for s in step.prefills] == ["a", "b", "c", "e"]  # d would be a third adapter; e's is in
+    assert [s.request_id for s in scheduler.waiting] == ["d"]
 
 
 def test_preemption_frees_the_newest_and_requeues_it_first():
@@ -113,3 +116,81 @@ def test_finish_of_a_waiting_sequence_removes_it():
     scheduler.add(seq)
     scheduler.finish(seq)
     assert seq.status == FINISHED and not scheduler.has_work()
+
+
+def _run(scheduler, arrivals, max_steps=500):
+    """Step the scheduler as the engine does (every scheduled sequence gains a token; one at its
+    `max_total_tokens` ends), adding `arrivals[step]` (a list of sequences) before each step: the
+    scripted clock is the step number. Returns {request_id: (arrival, admission, end)} steps."""
+    times, admitted = {}, {}
+    for step_number in range(max_steps):
+        for seq in arrivals.get(step_number, []):
+            scheduler.add(seq)
+            times[seq.request_id] = step_number
+        if not scheduler.has_work() and step_number > max(arrivals, default=0):
+            break
+        step = scheduler.schedule()
+        for seq in step.prefills:
+            admitted.setdefault(seq.request_id, step_number)
+        _decode(step)
+        for seq in step.sequences:
+            if len(seq.token_ids) >= seq.max_total_tokens:
+                scheduler.finish(seq)
+                times[seq.request_id] = (times[seq.request_id], admitted[seq.request_id], step_number)
+    assert not scheduler.has_work(), "requests still waiting or running"
+    return times
+
+
+def test_requests_of_running_adapters_overtake_one_waiting_for_a_slot():
+    # The head-of-line case: long requests hold both slots (a, b); c waits for one; three short
+    # requests for a then arrive. They run now, not after a long request ends.
+    scheduler = _scheduler(num_pages=64, max_adapters=2, max_waiting=8)
+    long_a, long_b = _seq("long_a", 4, max_new=40, adapter="a"), _seq("long_b", 4, max_new=40, adapter="b")
+    cold = _seq("c", 4, adapter="c")
+    shorts = [_seq(f"short{i}", 4, max_new=2, adapter="a") for i in range(3)]
+    times = _run(scheduler, {0: [long_a, long_b], 1: [cold, *shorts]})
+    for short in shorts:
+        assert times[short.request_id] == (1, 1, 2)
+    assert times["c"][1] == times["long_a"][2] + 1  # the slot a long request frees goes to c
+    assert scheduler.pages.free_pages == 64
+
+
+def test_no_request_is_overtaken_more_than_max_overtakes_times():
+    scheduler = _scheduler(num_pages=64, max_adapters=2, max_waiting=16, max_overtakes=3)
+    arrivals = {0: [_seq("long_a", 4, max_new=30, adapter="a"), _seq("long_b", 4, max_new=30, adapter="b")],
+                1: [_seq("c", 4, adapter="c")]}  # fmt: skip
+    for i in range(10):  # a short request for a at every step
+        arrivals[2 + i] = [_seq(f"a{i}", 4, max_new=2, adapter="a")]
+    times = _run(scheduler, arrivals)
+    admitted_before_c = sorted(name for name, (_, admission, _) in times.items() if admission < times["c"][1])
+    assert admitted_before_c == ["a0", "a1", "a2", "long_a", "long_b"]  # then admission stops behind c
+    for i in range(3, 10):  # and goes on, first come first served, once c is in
+        assert times[f"a{i}"][1] >= times["c"][1]
+    assert times["c"][1] == times["long_a"][2] + 1
+
+
+def test_no_adapter_starves_under_adversarial_arrivals():
+    # The two hot adapters always have running requests (one more arrives at every step) and hold
+    # both slots; a cold adapter's request arrives every ten steps. With overtakes bounded at 4 every
+    # cold request gets in (the overtakes, then the drain of a hot adapter's running requests) and
+    # the hot ones wait less than first come first served lets them. Pages are short: preemption too.
+    def waits(max_overtakes):
+        scheduler = _scheduler(num_pages=20, max_adapters=2, max_waiting=256, max_overtakes=max_overtakes)
+        rng = random.Random(0)
+        arrivals = {}
+        for step in range(120):
+            hot = "ab"[step % 2]
+            arrivals[step] = [_seq(f"{hot}{step}", rng.randint(1, 6), max_new=rng.randint(1, 12), adapter=hot)]
+            if step % 10 == 3:
+                arrivals[step].append(_seq(f"cold{step}", 3, max_new=12, adapter=f"cold{step}"))
+        times = _run(scheduler, arrivals, max_steps=2000)
+        assert len(times) == 120 + 12 and scheduler.pages.free_pages == 20
+        cold = [admission - arrival for name, (arrival, admission, _) in times.items() if name.startswith("cold")]
+        hot = [admission - arrival for name, (arrival, admission, _) in times.items() if not name.startswith("cold")]
+        return max(cold), sum(hot) / len(hot), scheduler.num_preemptions
+
+    fcfs_cold, fcfs_hot, _ = waits(max_overtakes=0)
+    cold, hot, preemptions = waits(max_overtakes=4)
+    assert preemptions > 0
+    assert cold <= 45 and cold < fcfs_cold / 2, (cold, fcfs_cold)
+    assert hot < fcfs_hot / 2, (hot, fcfs_hot)
