@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 $(COMPAT_TRITON): | $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --target $@ triton==$(notdir $@)
 
-# The oldest peft that pyproject allows, for tests/patching/test_peft_compat.py; its dependencies are the venv's.
+# The oldest peft that pyproject allows, for tests/hf/test_peft_compat.py; its dependencies are the venv's.
 $(COMPAT_PEFT): | $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --target $@ peft==$(notdir $@)
 

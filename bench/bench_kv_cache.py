@@ -47,9 +47,9 @@ from tqdm import tqdm
 from transformers import LlamaConfig
 from transformers.cache_utils import DynamicLayer, QuantizedCache
 
-from fused_train.dispatch import triton_runs_on
-from fused_train.kv_cache import Int8KVLayer
-from fused_train.kv_cache_ops import int8_decode_attention
+from fused_train.ops.dispatch import triton_runs_on
+from fused_train.hf.int8_cache import Int8KVLayer
+from fused_train.ops.int8_kv import int8_decode_attention
 
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -37,11 +37,11 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from tqdm import tqdm
 
-import fused_train.lora
+import fused_train.ops.lora
 from fused_train.kernels import lora as lora_kernels
 from fused_train.kernels.lora import quantize_int4
-from fused_train.lora import lora_linear
-from fused_train.quantize import Int8Linear
+from fused_train.ops.lora import lora_linear
+from fused_train.hf.quantize import Int8Linear
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -199,7 +199,7 @@ def host_overhead(device, dtype, rounds=7, iterations=100):
     )  # fmt: skip
     names = ("base", "peft", "fused")
     best = dict.fromkeys(names, float("inf"))
-    with mock.patch.multiple(fused_train.lora, **stubs):
+    with mock.patch.multiple(fused_train.ops.lora, **stubs):
         for _ in range(rounds):
             for name in names:
                 step = _fwd_bwd_step(forwards[name], grad_y, leaves)

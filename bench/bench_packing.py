@@ -52,7 +52,7 @@ if not __package__:  # run as a script: its siblings as `bench.*`, the way tests
     sys.path.insert(0, str(REPO))
 
 from bench.packing_oracle import plan_packing_python  # noqa: E402
-from fused_train.packing import plan_packing, plan_packing_arrays  # noqa: E402
+from fused_train.training.packing import plan_packing, plan_packing_arrays  # noqa: E402
 
 CORPUS = REPO / "fused_train" / "data" / "stdlib_docstrings.json.gz"
 SPEED_MAX_TOKENS = 4096

@@ -4,11 +4,11 @@ One decode step of one attention layer: one query token per sequence, every sequ
 `context` tokens, Llama-3-8B's attention shapes (32 query heads, 8 kv heads, head_dim 128,
 bfloat16 q on a GPU). Providers, on the same keys and values:
 
-  paged_int8       `fused_train.paged_kv_ops.paged_decode_attention` over int8 pages of 16 tokens
+  paged_int8       `fused_train.ops.paged_kv.paged_decode_attention` over int8 pages of 16 tokens
                    (per-token float32 scales) handed out in shuffled order from one pool, as the
                    serving engine's allocator leaves them after requests come and go;
   paged_model      the same over pages in q's dtype (the engine's kv_dtype="model");
-  contiguous_int8  `fused_train.kv_cache_ops.int8_decode_attention` over a contiguous int8 cache
+  contiguous_int8  `fused_train.ops.int8_kv.int8_decode_attention` over a contiguous int8 cache
                    [batch, kv heads, context, head_dim] (Int8KVCache's layout, without its ring);
   sdpa             `F.scaled_dot_product_attention(enable_gqa=True)` over a contiguous cache in
                    q's dtype (transformers' sdpa attention on a DynamicCache).
@@ -36,14 +36,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fused_train.dispatch import triton_runs_on
+from fused_train.ops.dispatch import triton_runs_on
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
-from fused_train.kv_cache_ops import int8_decode_attention
+from fused_train.ops.int8_kv import int8_decode_attention
 
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import make_timer, measure_copy_bandwidth  # noqa: E402
-from fused_train.paged_kv_ops import paged_decode_attention, write_kv_pages
+from fused_train.ops.paged_kv import paged_decode_attention, write_kv_pages
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fused_train.attention import varlen_attention
-from fused_train.dispatch import triton_runs_on
+from fused_train.ops.varlen_attention import varlen_attention
+from fused_train.ops.dispatch import triton_runs_on
 from fused_train.kernels.varlen_attention import visible_keys_mask
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

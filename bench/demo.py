@@ -21,7 +21,7 @@ the same optimizer:
               document) with stock `sdpa`: the anchor a user would otherwise pick.
   packed      `fused_train.PackedCollator(flatten=True)` + `fused_train.patch(model)`: one row,
               position ids restart per document, attention never crossing a document (on a CPU
-              in the few SDPA calls that `fused_train.cpu_attention`'s measured cost model picks).
+              in the few SDPA calls that `fused_train.ops.varlen_attention_cpu`'s measured cost model picks).
 
 All three compute the same loss, the mean over every document's next-token targets, so their
 per-step losses must agree to float noise; the demo fails (exit status 1) when they do not. Each
@@ -191,7 +191,7 @@ class Run:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         import fused_train
-        from fused_train.telemetry import TrainingTelemetry
+        from fused_train.training.telemetry import TrainingTelemetry
 
         self.name = name
         if args.threads:

@@ -64,7 +64,7 @@ if not __package__:  # run as a script: its siblings as `bench.*`, the way tests
 import fused_train  # noqa: E402
 from bench.demo import MODEL, PAD_ID, VOCAB_SIZE, cpu_model, load_documents  # noqa: E402
 from fused_train import Int8KVCache  # noqa: E402
-from fused_train.dispatch import triton_runs_on  # noqa: E402
+from fused_train.ops.dispatch import triton_runs_on  # noqa: E402
 
 # transformers 5 renamed forward's and generate's `past_key_values` to `cache`.
 CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"

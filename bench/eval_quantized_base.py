@@ -48,7 +48,7 @@ from bench.eval_kv_quality import (  # noqa: E402
     train,
     train_step,
 )
-from fused_train.peft_patch import patch_lora_layers  # noqa: E402
+from fused_train.hf.peft_lora import patch_lora_layers  # noqa: E402
 
 BASES = {"float32": None, "int8": 8, "int4": 4}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -27,10 +27,10 @@ def _run_without_triton():
     import torch.nn.functional as F
 
     import fused_train
-    from fused_train import dispatch
-    from fused_train.kv_cache_ops import int8_decode_attention, quantize_kv_append
-    from fused_train.paged_kv_ops import paged_decode_attention, write_kv_pages
-    from tests.patching.tiny_models import tiny_model
+    from fused_train.ops import dispatch
+    from fused_train.ops.int8_kv import int8_decode_attention, quantize_kv_append
+    from fused_train.ops.paged_kv import paged_decode_attention, write_kv_pages
+    from tests.hf.tiny_models import tiny_model
 
     torch.manual_seed(0)
     assert not dispatch.HAS_TRITON and not dispatch.triton_runs_on(torch.ones(1))

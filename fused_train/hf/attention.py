@@ -2,8 +2,8 @@
 
 transformers hands every attention layer `[batch, heads, tokens, head_dim]` tensors plus the
 model's kwargs. This module turns them into varlen form, one sequence per document
-(`fused_train.layout` says where documents come from), and calls
-`fused_train.attention.varlen_attention`. `use_cache=True` in train mode stays correct: an empty
+(`fused_train.hf.varlen_layout` says where documents come from), and calls
+`fused_train.ops.varlen_attention.varlen_attention`. `use_cache=True` in train mode stays correct: an empty
 cache adds no prefix, and the documents still come from the position ids rather than from a mask
 built for one sequence.
 
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fused_train.attention import varlen_attention
+from fused_train.ops.varlen_attention import varlen_attention
 from fused_train.kernels.int8_decode_attention_ref import dequantize_cache_ref
-from fused_train.kv_cache_ops import int8_decode_attention
-from fused_train.layout import left_padding, varlen_layout
-from fused_train.paged_kv_ops import paged_decode_attention
+from fused_train.ops.int8_kv import int8_decode_attention
+from fused_train.hf.varlen_layout import left_padding, varlen_layout
+from fused_train.ops.paged_kv import paged_decode_attention
 
 ATTENTION_NAME = "fused_train"
 

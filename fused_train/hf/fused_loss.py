@@ -34,10 +34,10 @@ from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fused_train.linear_cross_entropy import linear_cross_entropy
+from fused_train.ops.linear_cross_entropy import linear_cross_entropy
 
 # Whose `*ForCausalLM.forward` is `decoder -> lm_head (-> final softcap) -> ForCausalLMLoss`, checked
-# end to end (tests/patching/test_fused_loss.py covers llama and gemma2, the softcapped one).
+# end to end (tests/hf/test_fused_loss.py covers llama and gemma2, the softcapped one).
 FUSED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 
 _ORIGINAL_FORWARD = "_fused_train_forward_before_fused_loss"

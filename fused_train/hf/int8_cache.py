@@ -31,8 +31,8 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from fused_train.hf_attention import ATTENTION_NAME, Int8KV
-from fused_train.kv_cache_ops import quantize_kv_append
+from fused_train.hf.attention import ATTENTION_NAME, Int8KV
+from fused_train.ops.int8_kv import quantize_kv_append
 
 
 # Newer transformers crop by minus the number of tokens to drop (`tokens_to_remove`), older ones

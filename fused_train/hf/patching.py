@@ -9,11 +9,11 @@ How `patch` decides whether it can handle a model:
   - encoder-decoders, models whose attention is hard-coded, and models with attention dropout are
     refused with a ValueError that says why.
 On a peft model, `patch` also routes its LoRA `Linear` layers through the fused LoRA kernel
-(`fused_train.peft_patch`), per call, whenever a layer's state allows, and logs which layers were
+(`fused_train.hf.peft_lora`), per call, whenever a layer's state allows, and logs which layers were
 fused and why the others fall back (a warning when any does).
 With `fused_loss=True`, the training loss of the model types in
-`fused_train.fused_loss.FUSED_LOSS_MODEL_TYPES` runs through `linear_cross_entropy`, with no
-`[tokens, vocab]` logits tensor; their output's `logits` is then None (`fused_train.fused_loss` says
+`fused_train.hf.fused_loss.FUSED_LOSS_MODEL_TYPES` runs through `linear_cross_entropy`, with no
+`[tokens, vocab]` logits tensor; their output's `logits` is then None (`fused_train.hf.fused_loss` says
 what is honoured and what is refused).
 Patching changes no parameter, buffer or `state_dict` key: only the name of the attention
 implementation in the config and the forward of LoRA layers (and, for the fused loss, of the
@@ -26,10 +26,10 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from fused_train.fused_loss import patch_loss, unpatch_loss
-from fused_train.hf_attention import ATTENTION_NAME, fused_train_attention, fused_train_mask
-from fused_train.layout import clear_per_forward_caches
-from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
+from fused_train.hf.fused_loss import patch_loss, unpatch_loss
+from fused_train.hf.attention import ATTENTION_NAME, fused_train_attention, fused_train_mask
+from fused_train.hf.varlen_layout import clear_per_forward_caches
+from fused_train.hf.peft_lora import patch_lora_layers, unpatch_lora_layers
 
 logger = logging.getLogger("fused_train")
 

@@ -32,16 +32,16 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
 from fused_train.kernels.lora_ref import MAX_RANK
-from fused_train.lora import lora_linear
-from fused_train.multi_lora import multi_lora_linear
-from fused_train.quantize import QuantizedLinear
+from fused_train.ops.lora import lora_linear
+from fused_train.ops.multi_lora import multi_lora_linear
+from fused_train.hf.quantize import QuantizedLinear
 
 logger = logging.getLogger("fused_train")
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BASE_WEIGHT_DTYPES = (*_FLOAT_DTYPES, torch.int8, torch.uint8)
-# int8, and int4 packed in uint8 (`fused_train.quantize`): dequantized to whatever dtype x has.
+# int8, and int4 packed in uint8 (`fused_train.hf.quantize`): dequantized to whatever dtype x has.
 _QUANTIZED_DTYPES = (torch.int8, torch.uint8)
 # Fallback reasons already told, by a report or at a call: each is logged once, the first time a call meets it.
 _told_reasons: set[str] = set()

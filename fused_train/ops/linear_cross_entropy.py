@@ -6,13 +6,13 @@
 the reduction is plain PyTorch on `[tokens]` outside them, so autograd hands the backward one
 gradient per token and `mean`, `sum`, `none` and HF's `num_items_in_batch` are right alike. The
 forward saves two floats per token (the largest logit and the log-sum-exp below it); the backward recomputes the logits. Triton kernels run
-where `fused_train.dispatch.triton_runs_on` allows, elsewhere the reference's chunked path: neither
+where `fused_train.ops.dispatch.triton_runs_on` allows, elsewhere the reference's chunked path: neither
 holds more than a chunk of logits.
 """
 
 import torch
 
-from fused_train.dispatch import HAS_TRITON, triton_runs_on
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 from fused_train.kernels.linear_cross_entropy_ref import (
     REDUCTIONS,
     linear_cross_entropy_bwd_ref,

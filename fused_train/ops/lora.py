@@ -9,7 +9,7 @@ The backward keeps `x`, the bool mask and the fp32 `[tokens, r]` product `S`; it
 
 import torch
 
-from fused_train.dispatch import HAS_TRITON, triton_runs_on
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 from fused_train.kernels.lora_ref import INT4_GROUP_SIZE, MAX_RANK, lora_linear_ref
 
 if HAS_TRITON:
@@ -141,7 +141,7 @@ def lora_linear(
         weight_offset: int4 only: float `[out, ceil(in / 64)]`, the value of the level q = 0.
 
     Returns `y` `[..., out]` in the dtype of `x`. No gradient for `weight`: it must not require one.
-    Runs the Triton kernels where `fused_train.dispatch.triton_runs_on` allows, else the reference.
+    Runs the Triton kernels where `fused_train.ops.dispatch.triton_runs_on` allows, else the reference.
     """
     _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale, weight_offset)
     x2d = x.reshape(-1, x.shape[-1])

@@ -7,10 +7,10 @@ layout of the stacked adapters is in `fused_train.kernels.multi_lora_ref`. Forwa
 
 import torch
 
-from fused_train.dispatch import HAS_TRITON, triton_runs_on
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 from fused_train.kernels.lora_ref import MAX_RANK
 from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
-from fused_train.lora import _FLOAT_DTYPES, _check_int4_weight
+from fused_train.ops.lora import _FLOAT_DTYPES, _check_int4_weight
 
 if HAS_TRITON:
     from fused_train.kernels.multi_lora import multi_lora_linear_fwd
@@ -89,7 +89,7 @@ def multi_lora_linear(
             or under CUDA-graph capture; shapes, dtypes and devices are always checked.
 
     Returns `y` `[..., out]` in the dtype of `x`. No autograd: with grad mode on, no input may
-    require a gradient. The Triton kernels run where `fused_train.dispatch.triton_runs_on` allows,
+    require a gradient. The Triton kernels run where `fused_train.ops.dispatch.triton_runs_on` allows,
     the PyTorch reference otherwise; either way one call makes a number of launches that does not
     depend on how many distinct adapters the batch holds.
     """

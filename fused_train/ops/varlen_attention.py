@@ -2,8 +2,8 @@
 
 import torch
 
-from fused_train.attention_ops import varlen_attention_op
-from fused_train.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
+from fused_train.ops.varlen_attention_triton import varlen_attention_op
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
 from fused_train.kernels.varlen_attention_ref import check_varlen_inputs, varlen_attention_ref
 
 if HAS_TRITON:
@@ -49,8 +49,8 @@ def varlen_attention(
     The Triton kernel runs where `triton_runs_on` says so, for float16/bfloat16 with head_dim up to
     256 (larger raises ValueError) and float32 up to 128 (its matmuls run as tf32 on the GPU);
     float64, float32 beyond head_dim 128 and other devices use the PyTorch reference (on a CPU in
-    few SDPA calls, `fused_train.cpu_attention`). Under `torch.compile` either runs inside the custom
-    op (`fused_train.attention_ops`), one opaque node in the graph; the op validates the inputs, so
+    few SDPA calls, `fused_train.ops.varlen_attention_cpu`). Under `torch.compile` either runs inside the custom
+    op (`fused_train.ops.varlen_attention_triton`), one opaque node in the graph; the op validates the inputs, so
     the checks also run under `torch.compile`.
     """
     triton = triton_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k)
@@ -72,7 +72,7 @@ def varlen_attention(
         return (out, lse) if return_lse else out
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens)
     if q.device.type == "cpu" and softcap == 0 and not return_lse:
-        from fused_train.cpu_attention import varlen_attention_cpu
+        from fused_train.ops.varlen_attention_cpu import varlen_attention_cpu
 
         # Few SDPA calls per row, chosen by measured cost, instead of one per sequence.
         return varlen_attention_cpu(

@@ -229,7 +229,7 @@ def varlen_attention_cpu(
     (no softcap, no lse) in the strategy that the cost model finds cheapest, with the constants
     measured here (`measure_sdpa_costs`) or the given `costs`.
 
-    Inputs are checked by the caller (`fused_train.attention.varlen_attention`). The reference
+    Inputs are checked by the caller (`fused_train.ops.varlen_attention.varlen_attention`). The reference
     itself runs without `costs` under `torch.use_deterministic_algorithms(True)` (a strategy chosen
     from timings could differ from one run to the next), when the timings could not be read, and when some
     query row sees no key (it outputs zeros, where SDPA would give NaN).

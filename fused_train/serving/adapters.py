@@ -61,7 +61,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fused_train.kernels.lora_ref import MAX_RANK
-from fused_train.multi_lora import multi_lora_linear
+from fused_train.ops.multi_lora import multi_lora_linear
 
 BASE_ADAPTER = "__base__"
 CONFIG_FILE = "adapter_config.json"

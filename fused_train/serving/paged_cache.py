@@ -9,7 +9,7 @@ head, `fused_train.kernels.int8_kv_quantize`'s quantization), or the model's dty
 A step's forward gets `StepCache(cache, layout)` as its `past_key_values`. Each layer's `update`
 writes the step's new keys and values into their slots (quantize-on-append for int8 pages) and
 returns `PagedKV` handles instead of tensors; the `"fused_train"` attention
-(`fused_train.hf_attention`) reads them: prefills attend to their fresh exact keys with the varlen
+(`fused_train.hf.attention`) reads them: prefills attend to their fresh exact keys with the varlen
 kernel, decodes to their pages with the paged decode kernel. The step's layout is one
 `PagedLayout`, built once by the runner and only read by the layers.
 """
@@ -17,8 +17,8 @@ kernel, decodes to their pages with the paged decode kernel. The step's layout i
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from fused_train.hf_attention import ATTENTION_NAME, PagedKV, PagedLayout
-from fused_train.paged_kv_ops import write_kv_pages
+from fused_train.hf.attention import ATTENTION_NAME, PagedKV, PagedLayout
+from fused_train.ops.paged_kv import write_kv_pages
 
 __all__ = ["PagedKVCache", "PagedLayout", "StepCache"]
 

@@ -3,11 +3,11 @@ that holds it (Ray Serve's model multiplexing), behind the same OpenAI-compatibl
 `fused-train serve`.
 
     from ray import serve
-    from fused_train.serving.ray import build_deployment
+    from fused_train.serving.ray_serve import build_deployment
     serve.run(build_deployment("models/tiny", {"support": "adapters/support", "legal": "adapters/legal"},
                                num_replicas=2, max_models_per_replica=2))
 
-or, from a shell or a Serve config file, `serve run fused_train.serving.ray:app_builder
+or, from a shell or a Serve config file, `serve run fused_train.serving.ray_serve:app_builder
 model_dir=models/tiny adapters=support=adapters/support,legal=adapters/legal`.
 
 Two deployments. `EngineDeployment`: one `Engine` per replica, over the model directory with its
@@ -36,7 +36,7 @@ try:
     from ray import serve
 except ImportError as error:  # ray is an optional extra
     raise ImportError(
-        "fused_train.serving.ray needs Ray Serve: pip install 'fused_train[ray]'"
+        "fused_train.serving.ray_serve needs Ray Serve: pip install 'fused_train[ray]'"
     ) from error
 
 from ray.exceptions import RayError, RayTaskError
@@ -304,7 +304,7 @@ def build_deployment(model_dir: str, adapters: dict, *, num_replicas: int = 2, m
 
 
 def app_builder(args: dict):
-    """`serve run fused_train.serving.ray:app_builder model_dir=DIR adapters=NAME=DIR,NAME=DIR
+    """`serve run fused_train.serving.ray_serve:app_builder model_dir=DIR adapters=NAME=DIR,NAME=DIR
     [num_replicas=2] [max_models_per_replica=2] [served_model_name=NAME] [api_key=KEY]`, or the
     same keys under an application's `args:` in a Serve config file, where `adapters`,
     `engine_kwargs` and `ray_actor_options` may be mappings."""

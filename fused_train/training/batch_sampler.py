@@ -7,7 +7,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from fused_train.packing import _as_int64_array, plan_packing_arrays
+from fused_train.training.packing import _as_int64_array, plan_packing_arrays
 
 
 class PackedBatchSampler:

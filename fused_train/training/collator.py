@@ -4,7 +4,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fused_train.packing import chunk_spans, plan_packing
+from fused_train.training.packing import chunk_spans, plan_packing
 
 
 class PackedCollator:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from fused_train.collator import PackedCollator
+from fused_train.training.collator import PackedCollator
 
 
 def global_token_count(labels: torch.Tensor | Sequence[torch.Tensor], group=None, ignore_index: int = -100) -> torch.Tensor:

@@ -5,8 +5,8 @@ import transformers
 from accelerate.data_loader import prepare_data_loader
 from transformers.utils import is_datasets_available
 
-from fused_train.distributed import warn_if_tokens_not_averaged
-from fused_train.sampler import PackedBatchSampler
+from fused_train.training.token_count import warn_if_tokens_not_averaged
+from fused_train.training.batch_sampler import PackedBatchSampler
 
 
 class PackedTrainer(transformers.Trainer):

@@ -9,8 +9,8 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 import fused_train
-import fused_train.attention
-from tests.patching.tiny_models import tiny_model
+import fused_train.ops.varlen_attention
+from tests.hf.tiny_models import tiny_model
 
 # The softcapped one (gemma2, final_logit_softcapping=30) and a plain one.
 MODEL_TYPES = ["gemma2", "llama"]
@@ -20,7 +20,7 @@ MODEL_TYPES = ["gemma2", "llama"]
 def attention_by_its_reference(monkeypatch):
     """Both sides of every comparison run fused_train attention; its kernels (tested in
     test_patch_models) take ~10 s per step in the interpreter, its reference milliseconds."""
-    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(fused_train.ops.varlen_attention, "triton_runs_on", lambda *tensors: False)
 
 
 def _packed_batch(seed=1, lengths=(11, 1, 5, 17, 3, 9)):

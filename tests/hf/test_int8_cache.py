@@ -9,12 +9,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 import fused_train
-import fused_train.attention
-import fused_train.hf_attention
-import fused_train.kv_cache_ops
+import fused_train.ops.varlen_attention
+import fused_train.hf.attention
+import fused_train.ops.int8_kv
 from fused_train import Int8KVCache
 from fused_train.kernels.int8_kv_quantize import dequantize_kv_ref, quantize_kv_ref
-from tests.patching.tiny_models import COMMON, tiny_model
+from tests.hf.tiny_models import COMMON, tiny_model
 
 
 # transformers 5 renamed generate's and forward's `past_key_values` to `cache`.
@@ -82,8 +82,8 @@ class DequantizedCache(DynamicCache):
 @pytest.fixture
 def reference_path(monkeypatch):
     """What a plain CPU runs (no GPU, no interpreter): the PyTorch references, not the kernels."""
-    monkeypatch.setattr(fused_train.kv_cache_ops, "triton_runs_on", lambda *tensors: False)
-    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(fused_train.ops.int8_kv, "triton_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(fused_train.ops.varlen_attention, "triton_runs_on", lambda *tensors: False)
 
 
 def assert_generation_equals_the_dequantized_cache(model, inputs, new_tokens, residual_length):
@@ -146,13 +146,13 @@ def test_greedy_generation_matches_the_full_precision_cache(model_type):
 
 def test_decode_steps_run_the_int8_kernel(monkeypatch):
     calls = []
-    original = fused_train.hf_attention.int8_decode_attention
+    original = fused_train.hf.attention.int8_decode_attention
 
     def spy(*args, **kwargs):
         calls.append(args[1].dtype)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fused_train.hf_attention, "int8_decode_attention", spy)
+    monkeypatch.setattr(fused_train.hf.attention, "int8_decode_attention", spy)
     model = fused_train.patch(sharp_tiny_model())
     greedy(model, Int8KVCache(model.config), left_padded([5, 3]), max_new_tokens=3)
     # Prefill attends with the varlen kernel; each of the 2 later steps reads int8 in both layers.
@@ -283,7 +283,7 @@ def test_exact_ring_keeps_the_last_positions_through_appends_and_crops():
     crops, positions from exact_from on read their exact values, older ones their int8 ones, and
     the ring always covers at least the last residual_length positions it can."""
     torch.manual_seed(0)
-    layer = fused_train.kv_cache.Int8KVLayer(block_tokens=8, residual_length=5)
+    layer = fused_train.hf.int8_cache.Int8KVLayer(block_tokens=8, residual_length=5)
     exact = torch.empty(2, 3, 0, 16)
     for step, (action, amount) in enumerate([("append", 3), ("append", 1), ("append", 7), ("crop", -2), ("append", 1),
                                              ("crop", -6), ("append", 4), ("append", 2)]):

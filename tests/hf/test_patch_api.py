@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import fused_train
-from tests.patching.tiny_models import tiny_model
+from tests.hf.tiny_models import tiny_model
 
 
 def test_patch_is_idempotent_and_unpatch_restores():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fused_train
-import fused_train.attention
-from tests.patching.tiny_models import CONFIGS, tiny_model
+import fused_train.ops.varlen_attention
+from tests.hf.tiny_models import CONFIGS, tiny_model
 
 # Lengths that straddle the sliding windows of tiny_models, a one-token document included.
 DOC_LENGTHS = [11, 1, 5, 17, 3, 9]
@@ -117,7 +117,7 @@ def test_generation_with_cache_matches_unpatched(model_type):
 @pytest.mark.parametrize("model_type", ["gemma2", "mistral"])
 def test_reference_path_packed_batch_equals_documents_alone(model_type, monkeypatch):
     """Without a GPU or the interpreter, patched models run the PyTorch reference: same result."""
-    monkeypatch.setattr(fused_train.attention, "triton_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(fused_train.ops.varlen_attention, "triton_runs_on", lambda *tensors: False)
     reference = tiny_model(model_type).train()
     patched = fused_train.patch(copy.deepcopy(reference)).train()
     docs = make_docs()

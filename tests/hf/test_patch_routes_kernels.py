@@ -4,10 +4,10 @@ import peft
 import torch
 
 import fused_train
-import fused_train.attention_ops
-import fused_train.lora
+import fused_train.ops.varlen_attention_triton
+import fused_train.ops.lora
 from tests.conftest import DEVICE
-from tests.patching.tiny_models import tiny_model
+from tests.hf.tiny_models import tiny_model
 
 
 def test_patched_peft_model_trains_through_both_kernels(monkeypatch):
@@ -21,9 +21,9 @@ def test_patched_peft_model_trains_through_both_kernels(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(
-        fused_train.attention_ops, "varlen_attention_fwd", counting("attention", fused_train.attention_ops.varlen_attention_fwd)
+        fused_train.ops.varlen_attention_triton, "varlen_attention_fwd", counting("attention", fused_train.ops.varlen_attention_triton.varlen_attention_fwd)
     )
-    monkeypatch.setattr(fused_train.lora, "lora_linear_fwd", counting("lora", fused_train.lora.lora_linear_fwd))
+    monkeypatch.setattr(fused_train.ops.lora, "lora_linear_fwd", counting("lora", fused_train.ops.lora.lora_linear_fwd))
     model = tiny_model("llama").to(DEVICE, torch.bfloat16)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
     fused_train.patch(model)

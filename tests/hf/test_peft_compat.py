@@ -42,9 +42,9 @@ def _check(expected_version):
     import peft
     import torch
 
-    from fused_train.peft_patch import patch_lora_layers
-    from tests.patching.test_peft_lora import DEVICE, TARGETS, _assert_close
-    from tests.patching.tiny_models import tiny_model
+    from fused_train.hf.peft_lora import patch_lora_layers
+    from tests.hf.test_peft_lora import DEVICE, TARGETS, _assert_close
+    from tests.hf.tiny_models import tiny_model
 
     assert peft.__version__ == expected_version, f"imported peft {peft.__version__} from {peft.__file__}"
     input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)

@@ -8,10 +8,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fused_train import peft_patch
-from fused_train.lora import dropout_keep_mask, lora_linear
-from fused_train.peft_patch import patch_lora_layers, unpatch_lora_layers
-from fused_train.quantize import Int4Linear, Int8Linear, dequantize_base, quantize_base
+from fused_train.hf import peft_lora
+from fused_train.ops.lora import dropout_keep_mask, lora_linear
+from fused_train.hf.peft_lora import patch_lora_layers, unpatch_lora_layers
+from fused_train.hf.quantize import Int4Linear, Int8Linear, dequantize_base, quantize_base
 from tests.conftest import DEVICE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -289,7 +289,7 @@ def test_autocast_over_float32_base_is_fused_as_reported(monkeypatch, caplog):
     report = patch_lora_layers(patched)
     assert report.num_fused == 7, str(report)
     fused_calls = []
-    monkeypatch.setattr(peft_patch, "lora_linear", lambda *a, **k: fused_calls.append(1) or lora_linear(*a, **k))
+    monkeypatch.setattr(peft_lora, "lora_linear", lambda *a, **k: fused_calls.append(1) or lora_linear(*a, **k))
 
     exact_logits, exact_grads = _logits_and_lora_grads(reference)
     expected_logits, expected_grads = _autocast_logits_and_lora_grads(reference)
@@ -312,7 +312,7 @@ def test_autocast_over_float32_base_is_fused_as_reported(monkeypatch, caplog):
 
 
 def test_a_call_that_falls_back_logs_its_reason_once(monkeypatch, caplog):
-    monkeypatch.setattr(peft_patch, "_told_reasons", set())
+    monkeypatch.setattr(peft_lora, "_told_reasons", set())
     reference = _lora_model().eval()
     patched = copy.deepcopy(reference)
     for model in (reference, patched):
@@ -347,4 +347,4 @@ def test_inputs_the_kernel_does_not_take_fall_back_to_peft(case):
         expected = layer(x)
         patch_lora_layers(model)
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
-    assert peft_patch.fused_fallback_reason(layer, x) is not None
+    assert peft_lora.fused_fallback_reason(layer, x) is not None

@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import fused_train
-from fused_train import peft_patch
+from fused_train.hf import peft_lora
 from tests.conftest import DEVICE
-from tests.patching.tiny_models import tiny_model
+from tests.hf.tiny_models import tiny_model
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Different ranks and target sets (init_lora_weights=False: B is not zero, so every adapter counts).
@@ -45,16 +45,16 @@ def op_calls(models, monkeypatch):
     layer_of = {
         module.get_base_layer().weight.data_ptr(): name
         for name, module in models[1].named_modules()
-        if isinstance(module, peft_patch.LoraLinear)
+        if isinstance(module, peft_lora.LoraLinear)
     }
     calls = Counter()
-    op = peft_patch.multi_lora_linear
+    op = peft_lora.multi_lora_linear
 
     def counting(x, weight, *args, **kwargs):
         calls[layer_of.get(weight.data_ptr(), "another model")] += 1
         return op(x, weight, *args, **kwargs)
 
-    monkeypatch.setattr(peft_patch, "multi_lora_linear", counting)
+    monkeypatch.setattr(peft_lora, "multi_lora_linear", counting)
     return calls
 
 
@@ -71,7 +71,7 @@ def _targeted_layers(model, names):
     return {
         name
         for name, module in model.named_modules()
-        if isinstance(module, peft_patch.LoraLinear) and any(adapter in module.lora_A for adapter in names)
+        if isinstance(module, peft_lora.LoraLinear) and any(adapter in module.lora_A for adapter in names)
     }
 
 
@@ -116,7 +116,7 @@ def test_calls_the_op_cannot_serve_run_peft(op_calls):
     assert not op_calls
     layer = patched.base_model.model.model.layers[0].self_attn.v_proj
     x = torch.randn(len(MIXED), 6, layer.in_features, device=DEVICE)
-    assert "gradients" in peft_patch.mixed_batch_fallback_reason(layer, x, MIXED)
+    assert "gradients" in peft_lora.mixed_batch_fallback_reason(layer, x, MIXED)
     with torch.no_grad():
-        assert peft_patch.mixed_batch_fallback_reason(layer, x, MIXED) is None
-        assert "variant" in peft_patch.mixed_batch_fallback_reason(layer, x, ["dora"] * len(MIXED))
+        assert peft_lora.mixed_batch_fallback_reason(layer, x, MIXED) is None
+        assert "variant" in peft_lora.mixed_batch_fallback_reason(layer, x, ["dora"] * len(MIXED))

@@ -13,8 +13,8 @@ from fused_train.kernels.lora_ref import lora_linear_ref
 from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
 from fused_train.kernels.paged_decode_attention_ref import paged_decode_attention_ref
 from fused_train.kernels.varlen_attention_ref import varlen_attention_ref
-from fused_train.kv_cache_ops import int8_decode_attention, quantize_kv_append
-from fused_train.paged_kv_ops import paged_decode_attention, write_kv_pages
+from fused_train.ops.int8_kv import int8_decode_attention, quantize_kv_append
+from fused_train.ops.paged_kv import paged_decode_attention, write_kv_pages
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 

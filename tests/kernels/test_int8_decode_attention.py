@@ -12,7 +12,7 @@ import torch
 from fused_train.kernels import int8_decode_attention as kernel_module
 from fused_train.kernels.int8_decode_attention import CONFIGS, CONFIGS_FP32, block_d_of, int8_decode_attention_ref
 from fused_train.kernels.int8_kv_quantize import quantize_kv_ref
-from fused_train.kv_cache_ops import int8_decode_attention, int8_decode_attention_op
+from fused_train.ops.int8_kv import int8_decode_attention, int8_decode_attention_op
 from tests.conftest import DEVICE
 
 ON_GPU = DEVICE == "cuda"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fused_train.kernels.int8_kv_quantize import quantize_kv_ref
-from fused_train.kv_cache_ops import quantize_kv_append, quantize_kv_append_op
+from fused_train.ops.int8_kv import quantize_kv_append, quantize_kv_append_op
 from tests.conftest import DEVICE
 
 SENTINEL_DATA, SENTINEL_SCALE = 77, -3.0

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fused_train
 from fused_train.kernels import lora as lora_kernels
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
-from fused_train.kv_cache_ops import int8_decode_attention, quantize_kv_append
+from fused_train.ops.int8_kv import int8_decode_attention, quantize_kv_append
 
 BIG = 2**31
 pytestmark = pytest.mark.skipif(

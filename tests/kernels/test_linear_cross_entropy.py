@@ -9,7 +9,7 @@ import torch
 
 from fused_train.kernels import linear_cross_entropy_ref as ref_module
 from fused_train.kernels.linear_cross_entropy_ref import linear_cross_entropy_ref
-from fused_train.linear_cross_entropy import linear_cross_entropy
+from fused_train.ops.linear_cross_entropy import linear_cross_entropy
 from tests.conftest import DEVICE
 
 # Beyond twice PyTorch's own error in the same dtype, this much of the largest reference value.

@@ -5,7 +5,7 @@ import torch
 
 from fused_train.kernels import lora as lora_kernels
 from fused_train.kernels.lora import INT4_GROUP_SIZE, dequantize_int4, lora_linear_ref, quantize_int4
-from fused_train.lora import dropout_keep_mask, lora_linear
+from fused_train.ops.lora import dropout_keep_mask, lora_linear
 from tests.conftest import DEVICE
 from tests.kernels.conftest import make_base_weight
 

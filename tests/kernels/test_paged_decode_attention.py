@@ -17,7 +17,7 @@ import torch
 from fused_train.kernels import paged_decode_attention as kernel_module
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.kernels.paged_decode_attention_ref import paged_decode_attention_ref
-from fused_train.paged_kv_ops import paged_decode_attention, paged_decode_attention_op
+from fused_train.ops.paged_kv import paged_decode_attention, paged_decode_attention_op
 from tests.conftest import DEVICE
 
 ON_GPU = DEVICE == "cuda"

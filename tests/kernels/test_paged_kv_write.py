@@ -10,7 +10,7 @@ import torch
 
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.kernels.paged_kv_write_ref import write_kv_pages_ref
-from fused_train.paged_kv_ops import write_kv_pages, write_kv_pages_op
+from fused_train.ops.paged_kv import write_kv_pages, write_kv_pages_op
 from tests.conftest import DEVICE
 
 SENTINEL_DATA, SENTINEL_SCALE = 77, -3.0

@@ -6,8 +6,8 @@ Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), so sha
 import pytest
 import torch
 
-from fused_train.attention import varlen_attention
-from fused_train.attention_ops import varlen_attention_bwd_op, varlen_attention_fwd_op, varlen_attention_op
+from fused_train.ops.varlen_attention import varlen_attention
+from fused_train.ops.varlen_attention_triton import varlen_attention_bwd_op, varlen_attention_fwd_op, varlen_attention_op
 from fused_train.kernels.varlen_attention import (
     BWD_DKDV_CONFIGS,
     BWD_DKDV_CONFIGS_FP32,

@@ -62,7 +62,7 @@ def tiny_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def reference_path():
-    # fused_train.dispatch reads TRITON_INTERPRET per call, in the engine's thread too.
+    # fused_train.ops.dispatch reads TRITON_INTERPRET per call, in the engine's thread too.
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("TRITON_INTERPRET", raising=False)
         yield

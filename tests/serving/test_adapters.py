@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fused_train.serving import AdapterPool, NoFreeSlot
 from tests.conftest import DEVICE
-from tests.patching.tiny_models import COMMON, tiny_model
+from tests.hf.tiny_models import COMMON, tiny_model
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]

@@ -19,7 +19,7 @@ from transformers import LlamaConfig
 from fused_train.serving import Engine, PromptTooLong, QueueFull, RequestFailed, SamplingParams
 from fused_train.serving.paged_cache import PagedKVCache
 from tests.conftest import DEVICE
-from tests.patching.tiny_models import tiny_model
+from tests.hf.tiny_models import tiny_model
 
 ADAPTERS = {
     "qv4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -71,7 +71,7 @@ def _run_mix(engine, params):
 @pytest.fixture
 def cpu_path(monkeypatch):
     if DEVICE == "cpu":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read per call by fused_train.dispatch
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read per call by fused_train.ops.dispatch
 
 
 def _greedy():
@@ -218,7 +218,7 @@ def test_text_prompts_text_outputs_and_stop_strings(cpu_path):
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma2", "phi3"])
 def test_sliding_windows_and_softcapping_equal_generate(model_type, cpu_path):
-    # Windows of 6-9 tokens (tests/patching/tiny_models.py) against prompts of up to 17 + 6 tokens.
+    # Windows of 6-9 tokens (tests/hf/tiny_models.py) against prompts of up to 17 + 6 tokens.
     reference = tiny_model(model_type).to(DEVICE).eval()
     with Engine(copy.deepcopy(reference), kv_dtype="model", kv_cache_tokens=256) as engine:
         outputs = engine.generate(_prompts(), SamplingParams(max_tokens=MAX_TOKENS, temperature=0))

@@ -1,4 +1,4 @@
-"""Scale-out on Ray Serve (fused_train.serving.ray): a local Ray instance on the CPU, 2 engine replicas
+"""Scale-out on Ray Serve (fused_train.serving.ray_serve): a local Ray instance on the CPU, 2 engine replicas
 holding at most 2 adapters each, 4 adapters, the OpenAI ingress on 127.0.0.1 through the real `openai`
 client. Every request's greedy output equals a local Engine's, and once every adapter has a home the
 requests of each go only to a replica that holds it (the replicas' own counters say so).
@@ -21,7 +21,7 @@ from ray import serve  # noqa: E402
 
 from fused_train.cli import open_engine  # noqa: E402
 from fused_train.serving import RequestFailed, SamplingParams  # noqa: E402
-from fused_train.serving.ray import EngineDeployment, RemoteEngine, app_builder, build_deployment  # noqa: E402
+from fused_train.serving.ray_serve import EngineDeployment, RemoteEngine, app_builder, build_deployment  # noqa: E402
 from tests.serving.conftest import ENGINE_OPTIONS  # noqa: E402
 
 APP = "fused_train"
@@ -243,10 +243,10 @@ def test_ray_is_imported_only_by_its_module():
     code = """if True:
         import sys
         import fused_train.serving, fused_train.serving.server, fused_train.cli
-        assert "ray" not in sys.modules, "ray imported without fused_train.serving.ray"
+        assert "ray" not in sys.modules, "ray imported without fused_train.serving.ray_serve"
         sys.modules["ray"] = None
         try:
-            import fused_train.serving.ray
+            import fused_train.serving.ray_serve
         except ImportError as error:
             assert "pip install 'fused_train[ray]'" in str(error), error
         else:
@@ -256,7 +256,7 @@ def test_ray_is_imported_only_by_its_module():
 
 
 def test_app_builder_reads_serve_run_arguments(tiny_model_dir, tiny_adapters, monkeypatch):
-    import fused_train.serving.ray as serving_ray
+    import fused_train.serving.ray_serve as serving_ray
 
     built = []
     monkeypatch.setattr(serving_ray, "build_deployment", lambda *args, **kwargs: built.append((args, kwargs)))

@@ -170,7 +170,7 @@ def test_trainer_resume_trains_every_document_of_the_epoch_once(tmp_path):
     import transformers
 
     import fused_train
-    from tests.patching.tiny_models import tiny_model
+    from tests.hf.tiny_models import tiny_model
 
     generator = torch.Generator().manual_seed(0)
     # The first two tokens number the document, so each is told apart from its tokens alone.
@@ -220,7 +220,7 @@ def test_packed_trainer_warns_when_tokens_are_not_averaged_across_ranks(monkeypa
     import transformers
 
     import fused_train
-    from tests.patching.tiny_models import tiny_model
+    from tests.hf.tiny_models import tiny_model
 
     monkeypatch.setattr(transformers.TrainingArguments, "world_size", property(lambda self: 2))
     for averaged in (True, False):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from bench.packing_oracle import plan_packing_python
 from fused_train import _C
-from fused_train.packing import chunk_spans, plan_packing, plan_packing_arrays
+from fused_train.training.packing import chunk_spans, plan_packing, plan_packing_arrays
 
 
 @st.composite

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fused_train.telemetry import TrainingTelemetry
+from fused_train.training.telemetry import TrainingTelemetry
 from tests.conftest import DEVICE
 
 

@@ -10,7 +10,7 @@ import transformers
 import trl
 
 import fused_train
-from tests.patching.tiny_models import tiny_model
+from tests.hf.tiny_models import tiny_model
 
 
 def _documents():

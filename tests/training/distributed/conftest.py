@@ -1,6 +1,6 @@
 import pytest
 
-from tests.distributed.launcher import run_on_ranks
+from tests.training.distributed.launcher import run_on_ranks
 
 # The patched model's plain-PyTorch CPU path: the interpreted kernels (tested elsewhere) would take
 # minutes per step, and what is checked here is how the loss and gradients combine across processes.
@@ -14,7 +14,7 @@ def _no_interpreter(monkeypatch):
 
 def _every_check(rank, world_size, folder):
     # One pair of processes for all files: each spawn costs seconds of imports.
-    from tests.distributed import test_exact_loss, test_fsdp
+    from tests.training.distributed import test_exact_loss, test_fsdp
 
     return {"exact_loss": test_exact_loss.rank_checks(rank, world_size, folder), "fsdp": test_fsdp.rank_checks(rank, world_size)}
 

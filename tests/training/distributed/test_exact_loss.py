@@ -14,8 +14,8 @@ import torch
 import transformers
 
 import fused_train
-from fused_train.distributed import global_token_count, warn_if_tokens_not_averaged
-from tests.patching.tiny_models import tiny_model
+from fused_train.training.token_count import global_token_count, warn_if_tokens_not_averaged
+from tests.hf.tiny_models import tiny_model
 
 DOCS_PER_RANK = 3
 MAX_TOKENS = 64

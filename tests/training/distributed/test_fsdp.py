@@ -16,9 +16,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import fused_train
-from fused_train.distributed import global_token_count
-from tests.distributed.test_exact_loss import _documents, _examples
-from tests.patching.tiny_models import tiny_model
+from fused_train.training.token_count import global_token_count
+from tests.training.distributed.test_exact_loss import _documents, _examples
+from tests.hf.tiny_models import tiny_model
 
 MAX_TOKENS = 64
 

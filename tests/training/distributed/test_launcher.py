@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.launcher import run_on_ranks
+from tests.training.distributed.launcher import run_on_ranks
 
 
 def _rank_one_fails(rank, world_size):

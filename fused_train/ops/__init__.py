@@ -1,0 +1,12 @@
+"""The custom ops over `kernels/`: each module is named after its kernel file and holds the ops'
+registration, autograd, input checks and the Triton-or-reference choice (`dispatch`).
+
+    varlen_attention          varlen_attention (its Triton ops: varlen_attention_triton; CPU: varlen_attention_cpu)
+    lora, multi_lora          lora_linear, multi_lora_linear
+    linear_cross_entropy      linear_cross_entropy
+    int8_kv                   quantize_kv_append, int8_decode_attention (the int8 KV cache)
+    paged_kv                  write_kv_pages, paged_decode_attention (the paged KV cache)
+
+The public functions are re-exported by `fused_train`, not here: `ops.varlen_attention` and
+`ops.linear_cross_entropy` name the modules, which a function of the same name would hide.
+"""
