@@ -12,27 +12,7 @@ import argparse
 import os
 import sys
 
-
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-def open_engine(model_path, adapters=None, *, device=None, dtype="auto", **engine_options):
-    """An `Engine` over the model and tokenizer in the Hugging Face directory `model_path`, with
-    `adapters` (name -> peft adapter directory) loaded, on `device` (None: CUDA when there is one)
-    in `dtype` ("auto": bfloat16 on CUDA, float32 on the CPU); `engine_options` go to `Engine`."""
-    import torch
-    import transformers
-
-    from fused_train.serving import Engine
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device)
-    return Engine(model, tokenizer, adapters=dict(adapters or {}), **engine_options)
+from fused_train.serving.loading import DTYPES, open_engine
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:

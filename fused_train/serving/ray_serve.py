@@ -41,7 +41,7 @@ except ImportError as error:  # ray is an optional extra
 
 from ray.exceptions import RayError, RayTaskError
 
-from fused_train.cli import open_engine
+from fused_train.serving.loading import open_engine
 from fused_train.serving.engine import RequestFailed, RequestOutput, SamplingParams
 
 __all__ = ["EngineDeployment", "OpenAIIngress", "RemoteEngine", "app_builder", "build_deployment"]
@@ -73,7 +73,7 @@ class EngineDeployment:
         adapters: name -> peft adapter directory, the adapters requests may name.
         max_models_per_replica: adapters a replica holds at most (Serve evicts the least recently
             used beyond); the engine's `max_loras` should be at least this.
-        engine_kwargs: keyword arguments of `fused_train.cli.open_engine`: `device` (None: CUDA when
+        engine_kwargs: keyword arguments of `fused_train.serving.loading.open_engine`: `device` (None: CUDA when
             there is one), `dtype`, and the `Engine`'s (kv_dtype, max_loras, kv_cache_tokens, ...).
     """
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from bench.tiny_serving import make_adapters, make_model_dir
-from fused_train.cli import open_engine
+from fused_train.serving.loading import open_engine
 from fused_train.serving import Engine
 from fused_train.serving.openai_protocol import MAX_BODY_BYTES
 from fused_train.serving.server import build_app, start_server

@@ -19,7 +19,7 @@ import httpx  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from fused_train.cli import open_engine  # noqa: E402
+from fused_train.serving.loading import open_engine  # noqa: E402
 from fused_train.serving import RequestFailed, SamplingParams  # noqa: E402
 from fused_train.serving.ray_serve import EngineDeployment, RemoteEngine, app_builder, build_deployment  # noqa: E402
 from tests.serving.conftest import ENGINE_OPTIONS  # noqa: E402
