@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of_first_argument
+from .launch import on_device_of_first_argument
 from .int8_decode_attention_ref import (  # noqa: F401
     check_int8_decode_attention_inputs,
     dequantize_cache_ref,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of_first_argument
+from .launch import on_device_of_first_argument
 from .int8_kv_quantize_ref import (  # noqa: F401
     KERNEL_DTYPES,
     MAX_HEAD_DIM,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of_first_argument
+from .launch import on_device_of_first_argument
 from .linear_cross_entropy_ref import per_token_loss
 
 # Triton's interpreter computes bf16 arithmetic (tl.dot included) wrongly; there, tiles are cast to

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of_first_argument
+from .launch import on_device_of_first_argument
 from .lora_ref import (  # noqa: F401
     INT4_GROUP_SIZE,
     MAX_RANK,

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of_first_argument
+from .launch import on_device_of_first_argument
 from .lora import lora_gemm
 from .multi_lora_ref import multi_lora_linear_ref  # noqa: F401
 

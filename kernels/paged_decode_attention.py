@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of_first_argument
+from .launch import on_device_of_first_argument
 from .int8_decode_attention import (
     _COMBINE_WARPS, _P_SCALE, _UNBOUNDED, _attend_block, _interpreting, _num_splits, block_d_of,
 )  # fmt: skip

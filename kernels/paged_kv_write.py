@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of_first_argument
+from .launch import on_device_of_first_argument
 from .int8_kv_quantize import quantize_rows
 from .paged_kv_write_ref import check_write_kv_pages_inputs, write_kv_pages_ref  # noqa: F401
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of_first_argument
+from .launch import on_device_of_first_argument
 from .varlen_attention_ref import check_varlen_inputs, varlen_attention_ref, visible_keys_mask  # noqa: F401
 
 LOG2E = tl.constexpr(1.4426950408889634)
