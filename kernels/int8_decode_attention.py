@@ -30,26 +30,23 @@ re-exports them.
 # q, the exact ring, the scales and the split workspace stay int32 below their int64 bases.
 # ---------------------------------------------------------------------------------------------
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of_first_argument
 from .int8_decode_attention_ref import (  # noqa: F401
     check_int8_decode_attention_inputs,
     dequantize_cache_ref,
     int8_decode_attention_ref,
 )
-from .varlen_attention import LOG2E, _tanh
+from .jit_helpers import LOG2E, UNBOUNDED, tanh
+from .launch import interpreting, on_device_of_first_argument
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-# An unbounded window: farther back than any cache, yet p - window_left cannot overflow int32.
-_UNBOUNDED = 1 << 30
 # The probabilities' factor of 128 (see above).
-_P_SCALE = tl.constexpr(128.0)
+P_SCALE = tl.constexpr(128.0)
 # Keys per step over the exact ring: the smallest tl.dot block.
 _RING_BLOCK = tl.constexpr(16)
 
@@ -86,11 +83,7 @@ _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 16
 _MIN_BLOCKS_PER_SPLIT = 4
 _DEFAULT_SMS = 132  # H100/H200, for the interpreter
-_COMBINE_WARPS = 4
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
+COMBINE_WARPS = 4
 
 
 def block_d_of(head_dim):
@@ -99,13 +92,13 @@ def block_d_of(head_dim):
 
 
 @triton.jit
-def _attend_block(q, k, k_scale, v_ptrs, v_mask, v_scale, cols, col_ok, left_edge, position, m_i, l_i, acc,
+def attend_block(q, k, k_scale, v_ptrs, v_mask, v_scale, cols, col_ok, left_edge, position, m_i, l_i, acc,
                   qk_scale, scale_over_softcap, softcap_log2, SOFTCAP: tl.constexpr):
     """One online-softmax step over the key block `cols` (those with col_ok): int8 tiles with their
     scales, or exact ones with scales of 1. V loads after the scores, which keeps fewer registers live."""
     qk = tl.dot(q, tl.trans(k.to(q.dtype))) * k_scale[None, :]
     if SOFTCAP:
-        s = _tanh(qk * scale_over_softcap) * softcap_log2
+        s = tanh(qk * scale_over_softcap) * softcap_log2
     else:
         s = qk * qk_scale
     visible = (cols[None, :] >= left_edge[:, None]) & (cols[None, :] <= position[:, None]) & col_ok[None, :]
@@ -117,7 +110,7 @@ def _attend_block(q, k, k_scale, v_ptrs, v_mask, v_scale, cols, col_ok, left_edg
     alpha = tl.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=v_mask, other=0)
-    acc = tl.dot((p * (v_scale * _P_SCALE)[None, :]).to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+    acc = tl.dot((p * (v_scale * P_SCALE)[None, :]).to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -187,7 +180,7 @@ def _int8_decode_attention_split_kernel(
         k = tl.load(k_base + cols_64[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0)
         k_scale = tl.load(k_scale_base + cols, mask=scale_ok, other=0.0)
         v_scale = tl.load(v_scale_base + cols, mask=scale_ok, other=0.0)
-        m_i, l_i, acc = _attend_block(q, k, k_scale, v_base + cols_64[:, None] * stride_vt + offs_d[None, :], tile_ok,
+        m_i, l_i, acc = attend_block(q, k, k_scale, v_base + cols_64[:, None] * stride_vt + offs_d[None, :], tile_ok,
                                       v_scale, cols, col_ok, left_edge, position, m_i, l_i, acc, qk_scale,
                                       scale_over_softcap, softcap_log2, SOFTCAP)
     if HAS_RECENT:
@@ -205,13 +198,13 @@ def _int8_decode_attention_split_kernel(
             slots = tl.where(slots >= residual_length, slots - residual_length, slots)
             k = tl.load(kr_base + slots[:, None] * stride_krt + offs_d[None, :], mask=tile_ok, other=0.0)
             ones = tl.where(col_ok & (cols >= first_key), 1.0, 0.0)
-            m_i, l_i, acc = _attend_block(q, k, ones, vr_base + slots[:, None] * stride_vrt + offs_d[None, :], tile_ok,
+            m_i, l_i, acc = attend_block(q, k, ones, vr_base + slots[:, None] * stride_vrt + offs_d[None, :], tile_ok,
                                           ones, cols, col_ok, left_edge, position, m_i, l_i, acc, qk_scale,
                                           scale_over_softcap, softcap_log2, SOFTCAP)
 
     saw_none = l_i == 0.0
     l_safe = tl.where(saw_none, 1.0, l_i)
-    out = acc / (l_safe * _P_SCALE)[:, None]
+    out = acc / (l_safe * P_SCALE)[:, None]
     lse = tl.where(saw_none, float("-inf"), m_i + tl.log2(l_safe))
     part = (seq_head.to(tl.int64) * num_splits + split) * num_rows + rows
     tl.store(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
@@ -244,7 +237,7 @@ def _int8_decode_attention_combine_kernel(
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-def _num_splits(programs, kv_len, block_n, device):
+def choose_num_splits(programs, kv_len, block_n, device):
     """Splits of the keys (see _PROGRAMS_PER_SM): 1 when the programs fill the GPU already."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _DEFAULT_SMS
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
@@ -281,7 +274,7 @@ def int8_decode_attention(
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
 
     block_d = block_d_of(head_dim)
-    if config is None and _interpreting():
+    if config is None and interpreting():
         config = INTERPRETER_CONFIG
     block_n, max_block_m, num_warps, num_stages = config or (
         CONFIGS_FP32 if q.dtype == torch.float32 else CONFIGS
@@ -291,7 +284,7 @@ def int8_decode_attention(
     block_m = 16 if num_rows <= 16 else max_block_m
     row_blocks = triton.cdiv(num_rows, block_m)
     if num_splits is None:
-        num_splits = _num_splits(batch * num_kv_heads * row_blocks, kv_len, block_n, q.device)
+        num_splits = choose_num_splits(batch * num_kv_heads * row_blocks, kv_len, block_n, q.device)
     part_out = torch.empty((batch * num_kv_heads, num_splits, num_rows, head_dim), dtype=torch.float32,
                            device=q.device)
     part_lse = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)
@@ -306,15 +299,15 @@ def int8_decode_attention(
         v_scale.stride(0), v_scale.stride(1), k_recent.stride(0), k_recent.stride(1), k_recent.stride(2),
         v_recent.stride(0), v_recent.stride(1), v_recent.stride(2),
         scale * LOG2E.value, scale / softcap if softcap > 0 else 1.0, softcap * LOG2E.value,
-        _UNBOUNDED if window_left < 0 else window_left,
+        UNBOUNDED.value if window_left < 0 else window_left,
         HAS_KEY_START=key_start is not None, HAS_RECENT=has_recent, SOFTCAP=softcap > 0, HEAD_DIM=head_dim,
-        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_interpreting(), num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=interpreting(), num_warps=num_warps,
         num_stages=num_stages,
     )
     out = torch.empty_like(q)
     _int8_decode_attention_combine_kernel[(batch * num_kv_heads * num_rows,)](
         part_out, part_lse, out, num_splits, num_queries, group, num_kv_heads, out.stride(0), out.stride(1),
         out.stride(2), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=_COMBINE_WARPS,
+        num_warps=COMBINE_WARPS,
     )
     return out

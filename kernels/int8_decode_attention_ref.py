@@ -22,6 +22,7 @@ This module holds the reference and the input checks, without Triton; the kernel
 import torch
 
 from .int8_kv_quantize_ref import dequantize_kv_ref
+from .launch import describe
 
 
 def dequantize_cache_ref(data, scale, kv_len, dtype, recent=None, exact_from=None):
@@ -67,26 +68,20 @@ def int8_decode_attention_ref(
     return out.reshape(batch, num_heads, num_queries, head_dim).to(q.dtype)
 
 
-def _describe(t):
-    if isinstance(t, torch.Tensor):
-        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-    return type(t).__name__
-
-
 def check_int8_decode_attention_inputs(
     q, k_data, k_scale, v_data, v_scale, kv_len, key_start, window_left, softcap, k_recent=None, v_recent=None,
     exact_from=None,
 ):  # fmt: skip
     """Raise ValueError naming the argument when inputs break the layout in the module docstring."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.dtype.is_floating_point:
-        raise ValueError(f"q must be a floating-point tensor [batch, num_heads, num_queries, head_dim], got {_describe(q)}")
+        raise ValueError(f"q must be a floating-point tensor [batch, num_heads, num_queries, head_dim], got {describe(q)}")
     for name, data in (("k_data", k_data), ("v_data", v_data)):
         if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.dtype != torch.int8:
             raise ValueError(f"{name} must be an int8 tensor [batch, num_kv_heads, capacity, head_dim], "
-                             f"got {_describe(data)}")
+                             f"got {describe(data)}")
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if not isinstance(scale, torch.Tensor) or scale.dim() != 3 or scale.dtype != torch.float32:
-            raise ValueError(f"{name} must be a float32 tensor [batch, num_kv_heads, capacity], got {_describe(scale)}")
+            raise ValueError(f"{name} must be a float32 tensor [batch, num_kv_heads, capacity], got {describe(scale)}")
     if k_data.shape != v_data.shape:
         raise ValueError(f"k_data and v_data must have the same shape, got {tuple(k_data.shape)} and {tuple(v_data.shape)}")
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
@@ -104,7 +99,7 @@ def check_int8_decode_attention_inputs(
     tensors = {"q": q, "k_data": k_data, "k_scale": k_scale, "v_data": v_data, "v_scale": v_scale}
     if key_start is not None:
         if not isinstance(key_start, torch.Tensor) or key_start.dtype != torch.int32 or key_start.shape != (batch,):
-            raise ValueError(f"key_start must be None or an int32 tensor [batch={batch}], got {_describe(key_start)}")
+            raise ValueError(f"key_start must be None or an int32 tensor [batch={batch}], got {describe(key_start)}")
         tensors["key_start"] = key_start
     if (k_recent is None) != (v_recent is None) or (k_recent is None) != (exact_from is None):
         raise ValueError("k_recent, v_recent and exact_from must be given together, or all be None")
@@ -114,7 +109,7 @@ def check_int8_decode_attention_inputs(
         if (not isinstance(recent, torch.Tensor) or recent.dim() != 4 or not recent.dtype.is_floating_point
                 or recent.shape[:2] != k_data.shape[:2] or recent.shape[3] != head_dim or recent.shape[2] < 1):
             raise ValueError(f"{name} must be a float tensor [batch={batch}, num_kv_heads={num_kv_heads}, "
-                             f"residual_length >= 1, head_dim={head_dim}], got {_describe(recent)}")
+                             f"residual_length >= 1, head_dim={head_dim}], got {describe(recent)}")
         tensors[name] = recent
     if len({t.device for t in tensors.values()}) != 1:
         raise ValueError(f"{', '.join(tensors)} must be on one device, got {[str(t.device) for t in tensors.values()]}")

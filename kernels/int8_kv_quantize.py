@@ -17,13 +17,11 @@ input checks and the plain-PyTorch reference, which need no Triton; this module 
 # transformers transposes them) or one head's cache can pass 2**31 elements.
 # ---------------------------------------------------------------------------------------------
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of_first_argument
 from .int8_kv_quantize_ref import (  # noqa: F401
     KERNEL_DTYPES,
     MAX_HEAD_DIM,
@@ -32,6 +30,7 @@ from .int8_kv_quantize_ref import (  # noqa: F401
     dequantize_kv_ref,
     quantize_kv_ref,
 )
+from .launch import interpreting, on_device_of_first_argument
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 # Elements per program: enough work per program for a memory-bound copy, [32, 128] at head_dim
@@ -83,8 +82,7 @@ def quantize_kv_append(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     if x.numel() == 0:
         return
     block_d = triton.next_power_of_2(head_dim)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    block_t = _INTERPRETER_BLOCK_T if interpreting else max(1, _ELEMENTS_PER_PROGRAM // block_d)
+    block_t = _INTERPRETER_BLOCK_T if interpreting() else max(1, _ELEMENTS_PER_PROGRAM // block_d)
     _quantize_kv_append_kernel[(batch * num_kv_heads, triton.cdiv(new_tokens, block_t))](
         x, data, scale, new_tokens, start, num_kv_heads,
         x.stride(0), x.stride(1), x.stride(2), data.stride(0), data.stride(1), data.stride(2),

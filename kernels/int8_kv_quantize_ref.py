@@ -21,6 +21,8 @@ This module holds the reference and the input checks, without Triton; the kernel
 
 import torch
 
+from .launch import describe
+
 QUANT_MAX = 127
 # What `quantize_kv_append` takes, on either path.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,21 +43,15 @@ def dequantize_kv_ref(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return (data.float() * scale[..., None]).to(dtype)
 
 
-def _describe(t):
-    if isinstance(t, torch.Tensor):
-        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-    return type(t).__name__
-
-
 def check_quantize_kv_append_inputs(x, data, scale, start):
     """Raise ValueError naming the argument when `quantize_kv_append`'s inputs break the layout above."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"x must be a float16, bfloat16 or float32 tensor [batch, num_kv_heads, new_tokens, "
-                         f"head_dim], got {_describe(x)}")
+                         f"head_dim], got {describe(x)}")
     if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.dtype != torch.int8:
-        raise ValueError(f"data must be an int8 tensor [batch, num_kv_heads, capacity, head_dim], got {_describe(data)}")
+        raise ValueError(f"data must be an int8 tensor [batch, num_kv_heads, capacity, head_dim], got {describe(data)}")
     if not isinstance(scale, torch.Tensor) or scale.dim() != 3 or scale.dtype != torch.float32:
-        raise ValueError(f"scale must be a float32 tensor [batch, num_kv_heads, capacity], got {_describe(scale)}")
+        raise ValueError(f"scale must be a float32 tensor [batch, num_kv_heads, capacity], got {describe(scale)}")
     if len({x.device, data.device, scale.device}) != 1:
         raise ValueError(f"x, data, scale must be on one device, got {x.device}, {data.device}, {scale.device}")
     batch, num_kv_heads, new_tokens, head_dim = x.shape

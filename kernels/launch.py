@@ -1,8 +1,14 @@
-"""The launchers' device guard: Triton launches on the current CUDA device and its current stream,
-which need not be the tensors' device (a model on cuda:1, or spread over GPUs by
-`device_map="auto"`), so each launcher makes its tensors' device current first."""
+"""What the launchers and their input checks share: the device guard, whether Triton runs in its
+interpreter, and how a bad argument is described in an error.
+
+The device guard: Triton launches on the current CUDA device and its current stream, which need
+not be the tensors' device (a model on cuda:1, or spread over GPUs by `device_map="auto"`), so
+each launcher makes its tensors' device current first. Nothing here imports triton: the references
+and their checks import it too, on machines without triton.
+"""
 
 import functools
+import os
 
 import torch
 
@@ -19,3 +25,19 @@ def on_device_of_first_argument(launcher):
             return launcher(tensor, *args, **kwargs)
 
     return guarded
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its interpreter (TRITON_INTERPRET=1, how the tests run the kernels on a CPU).
+
+    The kernels' `UPCAST` follows it: the interpreter computes bf16 arithmetic (tl.dot included)
+    wrongly, so there tiles are cast to fp32 right after loading; compiled kernels keep the input
+    dtype for the tensor cores. Read per call, as `fused_train.ops.dispatch` reads it."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def describe(value) -> str:
+    """A bad argument as an error message names it: a tensor's shape, dtype and device, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
+    return type(value).__name__

@@ -29,18 +29,13 @@ target's `p - 1` is formed in fp32 before `dz` is rounded to the matmul dtype. R
 offsets are int64 before they meet a stride.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of_first_argument
+from .launch import interpreting, on_device_of_first_argument
 from .linear_cross_entropy_ref import per_token_loss
-
-# Triton's interpreter computes bf16 arithmetic (tl.dot included) wrongly; there, tiles are cast to
-# fp32 right after loading. Compiled kernels keep the input dtype for the tensor cores.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # 128×128 logit tiles: 128 rows for wgmma (a multiple of 64, also for the `dzᵀ · x` dot whose rows
 # are vocab), and a tile both passes can hold in registers with 8 warps (the 16-bit backward uses
@@ -206,7 +201,7 @@ def _meta(config):
 
 
 def _upcast(x):
-    return _INTERPRET and x.dtype != torch.float32
+    return interpreting() and x.dtype != torch.float32
 
 
 @on_device_of_first_argument

@@ -27,14 +27,13 @@ can pass 2³¹ elements (16.7k tokens through a 128k-vocabulary `lm_head`); offs
 operands and the int4 scales stay int32.
 """
 
-import os
 from collections import namedtuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of_first_argument
+from .launch import interpreting, on_device_of_first_argument
 from .lora_ref import (  # noqa: F401
     INT4_GROUP_SIZE,
     MAX_RANK,
@@ -48,10 +47,6 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton releases before host-side tensor descriptors: the pointer kernel only
     TensorDescriptor = None
-
-# Triton's interpreter computes bf16 arithmetic (tl.dot included) wrongly; there, tiles are cast
-# to fp32 right after loading. Compiled kernels keep the input dtype for the tensor cores.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _int4_tile(
@@ -397,7 +392,7 @@ def _output(shape, device, dtype):
     """An output buffer; NaN-filled (poisoned) under the interpreter, where the tests run, so an
     element a kernel forgets to write fails them. Compiled runs skip the fill: it would cost a full
     write of the output (~25 µs for 8k×4096 bf16 on an H200)."""
-    if _INTERPRET:
+    if interpreting():
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
 
@@ -553,7 +548,7 @@ def _launch_gemm(
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     common = dict(
         HAS_BIAS=bias is not None, HAS_KEEP=keep_mask is not None, W_TRANSPOSED=w_is_transposed,
-        BLOCK_R=_block_r(rank), UPCAST=_INTERPRET, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        BLOCK_R=_block_r(rank), UPCAST=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"],
         **meta,
     )  # fmt: skip
     pointer_operands = (
@@ -599,7 +594,7 @@ def lora_shrink(a, m, scale, keep_mask=None):
         keep_mask.stride(0) if keep_mask is not None else 0, out.stride(0),
         float(scale),
         HAS_KEEP=keep_mask is not None, BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"],
-        BLOCK_R=_block_r(rank), UPCAST=_INTERPRET, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        BLOCK_R=_block_r(rank), UPCAST=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return out
 
@@ -626,7 +621,7 @@ def lora_reduce_tokens(p, q, scale, keep_mask=None):
         keep_mask.stride(0) if keep_mask is not None else 0, partial.stride(0), partial.stride(1),
         float(scale),
         HAS_KEEP=keep_mask is not None, BLOCK_T=config["BLOCK_T"], BLOCK_N=config["BLOCK_N"],
-        BLOCK_R=_block_r(rank), UPCAST=_INTERPRET, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        BLOCK_R=_block_r(rank), UPCAST=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return partial.sum(0)
 

@@ -34,19 +34,15 @@ segment tiles of this module, accumulated per slot as `lora.lora_reduce_tokens` 
 masked to `ranks[s]`. It would save `x`, `S` and the sort order.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of_first_argument
+from .launch import interpreting, on_device_of_first_argument
 from .lora import lora_gemm
 from .multi_lora_ref import multi_lora_linear_ref  # noqa: F401
 
-# Triton's interpreter computes bf16 arithmetic (tl.dot included) wrongly; there, tiles are cast
-# to fp32 right after loading. Compiled kernels keep the input dtype for the tensor cores.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Ranks are walked in blocks of this many: the smallest `tl.dot` the GPU takes, and the step
 # at which padding is skipped (a rank-24 slot costs two blocks in an r_max = 64 stack, not four).
 RANK_BLOCK = 16
@@ -298,7 +294,7 @@ def multi_lora_linear_fwd(
         tiles = triton.cdiv(num_tokens, shrink["BLOCK_M"])
         _shrink_segments_kernel[(tiles * num_rank_blocks,)](
             x, lora_a, sorted_slots, order, ranks, shrunk, num_tokens, in_features, num_rank_blocks,
-            x.stride(0), *a_strides, shrunk.stride(0), BLOCK_R=RANK_BLOCK, UPCAST=_INTERPRET, **shrink,
+            x.stride(0), *a_strides, shrunk.stride(0), BLOCK_R=RANK_BLOCK, UPCAST=interpreting(), **shrink,
         )  # fmt: skip
     # The base GEMM's LoRA seed is empty (rank 0): views of real buffers, no allocation.
     y = lora_gemm(
@@ -318,6 +314,6 @@ def multi_lora_linear_fwd(
         tiles = triton.cdiv(num_tokens, expand["BLOCK_M"])
         _expand_segments_kernel[(tiles * col_blocks,)](
             shrunk, lora_b, sorted_slots, order, ranks, scalings, y, num_tokens, out_features, col_blocks,
-            shrunk.stride(0), *b_strides, y.stride(0), BLOCK_R=RANK_BLOCK, UPCAST=_INTERPRET, **expand,
+            shrunk.stride(0), *b_strides, y.stride(0), BLOCK_R=RANK_BLOCK, UPCAST=interpreting(), **expand,
         )  # fmt: skip
     return y

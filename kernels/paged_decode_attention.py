@@ -37,12 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of_first_argument
-from .int8_decode_attention import (
-    _COMBINE_WARPS, _P_SCALE, _UNBOUNDED, _attend_block, _interpreting, _num_splits, block_d_of,
-)  # fmt: skip
+from .int8_decode_attention import COMBINE_WARPS, P_SCALE, attend_block, block_d_of, choose_num_splits
+from .jit_helpers import LOG2E, UNBOUNDED
+from .launch import interpreting, on_device_of_first_argument
 from .paged_decode_attention_ref import check_paged_decode_attention_inputs, paged_decode_attention_ref  # noqa: F401
-from .varlen_attention import LOG2E
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -176,12 +174,12 @@ def _paged_decode_attention_split_kernel(
         else:
             k_scale = tl.where(col_ok, 1.0, 0.0)
             v_scale = k_scale
-        m_i, l_i, acc = _attend_block(q, k, k_scale, v_ptrs, tile_ok, v_scale, cols, col_ok, left_edge, position,
+        m_i, l_i, acc = attend_block(q, k, k_scale, v_ptrs, tile_ok, v_scale, cols, col_ok, left_edge, position,
                                       m_i, l_i, acc, qk_scale, scale_over_softcap, softcap_log2, SOFTCAP)
 
     saw_none = l_i == 0.0
     l_safe = tl.where(saw_none, 1.0, l_i)
-    out = acc / (l_safe * _P_SCALE)[:, None]
+    out = acc / (l_safe * P_SCALE)[:, None]
     out_mask = row_ok[:, None] & d_ok[None, :]
     if ONE_SPLIT:
         # Every row sees at least its own key: no row of one split is empty.
@@ -250,7 +248,7 @@ def paged_decode_attention(
         return out
 
     block_d = block_d_of(head_dim)
-    if config is None and _interpreting():
+    if config is None and interpreting():
         config = INTERPRETER_CONFIG
     block_n, max_block_m, num_warps, num_stages = config or CONFIGS[config_key(q.dtype, k_pages.dtype, head_dim)]
     group = num_heads // num_kv_heads
@@ -259,7 +257,7 @@ def paged_decode_attention(
     blocks_per_seq = triton.cdiv(group, block_m)
     grid_blocks = batch * blocks_per_seq if cu_seqlens_q is None else total_q * group // block_m + batch
     if num_splits is None:
-        num_splits = _num_splits(grid_blocks * num_kv_heads, max_pages_per_seq * page_size, block_n, q.device)
+        num_splits = choose_num_splits(grid_blocks * num_kv_heads, max_pages_per_seq * page_size, block_n, q.device)
     one_split = num_splits == 1
     workspace = () if one_split else (num_splits, total_q, num_heads)
     part_out = torch.empty((*workspace, head_dim), dtype=torch.float32, device=q.device)
@@ -274,14 +272,14 @@ def paged_decode_attention(
         scales[0].stride(0), scales[0].stride(1), scales[1].stride(0), scales[1].stride(1), page_table.stride(0),
         out.stride(0), out.stride(1),
         scale * LOG2E.value, scale / softcap if softcap > 0 else 1.0, softcap * LOG2E.value,
-        _UNBOUNDED if window_left < 0 else window_left,
+        UNBOUNDED.value if window_left < 0 else window_left,
         HAS_SCALES=has_scales, HAS_CU=cu_seqlens_q is not None, SOFTCAP=softcap > 0, PAGE_SIZE=page_size,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_interpreting(),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=interpreting(),
         ONE_SPLIT=one_split, num_warps=num_warps, num_stages=num_stages,
     )
     if not one_split:
         _paged_decode_attention_combine_kernel[(total_q * num_heads,)](
             part_out, part_lse, out, num_splits, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=_COMBINE_WARPS,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=COMBINE_WARPS,
         )
     return out

@@ -22,6 +22,8 @@ This module holds the reference and the input checks, without Triton; the kernel
 
 import torch
 
+from .launch import describe
+
 MIN_PAGE_SIZE = 8
 
 
@@ -100,12 +102,6 @@ def paged_decode_attention_ref(
     return attended[query_ok].to(q.dtype)
 
 
-def _describe(t):
-    if isinstance(t, torch.Tensor):
-        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-    return type(t).__name__
-
-
 def check_paged_decode_attention_inputs(
     q, k_pages, v_pages, page_table, kv_lens, k_scales, v_scales, cu_seqlens_q, softmax_scale, window_left, softcap,
 ):  # fmt: skip
@@ -115,15 +111,15 @@ def check_paged_decode_attention_inputs(
     used part of `page_table` only on CPU tensors: reading CUDA tensors back would make the host
     wait for the GPU at every layer of every step (the engine builds them valid)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or not q.dtype.is_floating_point:
-        raise ValueError(f"q must be a floating-point tensor [total_q, num_heads, head_dim], got {_describe(q)}")
+        raise ValueError(f"q must be a floating-point tensor [total_q, num_heads, head_dim], got {describe(q)}")
     total_q, num_heads, head_dim = q.shape
     for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
         if not isinstance(pages, torch.Tensor) or pages.dim() != 4 or pages.dtype not in (torch.int8, q.dtype):
             raise ValueError(f"{name} must be an int8 or {q.dtype} (q's dtype) tensor [num_pages, num_kv_heads, "
-                             f"page_size, head_dim], got {_describe(pages)}")
+                             f"page_size, head_dim], got {describe(pages)}")
     if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
-        raise ValueError(f"k_pages and v_pages must have one shape and dtype, got {_describe(k_pages)} and "
-                         f"{_describe(v_pages)}")
+        raise ValueError(f"k_pages and v_pages must have one shape and dtype, got {describe(k_pages)} and "
+                         f"{describe(v_pages)}")
     num_pages, num_kv_heads, page_size, pages_head_dim = k_pages.shape
     if pages_head_dim != head_dim:
         raise ValueError(f"k_pages' head_dim ({pages_head_dim}) must equal q's ({head_dim})")
@@ -137,15 +133,15 @@ def check_paged_decode_attention_inputs(
             if (not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32
                     or scales.shape != k_pages.shape[:3]):
                 raise ValueError(f"{name} must be a float32 tensor {list(k_pages.shape[:3])} (int8 pages without "
-                                 f"head_dim), got {_describe(scales)}")
+                                 f"head_dim), got {describe(scales)}")
             tensors[name] = scales
     elif k_scales is not None or v_scales is not None:
         raise ValueError(f"k_scales and v_scales must be None for {k_pages.dtype} pages (they are for int8 pages)")
     if (not isinstance(page_table, torch.Tensor) or page_table.dim() != 2 or page_table.dtype != torch.int32):
-        raise ValueError(f"page_table must be an int32 tensor [batch, max_pages_per_seq], got {_describe(page_table)}")
+        raise ValueError(f"page_table must be an int32 tensor [batch, max_pages_per_seq], got {describe(page_table)}")
     batch, max_pages_per_seq = page_table.shape
     if not isinstance(kv_lens, torch.Tensor) or kv_lens.dtype != torch.int32 or kv_lens.shape != (batch,):
-        raise ValueError(f"kv_lens must be an int32 tensor [batch={batch}], got {_describe(kv_lens)}")
+        raise ValueError(f"kv_lens must be an int32 tensor [batch={batch}], got {describe(kv_lens)}")
     tensors |= {"page_table": page_table, "kv_lens": kv_lens}
     if cu_seqlens_q is None:
         if total_q != batch:
@@ -155,7 +151,7 @@ def check_paged_decode_attention_inputs(
         if (not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dtype != torch.int32
                 or cu_seqlens_q.shape != (batch + 1,)):
             raise ValueError(f"cu_seqlens_q must be None or an int32 tensor [batch + 1 = {batch + 1}], got "
-                             f"{_describe(cu_seqlens_q)}")
+                             f"{describe(cu_seqlens_q)}")
         tensors["cu_seqlens_q"] = cu_seqlens_q
     if len({t.device for t in tensors.values()}) != 1:
         raise ValueError(f"{', '.join(tensors)} must be on one device, got {[str(t.device) for t in tensors.values()]}")

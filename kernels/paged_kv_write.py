@@ -13,14 +13,12 @@ plain-PyTorch reference, which need no Triton; this module re-exports them.
 # are int64 too: a long prefill's keys at many heads can pass 2**31 elements.
 # ---------------------------------------------------------------------------------------------
 
-import os
 
-import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of_first_argument
 from .int8_kv_quantize import quantize_rows
+from .launch import interpreting, on_device_of_first_argument
 from .paged_kv_write_ref import check_write_kv_pages_inputs, write_kv_pages_ref  # noqa: F401
 
 # Elements per program, as for quantize-on-append: [32, 128] at head_dim 128; the interpreter
@@ -79,8 +77,7 @@ def write_kv_pages(k_new, v_new, k_pages, v_pages, slots, k_scales=None, v_scale
         return
     quantize = k_scales is not None
     block_d = triton.next_power_of_2(head_dim)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    block_t = _INTERPRETER_BLOCK_T if interpreting else max(1, _ELEMENTS_PER_PROGRAM // block_d)
+    block_t = _INTERPRETER_BLOCK_T if interpreting() else max(1, _ELEMENTS_PER_PROGRAM // block_d)
     scales = (k_scales, v_scales) if quantize else (slots, slots)  # unread placeholders
     _write_kv_pages_kernel[(triton.cdiv(num_tokens, block_t), num_kv_heads, 2)](
         k_new, v_new, k_pages, v_pages, *scales, slots, num_tokens,

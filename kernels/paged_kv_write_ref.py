@@ -13,6 +13,7 @@ This module holds the reference and the input checks, without Triton; the kernel
 import torch
 
 from .int8_kv_quantize_ref import KERNEL_DTYPES, MAX_HEAD_DIM, quantize_kv_ref
+from .launch import describe
 from .paged_decode_attention_ref import MIN_PAGE_SIZE
 
 
@@ -29,12 +30,6 @@ def write_kv_pages_ref(k_new, v_new, k_pages, v_pages, slots, k_scales=None, v_s
             scales[pages, :, offsets] = scale
 
 
-def _describe(t):
-    if isinstance(t, torch.Tensor):
-        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-    return type(t).__name__
-
-
 def check_write_kv_pages_inputs(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales):
     """Raise ValueError naming the argument when inputs break the layout in the module docstring.
 
@@ -43,7 +38,7 @@ def check_write_kv_pages_inputs(k_new, v_new, k_pages, v_pages, slots, k_scales,
     for name, new in (("k_new", k_new), ("v_new", v_new)):
         if not isinstance(new, torch.Tensor) or new.dim() != 3 or new.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{name} must be a float16, bfloat16 or float32 tensor [num_tokens, num_kv_heads, "
-                             f"head_dim], got {_describe(new)}")
+                             f"head_dim], got {describe(new)}")
     if k_new.shape != v_new.shape:
         raise ValueError(f"k_new and v_new must have one shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
     num_tokens, num_kv_heads, head_dim = k_new.shape
@@ -51,12 +46,12 @@ def check_write_kv_pages_inputs(k_new, v_new, k_pages, v_pages, slots, k_scales,
         if (not isinstance(pages, torch.Tensor) or pages.dim() != 4
                 or not (pages.dtype == torch.int8 or pages.dtype.is_floating_point)):
             raise ValueError(f"{name} must be an int8 or float tensor [num_pages, num_kv_heads, page_size, head_dim], "
-                             f"got {_describe(pages)}")
+                             f"got {describe(pages)}")
         if not pages.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {pages.stride()}")
     if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
-        raise ValueError(f"k_pages and v_pages must have one shape and dtype, got {_describe(k_pages)} and "
-                         f"{_describe(v_pages)}")
+        raise ValueError(f"k_pages and v_pages must have one shape and dtype, got {describe(k_pages)} and "
+                         f"{describe(v_pages)}")
     num_pages, pool_heads, page_size, pool_head_dim = k_pages.shape
     if (pool_heads, pool_head_dim) != (num_kv_heads, head_dim):
         raise ValueError(f"k_pages' num_kv_heads and head_dim {(pool_heads, pool_head_dim)} must equal k_new's "
@@ -74,12 +69,12 @@ def check_write_kv_pages_inputs(k_new, v_new, k_pages, v_pages, slots, k_scales,
             if (not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32
                     or scales.shape != k_pages.shape[:3] or not scales.is_contiguous()):
                 raise ValueError(f"{name} must be a contiguous float32 tensor {list(k_pages.shape[:3])} (int8 pages "
-                                 f"without head_dim), got {_describe(scales)}")
+                                 f"without head_dim), got {describe(scales)}")
             tensors[name] = scales
     elif k_scales is not None or v_scales is not None:
         raise ValueError(f"k_scales and v_scales must be None for {k_pages.dtype} pages (they are for int8 pages)")
     if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.shape != (num_tokens,):
-        raise ValueError(f"slots must be an int64 tensor [num_tokens={num_tokens}], got {_describe(slots)}")
+        raise ValueError(f"slots must be an int64 tensor [num_tokens={num_tokens}], got {describe(slots)}")
     tensors["slots"] = slots
     if len({t.device for t in tensors.values()}) != 1:
         raise ValueError(f"{', '.join(tensors)} must be on one device, got {[str(t.device) for t in tensors.values()]}")

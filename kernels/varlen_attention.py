@@ -35,20 +35,16 @@ input checks and the plain-PyTorch reference, which need no Triton; this module 
 # multiply-add. tests/kernels/test_compile_sm90_varlen_attention.py checks every stride for it.
 # ---------------------------------------------------------------------------------------------
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of_first_argument
+from .jit_helpers import LOG2E, UNBOUNDED, tanh
+from .launch import interpreting, on_device_of_first_argument
 from .varlen_attention_ref import check_varlen_inputs, varlen_attention_ref, visible_keys_mask  # noqa: F401
 
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# An unbounded window side: farther than any sequence, yet the kernels' int32 index math
-# (row + diagonal ± window) cannot overflow for fewer than 2**30 tokens.
-_UNBOUNDED = tl.constexpr(1 << 30)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -91,10 +87,6 @@ BWD_DQ_CONFIGS_FP32 = {block_d: (64, 32, 4, 2) for block_d in (32, 64, 128)}
 INTERPRETER_CONFIG = (32, 16, 4, 1)
 INTERPRETER_DKDV_CONFIG = (16, 32, 4, 1, 1)
 _DELTA_BLOCK_T = 64
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def block_d_of(head_dim):
@@ -155,16 +147,10 @@ def _load_rows(base, rows, stride, num_rows, offs_d, HEAD_DIM: tl.constexpr, BLO
 
 
 @triton.jit
-def _tanh(x):
-    # Portable across the compiler and the interpreter; saturates to ±1 instead of overflowing.
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
-
-
-@triton.jit
 def _scores_log2(qk, qk_scale, scale_over_softcap, softcap_log2, SOFTCAP: tl.constexpr):
     """Scores times log2(e), and tanh(scale q·k / softcap) for the softcap's derivative."""
     if SOFTCAP:
-        capped = _tanh(qk * scale_over_softcap)
+        capped = tanh(qk * scale_over_softcap)
         return capped * softcap_log2, capped
     else:
         return qk * qk_scale, qk
@@ -320,7 +306,7 @@ def _varlen_attention_bwd_dkdv_kernel(
 
     # Row i sees key j when i + diag - window_left <= j <= i + diag + window_right, so key j is seen by
     # rows first_row_of_col[j] <= i <= last_row_of_col[j]; keys past the sequence by none.
-    first_row_of_col = tl.where(cols < len_k, cols - diag - window_right, _UNBOUNDED)
+    first_row_of_col = tl.where(cols < len_k, cols - diag - window_right, UNBOUNDED)
     last_row_of_col = tl.minimum(cols - diag + window_left, len_q - 1)
     # Rows [q_lo, q_hi) see some key of this block; rows [mid_lo, mid_hi) see all of a full block.
     q_lo = tl.maximum(first_col - diag - window_right, 0) // BLOCK_M * BLOCK_M
@@ -439,8 +425,8 @@ def _kernel_scalars(head_dim, causal, softmax_scale, window_size, softcap):
         qk_scale=scale * LOG2E.value,
         scale_over_softcap=scale / softcap if softcap > 0 else 1.0,
         softcap_log2=softcap * LOG2E.value,
-        window_left=_UNBOUNDED.value if left < 0 else left,
-        window_right=_UNBOUNDED.value if right < 0 else right,
+        window_left=UNBOUNDED.value if left < 0 else left,
+        window_right=UNBOUNDED.value if right < 0 else right,
         SOFTCAP=softcap > 0,
     ), scale
 
@@ -454,7 +440,7 @@ def _config(tables, q, config, interpreter_config):
     """The given config, else the interpreter's, else the GPU table's entry for q's dtype and head_dim."""
     if config is not None:
         return config
-    if _interpreting():
+    if interpreting():
         return interpreter_config
     table_16bit, table_fp32 = tables
     return (table_fp32 if q.dtype == torch.float32 else table_16bit)[block_d_of(q.shape[2])]
@@ -481,7 +467,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, soft
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads // k.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), **scalars, HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), BLOCK_M=block_m,
-        BLOCK_N=block_n, UPCAST=_interpreting(), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, UPCAST=interpreting(), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 
@@ -498,7 +484,7 @@ def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ca
     batch = cu_seqlens_q.numel() - 1
     block_d = block_d_of(head_dim)
     scalars, scale = _kernel_scalars(head_dim, causal, softmax_scale, window_size, softcap)
-    upcast = _interpreting()
+    upcast = interpreting()
 
     if dlse is not None and (dlse.shape != lse.shape or dlse.stride() != lse.stride()):
         raise ValueError(f"dlse must be a contiguous tensor of lse's shape {tuple(lse.shape)}, got "

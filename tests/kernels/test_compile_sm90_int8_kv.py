@@ -99,7 +99,7 @@ def _compile_all():
         result = compile_one(
             f"combine {dtype} head_dim {head_dim} {block_s} splits", decode._int8_decode_attention_combine_kernel,
             dict(PartOut="fp32", PartLse="fp32", Out=dtype), dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s),
-            decode._COMBINE_WARPS, 1, ("stride_oh", "stride_ot"),
+            decode.COMBINE_WARPS, 1, ("stride_oh", "stride_ot"),
         )
         result["expect_wgmma"] = None  # a weighted sum over splits, no matmul
         results.append(result)

@@ -118,7 +118,7 @@ def _compile_all():
         results.append(result)
     result = _compile("combine bf16 head_dim 128 16 splits", attention._paged_decode_attention_combine_kernel,
                       dict(PartOut="fp32", PartLse="fp32", Out="bf16"), dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16),
-                      attention._COMBINE_WARPS, 1)
+                      attention.COMBINE_WARPS, 1)
     result["expect_wgmma"] = None  # a weighted sum over splits, no matmul
     results.append(result)
     for new, pages, quantize in (("bf16", "i8", True), ("fp16", "bf16", False)):
