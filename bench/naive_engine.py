@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, REPO)
 
+from fused_train.ops.checks import check_int  # noqa: E402
 from fused_train.serving.engine import (  # noqa: E402
     EngineStopped, QueueFull, RequestHandle, SamplingParams, encode_prompt, ended_output, request_generator,
     stop_reason, suppress_stops,
@@ -62,8 +63,7 @@ class NaiveEngine:
     def __init__(self, model, tokenizer=None, *, adapters=None, max_waiting: int = 1024, clock=time.monotonic):
         from peft import PeftModel
 
-        if not isinstance(max_waiting, int) or isinstance(max_waiting, bool) or max_waiting < 1:
-            raise ValueError(f"max_waiting must be a positive int, got {max_waiting!r}")
+        check_int(max_waiting=max_waiting)
         if not hasattr(model, "config") or not hasattr(model, "generation_config"):
             raise ValueError(f"model must be a transformers causal LM or a peft model, got {type(model).__name__}")
         self.tokenizer, self.clock, self.max_waiting = tokenizer, clock, max_waiting

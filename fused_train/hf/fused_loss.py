@@ -13,7 +13,7 @@ Honoured as HF does: the shift of `labels` (or `shift_labels` given already shif
 `num_items_in_batch` (gradient accumulation: sum / num_items_in_batch), `logits_to_keep` (the kept
 positions must then match `labels`), Gemma 2's `final_logit_softcapping`, `return_dict`, and an
 `lm_head` that peft keeps in `modules_to_save` (its active copy is trained). Refused, with a
-ValueError: model types not in `FUSED_LOSS_MODEL_TYPES` (their forwards may transform logits in
+ValueError: model types not in `TESTED_MODEL_TYPES` (their forwards may transform logits in
 other ways), a custom `loss_function`, a peft LoRA (or other adapter) on `lm_head`, an `lm_head`
 that is not a plain `nn.Linear` (quantized), and peft's mixed-batch `adapter_names`.
 
@@ -34,11 +34,8 @@ from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from fused_train.hf.model_types import TESTED_MODEL_TYPES
 from fused_train.ops.linear_cross_entropy import linear_cross_entropy
-
-# Whose `*ForCausalLM.forward` is `decoder -> lm_head (-> final softcap) -> ForCausalLMLoss`, checked
-# end to end (tests/hf/test_fused_loss.py covers llama and gemma2, the softcapped one).
-FUSED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 
 _ORIGINAL_FORWARD = "_fused_train_forward_before_fused_loss"
 # The loss as a forward method of an FSDP2 unit holding lm_head (set at its first call).
@@ -49,9 +46,9 @@ _NO_INSTANCE_FORWARD = object()
 def patch_loss(model) -> None:
     """Route `model`'s (a transformers causal LM) training loss through `linear_cross_entropy`."""
     name = f"{type(model).__name__} (model_type={model.config.model_type!r})"
-    if model.config.model_type not in FUSED_LOSS_MODEL_TYPES:
+    if model.config.model_type not in TESTED_MODEL_TYPES:
         raise ValueError(
-            f"fused_loss=True supports model types {', '.join(FUSED_LOSS_MODEL_TYPES)}; {name} may transform its "
+            f"fused_loss=True supports model types {', '.join(TESTED_MODEL_TYPES)}; {name} may transform its "
             "logits in ways the fused loss does not know, patch it without fused_loss"
         )
     _check_loss_function(model)

@@ -34,7 +34,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from fused_train.hf.attention import ATTENTION_NAME, Int8KV
 from fused_train.ops.int8_kv import quantize_kv_append
 
-
 # Newer transformers crop by minus the number of tokens to drop (`tokens_to_remove`), older ones
 # by the length to keep (`max_length`); DynamicLayer's parameter name says which this one does.
 _CROP_TAKES_TOKENS_TO_REMOVE = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters

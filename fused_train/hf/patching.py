@@ -12,7 +12,7 @@ On a peft model, `patch` also routes its LoRA `Linear` layers through the fused 
 (`fused_train.hf.peft_lora`), per call, whenever a layer's state allows, and logs which layers were
 fused and why the others fall back (a warning when any does).
 With `fused_loss=True`, the training loss of the model types in
-`fused_train.hf.fused_loss.FUSED_LOSS_MODEL_TYPES` runs through `linear_cross_entropy`, with no
+`TESTED_MODEL_TYPES` runs through `linear_cross_entropy`, with no
 `[tokens, vocab]` logits tensor; their output's `logits` is then None (`fused_train.hf.fused_loss` says
 what is honoured and what is refused).
 Patching changes no parameter, buffer or `state_dict` key: only the name of the attention
@@ -26,14 +26,13 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from fused_train.hf.fused_loss import patch_loss, unpatch_loss
 from fused_train.hf.attention import ATTENTION_NAME, fused_train_attention, fused_train_mask
-from fused_train.hf.varlen_layout import clear_per_forward_caches
+from fused_train.hf.fused_loss import patch_loss, unpatch_loss
+from fused_train.hf.model_types import TESTED_MODEL_TYPES
 from fused_train.hf.peft_lora import patch_lora_layers, unpatch_lora_layers
+from fused_train.hf.varlen_layout import clear_per_forward_caches
 
 logger = logging.getLogger("fused_train")
-
-TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 
 _ORIGINAL_ATTENTION = "_fused_train_original_attn_implementation"
 

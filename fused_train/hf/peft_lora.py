@@ -31,16 +31,16 @@ import torch.nn as nn
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
+from fused_train.hf.quantize import QuantizedLinear
 from fused_train.kernels.lora_ref import MAX_RANK
+from fused_train.ops.checks import FLOAT_DTYPES, is_dtensor
 from fused_train.ops.lora import lora_linear
 from fused_train.ops.multi_lora import multi_lora_linear
-from fused_train.hf.quantize import QuantizedLinear
 
 logger = logging.getLogger("fused_train")
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BASE_WEIGHT_DTYPES = (*_FLOAT_DTYPES, torch.int8, torch.uint8)
+_BASE_WEIGHT_DTYPES = (*FLOAT_DTYPES, torch.int8, torch.uint8)
 # int8, and int4 packed in uint8 (`fused_train.hf.quantize`): dequantized to whatever dtype x has.
 _QUANTIZED_DTYPES = (torch.int8, torch.uint8)
 # Fallback reasons already told, by a report or at a call: each is logged once, the first time a call meets it.
@@ -157,10 +157,10 @@ def _operands_reason(layer: LoraLinear, adapters: list[str], x: torch.Tensor) ->
     if weight.dtype in _QUANTIZED_DTYPES and not isinstance(base, QuantizedLinear):
         # e.g. bitsandbytes' packed NF4: same storage dtype, another format.
         return f"base layer {type(base).__name__} holds {weight.dtype} weights not made by fused_train.quantize_base"
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         return f"input dtype {x.dtype} is not float16, bfloat16 or float32"
     adapter_weights = [modules[a].weight for modules in (layer.lora_A, layer.lora_B) for a in adapters]
-    if any(_is_dtensor(w) for w in (weight, *adapter_weights)):
+    if any(is_dtensor(w) for w in (weight, *adapter_weights)):
         # An FSDP2 unit of its own (a wrap policy that shards LoRA modules apart) gathers its weight
         # only when called: peft's forward calls it, the fused path would read the shard.
         return "a weight is an FSDP2 shard (DTensor) outside its module's forward"
@@ -359,11 +359,3 @@ def unpatch_lora_layers(model: nn.Module) -> int:
             del module.forward
             restored += 1
     return restored
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)

@@ -9,9 +9,9 @@ run (`triton_runs_on`), the public functions run the same checks, then the plain
 
 import torch
 
-from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
 from fused_train.kernels import int8_decode_attention_ref as decode_ref
 from fused_train.kernels import int8_kv_quantize_ref as quantize_ref
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
 
 if HAS_TRITON:
     from fused_train.kernels import int8_decode_attention as decode_kernel

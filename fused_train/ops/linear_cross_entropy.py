@@ -12,22 +12,22 @@ holds more than a chunk of logits.
 
 import torch
 
-from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 from fused_train.kernels.linear_cross_entropy_ref import (
     REDUCTIONS,
     linear_cross_entropy_bwd_ref,
     linear_cross_entropy_fwd_ref,
     reduce_loss,
 )
+from fused_train.ops.checks import FLOAT_DTYPES, is_dtensor
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 
 if HAS_TRITON:
     from fused_train.kernels.linear_cross_entropy import linear_cross_entropy_bwd, linear_cross_entropy_fwd
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels_run(x, weight, bias, labels):
-    return triton_runs_on(x, *[t for t in (weight, bias, labels) if t is not None]) and x.dtype in _FLOAT_DTYPES
+    return triton_runs_on(x, *[t for t in (weight, bias, labels) if t is not None]) and x.dtype in FLOAT_DTYPES
 
 
 def _lce_fwd(
@@ -164,7 +164,7 @@ def linear_cross_entropy(
 
 def _autocast(t, device_type):
     """`t` in autocast's dtype, as `F.linear` casts its float operands under autocast."""
-    if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES:
+    if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES:
         return t.to(torch.get_autocast_dtype(device_type))
     return t
 
@@ -175,12 +175,12 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, label_s
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if _is_dtensor(weight):
+    if is_dtensor(weight):
         raise ValueError(
             "weight is a DTensor (e.g. an FSDP2-sharded lm_head.weight): linear_cross_entropy needs the full "
             "weight; gather it first (FSDP2: keep lm_head unsharded, or call it inside the lm_head module's unshard)"
         )
-    floats = (*_FLOAT_DTYPES, torch.float64)
+    floats = (*FLOAT_DTYPES, torch.float64)
     if hidden.dim() < 1 or hidden.dtype not in floats:
         raise ValueError(f"hidden must be a float tensor [..., H], got {hidden.dtype} {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
@@ -219,11 +219,3 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, label_s
             raise ValueError(
                 f"labels must be in [0, V={vocab_size}) or ignore_index={ignore_index}, got {labels[bad][0].item()}"
             )
-
-
-def _is_dtensor(t):
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)

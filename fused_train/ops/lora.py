@@ -9,13 +9,13 @@ The backward keeps `x`, the bool mask and the fp32 `[tokens, r]` product `S`; it
 
 import torch
 
+from fused_train.kernels.lora_ref import MAX_RANK, lora_linear_ref
+from fused_train.ops.checks import FLOAT_DTYPES, check_int4_weight
 from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
-from fused_train.kernels.lora_ref import INT4_GROUP_SIZE, MAX_RANK, lora_linear_ref
 
 if HAS_TRITON:
     from fused_train.kernels.lora import lora_linear_bwd, lora_linear_fwd
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _lora_linear_fwd(
@@ -162,17 +162,17 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale, weig
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES:
+    if x.dim() < 1 or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a float16/bfloat16/float32 tensor [..., in], got {x.dtype} {tuple(x.shape)}")
     in_features = x.shape[-1]
     if weight.dtype == torch.uint8:
-        _check_int4_weight(weight, weight_scale, weight_offset, in_features)
+        check_int4_weight(weight, weight_scale, weight_offset, in_features)
     elif weight.dim() != 2 or weight.shape[1] != in_features:
         raise ValueError(f"weight must be [out, in={in_features}], got {tuple(weight.shape)}")
     elif weight.dtype == torch.int8:
         if weight_scale is None:
             raise ValueError("weight_scale must be given for an int8 weight")
-        if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype not in _FLOAT_DTYPES:
+        if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"weight_scale must be a float tensor [out={weight.shape[0]}], got {weight_scale.dtype} {tuple(weight_scale.shape)}"
             )
@@ -203,20 +203,3 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale, weig
         raise ValueError(
             f"x, weight, lora_a, lora_b, bias, weight_scale, weight_offset must be on one device, got {sorted(map(str, devices))}"
         )
-
-
-def _check_int4_weight(weight, weight_scale, weight_offset, in_features):
-    groups = -(-in_features // INT4_GROUP_SIZE)
-    packed_width = groups * INT4_GROUP_SIZE // 2
-    if weight.dim() != 2 or weight.shape[1] != packed_width:
-        raise ValueError(
-            f"weight (int4, uint8-packed) must be [out, {packed_width}] for in={in_features}, got {tuple(weight.shape)}"
-        )
-    for name, t in (("weight_scale", weight_scale), ("weight_offset", weight_offset)):
-        if t is None:
-            raise ValueError(f"{name} must be given for an int4 (uint8-packed) weight")
-        if t.shape != (weight.shape[0], groups) or t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"{name} must be a float tensor [out={weight.shape[0]}, groups={groups}] for an int4 weight, "
-                f"got {t.dtype} {tuple(t.shape)}"
-            )

@@ -7,10 +7,10 @@ layout of the stacked adapters is in `fused_train.kernels.multi_lora_ref`. Forwa
 
 import torch
 
-from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 from fused_train.kernels.lora_ref import MAX_RANK
 from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
-from fused_train.ops.lora import _FLOAT_DTYPES, _check_int4_weight
+from fused_train.ops.checks import FLOAT_DTYPES, check_int4_weight, describe
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 
 if HAS_TRITON:
     from fused_train.kernels.multi_lora import multi_lora_linear_fwd
@@ -107,10 +107,6 @@ def multi_lora_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _describe(t):
-    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset):
     """Raise ValueError naming the argument when shapes, dtypes or devices break the contract."""
     named = (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("token_slots", token_slots),
@@ -121,21 +117,21 @@ def _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias,
     for name, t in (("bias", bias), ("weight_scale", weight_scale), ("weight_offset", weight_offset)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor or None, got {type(t).__name__}")
-    if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be a float16/bfloat16/float32 tensor [..., in], got {_describe(x)}")
+    if x.dim() < 1 or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a float16/bfloat16/float32 tensor [..., in], got {describe(x)}")
     in_features = x.shape[-1]
     num_tokens = x.shape[:-1].numel()
     _check_weight(x, weight, weight_scale, weight_offset)
     out_features = weight.shape[0]
     if lora_a.dim() != 3 or lora_a.shape[0] < 1 or lora_a.shape[2] != in_features or not 1 <= lora_a.shape[1] <= MAX_RANK:
         raise ValueError(
-            f"lora_a must be [slots >= 1, r_max, in={in_features}] with 1 <= r_max <= {MAX_RANK}, got {_describe(lora_a)}"
+            f"lora_a must be [slots >= 1, r_max, in={in_features}] with 1 <= r_max <= {MAX_RANK}, got {describe(lora_a)}"
         )
     num_slots, r_max = lora_a.shape[:2]
     if lora_b.shape != (num_slots, out_features, r_max):
         raise ValueError(
             f"lora_b must be [slots={num_slots}, out={out_features}, r_max={r_max}] (slots and r_max from lora_a), "
-            f"got {_describe(lora_b)}"
+            f"got {describe(lora_b)}"
         )
     if lora_a.dtype not in (x.dtype, torch.float32) or lora_b.dtype != lora_a.dtype:
         raise ValueError(
@@ -144,14 +140,14 @@ def _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias,
     if token_slots.dtype != torch.int32 or token_slots.shape not in (x.shape[:-1], (num_tokens,)):
         raise ValueError(
             f"token_slots must be int32 of x's leading shape {tuple(x.shape[:-1])} or [{num_tokens}], "
-            f"got {_describe(token_slots)}"
+            f"got {describe(token_slots)}"
         )
     if scalings.dtype != torch.float32 or scalings.shape != (num_slots,):
-        raise ValueError(f"scalings must be float32 [slots={num_slots}], got {_describe(scalings)}")
+        raise ValueError(f"scalings must be float32 [slots={num_slots}], got {describe(scalings)}")
     if ranks.dtype != torch.int32 or ranks.shape != (num_slots,):
-        raise ValueError(f"ranks must be int32 [slots={num_slots}], got {_describe(ranks)}")
+        raise ValueError(f"ranks must be int32 [slots={num_slots}], got {describe(ranks)}")
     if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (x.dtype, torch.float32)):
-        raise ValueError(f"bias must be [out={out_features}] in {x.dtype} or float32, got {_describe(bias)}")
+        raise ValueError(f"bias must be [out={out_features}] in {x.dtype} or float32, got {describe(bias)}")
     if torch.is_grad_enabled():
         for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
             if t is not None and t.requires_grad:
@@ -171,15 +167,15 @@ def _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias,
 def _check_weight(x, weight, weight_scale, weight_offset):
     in_features = x.shape[-1]
     if weight.dtype == torch.uint8:
-        _check_int4_weight(weight, weight_scale, weight_offset, in_features)
+        check_int4_weight(weight, weight_scale, weight_offset, in_features)
         return
     if weight.dim() != 2 or weight.shape[1] != in_features:
-        raise ValueError(f"weight must be [out, in={in_features}], got {_describe(weight)}")
+        raise ValueError(f"weight must be [out, in={in_features}], got {describe(weight)}")
     if weight.dtype == torch.int8:
         if weight_scale is None:
             raise ValueError("weight_scale must be given for an int8 weight")
-        if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"weight_scale must be a float tensor [out={weight.shape[0]}], got {_describe(weight_scale)}")
+        if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"weight_scale must be a float tensor [out={weight.shape[0]}], got {describe(weight_scale)}")
     elif weight.dtype != x.dtype:
         raise ValueError(f"weight must have the dtype of x ({x.dtype}), be int8, or be uint8-packed int4, got {weight.dtype}")
     elif weight_scale is not None:

@@ -10,9 +10,9 @@ public functions run the same checks, then the plain-PyTorch references. The lay
 
 import torch
 
-from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
 from fused_train.kernels import paged_decode_attention_ref as attention_ref
 from fused_train.kernels import paged_kv_write_ref as write_ref
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on, warn_reference_path
 
 if HAS_TRITON:
     from fused_train.kernels import paged_decode_attention as attention_kernel

@@ -7,12 +7,12 @@ sequence lives in page `pages[j // page_size]` at offset `j % page_size`. A sequ
 up to one page, never more.
 """
 
+from fused_train.ops.checks import check_int
+
 
 class PageAllocator:
     def __init__(self, num_pages: int, page_size: int):
-        for arg, value in (("num_pages", num_pages), ("page_size", page_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_int(num_pages=num_pages, page_size=page_size)
         self.num_pages = num_pages
         self.page_size = page_size
         # Last freed, first reused: a page just freed is likely still in the GPU's L2.

@@ -41,8 +41,9 @@ except ImportError as error:  # ray is an optional extra
 
 from ray.exceptions import RayError, RayTaskError
 
-from fused_train.serving.loading import open_engine
+from fused_train.ops.checks import check_int
 from fused_train.serving.engine import RequestFailed, RequestOutput, SamplingParams
+from fused_train.serving.loading import open_engine
 
 __all__ = ["EngineDeployment", "OpenAIIngress", "RemoteEngine", "app_builder", "build_deployment"]
 
@@ -289,9 +290,7 @@ def build_deployment(model_dir: str, adapters: dict, *, num_replicas: int = 2, m
     the directory's name); `engine_kwargs` go to each replica's `open_engine` (device, dtype and the
     `Engine`'s options); `ray_actor_options` are each engine replica's resources (e.g.
     `{"num_gpus": 1}`). Run it with `serve.run(app)`."""
-    for arg, value in (("num_replicas", num_replicas), ("max_models_per_replica", max_models_per_replica)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    check_int(num_replicas=num_replicas, max_models_per_replica=max_models_per_replica)
     if not os.path.isdir(model_dir):
         raise ValueError(f"model_dir must be a model directory, got {model_dir!r}")
     adapters = {str(name): os.fspath(path) for name, path in dict(adapters).items()}

@@ -2,12 +2,12 @@
 
 import heapq
 import math
-from numbers import Integral
 
 import numpy as np
 import torch
 
-from fused_train.training.packing import _as_int64_array, plan_packing_arrays
+from fused_train.ops.checks import check_int
+from fused_train.training.packing import as_int64_array, plan_packing_arrays
 
 
 class PackedBatchSampler:
@@ -59,22 +59,22 @@ class PackedBatchSampler:
     def __init__(
         self, lengths, tokens_per_step: int, *, num_replicas=None, rank=None, seed: int = 0, shuffle: bool = True
     ):
-        self.lengths = _as_int64_array(lengths)
+        self.lengths = as_int64_array(lengths)
         if len(self.lengths) and self.lengths.min() < 1:
             bad = int(np.flatnonzero(self.lengths < 1)[0])
             raise ValueError(f"lengths[{bad}] = {self.lengths[bad]}; every document needs at least one token")
-        _check_int("tokens_per_step", tokens_per_step, minimum=1)
+        check_int(tokens_per_step=tokens_per_step)
         if num_replicas is None or rank is None:
             initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
             if num_replicas is None:
                 num_replicas = torch.distributed.get_world_size() if initialised else 1
             if rank is None:
                 rank = torch.distributed.get_rank() if initialised else 0
-        _check_int("num_replicas", num_replicas, minimum=1)
-        _check_int("rank", rank, minimum=0)
+        check_int(num_replicas=num_replicas)
+        check_int(0, rank=rank)
         if rank >= num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas = {num_replicas}), got {rank}")
-        _check_int("seed", seed, minimum=0)
+        check_int(0, seed=seed)
         if len(self.lengths) < num_replicas:
             raise ValueError(
                 f"lengths holds {len(self.lengths)} documents, fewer than num_replicas = {num_replicas}: "
@@ -91,7 +91,7 @@ class PackedBatchSampler:
         self._plan = None  # (epoch, plan of that epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        _check_int("epoch", epoch, minimum=0)
+        check_int(0, epoch=epoch)
         if epoch != self.epoch:
             self.epoch = int(epoch)
             self.step = 0
@@ -137,17 +137,14 @@ class PackedBatchSampler:
         ):
             if state.get(key, mine) != mine:
                 raise ValueError(f"state['{key}'] = {state[key]!r} differs from this sampler's {mine!r}")
-        _check_int("state['epoch']", state["epoch"], minimum=0)
+        check_int(0, **{"state['epoch']": state["epoch"]})
         self.set_epoch(state["epoch"])
-        _check_int("state['step']", state["step"], minimum=0)
+        check_int(0, **{"state['step']": state["step"]})
         if state["step"] > len(self):
             raise ValueError(f"state['step'] = {state['step']} exceeds the epoch's {len(self)} steps")
         self.step = self._resume_step = int(state["step"])
 
 
-def _check_int(name: str, value, *, minimum: int) -> None:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _plan_epoch(lengths, tokens_per_step, num_replicas, seed, epoch, shuffle) -> list[list[np.ndarray]]:

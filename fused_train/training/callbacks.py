@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from fused_train.training.token_count import warn_if_tokens_not_averaged
 from fused_train.training.telemetry import TrainingTelemetry
+from fused_train.training.token_count import warn_if_tokens_not_averaged
 
 # Dense bf16 tensor FLOP/s (NVIDIA data sheets, SXM parts, no sparsity), by a substring of the device name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}

@@ -1,12 +1,12 @@
 """Planning which documents share a row of `max_tokens` tokens (the planner itself is C++)."""
 
 from collections.abc import Sequence
-from numbers import Integral
 
 import numpy as np
 import torch
 
 from fused_train import _C
+from fused_train.ops.checks import check_int
 
 
 def plan_packing(lengths, max_tokens: int, *, split_long: bool = True) -> list[list[int]]:
@@ -67,7 +67,7 @@ def chunk_spans(rows: Sequence[Sequence[int]], lengths, max_tokens: int) -> list
     The k-th occurrence of document i (in row order) is its chunk k, tokens [start, end) with
     start = k * max_tokens and end = min(start + max_tokens, lengths[i]).
     """
-    lengths = _as_int64_array(lengths).tolist()
+    lengths = as_int64_array(lengths).tolist()
     next_start = [0] * len(lengths)
     spans = []
     for row in rows:
@@ -84,14 +84,13 @@ def chunk_spans(rows: Sequence[Sequence[int]], lengths, max_tokens: int) -> list
 
 
 def _planner_args(lengths, max_tokens, split_long) -> tuple[np.ndarray, int, bool]:
-    if not isinstance(max_tokens, Integral) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    check_int(max_tokens=max_tokens)
     # The C++ side checks the values (lengths >= 1, not over-long without split_long) and raises
     # ValueError naming the offending `lengths[i]`.
-    return _as_int64_array(lengths), int(max_tokens), bool(split_long)
+    return as_int64_array(lengths), int(max_tokens), bool(split_long)
 
 
-def _as_int64_array(lengths) -> np.ndarray:
+def as_int64_array(lengths) -> np.ndarray:
     if isinstance(lengths, torch.Tensor):
         if lengths.dtype == torch.bool or lengths.dtype.is_floating_point or lengths.dtype.is_complex:
             raise ValueError(f"lengths must hold integers, got a tensor of {lengths.dtype}")

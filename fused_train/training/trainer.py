@@ -5,8 +5,9 @@ import transformers
 from accelerate.data_loader import prepare_data_loader
 from transformers.utils import is_datasets_available
 
-from fused_train.training.token_count import warn_if_tokens_not_averaged
+from fused_train.ops.checks import check_int
 from fused_train.training.batch_sampler import PackedBatchSampler
+from fused_train.training.token_count import warn_if_tokens_not_averaged
 
 
 class PackedTrainer(transformers.Trainer):
@@ -34,8 +35,7 @@ class PackedTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args, tokens_per_step: int, **kwargs):
-        if not isinstance(tokens_per_step, int) or isinstance(tokens_per_step, bool) or tokens_per_step < 1:
-            raise ValueError(f"tokens_per_step must be a positive int, got {tokens_per_step!r}")
+        check_int(tokens_per_step=tokens_per_step)
         self.tokens_per_step = tokens_per_step
         super().__init__(*args, **kwargs)
         # Ranks hold different numbers of tokens by design: only the Trainer's token averaging

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench import load_test
 from bench.naive_engine import NaiveEngine
 from bench.tiny_serving import make_adapters, make_model_dir
-from fused_train.serving.loading import open_engine
 from fused_train.serving import Engine, QueueFull, SamplingParams
+from fused_train.serving.loading import open_engine
 from fused_train.serving.server import build_app, start_server
 
 MODEL_NAME = "tiny"

@@ -9,13 +9,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 import fused_train
-import fused_train.ops.varlen_attention
 import fused_train.hf.attention
 import fused_train.ops.int8_kv
+import fused_train.ops.varlen_attention
 from fused_train import Int8KVCache
 from fused_train.kernels.int8_kv_quantize import dequantize_kv_ref, quantize_kv_ref
 from tests.hf.tiny_models import COMMON, tiny_model
-
 
 # transformers 5 renamed generate's and forward's `past_key_values` to `cache`.
 CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"

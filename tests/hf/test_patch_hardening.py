@@ -9,7 +9,7 @@ import transformers
 import fused_train
 from fused_train.hf.attention import fused_train_attention
 from fused_train.hf.varlen_layout import OncePerForward, varlen_layout
-from tests.hf.test_patch_models import DOC_LENGTHS, make_docs, per_document_loss_and_grads
+from tests.hf.test_patch_models import make_docs, per_document_loss_and_grads
 from tests.hf.tiny_models import COMMON, tiny_model
 
 

@@ -9,9 +9,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fused_train.hf import peft_lora
-from fused_train.ops.lora import dropout_keep_mask, lora_linear
 from fused_train.hf.peft_lora import patch_lora_layers, unpatch_lora_layers
 from fused_train.hf.quantize import Int4Linear, Int8Linear, dequantize_base, quantize_base
+from fused_train.ops.lora import dropout_keep_mask, lora_linear
 from tests.conftest import DEVICE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fused_train
-from fused_train.ops import dispatch
 from fused_train.kernels.varlen_attention_ref import varlen_attention_ref
+from fused_train.ops import dispatch
 from fused_train.ops.int8_kv import int8_decode_attention
 
 

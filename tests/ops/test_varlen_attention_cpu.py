@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_train
-from fused_train.ops import varlen_attention_cpu
+from fused_train.ops import varlen_attention_cpu as cpu_attention
 from fused_train.ops.varlen_attention_cpu import SdpaCosts, choose, schedules, varlen_attention_cpu
 from fused_train.kernels.varlen_attention_ref import varlen_attention_ref
 
@@ -89,14 +89,14 @@ def test_rows_without_keys_give_zeros_as_in_the_reference():
 def test_plan_is_reused_for_the_same_offsets_and_rebuilt_when_they_change():
     (q, k, v, cu_q, cu_k), kwargs = inputs("causal")
     varlen_attention_cpu(q, k, v, cu_q, cu_k, costs=COSTS["buckets"], **kwargs)
-    plan = varlen_attention_cpu._last_plan[1]
+    plan = cpu_attention._last_plan[1]
     varlen_attention_cpu(q, k, v, cu_q, cu_k, costs=COSTS["buckets"], **kwargs)
-    assert varlen_attention_cpu._last_plan[1] is plan
+    assert cpu_attention._last_plan[1] is plan
     # The same tensors, changed in place: sequence 0 now has 3 tokens and sequence 1 has 3.
     cu_q[1] += 2
     cu_k[1] += 2
     out = varlen_attention_cpu(q, k, v, cu_q, cu_k, costs=COSTS["buckets"], **kwargs)
-    assert varlen_attention_cpu._last_plan[1] is not plan
+    assert cpu_attention._last_plan[1] is not plan
     torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu_q, cu_k, **kwargs), atol=1e-12, rtol=1e-12)
 
 
@@ -105,14 +105,14 @@ def test_plan_is_reused_for_inference_tensors_of_the_same_offsets():
     (q, k, v, cu_q, cu_k), kwargs = inputs("causal")
     with torch.inference_mode():
         varlen_attention_cpu(q, k, v, cu_q.clone(), cu_k.clone(), costs=COSTS["buckets"], **kwargs)
-        plan = varlen_attention_cpu._last_plan[1]
+        plan = cpu_attention._last_plan[1]
         varlen_attention_cpu(q, k, v, cu_q.clone(), cu_k.clone(), costs=COSTS["buckets"], **kwargs)
-        assert varlen_attention_cpu._last_plan[1] is plan
+        assert cpu_attention._last_plan[1] is plan
         changed_q, changed_k = cu_q.clone(), cu_k.clone()
         changed_q[1] += 2
         changed_k[1] += 2
         out = varlen_attention_cpu(q, k, v, changed_q, changed_k, costs=COSTS["buckets"], **kwargs)
-        assert varlen_attention_cpu._last_plan[1] is not plan
+        assert cpu_attention._last_plan[1] is not plan
         expected = varlen_attention_ref(q, k, v, changed_q, changed_k, **kwargs)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
@@ -167,11 +167,11 @@ def test_deterministic_algorithms_and_unreadable_timings_run_the_reference(monke
     (q, k, v, cu_q, cu_k), kwargs = inputs("causal", torch.float32)
     expected = varlen_attention_ref(q, k, v, cu_q, cu_k, **kwargs)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    monkeypatch.setattr(varlen_attention_cpu, "_make_plan", None)  # no plan is made: calling it would raise
+    monkeypatch.setattr(cpu_attention, "_make_plan", None)  # no plan is made: calling it would raise
     assert torch.equal(varlen_attention_cpu(q, k, v, cu_q, cu_k, **kwargs), expected)
     # Every call timed alike, long or short: noise, not arithmetic.
-    monkeypatch.setattr(varlen_attention_cpu, "_seconds", lambda attentions, backward: [1e-3] * len(attentions))
-    assert varlen_attention_cpu._measure.__wrapped__(torch.float32, 2, 2, 16, True, 2) is None
+    monkeypatch.setattr(cpu_attention, "_seconds", lambda attentions, backward: [1e-3] * len(attentions))
+    assert cpu_attention._measure.__wrapped__(torch.float32, 2, 2, 16, True, 2) is None
 
 
 def test_measured_costs_are_positive_and_measured_once():
@@ -179,8 +179,8 @@ def test_measured_costs_are_positive_and_measured_once():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        costs = varlen_attention_cpu.measure_sdpa_costs(torch.float32, 2, 1, 16, backward=True)
-        again = varlen_attention_cpu.measure_sdpa_costs(torch.float32, 2, 1, 16, backward=True)
+        costs = cpu_attention.measure_sdpa_costs(torch.float32, 2, 1, 16, backward=True)
+        again = cpu_attention.measure_sdpa_costs(torch.float32, 2, 1, 16, backward=True)
     finally:
         torch.set_num_threads(threads)
     assert costs.seconds_per_call > 0 and costs.seconds_per_score > 0
@@ -195,7 +195,7 @@ def test_varlen_attention_takes_this_path_on_cpu_tensors_the_kernel_does_not_run
         calls.append(kwargs)
         return varlen_attention_cpu(*args, **kwargs)
 
-    monkeypatch.setattr(varlen_attention_cpu, "varlen_attention_cpu", spy)
+    monkeypatch.setattr(cpu_attention, "varlen_attention_cpu", spy)
     (q, k, v, cu_q, cu_k), kwargs = inputs("gqa")  # float64: the kernel takes 16- and 32-bit floats
     out = fused_train.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, **kwargs)
     assert len(calls) == 1

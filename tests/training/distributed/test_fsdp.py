@@ -17,8 +17,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import fused_train
 from fused_train.training.token_count import global_token_count
-from tests.training.distributed.test_exact_loss import _documents, _examples
 from tests.hf.tiny_models import tiny_model
+from tests.training.distributed.test_exact_loss import _documents, _examples
 
 MAX_TOKENS = 64
 
