@@ -8,8 +8,10 @@ from torch.utils.cpp_extension import BuildExtension
 
 # `kernels/` ships as `fused_train.kernels`: a top-level `kernels` package already exists on PyPI.
 setup(
-    packages=["fused_train", "fused_train.hf", "fused_train.kernels", "fused_train.ops", "fused_train.serving", "fused_train.training"],
-    package_data={"fused_train": ["data/*.gz"]},
+    packages=[
+        "fused_train", "fused_train.hf", "fused_train.kernels", "fused_train.ops", "fused_train.serving",
+        "fused_train.training",
+    ],  # fmt: skip
     ext_modules=[
         Pybind11Extension(
             "fused_train._C",

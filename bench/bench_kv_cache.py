@@ -47,13 +47,13 @@ from tqdm import tqdm
 from transformers import LlamaConfig
 from transformers.cache_utils import DynamicLayer, QuantizedCache
 
-from fused_train.ops.dispatch import triton_runs_on
 from fused_train.hf.int8_cache import Int8KVLayer
+from fused_train.ops.dispatch import triton_runs_on
 from fused_train.ops.int8_kv import int8_decode_attention
 
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import make_timer, measure_copy_bandwidth  # noqa: E402
+from bench.common import make_timer, measure_copy_bandwidth, pyplot  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -360,10 +360,7 @@ def _write(args, device, rows, memory, bandwidth, backends):
 
 
 def _chart(rows, path, report):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:

@@ -34,6 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import pyplot  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROVIDERS = ("hf", "fused", "liger", "compiled_chunked")
@@ -168,10 +172,7 @@ def _run_child(spec, timeout):
 
 
 def _chart(rows, path, device_name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [f"{r['tokens']}×{r['hidden']}×{r['vocab']}\n{'W trained' if r['trainable'] else 'W frozen'}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))

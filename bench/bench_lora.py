@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from unittest import mock
 
@@ -38,10 +39,14 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from tqdm import tqdm
 
 import fused_train.ops.lora
+from fused_train.hf.quantize import Int8Linear
 from fused_train.kernels import lora as lora_kernels
 from fused_train.kernels.lora import quantize_int4
 from fused_train.ops.lora import lora_linear
-from fused_train.hf.quantize import Int8Linear
+
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import pyplot  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -317,10 +322,7 @@ def main():
 
 
 def _chart(rows, path, device_name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [f"{r['tokens']}x{r['fan_in']}x{r['fan_out']} r{r['rank']}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))

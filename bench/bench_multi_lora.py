@@ -48,6 +48,10 @@ from tqdm import tqdm
 import fused_train
 from fused_train.kernels.lora_ref import quantize_int8
 
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import MODEL, pyplot  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
 
@@ -258,10 +262,6 @@ def bench_model(runs=15):
 
     from fused_train.serving import AdapterPool
 
-    if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
-        sys.path.insert(0, REPO)
-    from bench.demo import MODEL
-
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL, attn_implementation="sdpa")).eval()
     names = [f"adapter{i % E2E_ADAPTERS}" for i in range(E2E_REQUESTS)]
@@ -392,10 +392,7 @@ def main(argv=None):
 
 def _chart(rows, path, device_name):
     """Tokens/s of each provider against the number of distinct adapters, one panel per layer and batch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = sorted({(r["fan_in"], r["fan_out"], r["phase"], r["tokens"]) for r in rows},
                     key=lambda p: (p[0], p[1], p[2] != "decode", p[3]))  # fmt: skip

@@ -51,10 +51,11 @@ REPO = Path(__file__).resolve().parent.parent
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, str(REPO))
 
+from bench.common import pyplot  # noqa: E402
 from bench.packing_oracle import plan_packing_python  # noqa: E402
 from fused_train.training.packing import plan_packing, plan_packing_arrays  # noqa: E402
 
-CORPUS = REPO / "fused_train" / "data" / "stdlib_docstrings.json.gz"
+CORPUS = REPO / "bench" / "data" / "stdlib_docstrings.json.gz"
 SPEED_MAX_TOKENS = 4096
 FILL_MAX_TOKENS = (2048, 1024)
 TARGET_SPEEDUP = 50
@@ -194,10 +195,7 @@ def measure_fill() -> list[dict]:
 
 
 def plot(speed: dict, fill: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_time, ax_fill) = plt.subplots(1, 2, figsize=(11, 4.5))
     times = [speed[f"{key}_s"] for key in PROVIDERS]

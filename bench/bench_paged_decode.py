@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fused_train.ops.dispatch import triton_runs_on
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
+from fused_train.ops.dispatch import triton_runs_on
 from fused_train.ops.int8_kv import int8_decode_attention
 
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import make_timer, measure_copy_bandwidth  # noqa: E402
+from bench.common import make_timer, measure_copy_bandwidth, pyplot  # noqa: E402
 from fused_train.ops.paged_kv import paged_decode_attention, write_kv_pages
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -185,10 +185,7 @@ def _write(args, device, rows, bandwidth):
 
 
 def _chart(rows, path, report):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:

@@ -33,7 +33,7 @@ import torch
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.demo import MODEL, PAD_ID, load_documents  # noqa: E402
+from bench.common import MODEL, PAD_ID, load_documents, pyplot  # noqa: E402
 from fused_train import PackedBatchSampler, PackedCollator  # noqa: E402
 
 DOCS_PER_RANK = 32
@@ -188,10 +188,7 @@ def main(argv=None) -> int:
 
 
 def chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ranks = list(report["planned"])
     x = np.arange(len(ranks))

@@ -51,7 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, REPO)
 
-from bench.demo import MODEL, load_documents  # noqa: E402
+from bench.common import MODEL, load_documents, pyplot  # noqa: E402
 from fused_train.serving import Engine, SamplingParams  # noqa: E402
 
 RESULTS = os.path.join(REPO, "bench", "results")
@@ -345,10 +345,7 @@ def main(argv=None):
 
 
 def _chart(rows, path, device_name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     names = list(rows)

@@ -21,15 +21,19 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fused_train.ops.varlen_attention import varlen_attention
 from fused_train.ops.dispatch import triton_runs_on
-from fused_train.kernels.varlen_attention import visible_keys_mask
+from fused_train.ops.varlen_attention import varlen_attention
+
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import pyplot  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -290,10 +294,7 @@ def _write(results, device, args):
 
 
 def _chart(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ok = [row for row in results if row["status"] == "ok"]
     groups = sorted({(row["head_dim"], row["mix"]) for row in ok})

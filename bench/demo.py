@@ -3,9 +3,9 @@
 Both corpora are embedded in the package and tokenized by bytes: ids = [BOS=1] + [byte + 3 ...],
 pad 0, vocabulary 259.
 
-  docstrings  the Python standard library's docstrings (fused_train/data/stdlib_docstrings.json.gz),
+  docstrings  the Python standard library's docstrings (bench/data/stdlib_docstrings.json.gz),
               16 per step: 175 tokens on average (median 98) once those over 1024 are dropped;
-  sentences   sentences of those docstrings, one line each (fused_train/data/stdlib_sentences.json.gz),
+  sentences   sentences of those docstrings, one line each (bench/data/stdlib_sentences.json.gz),
               48 per step, so that the packed row holds tens of documents: 77 tokens on average
               (median 63). Made from the docstrings corpus by `docstring_sentences` (prose
               paragraphs only, unwrapped, cut after . ! or ? before a capital; every third distinct
@@ -36,107 +36,24 @@ the loop (collation time is reported apart).
 """
 
 import argparse
-import gzip
 import json
 import multiprocessing
 import os
 import platform
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import CORPORA, LEARNING_RATE, MODEL, PAD_ID, REPO, cpu_model, load_documents, pyplot  # noqa: E402
+
 RUNS = ("padded", "flattening", "packed")
-BOS_ID, PAD_ID, BYTE_OFFSET, VOCAB_SIZE = 1, 0, 3, 259
 WARMUP_STEPS = 2
-LEARNING_RATE = 2e-3
 # Per-step losses of the three runs must agree within this (float32; the runs differ only in the
 # order of floating-point sums, and that difference grows slowly through the optimizer steps:
 # measured ~5e-6 after 60 steps; a document attending to another shows as ~1e-2 or more).
 LOSS_TOLERANCE = 1e-4
-MODEL = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=128,
-    intermediate_size=352,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    pad_token_id=PAD_ID,
-    bos_token_id=BOS_ID,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-    # With use_cache=True in train mode, transformers 5.x builds an (empty) cache and then skips the
-    # packed-sequence detection from position_ids, so stock sdpa would let the flattened documents
-    # attend to each other. The flattening anchor is only correct with use_cache=False.
-    use_cache=False,
-)
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "fused_train" / "data"
-
-
-@dataclass(frozen=True)
-class Corpus:
-    name: str
-    path: Path
-    description: str
-    batch_size: int  # documents per step by default
-
-
-CORPORA = {
-    corpus.name: corpus
-    for corpus in (
-        Corpus("docstrings", DATA / "stdlib_docstrings.json.gz", "stdlib docstrings", 16),
-        Corpus("sentences", DATA / "stdlib_sentences.json.gz", "sentences of stdlib docstrings", 48),
-    )
-}
-
-
-def encode(text: str) -> list[int]:
-    return [BOS_ID] + [byte + BYTE_OFFSET for byte in text.encode("utf-8")]
-
-
-def load_documents(max_doc_tokens: int, corpus: str = "docstrings") -> tuple[list[list[int]], dict]:
-    """The corpus's documents of at most `max_doc_tokens` tokens; longer ones are dropped, never cut."""
-    with gzip.open(CORPORA[corpus].path, "rt", encoding="utf-8") as f:
-        texts = json.load(f)
-    documents = [encode(text) for text in texts]
-    kept = [doc for doc in documents if len(doc) <= max_doc_tokens]
-    info = {
-        "name": corpus,
-        "description": CORPORA[corpus].description,
-        "documents_in_corpus": len(documents),
-        "documents_kept": len(kept),
-        "max_doc_tokens": max_doc_tokens,
-    }
-    return kept, info
-
-
-def docstring_sentences(docstrings: list[str]) -> list[str]:
-    """The sentences corpus: every third distinct sentence of the docstrings' prose paragraphs.
-
-    A paragraph (lines between blank lines) is prose when none of its lines is indented or a
-    doctest; code, tables and argument lists are left out. Its lines are joined by spaces and cut
-    after `.`, `!` or `?` followed by a space and a capital letter.
-    """
-    sentences = {}
-    for docstring in docstrings:
-        for paragraph in docstring.split("\n\n"):
-            lines = paragraph.splitlines()
-            if not lines or any(line.startswith((" ", "\t", ">>>")) for line in lines):
-                continue
-            prose = " ".join(line.strip() for line in lines)
-            sentences.update(dict.fromkeys(s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", prose) if s))
-    return list(sentences)[::3]
-
-
-def write_sentences_corpus(path: Path = CORPORA["sentences"].path) -> None:
-    """Writes the sentences corpus from the docstrings corpus (`docstring_sentences`)."""
-    with gzip.open(CORPORA["docstrings"].path, "rt", encoding="utf-8") as f:
-        sentences = docstring_sentences(json.load(f))
-    path.write_bytes(gzip.compress(json.dumps(sentences, ensure_ascii=False).encode("utf-8"), mtime=0))
-
-
 def plan_batches(num_documents: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     """`steps` disjoint batches of `batch_size` document indices, in a seeded random order."""
     import torch
@@ -315,15 +232,6 @@ def compare(results: dict) -> dict:
     }
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(args) -> dict:
     import torch
     import transformers
@@ -383,10 +291,7 @@ def print_report(report: dict, args) -> None:
 
 
 def plot(report: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     corpora = report["corpora"]
     fig, axes = plt.subplots(len(corpora), 2, figsize=(12, 4.5 * len(corpora)), squeeze=False)

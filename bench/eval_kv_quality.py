@@ -62,7 +62,7 @@ if not __package__:  # run as a script: its siblings as `bench.*`, the way tests
     sys.path.insert(0, str(REPO))
 
 import fused_train  # noqa: E402
-from bench.demo import MODEL, PAD_ID, VOCAB_SIZE, cpu_model, load_documents  # noqa: E402
+from bench.common import MODEL, PAD_ID, VOCAB_SIZE, cpu_model, load_documents, pyplot  # noqa: E402
 from fused_train import Int8KVCache  # noqa: E402
 from fused_train.ops.dispatch import triton_runs_on  # noqa: E402
 
@@ -524,10 +524,7 @@ def print_report(report):
 
 
 def plot(report, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = report["runs"]
     fig, axes = plt.subplots(len(runs), 3, figsize=(15, 4.2 * len(runs)), squeeze=False)

@@ -38,6 +38,7 @@ if not __package__:  # run as a script: its siblings as `bench.*`, the way tests
     sys.path.insert(0, str(REPO))
 
 import fused_train  # noqa: E402
+from bench.common import pyplot  # noqa: E402
 from bench.eval_kv_quality import (  # noqa: E402
     add_training_arguments,
     full_forward_perplexity,
@@ -128,10 +129,7 @@ def evaluate_base(pretrained, bits, tokens, train_docs, args, device):
 
 
 def plot(report, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_ppl, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(report["bases"])

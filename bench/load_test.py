@@ -51,7 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, REPO)
 
-from bench.demo import BOS_ID, BYTE_OFFSET, load_documents  # noqa: E402
+from bench.common import BOS_ID, BYTE_OFFSET, load_documents, pyplot  # noqa: E402
 
 PERCENTILES = (50, 95, 99)
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -272,10 +272,7 @@ def print_table(runs, title) -> None:
 
 
 def plot(runs, path, title) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [run for run in runs if math.isfinite(run["rate"])] or runs
     rates = [run["rate"] if math.isfinite(run["rate"]) else 0 for run in runs]

@@ -28,7 +28,7 @@ if not __package__:  # run as a script: its siblings as `bench.*`, the way tests
     sys.path.insert(0, REPO)
 
 from bench import load_test  # noqa: E402
-from bench.demo import BYTE_OFFSET, LEARNING_RATE, MODEL, PAD_ID, load_documents  # noqa: E402
+from bench.common import BYTE_OFFSET, LEARNING_RATE, MODEL, PAD_ID, load_documents  # noqa: E402
 from bench.tiny_serving import TARGETS, make_model_dir  # noqa: E402
 
 MAX_DOC_TOKENS = 1024

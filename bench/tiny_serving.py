@@ -2,7 +2,7 @@
 and peft LoRA adapters (safetensors), as `fused-train serve --model DIR --adapter NAME=DIR` reads them.
 
 The tokenizer is a real transformers tokenizer (`PreTrainedTokenizerFast`) that encodes exactly as
-`bench.demo.encode` does: [BOS=1] + [byte + 3 ...], EOS 2, pad 0, vocabulary 259. So a model trained by
+`bench.common.encode` does: [BOS=1] + [byte + 3 ...], EOS 2, pad 0, vocabulary 259. So a model trained by
 the demo's code serves the same ids, and the server's chat template, decoding and stop strings run
 through the same tokenizer API as for any Hugging Face model.
 
@@ -16,7 +16,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from bench.demo import BOS_ID, BYTE_OFFSET, MODEL, PAD_ID
+from bench.common import BOS_ID, BYTE_OFFSET, MODEL, PAD_ID
 
 EOS_ID = MODEL["eos_token_id"]
 SPECIAL_TOKENS = {PAD_ID: "<pad>", BOS_ID: "<s>", EOS_ID: "</s>"}
@@ -42,7 +42,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """One token per UTF-8 byte (id byte + 3), `<s>` prepended, as `bench.demo.encode`."""
+    """One token per UTF-8 byte (id byte + 3), `<s>` prepended, as `bench.common.encode`."""
     vocab = {token: token_id for token_id, token in SPECIAL_TOKENS.items()}
     vocab |= {char: byte + BYTE_OFFSET for byte, char in _bytes_to_unicode().items()}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))

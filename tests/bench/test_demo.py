@@ -9,7 +9,7 @@ the next step's loss).
 import gzip
 import json
 
-from bench import demo
+from bench import common, demo
 
 
 def test_three_runs_train_identically_on_both_corpora_and_write_results(tmp_path, monkeypatch):
@@ -22,7 +22,7 @@ def test_three_runs_train_identically_on_both_corpora_and_write_results(tmp_path
 
     report = json.loads((tmp_path / "demo.json").read_text())
     assert (tmp_path / "demo.png").stat().st_size > 0
-    assert list(report["corpora"]) == list(demo.CORPORA)
+    assert list(report["corpora"]) == list(common.CORPORA)
     for corpus in report["corpora"].values():
         runs = corpus["runs"]
         padded = runs["padded"]
@@ -54,18 +54,18 @@ def test_unequal_losses_fail_the_demo(tmp_path, monkeypatch):
 
 def test_results_go_to_an_untracked_folder_by_default():
     args = demo.parse_args([])
-    assert args.out == demo.REPO / "bench" / "results" / "local"
-    assert "bench/results/local/" in (demo.REPO / ".gitignore").read_text().splitlines()
+    assert args.out == common.REPO / "bench" / "results" / "local"
+    assert "bench/results/local/" in (common.REPO / ".gitignore").read_text().splitlines()
 
 
 def test_sentences_corpus_is_made_from_the_docstrings_corpus(tmp_path):
-    demo.write_sentences_corpus(tmp_path / "sentences.json.gz")
+    common.write_sentences_corpus(tmp_path / "sentences.json.gz")
     with gzip.open(tmp_path / "sentences.json.gz", "rt", encoding="utf-8") as f:
         made = json.load(f)
-    with gzip.open(demo.CORPORA["sentences"].path, "rt", encoding="utf-8") as f:
+    with gzip.open(common.CORPORA["sentences"].path, "rt", encoding="utf-8") as f:
         assert json.load(f) == made
     assert all("\n" not in sentence for sentence in made)
-    assert demo.docstring_sentences(["One line. Two words!\nStill two.\n\n    code = 1\n\nThird? Yes."]) == ["One line.", "Third?"]
+    assert common.docstring_sentences(["One line. Two words!\nStill two.\n\n    code = 1\n\nThird? Yes."]) == ["One line.", "Third?"]
 
 
 def test_run_in_a_worker_process_equals_the_run_in_this_process(monkeypatch):
@@ -73,7 +73,7 @@ def test_run_in_a_worker_process_equals_the_run_in_this_process(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     # The spawned worker imports `bench.demo` by name with this process's sys.path, which pytest
     # keeps free of the repository root; the worker's needs it (`make demo` runs it as a script).
-    monkeypatch.syspath_prepend(str(demo.REPO))
+    monkeypatch.syspath_prepend(str(common.REPO))
     args = demo.parse_args(["--steps=3", "--batch-size=2", "--max-doc-tokens=64"])
     local = demo.Run("packed", "sentences", args)
     worker = demo.RunInSubprocess("packed", "sentences", args)
