@@ -18,6 +18,7 @@ serve-demo: $(STAMP)
 	$(PY) bench/serve_demo.py
 
 test: $(STAMP) $(COMPAT_TRITON) $(COMPAT_PEFT)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
