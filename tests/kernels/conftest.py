@@ -20,6 +20,14 @@ def make_base_weight(out_features, in_features, dtype, bits):
     return weight.to(dtype), {}
 
 
+def assert_bad_input_named(fn, args, break_args, expected_name):
+    """`fn(**args)`, once `break_args(args)` has broken them, raises a ValueError matching `expected_name`
+    (each launcher's table of bad inputs: case -> (break_args, expected_name))."""
+    break_args(args)
+    with pytest.raises(ValueError, match=expected_name):
+        fn(**args)
+
+
 @pytest.fixture(autouse=True)
 def float32_kernels_on_gpu():
     """Kernel tests exercise the kernels in float32 too: on a GPU those take tf32, as torch's

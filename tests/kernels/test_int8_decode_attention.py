@@ -14,6 +14,7 @@ from fused_train.kernels.int8_decode_attention import CONFIGS, CONFIGS_FP32, blo
 from fused_train.kernels.int8_kv_quantize import quantize_kv_ref
 from fused_train.ops.int8_kv import int8_decode_attention, int8_decode_attention_op
 from tests.conftest import DEVICE
+from tests.kernels.conftest import assert_bad_input_named
 
 ON_GPU = DEVICE == "cuda"
 # Max error relative to the reference's largest magnitude. fp32 dots run as tf32 on the GPU and
@@ -204,11 +205,7 @@ def _ring(args):
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_argument(case):
-    break_args, expected_name = BAD_INPUTS[case]
-    args = _valid_args()
-    break_args(args)
-    with pytest.raises(ValueError, match=expected_name):
-        int8_decode_attention(**args)
+    assert_bad_input_named(int8_decode_attention, _valid_args(), *BAD_INPUTS[case])
 
 
 def test_op_passes_opcheck():

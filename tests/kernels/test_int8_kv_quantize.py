@@ -9,6 +9,7 @@ import torch
 from fused_train.kernels.int8_kv_quantize import quantize_kv_ref
 from fused_train.ops.int8_kv import quantize_kv_append, quantize_kv_append_op
 from tests.conftest import DEVICE
+from tests.kernels.conftest import assert_bad_input_named
 
 SENTINEL_DATA, SENTINEL_SCALE = 77, -3.0
 POISON_DATA, POISON_SCALE = -128, float("nan")
@@ -95,11 +96,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_argument(case):
-    break_args, expected_name = BAD_INPUTS[case]
-    args = _valid_args()
-    break_args(args)
-    with pytest.raises(ValueError, match=expected_name):
-        quantize_kv_append(**args)
+    assert_bad_input_named(quantize_kv_append, _valid_args(), *BAD_INPUTS[case])
 
 
 def test_op_passes_opcheck():

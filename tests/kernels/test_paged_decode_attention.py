@@ -19,6 +19,7 @@ from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.kernels.paged_decode_attention_ref import paged_decode_attention_ref
 from fused_train.ops.paged_kv import paged_decode_attention, paged_decode_attention_op
 from tests.conftest import DEVICE
+from tests.kernels.conftest import assert_bad_input_named
 
 ON_GPU = DEVICE == "cuda"
 # Max error relative to the expected output's largest magnitude, as for the contiguous int8 kernel.
@@ -230,11 +231,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_argument(case):
-    break_args, expected_name = BAD_INPUTS[case]
-    args = _valid_args()
-    break_args(args)
-    with pytest.raises(ValueError, match=expected_name):
-        paged_decode_attention(**args)
+    assert_bad_input_named(paged_decode_attention, _valid_args(), *BAD_INPUTS[case])
 
 
 def test_op_passes_opcheck():

@@ -12,6 +12,7 @@ from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.kernels.paged_kv_write_ref import write_kv_pages_ref
 from fused_train.ops.paged_kv import write_kv_pages, write_kv_pages_op
 from tests.conftest import DEVICE
+from tests.kernels.conftest import assert_bad_input_named
 
 SENTINEL_DATA, SENTINEL_SCALE = 77, -3.0
 
@@ -118,11 +119,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_argument(case):
-    break_args, expected_name = BAD_INPUTS[case]
-    args = _valid_args()
-    break_args(args)
-    with pytest.raises(ValueError, match=expected_name):
-        write_kv_pages(**args)
+    assert_bad_input_named(write_kv_pages, _valid_args(), *BAD_INPUTS[case])
 
 
 def test_op_passes_opcheck():

@@ -21,6 +21,7 @@ from fused_train.kernels.varlen_attention import (
     varlen_attention_ref,
 )
 from tests.conftest import DEVICE
+from tests.kernels.conftest import assert_bad_input_named
 
 ON_GPU = DEVICE == "cuda"
 # Max error relative to the reference's largest magnitude. fp32 matmuls run as tf32 on the GPU
@@ -180,11 +181,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_argument(case):
-    break_args, expected_name = BAD_INPUTS[case]
-    args = _valid_args()
-    break_args(args)
-    with pytest.raises(ValueError, match=expected_name):
-        varlen_attention(**args)
+    assert_bad_input_named(varlen_attention, _valid_args(), *BAD_INPUTS[case])
 
 
 def _small_op_args(requires_grad):
