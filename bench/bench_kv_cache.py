@@ -34,7 +34,6 @@ the memory ratios hold anywhere.
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -53,7 +52,7 @@ from fused_train.ops.int8_kv import int8_decode_attention
 
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import make_timer, measure_copy_bandwidth, pyplot  # noqa: E402
+from bench.common import make_timer, measure_copy_bandwidth, write_report  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -354,17 +353,10 @@ def _write(args, device, rows, memory, bandwidth, backends):
                      "scales for every token plus its exact ring of 32 tokens in the model's dtype"),
         rows=rows,
     )
-    with open(_stem(args, device) + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    _chart(rows, _stem(args, device) + ".png", report)
+    write_report(report, _stem(args, device), _chart)
 
 
-def _chart(rows, path, report):
-    plt = pyplot()
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return
+def _chart(plt, ok, path, report):
     names = [n for n in ("ours", "dynamic_sdpa", "quantized_fp8_sdpa", "quantized_quanto_sdpa", "quantized_hqq_sdpa")
              if any(f"{n}_ms" in r for r in ok)]
     labels = [f"b{r['batch']}\n{r['context'] // 1024}k" for r in ok]

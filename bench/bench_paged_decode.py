@@ -27,7 +27,6 @@ dequantize, then attention), not the kernels, at smaller shapes: speed figures a
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,7 +41,7 @@ from fused_train.ops.int8_kv import int8_decode_attention
 
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import make_timer, measure_copy_bandwidth, pyplot  # noqa: E402
+from bench.common import make_timer, measure_copy_bandwidth, write_report  # noqa: E402
 from fused_train.ops.paged_kv import paged_decode_attention, write_kv_pages
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -179,17 +178,10 @@ def _write(args, device, rows, bandwidth):
         providers=list(PROVIDERS),
         rows=rows,
     )
-    with open(_stem(args, device) + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    _chart(rows, _stem(args, device) + ".png", report)
+    write_report(report, _stem(args, device), _chart)
 
 
-def _chart(rows, path, report):
-    plt = pyplot()
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return
+def _chart(plt, ok, path, report):
     labels = [f"b{r['batch']}\n{r['context'] // 1024 or r['context']}{'k' if r['context'] >= 1024 else ''}" for r in ok]
     fig, (ax_time, ax_bw) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(ok) + 5), 4.5))
     width = 0.8 / len(PROVIDERS)

@@ -152,3 +152,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def write_report(report: dict, stem: str, chart) -> None:
+    """`stem`.json holding `report`, and `stem`.png drawn by `chart(plt, rows, path, report)` from the
+    report's rows whose status is "ok" (no chart when none is)."""
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    ok = [row for row in report["rows"] if row["status"] == "ok"]
+    if ok:
+        chart(pyplot(), ok, stem + ".png", report)
