@@ -1,3 +1,6 @@
+"""What every test shares: the Triton interpreter on a machine without CUDA, `bench` importable by
+name from its folder alone, the test device, and the versions under test in the log's header."""
+
 import importlib.machinery
 import importlib.util
 import os

@@ -1,3 +1,6 @@
+"""What the kernel tests share: frozen base weights in each format, NaN-poisoned outputs, and the
+bad-input check of each launcher's table."""
+
 import math
 
 import pytest

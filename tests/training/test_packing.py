@@ -1,3 +1,5 @@
+"""The packing planner (`plan_packing`, `plan_packing_arrays`, the C++ side) against the Python oracle."""
+
 import gc
 import threading
 

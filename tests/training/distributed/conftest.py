@@ -1,3 +1,5 @@
+"""The multi-process tests' fixture: every test file's `rank_checks`, from one run on 2 gloo ranks."""
+
 import pytest
 
 from tests.training.distributed.launcher import run_on_ranks
