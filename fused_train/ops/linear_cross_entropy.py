@@ -25,7 +25,6 @@ if HAS_TRITON:
     from fused_train.kernels.linear_cross_entropy import linear_cross_entropy_bwd, linear_cross_entropy_fwd
 
 
-
 def _kernels_run(x, weight, bias, labels):
     return triton_runs_on(x, *[t for t in (weight, bias, labels) if t is not None]) and x.dtype in FLOAT_DTYPES
 

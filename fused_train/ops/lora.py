@@ -17,7 +17,6 @@ if HAS_TRITON:
     from fused_train.kernels.lora import lora_linear_bwd, lora_linear_fwd
 
 
-
 def _lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,

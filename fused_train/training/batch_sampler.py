@@ -145,8 +145,6 @@ class PackedBatchSampler:
         self.step = self._resume_step = int(state["step"])
 
 
-
-
 def _plan_epoch(lengths, tokens_per_step, num_replicas, seed, epoch, shuffle) -> list[list[np.ndarray]]:
     rng = np.random.default_rng([seed, epoch])
     num_documents = len(lengths)
