@@ -622,7 +622,7 @@ def main(argv=None) -> int:
         note=(f"head_dim {MODEL['hidden_size'] // MODEL['num_attention_heads']}: int8 holds (head_dim + 4 scale bytes) "
               "per token and kv head against 2 * head_dim for bfloat16, for its capacity (whole blocks of "
               "block_tokens=256); Int8KVCache adds its exact ring of 32 tokens in the model's dtype, float32 here. "
-              "The memory target (head_dim 128, bfloat16 model) is checked by tests/test_kv_cache.py and measured by "
+              "The memory target (head_dim 128, bfloat16 model) is checked by tests/hf/test_int8_cache.py and measured by "
               "bench/bench_kv_cache.py"),
     )
     settings = dict(

@@ -40,12 +40,12 @@ PY
 # yet, then those measured before. The limits add up to more than BUDGET: when every step runs
 # long, the figures measured before are the ones cut.
 # trl and datasets are not installed on the GPU machine; that file runs in CI on the CPU.
-# The tests/test_bench_*.py files rerun benches in --quick mode: they would eat the tests step.
+# The tests/bench/test_bench_*.py files rerun benches in --quick mode: they would eat the tests step.
 # The sm_90 compile tests need no GPU and CI runs them under this machine's Triton too: skipped here.
 # tests/kernels runs first, with the GPU-only cases: tensors past 2**31 elements (a long document,
 # an lm_head-sized LoRA GEMM, a 16.7M-position cache head) and, with two GPUs, kernels on cuda:1.
-step tests 150 python3 -m pytest tests -q --maxfail=10 --ignore tests/test_trainers.py \
-    --ignore-glob 'tests/test_bench_*.py' --ignore-glob 'tests/kernels/test_compile_sm90_*.py' \
+step tests 150 python3 -m pytest tests -q --maxfail=10 --ignore tests/training/test_trainer.py \
+    --ignore-glob 'tests/bench/test_bench_*.py' --ignore-glob 'tests/kernels/test_compile_sm90_*.py' \
     --junitxml "$OUT/tests.xml" -p no:cacheprovider
 step bench_multi_lora 90 python3 bench/bench_multi_lora.py --quick --out "$OUT"
 step bench_paged_decode 60 python3 bench/bench_paged_decode.py --quick --out "$OUT"

@@ -1,6 +1,6 @@
 """Smoke runs of the LoRA benches: they exit 0 and write their JSON and PNG with what they claim.
 
-Like tests/test_bench_kv.py, each runs as a user would, without TRITON_INTERPRET: on a CPU they
+Like tests/bench/test_bench_kv.py, each runs as a user would, without TRITON_INTERPRET: on a CPU they
 measure the PyTorch reference path.
 """
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tests.test_bench_kv import run_bench
+from tests.bench.test_bench_kv import run_bench
 
 
 def int4_row_bytes(fan_in):

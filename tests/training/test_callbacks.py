@@ -1,5 +1,5 @@
 """TelemetryCallback in one process: what it counts per forward, the figures' arithmetic, its place
-among the Trainer's callbacks. (Its figures on a real 2-rank Trainer run: tests/distributed.)"""
+among the Trainer's callbacks. (Its figures on a real 2-rank Trainer run: tests/training/distributed/.)"""
 
 from types import SimpleNamespace
 
