@@ -249,7 +249,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fused_train.cli import open_engine
+    from fused_train.serving.loading import open_engine
     from fused_train.serving.server import build_app, start_server
 
     with tempfile.TemporaryDirectory(prefix="soak_") as folder:

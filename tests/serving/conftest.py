@@ -73,7 +73,6 @@ def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None
             **engine_options):  # fmt: skip
     """A LiveServer over `engine` (or a new Engine on `model_dir` with `adapters` and `engine_options`
     over ENGINE_OPTIONS); server and engine are stopped on exit."""
-    import os
 
     if adapter_dirs is None:
         adapter_dirs = sorted({os.path.dirname(path) for path in adapters.values()})

@@ -1,6 +1,5 @@
 """AdapterPool serves real peft adapters on a plain tiny Llama exactly as peft's mixed batch does."""
 
-import copy
 import os
 import pickle
 import threading

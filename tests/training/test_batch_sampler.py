@@ -114,7 +114,7 @@ def test_too_few_documents_for_the_budget_merge_instead_of_leaving_a_rank_empty(
 
 
 def test_slowest_rank_within_two_percent_of_the_mean_on_the_embedded_corpus():
-    from bench.demo import load_documents
+    from bench.common import load_documents
 
     lengths = np.array([len(doc) for doc in load_documents(1024)[0]])
     for num_replicas in (2, 8, 64):
