@@ -37,7 +37,7 @@ def test_every_layer_provider_computes_the_batch(phase, tokens):
 
 
 def test_end_to_end_part_writes_every_provider(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     command = [sys.executable, str(repo / "bench" / "bench_multi_lora.py"), "--model-only", "--runs", "1",
                f"--out={tmp_path}"]  # fmt: skip
