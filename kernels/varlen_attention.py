@@ -127,6 +127,17 @@ def _block_in_sequence(cu_seqlens, block, batch, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _query_block(cu_seqlens_q, cu_seqlens_k, batch, BLOCK_M: tl.constexpr):
+    """The forward's and dQ's program: its head, and its query block's sequence (first query row and
+    length, the block's first row in it: at or past the length for a spare block, whose program must
+    return; first key row and length). Last query blocks first: under a causal mask they see the most keys."""
+    block = tl.num_programs(0) - 1 - tl.program_id(0)
+    seq, q_start, len_q, first_row = _block_in_sequence(cu_seqlens_q, block, batch, BLOCK_M)
+    k_start, len_k = _sequence_span(cu_seqlens_k, seq)
+    return tl.program_id(1).to(tl.int64), q_start, len_q, first_row, k_start, len_k
+
+
+@triton.jit
 def _load_tile(ptrs, rows, num_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     if HEAD_DIM == BLOCK_D:
         tile = tl.load(ptrs, mask=rows[:, None] < num_rows, other=0.0)
@@ -202,13 +213,9 @@ def _varlen_attention_fwd_kernel(
     SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Last query blocks first: under a causal mask they see the most keys.
-    block = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    seq, q_start, len_q, first_row = _block_in_sequence(cu_seqlens_q, block, batch, BLOCK_M)
+    head, q_start, len_q, first_row, k_start, len_k = _query_block(cu_seqlens_q, cu_seqlens_k, batch, BLOCK_M)
     if first_row >= len_q:
         return
-    k_start, len_k = _sequence_span(cu_seqlens_k, seq)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -363,12 +370,9 @@ def _varlen_attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per query block: dQ, over the same key range as the forward."""
-    block = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    seq, q_start, len_q, first_row = _block_in_sequence(cu_seqlens_q, block, batch, BLOCK_M)
+    head, q_start, len_q, first_row, k_start, len_k = _query_block(cu_seqlens_q, cu_seqlens_k, batch, BLOCK_M)
     if first_row >= len_q:
         return
-    k_start, len_k = _sequence_span(cu_seqlens_k, seq)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
