@@ -6,6 +6,7 @@ registration, autograd, input checks and the Triton-or-reference choice (`dispat
     linear_cross_entropy      linear_cross_entropy
     int8_kv                   quantize_kv_append, int8_decode_attention (the int8 KV cache)
     paged_kv                  write_kv_pages, paged_decode_attention (the paged KV cache)
+    dispatch, checks          where an op runs; the input checks and constants the ops (and hf, serving) share
 
 The public functions are re-exported by `fused_train`, not here: `ops.varlen_attention` and
 `ops.linear_cross_entropy` name the modules, which a function of the same name would hide.
