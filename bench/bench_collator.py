@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, str(REPO))
 
-from bench.demo import MODEL, PAD_ID, collate_padded, cpu_model, load_documents, plan_batches  # noqa: E402
+from bench.common import MODEL, PAD_ID, collate_padded, cpu_model, load_documents, plan_batches, pyplot  # noqa: E402
 
 PROVIDERS = ("hf_flattening", "padded", "packed", "packed_flatten", "packed_fixed")
 ANCHOR = "hf_flattening"
@@ -134,10 +134,7 @@ def run_corpus(name: str, args) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     corpora = report["corpora"]
     fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4.5), squeeze=False)

@@ -1,6 +1,6 @@
 """What the benches, the demos and their tests share: the embedded corpora and their byte tokens,
-the tiny Llama they train, one timer, the device's measured copy bandwidth, the CPU's name and
-pyplot for the charts.
+the tiny Llama they train, seeded batches and HF-style padded collation, one timer, the device's
+measured copy bandwidth, the CPU's name, and pyplot and the JSON + chart writer for the reports.
 
 The corpora (bench/data/) are tokenized by bytes: ids = [BOS=1] + [byte + 3 ...], pad 0, EOS 2,
 vocabulary 259 (bench/demo.py describes both).
@@ -133,6 +133,26 @@ def measure_copy_bandwidth(timer):
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / ms / 1e6
+
+
+def plan_batches(num_documents: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` disjoint batches of `batch_size` document indices, in a seeded random order."""
+    if steps * batch_size > num_documents:
+        raise ValueError(f"steps * batch_size = {steps * batch_size} exceeds the {num_documents} documents kept")
+    order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def collate_padded(documents):
+    """What HF's dynamic padding gives a causal LM: right padding to the longest, labels -100 there."""
+    width = max(map(len, documents))
+    input_ids = torch.full((len(documents), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(documents), width), dtype=torch.long)
+    for row, doc in enumerate(documents):
+        input_ids[row, : len(doc)] = torch.tensor(doc)
+        attention_mask[row, : len(doc)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def cpu_model() -> str:

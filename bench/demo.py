@@ -46,7 +46,9 @@ from pathlib import Path
 
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CORPORA, LEARNING_RATE, MODEL, PAD_ID, REPO, cpu_model, load_documents, pyplot  # noqa: E402
+from bench.common import (  # noqa: E402
+    CORPORA, LEARNING_RATE, MODEL, PAD_ID, REPO, collate_padded, cpu_model, load_documents, plan_batches, pyplot,
+)  # fmt: skip
 
 RUNS = ("padded", "flattening", "packed")
 WARMUP_STEPS = 2
@@ -54,30 +56,6 @@ WARMUP_STEPS = 2
 # order of floating-point sums, and that difference grows slowly through the optimizer steps:
 # measured ~5e-6 after 60 steps; a document attending to another shows as ~1e-2 or more).
 LOSS_TOLERANCE = 1e-4
-def plan_batches(num_documents: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """`steps` disjoint batches of `batch_size` document indices, in a seeded random order."""
-    import torch
-
-    if steps * batch_size > num_documents:
-        raise ValueError(f"steps * batch_size = {steps * batch_size} exceeds the {num_documents} documents kept")
-    order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
-
-
-def collate_padded(documents):
-    """What HF's dynamic padding gives a causal LM: right padding to the longest, labels -100 there."""
-    import torch
-
-    width = max(map(len, documents))
-    input_ids = torch.full((len(documents), width), PAD_ID, dtype=torch.long)
-    attention_mask = torch.zeros((len(documents), width), dtype=torch.long)
-    for row, doc in enumerate(documents):
-        input_ids[row, : len(doc)] = torch.tensor(doc)
-        attention_mask[row, : len(doc)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def make_collator(run: str, max_doc_tokens: int):
     from transformers import DataCollatorWithFlattening
 

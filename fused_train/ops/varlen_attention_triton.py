@@ -12,7 +12,7 @@ layer if dynamo traced it. The kernels' launchers and the reference path validat
 
 import torch
 
-from fused_train.dispatch import HAS_TRITON, triton_runs_on
+from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 from fused_train.kernels.varlen_attention_ref import check_varlen_inputs, varlen_attention_bwd_ref, varlen_attention_ref
 
 if HAS_TRITON:

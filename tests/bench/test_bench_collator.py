@@ -4,7 +4,7 @@ and PNG with every provider on every corpus; run as a user would, without TRITON
 import json
 
 from bench.bench_collator import CORPORA, PROVIDERS
-from tests.test_bench_kv import run_bench
+from tests.bench.test_bench_kv import run_bench
 
 
 def test_bench_collator_quick_writes_every_provider(tmp_path):
