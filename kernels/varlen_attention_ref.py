@@ -18,6 +18,7 @@ reference path runs where Triton is not installed. The kernels are in `varlen_at
 import torch
 import torch.nn.functional as F
 
+from .launch import describe
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens_values=True):
     """Raise ValueError naming the argument when inputs break the layout described above.
@@ -27,7 +28,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softca
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be a 3-D tensor [total_tokens, heads, head_dim], got {_describe(t)}")
+            raise ValueError(f"{name} must be a 3-D tensor [total_tokens, heads, head_dim], got {describe(t)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -46,7 +47,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softca
     batch = None
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must be a 1-D int32 tensor of length batch+1 >= 2, got {_describe(cu)}")
+            raise ValueError(f"{name} must be a 1-D int32 tensor of length batch+1 >= 2, got {describe(cu)}")
         if batch is not None and cu.numel() - 1 != batch:
             raise ValueError(
                 f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {batch} and {cu.numel() - 1} sequences"
@@ -63,12 +64,6 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softca
         raise ValueError(f"window_size must be (left, right) with -1 meaning unbounded, got {window_size}")
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0, got {softcap}")
-
-
-def _describe(t):
-    if isinstance(t, torch.Tensor):
-        return f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
-    return type(t).__name__
 
 
 def visible_keys_mask(len_q, len_k, causal, window_size, device):

@@ -6,11 +6,11 @@ without it and every op runs its reference. Modules that launch kernels import t
 """
 
 import importlib.util
-import os
 import warnings
 
 import torch
 
+from fused_train.kernels.launch import interpreting
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Reasons already warned about (`warn_reference_path`): each is said once per process.
@@ -62,4 +62,4 @@ def triton_runs_on(inputs: torch.Tensor, *tensors: torch.Tensor) -> bool:
             warn_reference_path(inputs, "float32 highest", _FLOAT32_HIGHEST)
             return False
         return True
-    return HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and all(t.device.type == "cpu" for t in tensors)
+    return HAS_TRITON and interpreting() and all(t.device.type == "cpu" for t in tensors)

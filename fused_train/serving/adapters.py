@@ -61,13 +61,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fused_train.kernels.lora_ref import MAX_RANK
+from fused_train.hf.peft_lora import BASE_ADAPTER
+from fused_train.ops.checks import FLOAT_DTYPES, check_int, describe
 from fused_train.ops.multi_lora import multi_lora_linear
 
-BASE_ADAPTER = "__base__"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # peft's save_pretrained names a LoRA weight `base_model.model.<module name>.lora_<A|B>.weight`.
 _WEIGHT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 # LoraConfig fields that, when set, make an adapter more than scaled B·A on linear layers.
@@ -143,9 +143,7 @@ class AdapterPool:
     tier of `max_cpu_loras` adapters, ranks up to `max_rank`. See the module docstring."""
 
     def __init__(self, model: nn.Module, *, max_loras: int, max_cpu_loras: int, max_rank: int):
-        for arg, value in (("max_loras", max_loras), ("max_cpu_loras", max_cpu_loras), ("max_rank", max_rank)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_int(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_rank=max_rank)
         if max_rank > MAX_RANK:
             raise ValueError(f"max_rank must be at most {MAX_RANK} (multi_lora_linear's largest rank), got {max_rank}")
         if not isinstance(model, nn.Module):
@@ -310,7 +308,7 @@ class AdapterPool:
         (one device sync). The op is forward-only: run the model under `torch.inference_mode()` or
         `torch.no_grad()`."""
         if not isinstance(token_slots, torch.Tensor) or token_slots.dtype != torch.int32 or token_slots.dim() != 1:
-            raise ValueError(f"token_slots must be a 1-D int32 tensor, got {_describe(token_slots)}")
+            raise ValueError(f"token_slots must be a 1-D int32 tensor, got {describe(token_slots)}")
         if token_slots.device != self._device:
             raise ValueError(f"token_slots is on {token_slots.device}, the model on {self._device}")
         with self._lock:
@@ -522,7 +520,7 @@ class AdapterPool:
     def _validated(self, path: str, config: dict, name: str, pair: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
         where = f"adapter {path!r}, module {name!r}"
         layer = self._modules[name]
-        if type(layer) is not nn.Linear or layer.weight.dtype not in _FLOAT_DTYPES:
+        if type(layer) is not nn.Linear or layer.weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{where}: the model's {type(layer).__name__} there is not a float nn.Linear")
         if "forward" in layer.__dict__ and name not in self._layers:
             raise ValueError(f"{where}: the model's layer has its forward replaced by something else")
@@ -530,7 +528,7 @@ class AdapterPool:
             raise ValueError(f"{where}: only lora_{''.join(pair)} is there, lora_A and lora_B are both needed")
         lora_a, lora_b = pair["A"], pair["B"]
         for label, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-            if tensor.dtype not in _FLOAT_DTYPES:
+            if tensor.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"{where}: {label} is {tensor.dtype}, not float16, bfloat16 or float32")
             if tensor.dim() != 2:
                 raise ValueError(f"{where}: {label} has shape {tuple(tensor.shape)}, not 2-D")
@@ -615,9 +613,3 @@ def _pattern_value(pattern: dict, module_name: str, default):
         if re.fullmatch(rf"(.*\.)?({key})", module_name):
             return value
     return default
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dim()}-D {value.dtype} tensor"
-    return type(value).__name__

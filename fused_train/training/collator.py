@@ -4,6 +4,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fused_train.ops.checks import check_int
 from fused_train.training.packing import chunk_spans, plan_packing
 
 
@@ -47,8 +48,7 @@ class PackedCollator:
         pad_to_max_tokens: bool = False,
         pad_to_multiple_of: int = 64,
     ):
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        check_int(max_tokens=max_tokens)
         if not isinstance(pad_to_multiple_of, int) or isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
         if flatten and pad_to_max_tokens:
