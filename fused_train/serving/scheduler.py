@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fused_train.serving.pages import PageAllocator
+from fused_train.ops.checks import check_int
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -84,10 +85,8 @@ class Step:
 class Scheduler:
     def __init__(self, pages: PageAllocator, *, max_batch_tokens: int, max_running: int, max_adapters: int,
                  max_waiting: int, max_overtakes: int = 16):  # fmt: skip
-        for arg, value in (("max_batch_tokens", max_batch_tokens), ("max_running", max_running),
-                           ("max_adapters", max_adapters), ("max_waiting", max_waiting)):  # fmt: skip
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_int(max_batch_tokens=max_batch_tokens, max_running=max_running, max_adapters=max_adapters,
+                  max_waiting=max_waiting)  # fmt: skip
         if not isinstance(max_overtakes, int) or isinstance(max_overtakes, bool) or max_overtakes < 0:
             raise ValueError(f"max_overtakes must be an int >= 0 (0: first come first served), got {max_overtakes!r}")
         self.pages = pages
