@@ -17,9 +17,10 @@ demo: $(STAMP)
 serve-demo: $(STAMP)
 	$(PY) bench/serve_demo.py
 
+# pytest's header names the versions under test, first in the log; the lint runs after the tests.
 test: $(STAMP) $(COMPAT_TRITON) $(COMPAT_PEFT)
-	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/bench_packing.py
