@@ -94,7 +94,7 @@ class Int8KV:
 
 
 @dataclass(frozen=True)
-class PagedLayout:
+class PagedAttentionMetadata:
     """Where one serving step's tokens are: the step is one row of `num_prefill_tokens` tokens of
     prefilling sequences (`cu_seqlens_prefill` int32, their longest `max_prefill_len`), then one
     token per decoding sequence. `slots` int64 `[tokens]` is each token's place in the pages
@@ -113,12 +113,12 @@ class PagedLayout:
 class PagedKV:
     """Keys or values of one layer in a serving step: this step's own (`fresh`, `[tokens,
     num_kv_heads, head_dim]`, already written into `pages`), and the layer's `pages` (int8 with
-    `scales`, or float with None) that hold every cached token, laid out by `layout`."""
+    `scales`, or float with None) that hold every cached token, placed by `metadata`."""
 
     fresh: torch.Tensor
     pages: torch.Tensor
     scales: torch.Tensor | None
-    layout: PagedLayout
+    metadata: PagedAttentionMetadata
 
 
 def fused_train_attention(
@@ -228,23 +228,23 @@ def _int8_cache_attention(query, key, value, key_start, scaling, sliding_window,
 
 
 def _paged_attention(query, key, value, scaling, sliding_window, softcap):
-    """One serving step (`PagedLayout`): prefills over their fresh keys, then decodes over their pages."""
+    """One serving step (`PagedAttentionMetadata`): prefills over their fresh keys, then decodes over their pages."""
     if torch.is_grad_enabled() and query.requires_grad:
         raise ValueError("the paged KV cache is for inference: run the step under torch.no_grad()")
-    layout = key.layout
+    metadata = key.metadata
     q = query[0].transpose(0, 1)  # [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]
-    prefill = layout.num_prefill_tokens
+    prefill = metadata.num_prefill_tokens
     window_left = sliding_window - 1 if sliding_window else -1
     outs = []
     if prefill:
         outs.append(varlen_attention(
-            q[:prefill], key.fresh[:prefill], value.fresh[:prefill], layout.cu_seqlens_prefill,
-            layout.cu_seqlens_prefill, layout.max_prefill_len, layout.max_prefill_len, check_cu_seqlens=False,
+            q[:prefill], key.fresh[:prefill], value.fresh[:prefill], metadata.cu_seqlens_prefill,
+            metadata.cu_seqlens_prefill, metadata.max_prefill_len, metadata.max_prefill_len, check_cu_seqlens=False,
             causal=True, softmax_scale=scaling, window_size=(window_left, -1), softcap=softcap or 0.0,
         ))  # fmt: skip
     if q.shape[0] > prefill:
         outs.append(paged_decode_attention(
-            q[prefill:], key.pages, value.pages, layout.page_table, layout.kv_lens, k_scales=key.scales,
+            q[prefill:], key.pages, value.pages, metadata.page_table, metadata.kv_lens, k_scales=key.scales,
             v_scales=value.scales, softmax_scale=scaling, window_left=window_left, softcap=softcap or 0.0,
         ))  # fmt: skip
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
