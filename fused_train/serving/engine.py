@@ -62,20 +62,25 @@ class Engine(RequestLoop):
             pages); None for 65,536.
         page_size: tokens per page (a power of two >= 8).
         max_batch_tokens: tokens one step may run (prefill tokens + one per decode); a prompt
-            longer than this is refused.
+            longer than this is prefilled in chunks over several steps (decodes go on meanwhile).
         max_running: sequences in one step at most.
         max_waiting: requests waiting at most; `add_request` raises `QueueFull` beyond.
         max_overtakes: how many later requests may be admitted ahead of one waiting for an adapter
             slot (the scheduler's adapter-aware admission); 0: first come first served.
         max_model_len: prompt + max_tokens at most, per request (`PromptTooLong` beyond); None: the
             model's `max_position_embeddings`, which it may lower, never raise.
+        enable_prefix_caching: keep full pages of computed tokens cached, keyed by the adapter
+            (its version) and every token up to the page's end, and share them with later requests
+            that start with the same tokens, which then compute only the rest (vLLM's automatic
+            prefix caching, on by default as in vLLM v1).
         clock: seconds, for the metrics (time.monotonic).
     """
 
     def __init__(self, model, tokenizer=None, *, adapters=None, max_loras: int = 8, max_cpu_loras: int = 64,
                  max_rank: int = 64, kv_dtype: str = "int8", kv_cache_tokens: int | None = None, page_size: int = 16,
                  max_batch_tokens: int = 4096, max_running: int = 256, max_waiting: int = 1024,
-                 max_overtakes: int = 16, max_model_len: int | None = None, clock=time.monotonic):  # fmt: skip
+                 max_overtakes: int = 16, max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 clock=time.monotonic):  # fmt: skip
         if kv_dtype not in ("int8", "model"):
             raise ValueError(f'kv_dtype must be "int8" or "model", got {kv_dtype!r}')
         if not isinstance(page_size, int) or page_size < 8 or page_size & (page_size - 1):
@@ -108,7 +113,7 @@ class Engine(RequestLoop):
         self.cache = PagedKVCache(model.config, pages.num_pages, page_size, kv_dtype, parameter.dtype, parameter.device)
         self.scheduler = Scheduler(pages, max_batch_tokens=max_batch_tokens, max_running=max_running,
                                    max_adapters=max_loras, max_waiting=max_waiting,
-                                   max_overtakes=max_overtakes)  # fmt: skip
+                                   max_overtakes=max_overtakes, prefix_caching=enable_prefix_caching)  # fmt: skip
         self.runner = Runner(model, self.cache, self.pool)
         self.kv_dtype = kv_dtype
         eos = model.generation_config.eos_token_id
@@ -125,7 +130,7 @@ class Engine(RequestLoop):
                     request_id: str | None = None) -> RequestHandle:  # fmt: skip
         """Queue one request: `prompt` text (needs the tokenizer) or a list of token ids; `adapter`
         a loaded adapter's name or None for the base model. Raises ValueError on a bad request
-        (`PromptTooLong` when it could never fit a step or the cache), `QueueFull` when the waiting
+        (`PromptTooLong` when it could never fit the cache or the context length), `QueueFull` when the waiting
         queue is full, `EngineStopped` once `shutdown` began; otherwise returns its handle at once.
         The request holds the adapter's current version until it ends."""
         params = SamplingParams() if params is None else params
@@ -205,6 +210,9 @@ class Engine(RequestLoop):
                 running=len(self.scheduler.running),
                 batch_size=self._last_batch_size,
                 preemptions=self.scheduler.num_preemptions,
+                prefix_cache_queries=self.scheduler.prefix_cache_queries,
+                prefix_cache_hits=self.scheduler.prefix_cache_hits,
+                kv_pages_cached=pages.cached_pages,
                 kv_pages_total=pages.num_pages,
                 kv_pages_used=pages.used_pages,
                 kv_pages_free=pages.free_pages,
@@ -263,14 +271,15 @@ class Engine(RequestLoop):
                 self._last_batch_size = len(requests)
                 now = self.clock()
                 for request, token in sampled:
-                    request.seq.num_cached = len(request.seq.token_ids)
+                    self.scheduler.computed(request.seq)
                     if request.cancelled:
                         self._end(request, "cancelled")
-                        continue
-                    self._append(request, token, now)
+                    elif token is not None:
+                        self._append(request, token, now)
 
-    def _run(self, step, requests) -> list[tuple[_Request, int]]:
-        """Forward and sample: (request, its next token) for each request of the step. A request
+    def _run(self, step, requests) -> list[tuple[_Request, int | None]]:
+        """Forward and sample: (request, its next token) for each request of the step, None for a
+        request whose step ended inside its prefill (a chunk: nothing to draw yet). A request
         whose adapter cannot be served fails alone, and the step runs again without it. When the
         forward raises for another reason, each request runs again alone, and only those that
         raise alone fail: one bad request does not fail the others of its step."""
@@ -296,8 +305,15 @@ class Engine(RequestLoop):
                     kept += alive
                     rows.append(row)
             requests, logits = kept, torch.cat(rows) if rows else None
+        drawing = [row for row, request in enumerate(requests) if request.seq.samples]
+        if len(drawing) < len(requests):
+            chunks = [(request, None) for request in requests if not request.seq.samples]
+            requests = [requests[row] for row in drawing]
+            logits = logits[torch.tensor(drawing, dtype=torch.int64, device=logits.device)] if drawing else None
+        else:
+            chunks = []
         if not requests:
-            return []
+            return chunks
         vocab = logits.shape[-1]
         banned = [(row, token) for row, request in enumerate(requests)
                   for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
@@ -305,7 +321,7 @@ class Engine(RequestLoop):
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(logits, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
-        return list(zip(requests, tokens))
+        return chunks + list(zip(requests, tokens))
 
     def _forward(self, step, requests) -> tuple[list[_Request], torch.Tensor]:
         """The step's logits on the model's device, and its requests still alive: those whose adapter breaks
