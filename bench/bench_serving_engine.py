@@ -12,8 +12,8 @@ end of sequence ignored), so tokens/s compare like for like:
 - `peft_static`: peft's mixed batch (`adapter_names=`), `generate` over static batches of
   `--static-batch` requests taken in arrival order (left-padded, each batch starting when its last
   request has arrived and the previous batch is done).
-transformers' own continuous batching (`generate_batch`) is left out: it serves one model without
-adapters, so it cannot run this trace.
+transformers' own continuous batching (`generate_batch`) serves one model without adapters, so it
+cannot run this trace: `--generate-batch` compares it with the engine on the base model instead.
 
 Reports output tokens/s (all output tokens over the time from the first arrival to the last
 token), TTFT and TPOT (TPOT = (latency - TTFT) / (output tokens - 1), vLLM's definition) at
@@ -23,6 +23,7 @@ dtype) and peak memory; JSON and PNG under bench/results/.
     python bench/bench_serving_engine.py            # CPU: the demo's tiny Llama; GPU: a 1B-shaped Llama
     python bench/bench_serving_engine.py --quick    # fewer requests (the GPU check)
     python bench/bench_serving_engine.py --batch1   # batch 1 on the base model: the engine vs HF generate
+    python bench/bench_serving_engine.py --generate-batch   # the base model: the engine vs HF generate_batch
 
 `--batch1` times one request at a time, no adapter, greedy and sampled (temperature 0.8, top_p 0.9,
 top_k 50), `--batch1-tokens` output tokens each: the engine (model-dtype and int8 pages) against
@@ -31,6 +32,10 @@ the median of `--batch1-repeats` runs after one warm-up, into serving_batch1_<de
 CPU, `--threads 1` compares like for like: the engine's loop runs in a thread of its own, where
 torch's OpenMP regions over 2 threads cost about 3x what they cost in the main thread (HF
 `generate` itself: 1.6 ms per token in the main thread, 5 ms in another, 1.6 there with 1 thread).
+
+`--generate-batch` runs 64 prompts (16-63 random tokens) x 64 output tokens, greedy, all at once on
+the base model: output tokens/s of the engine (int8 and model-dtype pages) and of transformers'
+`generate_batch`, the best of 3 runs each after a warm-up, into serving_generate_batch_<device>.json.
 """
 
 import argparse
@@ -267,6 +272,41 @@ def run_batch1(base, device, tokens, repeats, prompt_len=32):
     return rows
 
 
+def run_generate_batch(base, repeats=3, prompts=64, tokens=64):
+    """Output tokens/s on the base model, every prompt at once: the engine and HF `generate_batch`."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 64, (prompts,), generator=generator).tolist()
+    prompts = [torch.randint(3, base.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+    def best(run):
+        run(prompts[:4], 8)  # warm-up
+        rates = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            rates.append(run(prompts, tokens) / (time.perf_counter() - started))
+        return max(rates)
+
+    rows = {}
+    for kv_dtype in ("int8", "model"):
+        engine = Engine(copy.deepcopy(base), kv_dtype=kv_dtype, kv_cache_tokens=16384, max_batch_tokens=4096)
+        try:
+            rows[f"engine_{kv_dtype}"] = best(lambda batch, n: sum(len(o.token_ids) for o in engine.generate(
+                batch, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))))  # fmt: skip
+        finally:
+            engine.shutdown()
+    hf = copy.deepcopy(base)
+
+    def generate_batch(batch, n):
+        config = transformers.GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                               eos_token_id=None)  # fmt: skip
+        return sum(len(o.generated_tokens) for o in hf.generate_batch(batch, config).values())
+
+    rows["hf_generate_batch"] = best(generate_batch)
+    for kv_dtype in ("int8", "model"):
+        rows[f"engine_{kv_dtype}_over_generate_batch"] = rows[f"engine_{kv_dtype}"] / rows["hf_generate_batch"]
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (the GPU check)")
@@ -278,6 +318,7 @@ def main(argv=None):
     parser.add_argument("--batch1", action="store_true", help="batch 1 on the base model vs HF generate instead")
     parser.add_argument("--batch1-tokens", type=int, default=64, help="--batch1: output tokens per request")
     parser.add_argument("--batch1-repeats", type=int, default=5, help="--batch1: timed runs per way (the median)")
+    parser.add_argument("--generate-batch", action="store_true", help="the base model vs HF generate_batch instead")
     parser.add_argument("--threads", type=int, help="torch's intra-op threads (torch.set_num_threads)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -290,17 +331,24 @@ def main(argv=None):
     config.use_cache = True
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16 if gpu else torch.float32).eval()
-    if args.batch1:
-        rows = run_batch1(base, device, args.batch1_tokens, args.batch1_repeats)
+    if args.batch1 or args.generate_batch:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"serving_batch1_{device}.json")
         report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
-                      threads=torch.get_num_threads(), model=config.to_diff_dict(), tokens=args.batch1_tokens,
-                      repeats=args.batch1_repeats, sampled=SAMPLED, tpot_ms=rows)  # fmt: skip
+                      transformers=transformers.__version__, threads=torch.get_num_threads(),
+                      model=config.to_diff_dict())  # fmt: skip
+        if args.batch1:
+            rows = run_batch1(base, device, args.batch1_tokens, args.batch1_repeats)
+            path = os.path.join(args.out, f"serving_batch1_{device}.json")
+            report |= dict(tokens=args.batch1_tokens, repeats=args.batch1_repeats, sampled=SAMPLED, tpot_ms=rows)
+        else:
+            rows = run_generate_batch(base)
+            path = os.path.join(args.out, f"serving_generate_batch_{device}.json")
+            report |= dict(prompts=64, output_tokens=64, repeats=3, output_tokens_per_s=rows)
         with open(path, "w") as f:
             json.dump(report, f, indent=1, default=str)
         for name, value in rows.items():
-            print(f"{name:>28} {value:8.3f}{'x' if name.endswith('_over_hf') else ' ms'}")
+            unit = "x" if "_over_" in name else " ms" if args.batch1 else " tokens/s"
+            print(f"{name:>34} {value:10.3f}{unit}")
         print(f"wrote {path}")
         return
     trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size)

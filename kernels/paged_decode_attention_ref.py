@@ -65,7 +65,10 @@ def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedA
     key_ok = key_index[None, :] < kv_lens[:, None]  # [batch, keys]
     query_index = torch.arange(max_queries, device=device)
     positions = (kv_lens - num_queries)[:, None] + query_index[None, :]  # [batch, max_queries]
-    visible = (key_index[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]
+    if cu_seqlens_q is None:  # one query per sequence, at its last position: it sees all its keys
+        visible = key_ok[:, None, :]
+    else:
+        visible = (key_index[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]
     rows = query_ok = None
     if cu_seqlens_q is not None:
         # Queries padded to [batch, max_queries]; row t of sequence b is q[cu[b] + t] while t < n_b.
@@ -111,27 +114,38 @@ def paged_decode_attention_ref(
 
     keys, values = gather(k_pages), gather(v_pages)
     if k_scales is None:
-        # Unwritten slots of float pages may hold NaN, which a probability of 0 times NaN would spread.
+        # Unwritten slots of float pages may hold NaN, which a probability of 0 times NaN would spread
+        # (and SDPA adds its mask to the scores, which NaN keys would make NaN).
         values.masked_fill_(~plan.key_ok[:, None, :, None], 0)
+        if softcap == 0:
+            keys.masked_fill_(~plan.key_ok[:, None, :, None], 0)
 
     q_padded = q if plan.rows is None else q[plan.rows]
     q_padded = q_padded.to(compute_dtype).view(batch, max_queries, num_kv_heads, group, head_dim)
-    scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys)
-    # Int8 pages: the per-token scales multiply the scores' and the probabilities' columns, which
-    # costs less than dequantizing the keys and values.
-    scores *= scale if k_scales is None else gather_scales(k_scales)[:, :, None, None] * scale
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
     visible = plan.visible
     if window_left >= 0:
         key_index = torch.arange(num_keys, device=q.device)
         visible = visible & (key_index[None, None, :] >= plan.positions[:, :, None] - window_left)
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    # Padding rows see no key: softmax gives NaN there, and they are dropped.
-    probs = torch.softmax(scores, dim=-1)
-    if v_scales is not None:
-        probs *= gather_scales(v_scales)[:, :, None, None]
-    attended = torch.einsum("bkgtj,bkjd->btkgd", probs, values).reshape(batch, max_queries, num_heads, head_dim)
+    if k_scales is None and softcap == 0:
+        # Float pages without a soft cap: softmax(q k^T * scale) v is SDPA's, one fused call.
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q_padded.view(batch, max_queries, num_heads, head_dim).transpose(1, 2), keys, values,
+            attn_mask=visible[:, None], scale=scale, enable_gqa=group > 1,
+        ).transpose(1, 2)  # fmt: skip
+    else:
+        scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys)
+        # Int8 pages: the per-token scales multiply the scores' and the probabilities' columns, which
+        # costs less than dequantizing the keys and values.
+        scores *= scale if k_scales is None else gather_scales(k_scales)[:, :, None, None] * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        # Padding rows see no key: softmax gives NaN there, and they are dropped.
+        probs = torch.softmax(scores, dim=-1)
+        if v_scales is not None:
+            probs *= gather_scales(v_scales)[:, :, None, None]
+        attended = torch.einsum("bkgtj,bkjd->btkgd", probs, values)
+    attended = attended.reshape(batch, max_queries, num_heads, head_dim)
     # Sequences' queries follow each other in q, as the rows of query_ok do.
     attended = attended.reshape(total_q, num_heads, head_dim) if plan.query_ok is None else attended[plan.query_ok]
     return attended.to(q.dtype)
