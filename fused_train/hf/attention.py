@@ -96,7 +96,7 @@ class Int8KV:
 
 
 @dataclass(frozen=True)
-class PagedLayout:
+class PagedAttentionMetadata:
     """Where one serving step's tokens are: the step is one row of `num_prefill_tokens` tokens of
     prefilling sequences (`cu_seqlens_prefill` int32, their longest `max_prefill_len`), then one
     token per decoding sequence. `slots` int64 `[tokens]` is each token's place in the pages
@@ -126,12 +126,12 @@ class PagedLayout:
 class PagedKV:
     """Keys or values of one layer in a serving step: this step's own (`fresh`, `[tokens,
     num_kv_heads, head_dim]`, already written into `pages`), and the layer's `pages` (int8 with
-    `scales`, or float with None) that hold every cached token, laid out by `layout`."""
+    `scales`, or float with None) that hold every cached token, placed by `metadata`."""
 
     fresh: torch.Tensor
     pages: torch.Tensor
     scales: torch.Tensor | None
-    layout: PagedLayout
+    metadata: PagedAttentionMetadata
 
 
 def fused_train_attention(
@@ -241,42 +241,42 @@ def _int8_cache_attention(query, key, value, key_start, scaling, sliding_window,
 
 
 def _paged_attention(query, key, value, scaling, sliding_window, softcap):
-    """One serving step (`PagedLayout`): prefills over their context and fresh keys, then decodes over their pages."""
+    """One serving step (`PagedAttentionMetadata`): prefills over their context and fresh keys, then decodes over their pages."""
     if torch.is_grad_enabled() and query.requires_grad:
         raise ValueError("the paged KV cache is for inference: run the step under torch.no_grad()")
-    layout = key.layout
+    metadata = key.metadata
     q = query[0].transpose(0, 1)  # [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]
-    prefill = layout.num_prefill_tokens
+    prefill = metadata.num_prefill_tokens
     window_left = sliding_window - 1 if sliding_window else -1
     outs = []
     if prefill:
         k, v = key.fresh[:prefill], value.fresh[:prefill]
-        cu_k, max_k = layout.cu_seqlens_prefill, layout.max_prefill_len
-        if layout.context_slots is not None:
-            k, v = _after_context(key, k, layout), _after_context(value, v, layout)
-            cu_k, max_k = layout.cu_seqlens_prefill_k, layout.max_prefill_len_k
+        cu_k, max_k = metadata.cu_seqlens_prefill, metadata.max_prefill_len
+        if metadata.context_slots is not None:
+            k, v = _after_context(key, k, metadata), _after_context(value, v, metadata)
+            cu_k, max_k = metadata.cu_seqlens_prefill_k, metadata.max_prefill_len_k
         # Causal with more keys than queries aligns bottom-right: query i of a prefill sees its
         # context and its fresh keys up to i.
         outs.append(varlen_attention(
-            q[:prefill], k, v, layout.cu_seqlens_prefill, cu_k, layout.max_prefill_len, max_k,
+            q[:prefill], k, v, metadata.cu_seqlens_prefill, cu_k, metadata.max_prefill_len, max_k,
             check_cu_seqlens=False, causal=True, softmax_scale=scaling, window_size=(window_left, -1),
             softcap=softcap or 0.0,
         ))  # fmt: skip
     if q.shape[0] > prefill:
         outs.append(paged_decode_attention(
-            q[prefill:], key.pages, value.pages, layout.page_table, layout.kv_lens, k_scales=key.scales,
+            q[prefill:], key.pages, value.pages, metadata.page_table, metadata.kv_lens, k_scales=key.scales,
             v_scales=value.scales, softmax_scale=scaling, window_left=window_left, softcap=softcap or 0.0,
         ))  # fmt: skip
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.unsqueeze(0)
 
 
-def _after_context(kv: PagedKV, fresh: torch.Tensor, layout: PagedLayout) -> torch.Tensor:
+def _after_context(kv: PagedKV, fresh: torch.Tensor, metadata: PagedAttentionMetadata) -> torch.Tensor:
     """The prefills' keys (or values) `[keys, num_kv_heads, head_dim]`: each prefill's context,
     gathered from the pages (dequantized from int8) for every prefill at once, then its `fresh` ones."""
     page_size = kv.pages.shape[2]
-    pages, offsets = layout.context_slots // page_size, layout.context_slots % page_size
+    pages, offsets = metadata.context_slots // page_size, metadata.context_slots % page_size
     context = kv.pages[pages, :, offsets]  # [context tokens, num_kv_heads, head_dim]
     if kv.scales is not None:
         context = dequantize_kv_ref(context, kv.scales[pages, :, offsets], fresh.dtype)
-    return torch.cat([context.to(fresh.dtype), fresh]).index_select(0, layout.prefill_key_order)
+    return torch.cat([context.to(fresh.dtype), fresh]).index_select(0, metadata.prefill_key_order)

@@ -4,7 +4,7 @@ The step's sequences (`scheduler.Step`: prefills, then decodes) become one row o
 prefill's `token_ids[num_cached : num_cached + num_new]` (its prompt, and for a preempted one what
 it had generated, after what is cached: a shared prefix, its earlier chunks) at positions from
 `num_cached` on, then each decode's last token, with their positions, their page slots
-(`PagedLayout`, and the slots of each prefill's cached context), and, with an adapter pool, each
+(`PagedAttentionMetadata`, and the slots of each prefill's cached context), and, with an adapter pool, each
 token's adapter slot. The model runs once on that row, through `StepCache`, and the
 logits of each sequence's last token come back.
 
@@ -18,7 +18,7 @@ import inspect
 import torch
 
 from fused_train.serving.adapters import AdapterPool
-from fused_train.serving.paged_cache import PagedKVCache, PagedLayout, StepCache
+from fused_train.serving.paged_cache import PagedAttentionMetadata, PagedKVCache, StepCache
 from fused_train.serving.scheduler import Step
 
 
@@ -29,8 +29,8 @@ class Runner:
         # transformers 5 renames the forward's past_key_values to cache (the old name is deprecated).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def layout(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, PagedLayout, torch.Tensor]:
-        """`(input_ids, position_ids, layout, last)`: the step's flat row, and the index of each
+    def prepare_inputs(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, torch.Tensor]:
+        """`(input_ids, position_ids, metadata, last)`: the step's flat row, and the index of each
         sequence's last token in it."""
         page_size = self.cache.page_size
 
@@ -76,7 +76,7 @@ class Runner:
             context = dict(cu_seqlens_prefill_k=tensor(cu_k, torch.int32), max_prefill_len_k=max(lengths_k),
                            context_slots=tensor(context_slots, torch.int64),
                            prefill_key_order=tensor(order, torch.int64))  # fmt: skip
-        layout = PagedLayout(
+        metadata = PagedAttentionMetadata(
             slots=tensor(slots, torch.int64),
             num_prefill_tokens=num_prefill,
             cu_seqlens_prefill=tensor(cu_prefill, torch.int32),
@@ -85,13 +85,13 @@ class Runner:
             kv_lens=tensor([len(seq.token_ids) for seq in step.decodes], torch.int32),
             **context,
         )
-        return tensor(ids, torch.int64)[None], tensor(positions, torch.int64)[None], layout, tensor(last, torch.int64)
+        return tensor(ids, torch.int64)[None], tensor(positions, torch.int64)[None], metadata, tensor(last, torch.int64)
 
     def run(self, step: Step, token_slots: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits `[sequences, vocab]` of each sequence's next token, on the model's device.
         `token_slots` (from the pool's `slots_for`, one per token of the row) applies adapters."""
-        input_ids, position_ids, layout, last = self.layout(step)
-        kwargs = {self._cache_kwarg: StepCache(self.cache, layout, self.model.config)}
+        input_ids, position_ids, metadata, last = self.prepare_inputs(step)
+        kwargs = {self._cache_kwarg: StepCache(self.cache, metadata, self.model.config)}
         with torch.inference_mode():
             if token_slots is None:
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,

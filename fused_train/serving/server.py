@@ -42,7 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fused_train.serving.engine import RequestFailed, SamplingParams, decode_text
+from fused_train.serving.requests import RequestFailed, SamplingParams, decode_text
 from fused_train.serving.openai_protocol import (
     CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, MAX_BODY_BYTES, APIError, ChatMessage, ChatRequest, CompletionRequest,
     LoadAdapterRequest, UnloadAdapterRequest, engine_error, parse_body, refuse_unsupported, sampling_params, usage,
