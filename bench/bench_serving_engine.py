@@ -393,14 +393,20 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
                       threads=torch.get_num_threads(), model=config.to_diff_dict())  # fmt: skip
+        load_before = os.getloadavg()[0]
         if args.workload == "shared-prefix":
             report.update(_shared_prefix(base, device, requests, rate, args))
+            bars = {way: {f"TTFT p{p}": row[f"ttft_ms_p{p}"] for p in (50, 95, 99)} for way, row in report["ways"].items()}
         else:
             report.update(_long_prompt(base, device, args))
-        path = os.path.join(args.out, f"serving_{args.workload.replace('-', '_')}_{device}.json")
-        with open(path, "w") as f:
+            bars = {way: {"decode step before": r["itl_before_ms_p50"], "while prefilling p50": r["itl_during_ms_p50"],
+                          "while prefilling max": r["itl_during_ms_max"]} for way, r in report["runs"].items()}
+        report["load_average_1min"] = dict(before=load_before, after=os.getloadavg()[0])
+        stem = os.path.join(args.out, f"serving_{args.workload.replace('-', '_')}_{device}")
+        with open(stem + ".json", "w") as f:
             json.dump(report, f, indent=1, default=str)
-        print(f"wrote {path}")
+        _bars(bars, stem + ".png", f"{args.workload}, {report['device']} (ms, lower is better)")
+        print(f"wrote {stem}.json and {stem}.png")
         return
     trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size)
     rows = {}
@@ -478,6 +484,24 @@ def _long_prompt(base, device, args):
     print(f"longest decode step while the prompt prefills, chunked / one step: {ratio:.2f}x")
     return dict(workload="long-prompt", long_prompt_tokens=prompt_tokens, decoders=args.decoders, runs=runs,
                 itl_during_max_chunked_over_one_step=ratio)
+
+
+def _bars(groups, path, title):
+    """One group of bars per way: {way: {label: ms}}."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = list(next(iter(groups.values())))
+    width = 0.8 / len(labels)
+    for offset, label in enumerate(labels):
+        ax.bar(np.arange(len(groups)) + (offset - (len(labels) - 1) / 2) * width,
+               [values[label] for values in groups.values()], width, label=label)  # fmt: skip
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _chart(rows, path, device_name):
