@@ -26,6 +26,7 @@ import torch
 from fused_train.ops.varlen_attention import varlen_attention
 from fused_train.kernels.int8_decode_attention_ref import dequantize_cache_ref
 from fused_train.kernels.int8_kv_quantize_ref import dequantize_kv_ref
+from fused_train.kernels.paged_decode_attention_ref import PagedAttentionPlan
 from fused_train.ops.int8_kv import int8_decode_attention
 from fused_train.hf.varlen_layout import left_padding, varlen_layout
 from fused_train.ops.paged_kv import paged_decode_attention
@@ -108,7 +109,10 @@ class PagedAttentionMetadata:
     prefill's context + fresh keys (its longest `max_prefill_len_k`), `context_slots` int64 holds
     the slots of every prefill's context tokens, prefill after prefill, and `prefill_key_order`
     int64 `[keys]` lays out the prefills' keys from `cat([context keys, fresh keys])`, each
-    prefill's context then its fresh ones. All three None when no prefill has context."""
+    prefill's context then its fresh ones. All three None when no prefill has context.
+
+    The runner builds it valid, once per step, and the layers trust it (no input checks per layer);
+    `decode_plan` is the decodes' `paged_attention_plan` for the reference path (None: none built)."""
 
     slots: torch.Tensor
     num_prefill_tokens: int
@@ -120,6 +124,7 @@ class PagedAttentionMetadata:
     max_prefill_len_k: int = 0
     context_slots: torch.Tensor | None = None
     prefill_key_order: torch.Tensor | None = None
+    decode_plan: PagedAttentionPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,7 @@ def _paged_attention(query, key, value, scaling, sliding_window, softcap):
         outs.append(paged_decode_attention(
             q[prefill:], key.pages, value.pages, metadata.page_table, metadata.kv_lens, k_scales=key.scales,
             v_scales=value.scales, softmax_scale=scaling, window_left=window_left, softcap=softcap or 0.0,
+            check_inputs=False, plan=metadata.decode_plan,
         ))  # fmt: skip
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.unsqueeze(0)

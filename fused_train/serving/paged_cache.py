@@ -107,7 +107,7 @@ class StepCache(Cache):
         keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
         write_kv_pages(
             keys, values, cache.k_pages[layer_idx], cache.v_pages[layer_idx], self.metadata.slots,
-            k_scales=cache.k_scales[layer_idx], v_scales=cache.v_scales[layer_idx],
+            k_scales=cache.k_scales[layer_idx], v_scales=cache.v_scales[layer_idx], check_inputs=False,
         )  # fmt: skip
         return (
             PagedKV(keys, cache.k_pages[layer_idx], cache.k_scales[layer_idx], self.metadata),

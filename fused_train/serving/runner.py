@@ -4,9 +4,10 @@ The step's sequences (`scheduler.Step`: prefills, then decodes) become one row o
 prefill's `token_ids[num_cached : num_cached + num_new]` (its prompt, and for a preempted one what
 it had generated, after what is cached: a shared prefix, its earlier chunks) at positions from
 `num_cached` on, then each decode's last token, with their positions, their page slots
-(`PagedAttentionMetadata`, and the slots of each prefill's cached context), and, with an adapter pool, each
-token's adapter slot. The model runs once on that row, through `StepCache`, and the
-logits of each sequence's last token come back.
+(`PagedAttentionMetadata`, and the slots of each prefill's cached context), and, with an adapter
+pool, each token's adapter slot; `input_batch.InputBatch` builds them from page-table rows kept
+across steps. The model runs once on that row, through `StepCache`, and the logits of each
+sequence's last token come back.
 
 `sample_batch` chooses every sequence's next token in one vectorized pass on the logits' device and
 hands only the ids to the host; `sample`, one row on the CPU with a `torch.Generator`, is its
@@ -18,6 +19,7 @@ import inspect
 import torch
 
 from fused_train.serving.adapters import AdapterPool
+from fused_train.serving.input_batch import InputBatch
 from fused_train.serving.paged_cache import PagedAttentionMetadata, PagedKVCache, StepCache
 from fused_train.serving.scheduler import Step
 
@@ -26,66 +28,14 @@ class Runner:
     def __init__(self, model, cache: PagedKVCache, pool: AdapterPool | None):
         self.model, self.cache, self.pool = model, cache, pool
         self.device = next(model.parameters()).device
+        self.inputs = InputBatch(cache.page_size, self.device)
         # transformers 5 renames the forward's past_key_values to cache (the old name is deprecated).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def prepare_inputs(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, torch.Tensor]:
         """`(input_ids, position_ids, metadata, last)`: the step's flat row, and the index of each
-        sequence's last token in it."""
-        page_size = self.cache.page_size
-
-        def slot(seq, j):
-            return seq.pages[j // page_size] * page_size + j % page_size
-
-        ids, positions, slots, lengths, lengths_k, context_slots = [], [], [], [], [], []
-        for seq in step.prefills:
-            start, end = seq.num_cached, seq.num_cached + seq.num_new
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(slot(seq, j) for j in range(start, end))
-            context_slots.extend(slot(seq, j) for j in range(start))
-            lengths.append(end - start)
-            lengths_k.append(end)
-        for seq in step.decodes:
-            j = len(seq.token_ids) - 1
-            ids.append(seq.token_ids[-1])
-            positions.append(j)
-            slots.append(slot(seq, j))
-        max_pages = max((len(seq.pages) for seq in step.decodes), default=1)
-        page_table = [seq.pages + [0] * (max_pages - len(seq.pages)) for seq in step.decodes]
-        cu_prefill = [0]
-        for n in lengths:
-            cu_prefill.append(cu_prefill[-1] + n)
-        num_prefill = cu_prefill[-1]
-        last = [end - 1 for end in cu_prefill[1:]] + list(range(num_prefill, num_prefill + len(step.decodes)))
-
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        context = {}
-        if context_slots:
-            # Prefill b's keys: its context (rows of the gathered context), then its fresh keys (rows
-            # after all the context), from cat([context, fresh]).
-            order, context_start, fresh_start, cu_k = [], 0, len(context_slots), [0]
-            for seq, n, n_k in zip(step.prefills, lengths, lengths_k):
-                order.extend(range(context_start, context_start + seq.num_cached))
-                order.extend(range(fresh_start, fresh_start + n))
-                context_start += seq.num_cached
-                fresh_start += n
-                cu_k.append(cu_k[-1] + n_k)
-            context = dict(cu_seqlens_prefill_k=tensor(cu_k, torch.int32), max_prefill_len_k=max(lengths_k),
-                           context_slots=tensor(context_slots, torch.int64),
-                           prefill_key_order=tensor(order, torch.int64))  # fmt: skip
-        metadata = PagedAttentionMetadata(
-            slots=tensor(slots, torch.int64),
-            num_prefill_tokens=num_prefill,
-            cu_seqlens_prefill=tensor(cu_prefill, torch.int32),
-            max_prefill_len=max(lengths, default=0),
-            page_table=tensor(page_table, torch.int32).view(len(step.decodes), max_pages),
-            kv_lens=tensor([len(seq.token_ids) for seq in step.decodes], torch.int32),
-            **context,
-        )
-        return tensor(ids, torch.int64)[None], tensor(positions, torch.int64)[None], metadata, tensor(last, torch.int64)
+        sequence's last token in it (`InputBatch.prepare`, from buffers kept across steps)."""
+        return self.inputs.prepare(step)
 
     def run(self, step: Step, token_slots: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits `[sequences, vocab]` of each sequence's next token, on the model's device.
