@@ -7,6 +7,7 @@ the reference's chunked path, so both are checked against `linear_cross_entropy_
 import pytest
 import torch
 
+from fused_train.kernels import linear_cross_entropy as kernel_module
 from fused_train.kernels import linear_cross_entropy_ref as ref_module
 from fused_train.kernels.linear_cross_entropy_ref import linear_cross_entropy_ref
 from fused_train.ops.linear_cross_entropy import linear_cross_entropy
@@ -29,6 +30,13 @@ OPTIONS = {
     "ignore_index 7": dict(ignore_index=7),
     "everything": dict(with_bias=True, reduction="none", label_smoothing=0.2, softcap=3.0, z_loss=1e-2),
 }
+
+
+@pytest.fixture(autouse=True)
+def vocab_chunks_of_128(monkeypatch):
+    """The backward's vocab chunks at 128 columns: every vocabulary over 128 here takes several
+    chunks (dx summed across them, the last one short), those up to 128 one (dx written at once)."""
+    monkeypatch.setattr(kernel_module, "DLOGITS_CHUNK_COLUMNS", 128)
 
 
 def _make_inputs(batch, seq, hidden, vocab, dtype, with_bias=False, ignore_index=-100, seed=0):
@@ -188,3 +196,31 @@ def test_compiles_fullgraph():
                                None, labels)  # fmt: skip
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.fixture
+def programs_in_reverse(monkeypatch):
+    """The interpreter runs a grid's programs last to first: a sum whose order follows the schedule
+    (atomics) changes its low bits, as it does from run to run on a GPU."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    in_order = builder.set_grid_idx
+
+    def reversed_idx(x, y, z):
+        in_order(*(n - 1 - i for i, n in zip((x, y, z), builder.grid_dim)))
+
+    monkeypatch.setattr(builder, "set_grid_idx", reversed_idx)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="reorders the Triton interpreter's programs")
+def test_gradients_do_not_depend_on_program_order(request):
+    """300 tokens (3 token blocks, the last one short) × 301 vocab (several vocab blocks, the last
+    short): each element of dx and dW sums over several blocks; bias and every option on."""
+    options = dict(label_smoothing=0.1, softcap=3.0, z_loss=1e-2)
+    inputs = _make_inputs(3, 100, 48, 301, torch.float32, with_bias=True)
+    first, second = (_loss_and_grads(linear_cross_entropy, *inputs, **options) for _ in range(2))
+    request.getfixturevalue("programs_in_reverse")
+    reordered = _loss_and_grads(linear_cross_entropy, *inputs, **options)
+    for name, a, b, c in zip(("loss", "dx", "dW", "dbias"), first, second, reordered):
+        assert torch.equal(a, b) and torch.equal(a, c), name
