@@ -10,7 +10,7 @@ import torch
 from fused_train.kernels import linear_cross_entropy as kernel_module
 from fused_train.kernels import linear_cross_entropy_ref as ref_module
 from fused_train.kernels.linear_cross_entropy_ref import linear_cross_entropy_ref
-from fused_train.ops.linear_cross_entropy import linear_cross_entropy
+from fused_train.ops.linear_cross_entropy import _check_inputs, linear_cross_entropy
 from tests.conftest import DEVICE
 
 # Beyond twice PyTorch's own error in the same dtype, this much of the largest reference value.
@@ -224,3 +224,22 @@ def test_gradients_do_not_depend_on_program_order(request):
     reordered = _loss_and_grads(linear_cross_entropy, *inputs, **options)
     for name, a, b, c in zip(("loss", "dx", "dW", "dbias"), first, second, reordered):
         assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+def test_label_check_does_not_read_device_labels_back():
+    """A training step must not sync with the host: off the CPU, the labels' range check is a device
+    assert, never read back. Meta tensors, which cannot be read back at all, stand in for CUDA ones."""
+    args = {k: v.to("meta") for k, v in _good_args().items()}
+    _check_inputs(args["hidden"], args["weight"], args["labels"], None, -100, "mean", 0.0, None, 0.0, None)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode")
+def test_training_step_does_not_sync():
+    x, weight, bias, labels = _make_inputs(2, 11, 40, 200, torch.bfloat16, with_bias=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = linear_cross_entropy(x, weight, labels, bias=bias)
+        torch.autograd.grad(loss, [x, weight, bias])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
