@@ -136,6 +136,17 @@ def test_outputs_are_fully_written(poisoned_outputs):
         torch.testing.assert_close(g.double(), e, **FP32_TOLERANCE)
 
 
+def test_16bit_outputs_are_fully_written(request):
+    """bf16: dx's fp32 sum over the vocab chunks is its own buffer (fp32 sums into dx itself), and
+    poisoned buffers must give the same bits as clean ones."""
+    inputs = _make_inputs(2, 11, 40, 200, torch.bfloat16, with_bias=True)
+    clean = _loss_and_grads(linear_cross_entropy, *inputs, reduction="none")
+    request.getfixturevalue("poisoned_outputs")
+    poisoned = _loss_and_grads(linear_cross_entropy, *inputs, reduction="none")
+    for name, c, p in zip(("loss", "dx", "dW", "dbias"), clean, poisoned):
+        assert torch.equal(c, p), name
+
+
 def test_frozen_weight_and_no_tokens():
     x, weight, _, labels = _make_inputs(1, 7, 40, 100, torch.float32)
     weight.requires_grad_(False)
