@@ -28,8 +28,9 @@ Kernels:
   covers the vocabulary). Why materialize dz at all: dx `[T, H]` per token block and dW `[V, H]` per
   vocab block are too large to accumulate in registers over the whole other axis (2 MB per block at
   H 4096), and splitting H instead recomputes the logits once per H block. A dz chunk costs
-  twice x's memory at H 4096 and a write and a read of `T·V` elements in all, small next to the
-  matmuls (Liger materializes logits chunk by chunk likewise; Cut Cross-Entropy adds tiles with atomics).
+  twice x's memory at H 4096 and a write and two reads of `T·V` elements in all, small next to the
+  matmuls (Liger materializes logits chunk by chunk likewise; Cut Cross-Entropy adds its tiles into
+  shared dx and dW under locks or atomics, as this backward did before).
 
 Matmul inputs are the input dtype (bf16/fp16 MMA, fp32 as tf32 on the GPU), accumulators fp32; the
 target's `p - 1` is formed in fp32 before `dz` is rounded to the matmul dtype. Row and column
