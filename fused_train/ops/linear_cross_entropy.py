@@ -18,7 +18,7 @@ from fused_train.kernels.linear_cross_entropy_ref import (
     linear_cross_entropy_fwd_ref,
     reduce_loss,
 )
-from fused_train.ops.checks import FLOAT_DTYPES, is_dtensor
+from fused_train.ops.checks import FLOAT_DTYPES, assert_on_device, is_dtensor, values_readable
 from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 
 if HAS_TRITON:
@@ -208,8 +208,8 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, label_s
     # A target outside [0, V) would read another row's memory in the kernels. On a GPU the check
     # stays on the device (a device-side assert): reading it back would sync every training step.
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if labels.device.type != "cpu":
-        torch._assert_async(bad.any().logical_not(), f"labels must be in [0, V={vocab_size}) or ignore_index")
+    if not values_readable(labels):
+        assert_on_device(bad.any().logical_not(), f"labels must be in [0, V={vocab_size}) or ignore_index")
     elif not torch.compiler.is_compiling() and bool(bad.any()):
         raise ValueError(
             f"labels must be in [0, V={vocab_size}) or ignore_index={ignore_index}, got {labels[bad][0].item()}"
