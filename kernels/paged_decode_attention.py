@@ -182,7 +182,7 @@ def _paged_decode_attention_split_kernel(
     out = acc / (l_safe * P_SCALE)[:, None]
     out_mask = row_ok[:, None] & d_ok[None, :]
     if ONE_SPLIT:
-        # Every row sees at least its own key: no row of one split is empty.
+        # A row that saw no key (kv_lens 0) has acc = 0: its out is zeros.
         out_ptrs = Out + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
     else:
@@ -205,11 +205,13 @@ def _paged_decode_attention_combine_kernel(
     part = row.to(tl.int64) * num_splits + splits
     lse = tl.load(PartLse + part, mask=split_ok, other=float("-inf"))
     m = tl.max(lse, 0)
-    # Every row sees its own key in some split, so m is finite; splits that saw none weigh 0.
-    weight = tl.exp2(lse - m)
+    # Splits that saw no key have lse = -inf and weight 0; so does every split of a row that saw
+    # none (a sequence with kv_lens 0, as CUDA-graph padding makes), which gets zeros.
+    weight = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
     part_out = tl.load(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :],
                        mask=split_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(weight[:, None] * part_out, 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * part_out, 0) / tl.where(total == 0.0, 1.0, total)
     out_ptrs = Out + (row // num_heads) * stride_ot + (row % num_heads) * stride_oh + offs_d
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
