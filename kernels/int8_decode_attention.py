@@ -86,7 +86,7 @@ _DEFAULT_SMS = 132  # H100/H200, for the interpreter
 COMBINE_WARPS = 4
 
 
-def block_d_of(head_dim):
+def block_d_at_least_16(head_dim):
     """head_dim padded to a power of two, at least 16 (the smallest tl.dot reduction)."""
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -273,7 +273,7 @@ def int8_decode_attention(
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
 
-    block_d = block_d_of(head_dim)
+    block_d = block_d_at_least_16(head_dim)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     block_n, max_block_m, num_warps, num_stages = config or (

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int8_decode_attention import COMBINE_WARPS, P_SCALE, attend_block, block_d_of, choose_num_splits
+from .int8_decode_attention import COMBINE_WARPS, P_SCALE, attend_block, block_d_at_least_16, choose_num_splits
 from .jit_helpers import LOG2E, UNBOUNDED
 from .launch import interpreting, on_device_of_first_argument
 from .paged_decode_attention_ref import check_paged_decode_attention_inputs, paged_decode_attention_ref  # noqa: F401
@@ -76,7 +76,7 @@ def config_key(q_dtype, pages_dtype, head_dim):
         kind = "fp32"
     else:
         kind = "int8" if pages_dtype == torch.int8 else "16bit"
-    return kind, max(64, block_d_of(head_dim))
+    return kind, max(64, block_d_at_least_16(head_dim))
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def paged_decode_attention(
     if total_q == 0:
         return out
 
-    block_d = block_d_of(head_dim)
+    block_d = block_d_at_least_16(head_dim)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     block_n, max_block_m, num_warps, num_stages = config or CONFIGS[config_key(q.dtype, k_pages.dtype, head_dim)]

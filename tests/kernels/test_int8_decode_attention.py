@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fused_train.kernels import int8_decode_attention as kernel_module
-from fused_train.kernels.int8_decode_attention import CONFIGS, CONFIGS_FP32, block_d_of, int8_decode_attention_ref
+from fused_train.kernels.int8_decode_attention import CONFIGS, CONFIGS_FP32, block_d_at_least_16, int8_decode_attention_ref
 from fused_train.kernels.int8_kv_quantize import quantize_kv_ref
 from fused_train.ops.int8_kv import int8_decode_attention, int8_decode_attention_op
 from tests.conftest import DEVICE
@@ -164,7 +164,7 @@ SHIPPED_CONFIGS = [(torch.float32, 128), (torch.bfloat16, 64), (torch.float16, 8
 @pytest.mark.parametrize("dtype,head_dim", SHIPPED_CONFIGS, ids=[f"{t}_{d}" for t, d in SHIPPED_CONFIGS])
 def test_shipped_gpu_configs_match_reference(dtype, head_dim, poisoned_outputs):
     """The launcher with the GPU tables' block sizes (the interpreter otherwise uses 16 keys)."""
-    config = (CONFIGS_FP32 if dtype == torch.float32 else CONFIGS)[block_d_of(head_dim)]
+    config = (CONFIGS_FP32 if dtype == torch.float32 else CONFIGS)[block_d_at_least_16(head_dim)]
     q, k_data, k_scale, v_data, v_scale = _inputs(1, 4, 2, 1, head_dim, 200, dtype, seed=head_dim)
     out = kernel_module.int8_decode_attention(q, k_data, k_scale, v_data, v_scale, 200, num_splits=2, config=config)
     expected = int8_decode_attention_ref(q.double(), k_data, k_scale, v_data, v_scale, 200)
