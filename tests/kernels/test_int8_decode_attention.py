@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from fused_train.kernels import int8_decode_attention as kernel_module
-from fused_train.kernels.int8_decode_attention import CONFIGS, CONFIGS_FP32, block_d_at_least_16, int8_decode_attention_ref
+from fused_train.kernels.int8_decode_attention import (
+    CONFIGS,
+    CONFIGS_FP32,
+    block_d_at_least_16,
+    int8_decode_attention_ref,
+)
 from fused_train.kernels.int8_kv_quantize import quantize_kv_ref
 from fused_train.ops.int8_kv import int8_decode_attention, int8_decode_attention_op
 from tests.conftest import DEVICE
