@@ -37,7 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .int8_decode_attention import COMBINE_WARPS, P_SCALE, attend_block, block_d_at_least_16, choose_num_splits
+from .int8_decode_attention import (
+    COMBINE_WARPS,
+    P_SCALE,
+    attend_block,
+    block_d_at_least_16,
+    choose_num_splits,
+    sm_count,
+)
 from .jit_helpers import LOG2E, UNBOUNDED
 from .launch import interpreting, on_device_of_first_argument
 from .paged_decode_attention_ref import check_paged_decode_attention_inputs, paged_decode_attention_ref  # noqa: F401
@@ -259,7 +266,8 @@ def paged_decode_attention(
     blocks_per_seq = triton.cdiv(group, block_m)
     grid_blocks = batch * blocks_per_seq if cu_seqlens_q is None else total_q * group // block_m + batch
     if num_splits is None:
-        num_splits = choose_num_splits(grid_blocks * num_kv_heads, max_pages_per_seq * page_size, block_n, q.device)
+        num_splits = choose_num_splits(grid_blocks * num_kv_heads, max_pages_per_seq * page_size, block_n,
+                                       sm_count(q.device))
     one_split = num_splits == 1
     workspace = () if one_split else (num_splits, total_q, num_heads)
     part_out = torch.empty((*workspace, head_dim), dtype=torch.float32, device=q.device)

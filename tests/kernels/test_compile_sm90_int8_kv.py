@@ -94,7 +94,7 @@ def _compile_all():
                              num_stages, ("stride_qh", "stride_qt", "stride_krt", "stride_vrt"))
         result["expect_wgmma"] = block_m % 64 == 0
         results.append(result)
-    for dtype, head_dim, block_s in (("bf16", 256, 16), ("fp32", 128, 1), ("fp16", 80, 4)):
+    for dtype, head_dim, block_s in (("bf16", 256, decode.MAX_SPLITS), ("fp32", 128, 1), ("fp16", 80, 4)):
         block_d = decode.block_d_at_least_16(head_dim)
         result = compile_one(
             f"combine {dtype} head_dim {head_dim} {block_s} splits", decode._int8_decode_attention_combine_kernel,
