@@ -129,6 +129,50 @@ def test_wide_segment_tiles_span_slots(monkeypatch, poisoned_outputs):
     _assert_within_error_rule(fused_train.multi_lora_linear(**inputs), inputs)
 
 
+def _rounding_rule(x, weight, lora_a, lora_b, token_slots, scalings, ranks):
+    """The kernels' rounding rule (kernels/multi_lora.py's docstring), one token at a time: the
+    base output rounded to x's dtype, float32 `scalings[s]·S` rounded to it, the rest exact."""
+    dtype = x.dtype
+    y = (x.double() @ weight.double().T).to(dtype).double()
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot >= 0:
+            rank = int(ranks[slot])
+            shrunk = (x[t].double() @ lora_a[slot, :rank].to(dtype).double().T).float()
+            seed = (shrunk * scalings[slot]).to(dtype).double()
+            y[t] += seed @ lora_b[slot, :, :rank].to(dtype).double().T
+    return y.to(dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_round_by_one_rule_in_bf16(monkeypatch, poisoned_outputs, path):
+    """Each path gives exactly what the rounding rule gives, so the two agree: x and A hold small
+    integers (times 2**-4), which makes S exact in any order of summation, and each slot's two rank
+    rows nearly cancel in the expand, so that a path that skipped the rounding of `scalings[s]·S`
+    would be off by many bf16 steps. The base weight is zero: y is the LoRA term alone."""
+    monkeypatch.setattr(multi_lora_kernels, "choose_path", lambda num_tokens, num_slots: path)
+    generator = torch.Generator().manual_seed(3)
+    num_slots, r_max, in_features, out_features, tokens = 3, 16, 32, 40, 24
+    lora_a = torch.randint(-3, 4, (num_slots, r_max, in_features), generator=generator) / 16
+    lora_a[:, 1] = lora_a[:, 0]
+    lora_a[:, 1, 0] += 1 / 16
+    column = torch.randn(num_slots, out_features, generator=generator)
+    lora_b = torch.zeros(num_slots, out_features, r_max)
+    lora_b[:, :, 0], lora_b[:, :, 1] = column, -column
+    inputs = dict(
+        x=torch.randint(-3, 4, (tokens, in_features), generator=generator).to(DEVICE, torch.bfloat16),
+        weight=torch.zeros(out_features, in_features, device=DEVICE, dtype=torch.bfloat16),
+        lora_a=lora_a.to(DEVICE, torch.bfloat16),
+        lora_b=lora_b.to(DEVICE, torch.bfloat16),
+        token_slots=torch.randint(-1, num_slots, (tokens,), generator=generator, dtype=torch.int32).to(DEVICE),
+        scalings=(torch.rand(num_slots, generator=generator) + 0.3).to(DEVICE),
+        ranks=torch.full((num_slots,), 2, dtype=torch.int32, device=DEVICE),
+    )
+    y = fused_train.multi_lora_linear(**inputs)
+    expected = _rounding_rule(**inputs)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 def test_path_rule():
     assert multi_lora_kernels.choose_path(64, 32) == "per_token"
     assert multi_lora_kernels.choose_path(8192, 32) == "segments"
