@@ -46,7 +46,7 @@ step install 45 python3 -m pip install --no-build-isolation --no-deps -e .
 # From the repository root, where a folder of ours could shadow a dependency of the same name
 # (kernels/ and PyPI's `kernels`): the package, its kernels and the serving stack import, and pytest
 # collects every test file (an error there would stop a whole pytest run before its first test).
-step preflight 25 bash -c 'python3 - <<"PY" && python3 -m pytest --collect-only -q -p no:cacheprovider tests | tail -n 3
+step preflight 30 bash -c 'python3 - <<"PY" && python3 -m pytest --collect-only -q -p no:cacheprovider tests | tail -n 3
 import torch, triton, transformers
 import fused_train, fused_train.serving
 from fused_train.kernels import (int8_decode_attention, int8_kv_quantize, linear_cross_entropy, lora, multi_lora,
@@ -71,7 +71,7 @@ step bench_multi_lora 45 python3 bench/bench_multi_lora.py --quick --layer-only 
 step bench_serving_engine 75 python3 bench/bench_serving_engine.py --model 8b --adapters 8 --requests 32 \
     --ways engine_int8,peft_naive --out "$OUT"
 # Each provider in a fresh Python, at most --timeout seconds each (4 providers).
-step bench_linear_cross_entropy 80 python3 bench/bench_linear_cross_entropy.py --quick --timeout 17 \
+step bench_linear_cross_entropy 75 python3 bench/bench_linear_cross_entropy.py --quick --timeout 16 \
     --out "$OUT/linear_cross_entropy_quick.json"
 python3 bench/gpu_summary.py "$OUT"
 echo "total seconds: $((SECONDS - start))"
