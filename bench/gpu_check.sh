@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short run on a lent GPU machine (see ../shared/GPU.md): install, preflight, test on CUDA, benchmark.
 # Everything lands in $OUT (default bench/results/gpu-latest): log.txt, step_<name>.json written as each
-# step ends (a run cut short keeps what finished), tests_<file>.xml and .log per test file, the benches'
+# step ends (a run cut short keeps what finished), collect.txt, tests_<file>.xml and .log per test file, the benches'
 # JSON files, and gpu_check.json gathered from them by bench/gpu_summary.py, whose table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,14 +46,19 @@ step install 45 python3 -m pip install --no-build-isolation --no-deps -e .
 # From the repository root, where a folder of ours could shadow a dependency of the same name
 # (kernels/ and PyPI's `kernels`): the package, its kernels and the serving stack import, and pytest
 # collects every test file (an error there would stop a whole pytest run before its first test).
-step preflight 30 bash -c 'python3 - <<"PY" && python3 -m pytest --collect-only -q -p no:cacheprovider tests | tail -n 3
+step preflight 30 bash -c 'python3 - <<"PY" || exit
 import torch, triton, transformers
 import fused_train, fused_train.serving
 from fused_train.kernels import (int8_decode_attention, int8_kv_quantize, linear_cross_entropy, lora, multi_lora,
                                  paged_decode_attention, varlen_attention)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__, "| transformers",
-      transformers.__version__, "|", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
-PY'
+      transformers.__version__, "|", torch.cuda.get_device_name(0), "with",
+      torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
+PY
+python3 -m pytest --collect-only -q -p no:cacheprovider tests >"$OUT/collect.txt" 2>&1
+collected=$?
+tail -n 3 "$OUT/collect.txt"
+exit $collected'
 # The CUDA correctness tests of the kernels first (the bf16 kernels have never executed anywhere: the
 # interpreter runs them upcast), with the GPU-only cases: tensors past 2**31 elements and, with two
 # GPUs, kernels on cuda:1. One process per file, all at once: their ~280 kernel specializations
