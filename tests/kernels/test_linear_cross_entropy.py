@@ -199,6 +199,13 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fused_train.linear_cross_entropy_bwd.default, args)
 
 
+
+def test_forward_op_autograd_passes_opcheck():
+    """With inputs that require grad, opcheck checks the forward op's registered autograd."""
+    x, weight, bias, labels = _make_inputs(1, 9, 40, 70, torch.float32, with_bias=True)
+    args = (x.reshape(-1, 40), weight, bias, labels.reshape(-1), -100, 0.1, 3.0, 1e-3)
+    torch.library.opcheck(torch.ops.fused_train.linear_cross_entropy_fwd.default, args)
+
 def test_compiles_fullgraph():
     x, weight, _, labels = _make_inputs(1, 9, 40, 70, torch.float32)
     compiled = torch.compile(
