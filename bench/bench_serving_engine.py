@@ -21,7 +21,9 @@ p50/p95/p99, the KV cache's bytes per token (the engine's pool; peft's DynamicCa
 dtype) and peak memory; JSON and PNG under bench/results/.
 
     python bench/bench_serving_engine.py            # CPU: the demo's tiny Llama; GPU: a 1B-shaped Llama
-    python bench/bench_serving_engine.py --quick    # fewer requests (the GPU check)
+    python bench/bench_serving_engine.py --quick    # fewer requests
+    python bench/bench_serving_engine.py --model 8b --adapters 8 --requests 32 --ways engine_int8,peft_naive
+                                                    # the GPU check: an 8B-shaped random Llama
     python bench/bench_serving_engine.py --batch1   # batch 1 on the base model: the engine vs HF generate
 
 `--workload shared-prefix`: a few system prompts (`--systems`, `--system-tokens` each, a tenant's
@@ -67,28 +69,34 @@ ADAPTERS, RANKS = 32, (8, 16, 32, 64)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPU_MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096)  # fmt: skip
+# Llama-3-8B's shapes, random weights: what the engine's step costs at a real model's size.
+MODEL_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)  # fmt: skip
+# --model: the default is "tiny" on CPU, "1b" on a GPU.
+MODELS = {"tiny": MODEL, "1b": GPU_MODEL, "8b": MODEL_8B}
 WAYS = ("engine_int8", "engine_model", "peft_naive", "peft_static")
 
 
-def make_trace(requests, rate, seed, max_prompt, mean_output, max_output, vocab_size):
-    """[(arrival s, prompt ids, output tokens, adapter name or None)], in arrival order."""
+def make_trace(requests, rate, seed, max_prompt, mean_output, max_output, vocab_size, adapters=ADAPTERS):
+    """[(arrival s, prompt ids, output tokens, adapter name or None)], in arrival order, over
+    `adapters` adapters named adapter0..."""
     rng = np.random.default_rng(seed)
     documents, _ = load_documents(max_prompt, "sentences")
     arrivals = np.cumsum(rng.exponential(1.0 / rate, requests)) - 0  # Poisson process
     arrivals -= arrivals[0]
     outputs = np.clip(rng.lognormal(np.log(mean_output), 0.8, requests).round(), 2, max_output).astype(int)
-    zipf = 1.0 / np.arange(1, ADAPTERS + 1)
-    picks = rng.choice(ADAPTERS + 1, size=requests, p=np.append(zipf, zipf[0]) / (zipf.sum() + zipf[0]))
+    zipf = 1.0 / np.arange(1, adapters + 1)
+    picks = rng.choice(adapters + 1, size=requests, p=np.append(zipf, zipf[0]) / (zipf.sum() + zipf[0]))
     trace = []
     for i in range(requests):
         prompt = [t % vocab_size for t in documents[int(rng.integers(len(documents)))]]
-        adapter = None if picks[i] == ADAPTERS else f"adapter{picks[i]}"  # the base is as popular as the top adapter
+        adapter = None if picks[i] == adapters else f"adapter{picks[i]}"  # the base is as popular as the top adapter
         trace.append((float(arrivals[i]), prompt, int(outputs[i]), adapter))
     return trace
 
 
-def make_adapters(base, folder):
-    """32 random peft adapters on disk, written as peft saves them (adapter_config.json and
+def make_adapters(base, folder, adapters=ADAPTERS):
+    """`adapters` random peft adapters on disk, written as peft saves them (adapter_config.json and
     adapter_model.safetensors), without a copy of the model per adapter."""
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -97,7 +105,7 @@ def make_adapters(base, folder):
     linears = [(name, module) for name, module in base.named_modules()
                if name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, torch.nn.Linear)]  # fmt: skip
     paths = {}
-    for i in range(ADAPTERS):
+    for i in range(adapters):
         rank = RANKS[i % len(RANKS)]
         path = paths[f"adapter{i}"] = os.path.join(folder, f"adapter{i}")
         LoraConfig(r=rank, lora_alpha=16, target_modules=TARGETS).save_pretrained(path)
@@ -147,7 +155,7 @@ def make_shared_prefix_trace(requests, rate, seed, systems, system_tokens, outpu
 
 def run_engine(base, paths, trace, kv_dtype, device, **options):
     options = dict(kv_cache_tokens=65536 if device == "cuda" else 16384, max_batch_tokens=4096, **options)
-    engine = Engine(copy.deepcopy(base), adapters=paths, kv_dtype=kv_dtype, max_loras=ADAPTERS, **options)
+    engine = Engine(copy.deepcopy(base), adapters=paths, kv_dtype=kv_dtype, max_loras=len(paths), **options)
     times = [_Times() for _ in trace]
     start = time.perf_counter()
     threads = []
@@ -350,6 +358,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer requests (the GPU check)")
     parser.add_argument("--requests", type=int, help="requests in the trace (CPU 64, GPU 256; --quick: 24 / 96)")
     parser.add_argument("--rate", type=float, help="mean arrivals per second (CPU 16, GPU 64)")
+    parser.add_argument("--model", choices=list(MODELS), help="random Llama of these shapes (CPU: tiny, GPU: 1b)")
+    parser.add_argument("--adapters", type=int, default=ADAPTERS, help=f"adapters in the trace (default {ADAPTERS})")
     parser.add_argument("--static-batch", type=int, default=8, help="peft_static's batch size")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {','.join(WAYS)}")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
@@ -372,10 +382,19 @@ def main(argv=None):
     gpu = device == "cuda"
     requests = args.requests or ((96 if gpu else 24) if args.quick else (256 if gpu else 64))
     rate = args.rate or (64.0 if gpu else 16.0)
-    config = transformers.LlamaConfig(**(GPU_MODEL if gpu else MODEL), attn_implementation="sdpa")
+    model = args.model or ("1b" if gpu else "tiny")
+    config = transformers.LlamaConfig(**MODELS[model], attn_implementation="sdpa")
     config.use_cache = True
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16 if gpu else torch.float32).eval()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    # Built on the device in its dtype: an 8B model in float32 on the host takes minutes and 32 GB.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            base = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     if args.batch1:
         rows = run_batch1(base, device, args.batch1_tokens, args.batch1_repeats)
         os.makedirs(args.out, exist_ok=True)
@@ -408,11 +427,11 @@ def main(argv=None):
         _bars(bars, stem + ".png", f"{args.workload}, {report['device']} (ms, lower is better)")
         print(f"wrote {stem}.json and {stem}.png")
         return
-    trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size)
+    trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size, args.adapters)
     rows = {}
     process = psutil.Process()
     with tempfile.TemporaryDirectory() as folder:
-        paths = make_adapters(base, folder)
+        paths = make_adapters(base, folder, args.adapters)
         for way in args.ways.split(","):
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
@@ -432,10 +451,11 @@ def main(argv=None):
             if baseline in rows:
                 row[f"speedup_over_{baseline}"] = row["output_tokens_per_s"] / rows[baseline]["output_tokens_per_s"]
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"serving_engine_{device}{'_quick' if args.quick else ''}")
+    named = f"_{model}" if args.model else ""
+    stem = os.path.join(args.out, f"serving_engine_{device}{named}{'_quick' if args.quick else ''}")
     report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
                   threads=torch.get_num_threads(), model=config.to_diff_dict(), requests=requests, rate=rate,
-                  adapters=ADAPTERS, static_batch=args.static_batch, ways=rows)  # fmt: skip
+                  adapters=args.adapters, static_batch=args.static_batch, ways=rows)  # fmt: skip
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1, default=str)
     _chart(rows, stem + ".png", report["device"])

@@ -6,7 +6,9 @@ head_dim]` (page_size a power of two >= 8), either int8 with `k_scales`/`v_scale
 or in q's float dtype without scales. Token `j` of sequence `b` lives in page
 `page_table[b, j // page_size]` at offset `j % page_size`; `page_table` is int32 `[batch,
 max_pages_per_seq]` and its entries past a sequence's last page are never read. `kv_lens` int32
-`[batch]` counts each sequence's tokens in its pages, this step's own tokens included.
+`[batch]` counts each sequence's tokens in its pages, this step's own tokens included; 0 marks an
+empty sequence (a padded batch slot, as CUDA-graph padding makes), whose queries see no key and
+get zeros, as flash-attn gives rows without keys.
 
 `q` is `[total_q, num_heads, head_dim]`, token-major; `cu_seqlens_q` int32 `[batch + 1]` says that
 sequence `b`'s queries are `q[cu[b]:cu[b+1]]` (`n_b` of them, 0 allowed), its last `n_b` tokens,
@@ -127,8 +129,9 @@ def paged_decode_attention_ref(
         key_index = torch.arange(num_keys, device=q.device)
         visible = visible & (key_index[None, None, :] >= plan.positions[:, :, None] - window_left)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    # Padding rows see no key: softmax gives NaN there, and they are dropped.
-    probs = torch.softmax(scores, dim=-1)
+    # Rows that see no key (padding rows, dropped below, and the queries of empty sequences) get NaN
+    # from softmax; their probabilities are 0, so that they attend to nothing and give zeros.
+    probs = torch.softmax(scores, dim=-1).masked_fill_(~visible[:, None, None], 0)
     if v_scales is not None:
         probs *= gather_scales(v_scales)[:, :, None, None]
     attended = torch.einsum("bkgtj,bkjd->btkgd", probs, values).reshape(batch, max_queries, num_heads, head_dim)
@@ -212,10 +215,10 @@ def _check_values(total_q, page_table, kv_lens, cu_seqlens_q, num_pages, page_si
         num_queries = torch.ones(batch, dtype=torch.long)
     lens = kv_lens.long()
     capacity = max_pages_per_seq * page_size
-    if (lens < num_queries).any() or (lens > capacity).any():
-        raise ValueError(f"kv_lens must be between each sequence's number of queries (its last tokens) and the "
-                         f"page table's capacity ({max_pages_per_seq} pages of {page_size} = {capacity}), got "
-                         f"kv_lens {kv_lens.tolist()} for {num_queries.tolist()} queries")
+    if ((lens < num_queries) & (lens != 0)).any() or (lens > capacity).any():
+        raise ValueError(f"kv_lens must be 0 (an empty sequence) or between each sequence's number of queries (its "
+                         f"last tokens) and the page table's capacity ({max_pages_per_seq} pages of {page_size} = "
+                         f"{capacity}), got kv_lens {kv_lens.tolist()} for {num_queries.tolist()} queries")
     used = torch.arange(max_pages_per_seq)[None, :] < (lens[:, None] + page_size - 1) // page_size
     used_pages = page_table[used]
     if used_pages.numel() and (used_pages.min() < 0 or used_pages.max() >= num_pages):

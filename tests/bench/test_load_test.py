@@ -4,17 +4,23 @@ URLs. bench/naive_engine.py, the baseline it can start, gives our Engine's greed
 
 import json
 
-import httpx
-import numpy as np
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench import load_test
-from bench.naive_engine import NaiveEngine
-from bench.tiny_serving import make_adapters, make_model_dir
-from fused_train.serving import Engine, QueueFull, SamplingParams
-from fused_train.serving.loading import open_engine
-from fused_train.serving.server import build_app, start_server
+from tests.serving.conftest import SERVER_PACKAGES
+
+for package in SERVER_PACKAGES:  # skipped where the serve extra or openai is not installed
+    pytest.importorskip(package)
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from bench import load_test  # noqa: E402
+from bench.naive_engine import NaiveEngine  # noqa: E402
+from bench.tiny_serving import make_adapters, make_model_dir  # noqa: E402
+from fused_train.serving import Engine, QueueFull, SamplingParams  # noqa: E402
+from fused_train.serving.loading import open_engine  # noqa: E402
+from fused_train.serving.server import build_app, start_server  # noqa: E402
 
 MODEL_NAME = "tiny"
 

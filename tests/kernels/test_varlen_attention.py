@@ -15,7 +15,7 @@ from fused_train.kernels.varlen_attention import (
     BWD_DQ_CONFIGS_FP32,
     FWD_CONFIGS,
     FWD_CONFIGS_FP32,
-    block_d_of,
+    block_d_at_least_32,
     varlen_attention_bwd,
     varlen_attention_fwd,
     varlen_attention_ref,
@@ -126,7 +126,7 @@ SHIPPED_CONFIGS = [
 def test_shipped_gpu_configs_match_reference(dtype, head_dim, lengths, poisoned_outputs):
     """The launchers with the GPU block sizes (the interpreter otherwise uses small blocks), incl.
     head_dim 256's dK/dV split over two programs."""
-    block_d = block_d_of(head_dim)
+    block_d = block_d_at_least_32(head_dim)
     fp32 = dtype == torch.float32
     generator = torch.Generator().manual_seed(head_dim)
     q, k, v, cu_seqlens_q, cu_seqlens_k = _inputs(lengths, lengths, 2, 1, head_dim, dtype, generator)
