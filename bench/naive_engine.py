@@ -33,9 +33,9 @@ from fused_train.serving.engine import (  # noqa: E402
     EngineStopped, QueueFull, RequestHandle, SamplingParams, encode_prompt, ended_output, request_generator,
     stop_reason, suppress_stops,
 )
+from fused_train.serving.adapter_files import check_adapter_dir  # noqa: E402
 from fused_train.serving.runner import sample  # noqa: E402
 
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class _Request:
@@ -194,8 +194,7 @@ class NaiveEngine:
     def _check_adapter(self, name, path) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
-        if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-            raise ValueError(f"adapter path {path!r} has no {WEIGHTS_FILE} (pickle weights are never loaded)")
+        check_adapter_dir(path)  # the pool's rule for files: safetensors, never pickles
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self._lock:
