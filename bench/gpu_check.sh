@@ -53,8 +53,8 @@ step bench_serving_engine 90 python3 bench/bench_serving_engine.py --quick --out
 # Each provider in a fresh Python; Liger's column needs liger-kernel there (the bench says so if absent).
 step bench_linear_cross_entropy 100 python3 bench/bench_linear_cross_entropy.py --quick --timeout 90 \
     --out "$OUT/linear_cross_entropy_quick.json"
-# bench_lora compiles and times every way its two GEMMs can run at their first call
-# (kernels/lora.py, _choose_gemm_way): hence 150 s.
+# bench_lora compiles and times every way its two GEMMs can run, side by side
+# (kernels/lora_gemm.py, gemm_ways): hence 150 s.
 step bench_varlen_attention 110 python3 bench/bench_varlen_attention.py --quick --out "$OUT"
 step bench_kv_cache 70 python3 bench/bench_kv_cache.py --quick --out "$OUT"
 step bench_lora 150 python3 bench/bench_lora.py --quick --out "$OUT"
