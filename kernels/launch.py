@@ -1,5 +1,6 @@
 """What the launchers and their input checks share: the device guard, whether Triton runs in its
-interpreter, output buffers, and how a bad argument is described in an error.
+interpreter, output buffers, how a bad argument is described in an error, and where a check may read
+values back.
 
 The device guard: Triton launches on the current CUDA device and its current stream, which need
 not be the tensors' device (a model on cuda:1, or spread over GPUs by `device_map="auto"`), so
@@ -50,3 +51,16 @@ def describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
     return type(value).__name__
+
+
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values on the host: on a CPU that is free; on a GPU it waits
+    for the device (a sync in every call, and no CUDA-graph capture), so there `assert_on_device` checks."""
+    return tensor.device.type == "cpu"
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Fail unless the one-element bool tensor `condition` is True, without waiting for the device: a
+    device-side assert on a GPU (it fails a later call and ends the process's CUDA context, as an
+    out-of-range index would), RuntimeError(`message`) on a CPU, nothing on the meta device."""
+    torch._assert_async(condition, message)

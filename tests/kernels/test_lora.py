@@ -160,8 +160,9 @@ def test_lora_linear_rejects_trainable_weight():
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_custom_ops_pass_opcheck(bits):
-    """Both ops, as `lora_linear`'s autograd.Function calls them: on tensors that need no grad."""
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_custom_ops_pass_opcheck(bits, requires_grad):
+    """Both ops; with inputs that require grad, opcheck also checks the forward op's registered autograd."""
     torch.manual_seed(0)
     x = torch.randn(9, 40, device=DEVICE)
     weight = torch.randn(24, 40, device=DEVICE)
@@ -171,7 +172,11 @@ def test_custom_ops_pass_opcheck(bits):
     bias = torch.randn(24, device=DEVICE)
     keep_mask = dropout_keep_mask(x, 0.25)
     args = (x, weight, weight_scale, weight_offset, lora_a, lora_b, 0.5, bias, keep_mask, 0.25)
+    for t in (x, lora_a, lora_b, bias):
+        t.requires_grad_(requires_grad)
     torch.library.opcheck(torch.ops.fused_train.lora_linear_fwd.default, args)
+    x, lora_a, lora_b = (t.detach() for t in (x, lora_a, lora_b))
+    args = (x, weight, weight_scale, weight_offset, lora_a, lora_b, 0.5, bias.detach(), keep_mask, 0.25)
     _, lora_s = torch.ops.fused_train.lora_linear_fwd(*args)
     grad_y = torch.randn(9, 24, device=DEVICE)
     args = (grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, 0.5, keep_mask, 0.25, True)

@@ -8,6 +8,7 @@ from fused_train.kernels import multi_lora as multi_lora_kernels
 from fused_train.kernels import multi_lora_ref
 from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
 from fused_train.kernels.multi_lora_ref import base_linear_ref, multi_lora_linear_ref
+from fused_train.ops import multi_lora as multi_lora_ops
 from tests.conftest import DEVICE
 from tests.kernels.conftest import make_base_weight
 
@@ -197,11 +198,17 @@ BAD_INPUTS = {
 }
 
 
+# The slots' and ranks' values: read back (ValueError) on CPU tensors only. On a GPU they are asserted
+# on the device, whose failure would end the test session's CUDA context, so these cases run on a CPU.
+VALUE_CASES = ("slot below -1", "slot past S", "rank past r_max", "negative rank")
+
+
 @pytest.mark.parametrize("what", BAD_INPUTS)
 def test_bad_inputs_raise_naming_the_argument(what):
     name, changes = BAD_INPUTS[what]
-    inputs = _valid_inputs() | {k: v.to(DEVICE) if v is not None and v.device.type != "meta" else v
-                                for k, v in changes.items()}  # fmt: skip
+    device = "cpu" if what in VALUE_CASES else DEVICE
+    inputs = {k: v.to(device) for k, v in _valid_inputs().items()}
+    inputs |= {k: v.to(device) if v is not None and v.device.type != "meta" else v for k, v in changes.items()}
     with pytest.raises(ValueError, match=name):
         fused_train.multi_lora_linear(**inputs)
 
@@ -213,6 +220,22 @@ def test_value_checks_can_be_skipped():
     with pytest.raises(ValueError, match="ranks"):
         fused_train.multi_lora_linear(**inputs | dict(ranks=torch.zeros(2, dtype=torch.int32)), check_values=False)
 
+
+def test_value_checks_read_nothing_back_off_the_cpu():
+    """Off a CPU the ranges are asserted on the device, no read back (which would sync a GPU at every
+    call): meta tensors, whose values cannot be read, go through to the op's fake."""
+    inputs = {name: t.to("meta") for name, t in _valid_inputs().items()}
+    y = fused_train.multi_lora_linear(**inputs)
+    assert y.device.type == "meta" and y.shape == (5, 12)
+
+
+@pytest.mark.parametrize("what", VALUE_CASES)
+def test_device_value_checks_name_the_argument(monkeypatch, what):
+    """The device path's asserts, on CPU tensors, where `torch._assert_async` raises at once."""
+    monkeypatch.setattr(multi_lora_ops, "values_readable", lambda tensor: False)
+    name, changes = BAD_INPUTS[what]
+    with pytest.raises(RuntimeError, match=name):
+        fused_train.multi_lora_linear(**{k: v.cpu() for k, v in (_valid_inputs() | changes).items()})
 
 def test_leading_dimensions_and_default_ranks():
     inputs = _valid_inputs()
