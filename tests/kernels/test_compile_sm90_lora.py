@@ -11,9 +11,9 @@ import json
 import pytest
 
 from tests.kernels.sm90 import (
-    SHARED_LIMIT,
-    compile_for_sm90,
+    assert_lora_variant_fits,
     compile_in_subprocess,
+    compile_lora_variant,
     triton_site_id,
     triton_sites,
 )
@@ -24,16 +24,8 @@ def _compile_all():
 
     results = []
 
-    def compile_one(name, fn, signature, constexprs, config, aligned, needs_wgmma, wide_args):
-        constexprs = constexprs | {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-        unaligned = {"rank", "M", "T", "lora_scale", "keep_scale", "scale"}
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, (arg, kind) in enumerate(signature.items())
-            if aligned and kind != "constexpr" and not kind.startswith("tensordesc") and arg not in unaligned
-        }
-        usage = compile_for_sm90(fn, signature, constexprs, attrs, config["num_warps"], config["num_stages"], wide_args)
-        results.append(dict(name=name, aligned=aligned, needs_wgmma=needs_wgmma, **usage))
+    def compile_one(*variant):
+        results.append(compile_lora_variant(*variant))
 
     shrink_args = "a_ptr m_ptr keep_ptr out_ptr M K rank stride_am stride_ak stride_mr stride_mk stride_keep_m stride_om scale".split()
     reduce_args = (
@@ -67,14 +59,7 @@ def compiled(request):
 def test_every_lora_config_compiles_for_sm90(compiled):
     assert len(compiled) == 32
     for kernel in compiled:
-        assert kernel["shared"] <= SHARED_LIMIT, kernel
-        if kernel["needs_wgmma"]:
-            assert kernel["wgmma"], kernel
-        assert kernel["tma_loads"] == kernel["name"].startswith("tma "), kernel
-        assert kernel["narrow"] == [], kernel
-        # Tails are rare in real layers; there only correctness (and the limits above) is required.
-        if kernel["aligned"]:
-            assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel
+        assert_lora_variant_fits(kernel)
 
 
 if __name__ == "__main__":
