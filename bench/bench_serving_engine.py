@@ -24,6 +24,14 @@ dtype) and peak memory; JSON and PNG under bench/results/.
     python bench/bench_serving_engine.py --quick    # fewer requests (the GPU check)
     python bench/bench_serving_engine.py --batch1   # batch 1 on the base model: the engine vs HF generate
 
+`--workload shared-prefix`: a few system prompts (`--systems`, `--system-tokens` each, a tenant's
+adapter each) x many user turns (corpus sentences), Poisson arrivals; the int8 engine with and
+without its prefix cache, side by side in one run, TTFT p50 with over without, into
+serving_shared_prefix_<device>.json. `--workload long-prompt`: `--decoders` requests decode while
+one `--long-prompt-tokens` prompt arrives; the decodes' inter-token times (a step's time) before and
+while it prefills, chunked (`--max-batch-tokens`, default 256) against in one step (a budget that
+holds the whole prompt), into serving_long_prompt_<device>.json.
+
 `--batch1` times one request at a time, no adapter, greedy and sampled (temperature 0.8, top_p 0.9,
 top_k 50), `--batch1-tokens` output tokens each: the engine (model-dtype and int8 pages) against
 the base model's own `generate`; time per output token = (last token - first token) / (tokens - 1),
@@ -116,9 +124,30 @@ class _Times:
         self.count += 1
 
 
-def run_engine(base, paths, trace, kv_dtype, device):
-    engine = Engine(copy.deepcopy(base), adapters=paths, kv_dtype=kv_dtype, max_loras=ADAPTERS,
-                    kv_cache_tokens=65536 if device == "cuda" else 16384, max_batch_tokens=4096)  # fmt: skip
+def make_shared_prefix_trace(requests, rate, seed, systems, system_tokens, outputs, vocab_size):
+    """The trace of `make_trace`, every prompt one of `systems` system prompts of `system_tokens`
+    tokens (the tenant's, with its adapter) followed by a user turn (a corpus sentence)."""
+    rng = np.random.default_rng(seed)
+    documents, _ = load_documents(64, "sentences")
+    tenants = []
+    for k in range(systems):
+        system = []
+        while len(system) < system_tokens:
+            system += documents[int(rng.integers(len(documents)))]
+        tenants.append(([t % vocab_size for t in system[:system_tokens]], f"adapter{k}"))
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, requests))
+    arrivals -= arrivals[0]
+    trace = []
+    for i in range(requests):
+        system, adapter = tenants[int(rng.integers(systems))]
+        user = [t % vocab_size for t in documents[int(rng.integers(len(documents)))]]
+        trace.append((float(arrivals[i]), system + user, outputs, adapter))
+    return trace
+
+
+def run_engine(base, paths, trace, kv_dtype, device, **options):
+    options = dict(kv_cache_tokens=65536 if device == "cuda" else 16384, max_batch_tokens=4096, **options)
+    engine = Engine(copy.deepcopy(base), adapters=paths, kv_dtype=kv_dtype, max_loras=ADAPTERS, **options)
     times = [_Times() for _ in trace]
     start = time.perf_counter()
     threads = []
@@ -137,7 +166,56 @@ def run_engine(base, paths, trace, kv_dtype, device):
     metrics = engine.metrics()
     engine.shutdown()
     return start, times, dict(kv_bytes_per_token=metrics["kv_bytes_per_token"], preemptions=metrics["preemptions"],
-                              steps=metrics["steps"], adapter_loads=metrics["adapters"]["loads"])  # fmt: skip
+                              steps=metrics["steps"], adapter_loads=metrics["adapters"]["loads"],
+                              prefix_cache_queries=metrics["prefix_cache_queries"],
+                              prefix_cache_hits=metrics["prefix_cache_hits"])  # fmt: skip
+
+
+def run_long_prompt(base, device, max_batch_tokens, prompt_tokens, decoders, decode_tokens=48, warm_tokens=16):
+    """`decoders` requests decode; once each has `warm_tokens` tokens, one `prompt_tokens` prompt
+    arrives. The decodes' inter-token times (ms) before it and from its arrival to its first token,
+    and its TTFT (ms)."""
+    engine = Engine(copy.deepcopy(base), kv_dtype="int8", kv_cache_tokens=prompt_tokens + decoders * 128,
+                    max_batch_tokens=max_batch_tokens, enable_prefix_caching=False)  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    vocab = base.config.vocab_size
+    params = SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True)
+    stamps = [[] for _ in range(decoders)]
+    prompts = [torch.randint(3, vocab, (32,), generator=generator).tolist() for _ in range(decoders)]
+    warm = threading.Barrier(decoders + 1)
+
+    def decode(record, prompt):
+        handle = engine.add_request(prompt, params)
+        for count, _ in enumerate(handle, 1):
+            record.append(time.perf_counter())
+            if count == warm_tokens:
+                warm.wait()
+
+    try:
+        threads = [threading.Thread(target=decode, args=pair) for pair in zip(stamps, prompts)]
+        for thread in threads:
+            thread.start()
+        warm.wait()
+        prompt = torch.randint(3, vocab, (prompt_tokens,), generator=generator).tolist()
+        arrival = time.perf_counter()
+        output = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))[0]
+        first_token = arrival + output.time_to_first_token
+        for thread in threads:
+            thread.join()
+    finally:
+        engine.shutdown()
+    before, during = [], []
+    for record in stamps:
+        for previous, now in zip(record, record[1:]):
+            if now <= arrival:
+                before.append(now - previous)
+            elif previous < first_token:
+                during.append(now - previous)
+    if not during:
+        raise AssertionError("no decode step ran while the long prompt prefilled: raise --decoders' tokens")
+    return dict(max_batch_tokens=max_batch_tokens, long_prompt_ttft_ms=output.time_to_first_token * 1e3,
+                itl_before_ms_p50=float(np.median(before)) * 1e3, itl_during_ms_p50=float(np.median(during)) * 1e3,
+                itl_during_ms_max=float(np.max(during)) * 1e3)  # fmt: skip
 
 
 class _Streamer(transformers.generation.streamers.BaseStreamer):
@@ -279,6 +357,14 @@ def main(argv=None):
     parser.add_argument("--batch1-tokens", type=int, default=64, help="--batch1: output tokens per request")
     parser.add_argument("--batch1-repeats", type=int, default=5, help="--batch1: timed runs per way (the median)")
     parser.add_argument("--threads", type=int, help="torch's intra-op threads (torch.set_num_threads)")
+    parser.add_argument("--workload", choices=("trace", "shared-prefix", "long-prompt"), default="trace",
+                        help="the 32-adapter trace over the ways; a few system prompts x many user turns, with and "
+                             "without the prefix cache; decodes while a long prompt arrives, chunked or not")
+    parser.add_argument("--systems", type=int, default=4, help="shared-prefix: system prompts (one adapter each)")
+    parser.add_argument("--system-tokens", type=int, help="shared-prefix: tokens per system prompt (CPU 512, GPU 2048)")
+    parser.add_argument("--long-prompt-tokens", type=int, help="long-prompt: its tokens (CPU 1536, GPU 4000)")
+    parser.add_argument("--decoders", type=int, default=8, help="long-prompt: requests decoding meanwhile")
+    parser.add_argument("--max-batch-tokens", type=int, default=256, help="long-prompt: the chunked run's budget")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -302,6 +388,25 @@ def main(argv=None):
         for name, value in rows.items():
             print(f"{name:>28} {value:8.3f}{'x' if name.endswith('_over_hf') else ' ms'}")
         print(f"wrote {path}")
+        return
+    if args.workload != "trace":
+        os.makedirs(args.out, exist_ok=True)
+        report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
+                      threads=torch.get_num_threads(), model=config.to_diff_dict())  # fmt: skip
+        load_before = os.getloadavg()[0]
+        if args.workload == "shared-prefix":
+            report.update(_shared_prefix(base, device, requests, rate, args))
+            bars = {way: {f"TTFT p{p}": row[f"ttft_ms_p{p}"] for p in (50, 95, 99)} for way, row in report["ways"].items()}
+        else:
+            report.update(_long_prompt(base, device, args))
+            bars = {way: {"decode step before": r["itl_before_ms_p50"], "while prefilling p50": r["itl_during_ms_p50"],
+                          "while prefilling max": r["itl_during_ms_max"]} for way, r in report["runs"].items()}
+        report["load_average_1min"] = dict(before=load_before, after=os.getloadavg()[0])
+        stem = os.path.join(args.out, f"serving_{args.workload.replace('-', '_')}_{device}")
+        with open(stem + ".json", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        _bars(bars, stem + ".png", f"{args.workload}, {report['device']} (ms, lower is better)")
+        print(f"wrote {stem}.json and {stem}.png")
         return
     trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size)
     rows = {}
@@ -342,6 +447,61 @@ def main(argv=None):
               f"{r['ttft_ms_p50']:>8.0f}/{r['ttft_ms_p95']:.0f}/{r['ttft_ms_p99']:.0f} "
               f"{r['tpot_ms_p50']:>8.1f}/{r['tpot_ms_p95']:.1f}/{r['tpot_ms_p99']:.1f} {r['kv_bytes_per_token']:>10.0f}")
     print(f"wrote {stem}.json and {stem}.png")
+
+
+def _shared_prefix(base, device, requests, rate, args):
+    """The shared-prefix trace through the int8 engine with and without its prefix cache."""
+    system_tokens = args.system_tokens or (2048 if device == "cuda" else 512)
+    trace = make_shared_prefix_trace(requests, rate, 0, args.systems, system_tokens, 8, base.config.vocab_size)
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_adapters(base, folder)
+        for way, caching in (("prefix_cache", True), ("no_prefix_cache", False)):
+            result = run_engine(base, paths, trace, "int8", device, enable_prefix_caching=caching)
+            rows[way] = summarize(*result[:2], trace, result[2])
+    ratio = rows["prefix_cache"]["ttft_ms_p50"] / rows["no_prefix_cache"]["ttft_ms_p50"]
+    print(f"{'way':>16} {'tok/s':>8} {'TTFT p50/p95/p99 ms':>24} {'hits/queries':>14}")
+    for way, r in rows.items():
+        print(f"{way:>16} {r['output_tokens_per_s']:>8.1f} {r['ttft_ms_p50']:>8.0f}/{r['ttft_ms_p95']:.0f}/"
+              f"{r['ttft_ms_p99']:.0f} {r['prefix_cache_hits']:>7}/{r['prefix_cache_queries']}")
+    print(f"TTFT p50 with the prefix cache / without: {ratio:.2f}x")
+    return dict(workload="shared-prefix", requests=requests, rate=rate, systems=args.systems,
+                system_tokens=system_tokens, ways=rows, ttft_p50_cache_over_no_cache=ratio)  # fmt: skip
+
+
+def _long_prompt(base, device, args):
+    """Decode step times while a long prompt arrives: chunked under `--max-batch-tokens` and in one step."""
+    prompt_tokens = args.long_prompt_tokens or (4000 if device == "cuda" else 1536)
+    runs = {}
+    for way, budget in (("chunked", args.max_batch_tokens), ("one_step", prompt_tokens + args.decoders)):
+        run_long_prompt(base, device, budget, min(prompt_tokens, 256), args.decoders)  # warm-up
+        runs[way] = run_long_prompt(base, device, budget, prompt_tokens, args.decoders)
+    print(f"{'way':>9} {'budget':>7} {'ITL before p50':>15} {'while prefilling p50/max':>25} {'long TTFT':>10} (ms)")
+    for way, r in runs.items():
+        print(f"{way:>9} {r['max_batch_tokens']:>7} {r['itl_before_ms_p50']:>15.1f} "
+              f"{r['itl_during_ms_p50']:>12.1f}/{r['itl_during_ms_max']:<12.1f} {r['long_prompt_ttft_ms']:>10.0f}")
+    ratio = runs["chunked"]["itl_during_ms_max"] / runs["one_step"]["itl_during_ms_max"]
+    print(f"longest decode step while the prompt prefills, chunked / one step: {ratio:.2f}x")
+    return dict(workload="long-prompt", long_prompt_tokens=prompt_tokens, decoders=args.decoders, runs=runs,
+                itl_during_max_chunked_over_one_step=ratio)
+
+
+def _bars(groups, path, title):
+    """One group of bars per way: {way: {label: ms}}."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = list(next(iter(groups.values())))
+    width = 0.8 / len(labels)
+    for offset, label in enumerate(labels):
+        ax.bar(np.arange(len(groups)) + (offset - (len(labels) - 1) / 2) * width,
+               [values[label] for values in groups.values()], width, label=label)  # fmt: skip
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _chart(rows, path, device_name):

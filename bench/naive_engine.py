@@ -15,7 +15,6 @@ tokens for the same greedy request.
 import argparse
 import contextlib
 import inspect
-import itertools
 import os
 import sys
 import threading
@@ -29,11 +28,11 @@ if not __package__:  # run as a script: its siblings as `bench.*`, the way tests
     sys.path.insert(0, REPO)
 
 from fused_train.ops.checks import check_int  # noqa: E402
-from fused_train.serving.engine import (  # noqa: E402
-    EngineStopped, QueueFull, RequestHandle, SamplingParams, encode_prompt, ended_output, request_generator,
-    stop_reason, suppress_stops,
+from fused_train.serving.requests import (  # noqa: E402
+    RequestHandle, RequestLoop, SamplingParams, encode_prompt, request_generator, suppress_stops,
 )
 from fused_train.serving.adapter_files import check_adapter_dir  # noqa: E402
+from fused_train.serving.scheduler import QueueFull  # noqa: E402
 from fused_train.serving.runner import sample  # noqa: E402
 
 
@@ -47,9 +46,10 @@ class _Request:
         self.text: str | None = None
         self.first_scheduled = self.first_token = None
         self.cancelled = False
+        self.preemptions = 0  # one request at a time: none is ever preempted
 
 
-class NaiveEngine:
+class NaiveEngine(RequestLoop):
     """One request at a time over a peft model (see the module docstring).
 
     Args:
@@ -87,17 +87,11 @@ class NaiveEngine:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         itemsize = next(model.parameters()).dtype.itemsize
         self._kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
-        self._lock = threading.Condition()
+        super().__init__("naive-engine")
         self._model_lock = threading.Lock()  # adapters are added or removed between requests, never during one
         self._waiting: deque[_Request] = deque()
-        self._requests: dict[str, _Request] = {}
         self._running: _Request | None = None
-        self._ids = itertools.count()
-        self._stopping, self._drain = False, True
-        self._counters = dict(requests_finished=0, requests_cancelled=0, requests_failed=0, prompt_tokens=0,
-                              generation_tokens=0, steps=0, step_tokens=0, step_seconds=0.0)  # fmt: skip
-        self._thread = threading.Thread(target=self._loop, name="naive-engine", daemon=True)
-        self._thread.start()
+        self._start()
 
     # ---------------------------------------------------------------- the engine interface
 
@@ -116,11 +110,7 @@ class NaiveEngine:
         with self._lock:
             if adapter is not None and adapter not in self._names:
                 raise ValueError(f"unknown adapter {adapter!r}; loaded: {self._names}")
-            if self._stopping:
-                raise EngineStopped("the engine is shutting down")
-            request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
-            if request_id in self._requests:
-                raise ValueError(f"request_id {request_id!r} is already running")
+            request_id = self._new_request_id(request_id)
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests); retry later")
             handle = RequestHandle(self, request_id)
@@ -175,20 +165,6 @@ class NaiveEngine:
                               load_ms=0.0, resident=list(self._names), host=[], pinned=[], leased_slots=[]),  # fmt: skip
             )
 
-    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        with self._lock:
-            self._stopping, self._drain = True, drain
-            self._lock.notify_all()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"the naive engine's worker did not end within {timeout} s")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown(drain=exc[0] is None)
-
     # ---------------------------------------------------------------- the worker
 
     def _check_adapter(self, name, path) -> None:
@@ -196,15 +172,8 @@ class NaiveEngine:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
         check_adapter_dir(path)  # the pool's rule for files: safetensors, never pickles
 
-    def _cancel(self, handle: RequestHandle) -> None:
-        with self._lock:
-            request = self._requests.get(handle.request_id)
-            if request is None or request.handle is not handle:
-                return
-            request.cancelled = True
-            if request is not self._running:  # the worker ends a running one between two tokens
-                self._waiting.remove(request)
-                self._end(request, "cancelled")
+    def _is_running(self, request: _Request) -> bool:
+        return request is self._running  # the worker ends a running one between two tokens
 
     def _loop(self) -> None:
         while True:
@@ -213,7 +182,6 @@ class NaiveEngine:
                 if self._stopping and not self._drain:
                     for request in list(self._waiting):
                         self._end(request, "cancelled")
-                    self._waiting.clear()
                 if not self._waiting:
                     return
                 request = self._running = self._waiting.popleft()
@@ -252,34 +220,16 @@ class NaiveEngine:
                     if request.cancelled:
                         self._end(request, "cancelled")
                         return
-                    if self._append(request, token):
+                    if self._append(request, token, self.clock()):
                         return
                 input_ids = torch.tensor([[token]], device=device)
 
-    def _append(self, request: _Request, token: int) -> bool:
-        """Records `token` and publishes it; True when it ended the request (the engine's stop rules)."""
-        request.generated.append(token)
-        if request.first_token is None:
-            request.first_token = self.clock()
-        self._counters["generation_tokens"] += 1
-        reason, text = stop_reason(request.params, request.generated, self._eos, self.tokenizer)
-        if text is not None:
-            request.text = text
-        if reason is None:
-            request.handle._publish([token], None)
-            return False
-        self._end(request, reason, new_tokens=[token])
-        return True
-
-    def _end(self, request: _Request, reason: str, error: str | None = None, new_tokens=()) -> None:
-        """The one place a request ends (called under the lock): its output published."""
+    def _release(self, request: _Request) -> None:
         self._requests.pop(request.request_id, None)
         if self._running is request:
             self._running = None
-        key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
-        self._counters[key] += 1
-        output = ended_output(request, request.request_id, request.adapter, reason, error, self.clock(), self.tokenizer)
-        request.handle._publish(list(new_tokens), output)
+        elif request in self._waiting:
+            self._waiting.remove(request)
 
 
 def _named_path(text: str) -> tuple[str, str]:

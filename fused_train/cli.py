@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     serve.add_argument("--kv-dtype", choices=["int8", "model"], default="int8")
     serve.add_argument("--kv-cache-tokens", type=int, help="tokens the paged KV cache holds (default 65536)")
-    serve.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens one step runs; longer prompts: 400")
+    serve.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens one step runs; longer prompts are prefilled in chunks")
+    serve.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                       help="compute every prompt in full, not reusing the cached pages of a shared prefix")
     serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests at most; beyond: 429")
     serve.add_argument("--max-model-len", type=int,
                        help="prompt + max_tokens at most (default and most: the model's max_position_embeddings)")
@@ -66,7 +68,8 @@ def serve(args) -> None:
     engine = open_engine(args.model, adapters, device=args.device, dtype=args.dtype, max_loras=args.max_loras,
                          kv_dtype=args.kv_dtype, kv_cache_tokens=args.kv_cache_tokens,
                          max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
-                         max_model_len=args.max_model_len)  # fmt: skip
+                         max_model_len=args.max_model_len,
+                         enable_prefix_caching=args.enable_prefix_caching)  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -20,6 +20,8 @@ This module holds the reference and the input checks, without Triton; the kernel
 `paged_decode_attention.py`.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from .launch import describe
@@ -27,71 +29,103 @@ from .launch import describe
 MIN_PAGE_SIZE = 8
 
 
+class PagedAttentionPlan(NamedTuple):
+    """What `paged_decode_attention_ref` derives from the page table and lengths alone, the same for
+    every layer of a step: built once per step (`paged_attention_plan`), read by each layer."""
+
+    pages: torch.Tensor  # int64 [batch * num_pages]: the pages gathered, page 0 past a sequence's own
+    num_pages: int  # pages per sequence in the gathered batch: those of the longest
+    key_ok: torch.Tensor  # bool [batch, keys]: keys that are the sequence's tokens
+    visible: torch.Tensor  # bool [batch, max_queries, keys]: causal and a token of the sequence
+    positions: torch.Tensor  # int64 [batch, max_queries]: each query's position
+    rows: torch.Tensor | None  # int64 [batch, max_queries]: q's row of each padded query; None: q as it is
+    query_ok: torch.Tensor | None  # bool [batch, max_queries]: padded queries that are real; None: all
+
+
+def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedAttentionPlan:
+    """The layer-independent part of `paged_decode_attention_ref` (see `PagedAttentionPlan`)."""
+    batch = page_table.shape[0]
+    device = page_table.device
+    kv_lens = kv_lens.long()
+    if cu_seqlens_q is None:
+        num_queries = torch.ones(batch, dtype=torch.long, device=device)
+        max_len, max_queries = int(kv_lens.max()) if batch else 0, 1
+    else:
+        cu = cu_seqlens_q.long()
+        num_queries = cu[1:] - cu[:-1]
+        # One read back: the reference runs on CPU tensors, where it costs nothing.
+        max_len, max_queries = torch.stack([kv_lens.max(), num_queries.max()]).tolist()
+    # Keys: page i of sequence b for i < pages needed by the longest; pages past a sequence's own last
+    # one are junk entries, replaced by page 0 and masked out.
+    num_pages = -(-max_len // page_size)
+    page_index = torch.arange(num_pages, device=device)
+    own_pages = page_index[None, :] < (kv_lens[:, None] + page_size - 1) // page_size
+    pages = torch.where(own_pages, page_table[:, :num_pages].long(), 0).view(-1)
+    key_index = torch.arange(num_pages * page_size, device=device)
+    key_ok = key_index[None, :] < kv_lens[:, None]  # [batch, keys]
+    query_index = torch.arange(max_queries, device=device)
+    positions = (kv_lens - num_queries)[:, None] + query_index[None, :]  # [batch, max_queries]
+    visible = (key_index[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]
+    rows = query_ok = None
+    if cu_seqlens_q is not None:
+        # Queries padded to [batch, max_queries]; row t of sequence b is q[cu[b] + t] while t < n_b.
+        query_ok = query_index[None, :] < num_queries[:, None]
+        rows = torch.where(query_ok, cu[:-1, None] + query_index[None, :], 0)
+    return PagedAttentionPlan(pages, num_pages, key_ok, visible, positions, rows, query_ok)
+
+
 def paged_decode_attention_ref(
     q, k_pages, v_pages, page_table, kv_lens, k_scales=None, v_scales=None, cu_seqlens_q=None, softmax_scale=None,
-    window_left=-1, softcap=0.0,
+    window_left=-1, softcap=0.0, plan=None,
 ):  # fmt: skip
-    """Plain PyTorch, in float32 (float64 for float64 `q`): each sequence's pages gathered once into
-    a batch padded to the longest sequence and its queries to the most per sequence, then one
-    masked attention for the whole batch (int8 values are exact in float32, their scales applied to
-    the scores and probabilities)."""
-    batch = page_table.shape[0]
+    """Plain PyTorch, in float32 (float64 for float64 `q`): the pages each sequence uses gathered
+    once into a batch padded to the longest sequence and its queries to the most per sequence, then
+    one masked attention for the whole batch (int8 values are exact in float32, their scales applied
+    to the scores and probabilities). `plan`: `paged_attention_plan` of these page table, lengths and
+    queries (built here when None), for a caller that runs many layers over one step."""
     total_q, num_heads, head_dim = q.shape
+    batch = page_table.shape[0]
     num_kv_heads, page_size = k_pages.shape[1], k_pages.shape[2]
     group = num_heads // num_kv_heads
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    device = q.device
-    kv_lens = kv_lens.long()
-    cu = torch.arange(batch + 1, device=device) if cu_seqlens_q is None else cu_seqlens_q.long()
     if total_q == 0:
         return torch.zeros_like(q)
-    num_queries = cu[1:] - cu[:-1]
-    # One read back: the reference runs on CPU tensors, where it costs nothing.
-    max_len, max_queries = torch.stack([kv_lens.max(), num_queries.max()]).tolist()
-
-    # Keys: page i of sequence b for i < pages needed by the longest; pages past a sequence's own last
-    # one are junk entries, replaced by page 0 and masked out below.
-    num_pages = -(-max_len // page_size)
-    page_index = torch.arange(num_pages, device=device)
-    own_pages = page_index[None, :] < (kv_lens[:, None] + page_size - 1) // page_size
-    pages = torch.where(own_pages, page_table[:, :num_pages].long(), 0)
-    key_index = torch.arange(num_pages * page_size, device=device)
-    key_ok = key_index[None, :] < kv_lens[:, None]  # [batch, keys]
+    if plan is None:
+        plan = paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size)
+    num_keys = plan.num_pages * page_size
+    max_queries = plan.positions.shape[1]
 
     def gather(pool):
         """[batch, num_kv_heads, keys, head_dim] in compute_dtype: one copy converts and lays out."""
-        keys = torch.empty(batch, num_kv_heads, num_pages * page_size, head_dim, dtype=compute_dtype, device=device)
-        gathered = pool.index_select(0, pages.view(-1)).view(batch, num_pages, num_kv_heads, page_size, head_dim)
-        keys.view(batch, num_kv_heads, num_pages, page_size, head_dim).copy_(gathered.transpose(1, 2))
+        keys = torch.empty(batch, num_kv_heads, num_keys, head_dim, dtype=compute_dtype, device=q.device)
+        gathered = pool.index_select(0, plan.pages).view(batch, plan.num_pages, num_kv_heads, page_size, head_dim)
+        keys.view(batch, num_kv_heads, plan.num_pages, page_size, head_dim).copy_(gathered.transpose(1, 2))
         return keys
 
     def gather_scales(scales):
         """[batch, num_kv_heads, keys], zero past each sequence's length (unwritten slots may hold NaN)."""
-        scales = scales.index_select(0, pages.view(-1)).view(batch, num_pages, num_kv_heads, page_size)
-        scales = scales.transpose(1, 2).reshape(batch, num_kv_heads, num_pages * page_size)
-        return torch.where(key_ok[:, None], scales.to(compute_dtype), 0)
+        scales = scales.index_select(0, plan.pages).view(batch, plan.num_pages, num_kv_heads, page_size)
+        scales = scales.transpose(1, 2).reshape(batch, num_kv_heads, num_keys)
+        return torch.where(plan.key_ok[:, None], scales.to(compute_dtype), 0)
 
     keys, values = gather(k_pages), gather(v_pages)
     if k_scales is None:
         # Unwritten slots of float pages may hold NaN, which a probability of 0 times NaN would spread.
-        values.masked_fill_(~key_ok[:, None, :, None], 0)
+        values.masked_fill_(~plan.key_ok[:, None, :, None], 0)
 
-    # Queries padded to [batch, max_queries]; row t of sequence b is q[cu[b] + t] while t < n_b.
-    query_index = torch.arange(max_queries, device=device)
-    query_ok = query_index[None, :] < num_queries[:, None]  # [batch, max_queries]
-    rows = torch.where(query_ok, cu[:-1, None] + query_index[None, :], 0)
-    q_padded = q[rows].to(compute_dtype).view(batch, max_queries, num_kv_heads, group, head_dim)
+    q_padded = q if plan.rows is None else q[plan.rows]
+    q_padded = q_padded.to(compute_dtype).view(batch, max_queries, num_kv_heads, group, head_dim)
     scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys)
     # Int8 pages: the per-token scales multiply the scores' and the probabilities' columns, which
     # costs less than dequantizing the keys and values.
     scores *= scale if k_scales is None else gather_scales(k_scales)[:, :, None, None] * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    positions = (kv_lens - num_queries)[:, None] + query_index[None, :]  # [batch, max_queries]
-    visible = (key_index[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]
+    visible = plan.visible
     if window_left >= 0:
-        visible = visible & (key_index[None, None, :] >= positions[:, :, None] - window_left)
+        key_index = torch.arange(num_keys, device=q.device)
+        visible = visible & (key_index[None, None, :] >= plan.positions[:, :, None] - window_left)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     # Padding rows see no key: softmax gives NaN there, and they are dropped.
     probs = torch.softmax(scores, dim=-1)
@@ -99,7 +133,8 @@ def paged_decode_attention_ref(
         probs *= gather_scales(v_scales)[:, :, None, None]
     attended = torch.einsum("bkgtj,bkjd->btkgd", probs, values).reshape(batch, max_queries, num_heads, head_dim)
     # Sequences' queries follow each other in q, as the rows of query_ok do.
-    return attended[query_ok].to(q.dtype)
+    attended = attended.reshape(total_q, num_heads, head_dim) if plan.query_ok is None else attended[plan.query_ok]
+    return attended.to(q.dtype)
 
 
 def check_paged_decode_attention_inputs(

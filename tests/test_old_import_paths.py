@@ -56,3 +56,14 @@ def test_every_public_name_is_there():
     assert sorted(fused_train.__all__) == sorted(set(fused_train.__all__))
     for name in fused_train.__all__:
         assert getattr(fused_train, name) is not None
+
+
+def test_request_side_names_still_import_from_the_engine():
+    from fused_train.serving import engine, paged_cache, requests
+    from fused_train.hf.attention import PagedAttentionMetadata
+
+    for name in ("RequestFailed", "EngineStopped", "SamplingParams", "RequestOutput", "_Request", "RequestHandle",
+                 "encode_prompt", "decode_text", "request_generator", "ended_output", "stop_reason", "held_back_ids",
+                 "suppress_stops"):  # fmt: skip
+        assert getattr(engine, name) is getattr(requests, name), name
+    assert paged_cache.PagedLayout is paged_cache.PagedAttentionMetadata is PagedAttentionMetadata

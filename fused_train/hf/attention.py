@@ -10,8 +10,9 @@ built for one sequence.
 Keys and values may also arrive as `Int8KV` (from `fused_train.Int8KVCache` after the prompt):
 then the new queries attend to the int8 cache directly with the int8 decode kernel. Or as
 `PagedKV` (from the serving engine's `StepCache`): one step of many requests, flattened into one
-row; its prefills attend to their fresh keys with the varlen kernel, its decodes to their pages
-with the paged decode kernel.
+row; its prefills (or chunks of them) attend with the varlen kernel to their fresh keys, after the
+keys of their tokens already in pages (a cached prefix, earlier chunks) gathered from there; its
+decodes attend to their pages with the paged decode kernel.
 
 What the attention cannot honour is refused, never dropped: attention dropout, 4-D masks, masks
 that deviate from causal or sliding-window attention (bidirectional spans), and any kwarg that
@@ -24,6 +25,8 @@ import torch
 
 from fused_train.ops.varlen_attention import varlen_attention
 from fused_train.kernels.int8_decode_attention_ref import dequantize_cache_ref
+from fused_train.kernels.int8_kv_quantize_ref import dequantize_kv_ref
+from fused_train.kernels.paged_decode_attention_ref import PagedAttentionPlan
 from fused_train.ops.int8_kv import int8_decode_attention
 from fused_train.hf.varlen_layout import left_padding, varlen_layout
 from fused_train.ops.paged_kv import paged_decode_attention
@@ -94,12 +97,22 @@ class Int8KV:
 
 
 @dataclass(frozen=True)
-class PagedLayout:
+class PagedAttentionMetadata:
     """Where one serving step's tokens are: the step is one row of `num_prefill_tokens` tokens of
     prefilling sequences (`cu_seqlens_prefill` int32, their longest `max_prefill_len`), then one
     token per decoding sequence. `slots` int64 `[tokens]` is each token's place in the pages
     (`page * page_size + offset`); `page_table` int32 `[decodes, max_pages]` and `kv_lens` int32
-    `[decodes]` (this step's token included) say where each decoding sequence's keys are."""
+    `[decodes]` (this step's token included) say where each decoding sequence's keys are.
+
+    A prefill whose sequence has tokens in pages already (its context: a cached prefix, its earlier
+    chunks) attends to them before its fresh keys: `cu_seqlens_prefill_k` int32 counts each
+    prefill's context + fresh keys (its longest `max_prefill_len_k`), `context_slots` int64 holds
+    the slots of every prefill's context tokens, prefill after prefill, and `prefill_key_order`
+    int64 `[keys]` lays out the prefills' keys from `cat([context keys, fresh keys])`, each
+    prefill's context then its fresh ones. All three None when no prefill has context.
+
+    The runner builds it valid, once per step, and the layers trust it (no input checks per layer);
+    `decode_plan` is the decodes' `paged_attention_plan` for the reference path (None: none built)."""
 
     slots: torch.Tensor
     num_prefill_tokens: int
@@ -107,18 +120,23 @@ class PagedLayout:
     max_prefill_len: int
     page_table: torch.Tensor
     kv_lens: torch.Tensor
+    cu_seqlens_prefill_k: torch.Tensor | None = None
+    max_prefill_len_k: int = 0
+    context_slots: torch.Tensor | None = None
+    prefill_key_order: torch.Tensor | None = None
+    decode_plan: PagedAttentionPlan | None = None
 
 
 @dataclass(frozen=True)
 class PagedKV:
     """Keys or values of one layer in a serving step: this step's own (`fresh`, `[tokens,
     num_kv_heads, head_dim]`, already written into `pages`), and the layer's `pages` (int8 with
-    `scales`, or float with None) that hold every cached token, laid out by `layout`."""
+    `scales`, or float with None) that hold every cached token, placed by `metadata`."""
 
     fresh: torch.Tensor
     pages: torch.Tensor
     scales: torch.Tensor | None
-    layout: PagedLayout
+    metadata: PagedAttentionMetadata
 
 
 def fused_train_attention(
@@ -228,24 +246,43 @@ def _int8_cache_attention(query, key, value, key_start, scaling, sliding_window,
 
 
 def _paged_attention(query, key, value, scaling, sliding_window, softcap):
-    """One serving step (`PagedLayout`): prefills over their fresh keys, then decodes over their pages."""
+    """One serving step (`PagedAttentionMetadata`): prefills over their context and fresh keys, then decodes over their pages."""
     if torch.is_grad_enabled() and query.requires_grad:
         raise ValueError("the paged KV cache is for inference: run the step under torch.no_grad()")
-    layout = key.layout
+    metadata = key.metadata
     q = query[0].transpose(0, 1)  # [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]
-    prefill = layout.num_prefill_tokens
+    prefill = metadata.num_prefill_tokens
     window_left = sliding_window - 1 if sliding_window else -1
     outs = []
     if prefill:
+        k, v = key.fresh[:prefill], value.fresh[:prefill]
+        cu_k, max_k = metadata.cu_seqlens_prefill, metadata.max_prefill_len
+        if metadata.context_slots is not None:
+            k, v = _after_context(key, k, metadata), _after_context(value, v, metadata)
+            cu_k, max_k = metadata.cu_seqlens_prefill_k, metadata.max_prefill_len_k
+        # Causal with more keys than queries aligns bottom-right: query i of a prefill sees its
+        # context and its fresh keys up to i.
         outs.append(varlen_attention(
-            q[:prefill], key.fresh[:prefill], value.fresh[:prefill], layout.cu_seqlens_prefill,
-            layout.cu_seqlens_prefill, layout.max_prefill_len, layout.max_prefill_len, check_cu_seqlens=False,
-            causal=True, softmax_scale=scaling, window_size=(window_left, -1), softcap=softcap or 0.0,
+            q[:prefill], k, v, metadata.cu_seqlens_prefill, cu_k, metadata.max_prefill_len, max_k,
+            check_cu_seqlens=False, causal=True, softmax_scale=scaling, window_size=(window_left, -1),
+            softcap=softcap or 0.0,
         ))  # fmt: skip
     if q.shape[0] > prefill:
         outs.append(paged_decode_attention(
-            q[prefill:], key.pages, value.pages, layout.page_table, layout.kv_lens, k_scales=key.scales,
+            q[prefill:], key.pages, value.pages, metadata.page_table, metadata.kv_lens, k_scales=key.scales,
             v_scales=value.scales, softmax_scale=scaling, window_left=window_left, softcap=softcap or 0.0,
+            check_inputs=False, plan=metadata.decode_plan,
         ))  # fmt: skip
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.unsqueeze(0)
+
+
+def _after_context(kv: PagedKV, fresh: torch.Tensor, metadata: PagedAttentionMetadata) -> torch.Tensor:
+    """The prefills' keys (or values) `[keys, num_kv_heads, head_dim]`: each prefill's context,
+    gathered from the pages (dequantized from int8) for every prefill at once, then its `fresh` ones."""
+    page_size = kv.pages.shape[2]
+    pages, offsets = metadata.context_slots // page_size, metadata.context_slots % page_size
+    context = kv.pages[pages, :, offsets]  # [context tokens, num_kv_heads, head_dim]
+    if kv.scales is not None:
+        context = dequantize_kv_ref(context, kv.scales[pages, :, offsets], fresh.dtype)
+    return torch.cat([context.to(fresh.dtype), fresh]).index_select(0, metadata.prefill_key_order)

@@ -74,6 +74,7 @@ def write_kv_pages(
     *,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    check_inputs: bool = True,
 ) -> None:
     """Write new keys and values into their slots of a paged KV cache, in place.
 
@@ -84,6 +85,8 @@ def write_kv_pages(
             the scales) or a float dtype (the tokens are cast to it); page_size a power of two >= 8.
         slots: int64 `[num_tokens]`, distinct, `page * page_size + offset` for each token.
         k_scales, v_scales: float32 `[num_pages, num_kv_heads, page_size]` for int8 pages, else None.
+        check_inputs: False skips the reference path's checks, for a caller that built the inputs
+            valid once for many layers (the serving runner; the kernel's launcher checks shapes).
 
     Int8 pages get `quantize_kv_ref`'s data and scales bit for bit; slots not written keep their
     contents. Raises ValueError on bad inputs (the slots' range and distinctness on CPU tensors
@@ -95,7 +98,8 @@ def write_kv_pages(
     if isinstance(k_pages, torch.Tensor) and triton_runs_on(k_pages, *tensors):
         write_kv_pages_op(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales)  # its launcher checks the inputs
         return
-    write_ref.check_write_kv_pages_inputs(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales)
+    if check_inputs:
+        write_ref.check_write_kv_pages_inputs(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales)
     write_ref.write_kv_pages_ref(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales)
 
 
@@ -112,6 +116,8 @@ def paged_decode_attention(
     softmax_scale: float | None = None,
     window_left: int = -1,
     softcap: float = 0.0,
+    check_inputs: bool = True,
+    plan: attention_ref.PagedAttentionPlan | None = None,
 ) -> torch.Tensor:
     """Attention of a step's queries over each sequence's pages (decode, or chunks of a prefill).
 
@@ -130,6 +136,10 @@ def paged_decode_attention(
         softmax_scale: defaults to `head_dim ** -0.5`.
         window_left: a query at position p sees keys from `p - window_left` on; -1: no window.
         softcap: when > 0, scores become `softcap * tanh(scores / softcap)`.
+        check_inputs: False skips the reference path's checks, for a caller that built the inputs
+            valid once for many layers (the serving runner; the kernel's launcher checks shapes).
+        plan: the reference path's `paged_attention_plan` of `page_table`, `kv_lens` and
+            `cu_seqlens_q`, built once for many layers; None builds it per call. The kernel needs none.
 
     Returns `out` like `q` (contiguous), causal: a query at position p sees keys up to p. Raises
     ValueError on bad inputs; the values of `cu_seqlens_q`, `kv_lens` and `page_table` are read
@@ -152,9 +162,12 @@ def paged_decode_attention(
             "which gathers every sequence's pages at every call: the kernel takes float16, bfloat16 and float32 up "
             f"to head_dim {attention_kernel.MAX_HEAD_DIM}."
         ))  # fmt: skip
-    attention_ref.check_paged_decode_attention_inputs(
-        q, k_pages, v_pages, page_table, kv_lens, k_scales, v_scales, cu_seqlens_q, softmax_scale, window_left, softcap
-    )
+    if check_inputs:
+        attention_ref.check_paged_decode_attention_inputs(
+            q, k_pages, v_pages, page_table, kv_lens, k_scales, v_scales, cu_seqlens_q, softmax_scale, window_left,
+            softcap,
+        )  # fmt: skip
     return attention_ref.paged_decode_attention_ref(
-        q, k_pages, v_pages, page_table, kv_lens, k_scales, v_scales, cu_seqlens_q, softmax_scale, window_left, softcap
-    )
+        q, k_pages, v_pages, page_table, kv_lens, k_scales, v_scales, cu_seqlens_q, softmax_scale, window_left, softcap,
+        plan,
+    )  # fmt: skip

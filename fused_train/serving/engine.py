@@ -7,9 +7,11 @@
     engine.shutdown()
 
 One background thread runs the loop: schedule a step (`scheduler.Scheduler`: finished requests
-leave, waiting ones join, preemption when pages run out), run it (`runner.Runner`: one forward of
-the patched Hugging Face model for the whole batch, every request with its own adapter through
-the `AdapterPool`), sample each request's next token, stream it, end what is finished. Every
+leave, waiting ones join, decodes first, then prefills or chunks of them under the step's token
+budget, a cached prefix shared instead of computed, preemption when pages run out), run it
+(`runner.Runner`: one forward of the patched Hugging Face model for the whole batch, every request
+with its own adapter through the `AdapterPool`), sample the next token of each request whose step
+reached its last token (a chunk inside a prompt draws none), stream it, end what is finished. Every
 request ends finished ("stop", "length"), cancelled ("cancelled") or failed ("error", with the
 reason): its pages and adapter leases are released there, in one place. A request holds the
 version of its adapter it started with (`AdapterPool.acquire`) until it ends: an unload or a reload
@@ -22,14 +24,8 @@ come to the host; its noise is a pure function of (the request's seed, the token
 seeded request draws the same tokens whatever batches it shares; greedy is temperature 0.
 """
 
-import asyncio
-import contextlib
-import itertools
-import math
 import secrets
-import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -38,9 +34,12 @@ from fused_train.serving.adapters import AdapterPool
 from fused_train.serving.pages import PageAllocator
 from fused_train.serving.paged_cache import PagedKVCache
 from fused_train.serving.runner import Runner, sample_batch
+from fused_train.serving.requests import (  # noqa: F401 - re-exported: their old paths
+    SEED_RANGE, EngineStopped, RequestFailed, RequestHandle, RequestLoop, RequestOutput, SamplingParams, _Request,
+    decode_text, encode_prompt, ended_output, held_back_ids, request_generator, stop_reason, suppress_stops,
+)
 from fused_train.serving.scheduler import FINISHED, PromptTooLong, QueueFull, Scheduler, Sequence, Step
 
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 __all__ = [
     "Engine", "EngineStopped", "PromptTooLong", "QueueFull", "RequestFailed", "RequestHandle", "RequestOutput",
@@ -50,265 +49,7 @@ __all__ = [
 DEFAULT_KV_CACHE_TOKENS = 65536
 
 
-class RequestFailed(RuntimeError):
-    """A request ended with an error (its `RequestOutput.error` says which)."""
-
-
-class EngineStopped(RuntimeError):
-    """`add_request` after `shutdown` began: the engine takes no more requests."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How a request's tokens are chosen and when it stops (vLLM's names and defaults)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: no cut
-    seed: int | None = None
-    stop: tuple[str, ...] | list[str] | str | None = None  # needs the engine's tokenizer
-    stop_token_ids: tuple[int, ...] | list[int] | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0  # no end of sequence, stop id or stop string before this many tokens
-    include_stop_str_in_output: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            raise ValueError(f"top_k must be an int >= -1 (0 or -1: no cut), got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):  # fmt: skip
-            raise ValueError(f"seed must be an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None, got {self.seed!r}")
-        if (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
-                or not 0 <= self.min_tokens <= self.max_tokens):  # fmt: skip
-            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        object.__setattr__(self, "stop", stop)
-        stop_ids = tuple(self.stop_token_ids or ())
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
-            raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}")
-        object.__setattr__(self, "stop_token_ids", stop_ids)
-
-
-@dataclass
-class RequestOutput:
-    """A request as it ended: its generated `token_ids` (a stop token included, as HF `generate`
-    keeps it), `text` (with a tokenizer; cut before a stop string), `finish_reason` ("stop",
-    "length", "cancelled" or "error", then `error` says why) and its timings in seconds."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str
-    adapter: str | None
-    error: str | None = None
-    queue_time: float | None = None  # arrival -> first scheduled
-    time_to_first_token: float | None = None  # arrival -> first token
-    time_per_output_token: float | None = None  # (last token - first token) / (tokens - 1)
-    latency: float | None = None  # arrival -> end
-    preemptions: int = 0
-
-
-@dataclass(eq=False)
-class _Request:
-    seq: Sequence
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    seed: int  # the request's, or drawn at its start: its sampling noise is a function of it
-    arrival: float
-    handle: "RequestHandle"
-    adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
-    generated: list[int] = field(default_factory=list)
-    text: str | None = None
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    cancelled: bool = False
-
-
-class RequestHandle:
-    """A request's live view: iterate it (or `async for` over `stream()`) for its token ids as they
-    are produced; `result()` waits for the `RequestOutput`; `cancel()` ends it."""
-
-    def __init__(self, engine: "Engine", request_id: str):
-        self.request_id = request_id
-        self._engine = engine
-        self._tokens: list[int] = []
-        self._output: RequestOutput | None = None
-        self._changed = threading.Condition()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-
-    def done(self) -> bool:
-        return self._output is not None
-
-    def cancel(self) -> None:
-        self._engine._cancel(self)
-
-    def result(self, timeout: float | None = None) -> RequestOutput:
-        with self._changed:
-            if not self._changed.wait_for(self.done, timeout):
-                raise TimeoutError(f"request {self.request_id} did not end within {timeout} s")
-        return self._output
-
-    def __iter__(self):
-        """Token ids as they are produced; raises RequestFailed if the request fails."""
-        index = 0
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: len(self._tokens) > index or self.done())
-                new, ended = self._tokens[index:], self.done()
-            yield from new
-            index += len(new)
-            if ended and index == len(self._tokens):
-                self._raise_if_failed()
-                return
-
-    async def stream(self):
-        """The asyncio form of iterating the handle: `async for token_id in handle.stream()`."""
-        loop = asyncio.get_running_loop()
-        index = 0
-        while True:
-            event = asyncio.Event()
-            with self._changed:
-                new, ended = self._tokens[index:], self.done()
-                if not new and not ended:
-                    self._async_waiters.append((loop, event))
-            if not new and not ended:
-                try:
-                    await event.wait()
-                finally:  # cancelled, too: a waiter left behind would be woken on a loop that may be closed
-                    with self._changed:
-                        if (loop, event) in self._async_waiters:
-                            self._async_waiters.remove((loop, event))
-                continue
-            for token in new:
-                yield token
-            index += len(new)
-            if ended and index == len(self._tokens):
-                self._raise_if_failed()
-                return
-
-    def _raise_if_failed(self):
-        if self._output.finish_reason == "error":
-            raise RequestFailed(f"request {self.request_id} failed: {self._output.error}")
-
-    def _publish(self, tokens: list[int], output: RequestOutput | None) -> None:
-        with self._changed:
-            self._tokens.extend(tokens)
-            if output is not None:
-                self._output = output
-            self._changed.notify_all()
-            waiters, self._async_waiters = self._async_waiters, []
-        for loop, event in waiters:
-            # A consumer's loop that closed meanwhile has nobody waiting: it must not stop the engine.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
-
-
-def encode_prompt(prompt, tokenizer) -> list[int]:
-    """The token ids of `prompt`: a text (needs `tokenizer`), a list of ids or a tensor of them."""
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("a text prompt needs the engine's tokenizer; pass token ids instead")
-        return list(tokenizer(prompt)["input_ids"])
-    if isinstance(prompt, torch.Tensor):
-        prompt = prompt.tolist()
-    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise ValueError("prompt must be a string or a list of token ids")
-    return list(prompt)
-
-
-def decode_text(tokenizer, token_ids) -> str:
-    """The text of generated `token_ids`: special tokens skipped, and no clean-up of tokenization
-    spaces (as vLLM), which rewrites text already there (" ," -> ","): then the decode of more tokens
-    always extends the decode of fewer, and a streamed text equals the final one."""
-    return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-def request_generator(seed: int | None) -> torch.Generator:
-    """A request's own sampling generator (the naive baseline's, for `runner.sample`): seeded, or
-    from fresh entropy when `seed` is None."""
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
-def ended_output(request, request_id: str, adapter: str | None, reason: str, error: str | None, now: float,
-                 tokenizer, preemptions: int = 0) -> RequestOutput:  # fmt: skip
-    """The `RequestOutput` of `request` ending at `now`; `request` holds its `prompt_token_ids`,
-    `generated` ids, `text` (None: decoded here), `arrival`, `first_scheduled` and `first_token` times."""
-    text = request.text
-    if text is None and tokenizer is not None:
-        text = decode_text(tokenizer, request.generated)
-    tpot = None
-    if request.first_token is not None and len(request.generated) > 1:
-        tpot = (now - request.first_token) / (len(request.generated) - 1)
-    return RequestOutput(
-        request_id=request_id,
-        prompt_token_ids=request.prompt_token_ids,
-        token_ids=list(request.generated),
-        text=text,
-        finish_reason=reason,
-        adapter=adapter,
-        error=error,
-        queue_time=None if request.first_scheduled is None else request.first_scheduled - request.arrival,
-        time_to_first_token=None if request.first_token is None else request.first_token - request.arrival,
-        time_per_output_token=tpot,
-        latency=now - request.arrival,
-        preemptions=preemptions,
-    )
-
-
-def stop_reason(params: SamplingParams, generated: list[int], eos, tokenizer) -> tuple[str | None, str | None]:
-    """Whether a request ends with its last generated token: ("stop" or "length", or None), and
-    its text cut before a stop string when one appeared (after it with `include_stop_str_in_output`;
-    else None). `eos` holds the end ids. Before `min_tokens` tokens nothing stops it."""
-    token = generated[-1]
-    reason, text = None, None
-    if len(generated) < params.min_tokens:
-        return None, None
-    if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
-        reason = "stop"
-    if params.stop:
-        decoded = decode_text(tokenizer, generated)
-        found = [(i, -len(s)) for i, s in ((decoded.find(s), s) for s in params.stop) if i >= 0]
-        if found:
-            cut, minus_length = min(found)  # the first stop string, the longest of those starting there
-            reason, text = "stop", decoded[: cut - minus_length if params.include_stop_str_in_output else cut]
-    if reason is None and len(generated) >= params.max_tokens:
-        reason = "length"
-    return reason, text
-
-
-def held_back_ids(params: SamplingParams, generated: list[int], eos, vocab: int) -> list[int]:
-    """The ids a request may not choose next: the end-of-sequence (unless `ignore_eos`) and stop ids
-    while it has fewer than `min_tokens` tokens, so it cannot end before then (vLLM's `min_tokens`)."""
-    if len(generated) >= params.min_tokens:
-        return []
-    ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
-    return sorted(i for i in ids if i < vocab)
-
-
-def suppress_stops(logits: torch.Tensor, params: SamplingParams, generated: list[int], eos) -> torch.Tensor:
-    """`logits` with `held_back_ids` at -inf."""
-    ids = held_back_ids(params, generated, eos, logits.shape[-1])
-    if not ids:
-        return logits
-    return logits.index_fill(-1, torch.tensor(ids), float("-inf"))
-
-
-class Engine:
+class Engine(RequestLoop):
     """Continuous batching over `model` (see the module docstring).
 
     Args:
@@ -323,20 +64,25 @@ class Engine:
             pages); None for 65,536.
         page_size: tokens per page (a power of two >= 8).
         max_batch_tokens: tokens one step may run (prefill tokens + one per decode); a prompt
-            longer than this is refused.
+            longer than this is prefilled in chunks over several steps (decodes go on meanwhile).
         max_running: sequences in one step at most.
         max_waiting: requests waiting at most; `add_request` raises `QueueFull` beyond.
         max_overtakes: how many later requests may be admitted ahead of one waiting for an adapter
             slot (the scheduler's adapter-aware admission); 0: first come first served.
         max_model_len: prompt + max_tokens at most, per request (`PromptTooLong` beyond); None: the
             model's `max_position_embeddings`, which it may lower, never raise.
+        enable_prefix_caching: keep full pages of computed tokens cached, keyed by the adapter
+            (its version) and every token up to the page's end, and share them with later requests
+            that start with the same tokens, which then compute only the rest (vLLM's automatic
+            prefix caching, on by default as in vLLM v1).
         clock: seconds, for the metrics (time.monotonic).
     """
 
     def __init__(self, model, tokenizer=None, *, adapters=None, max_loras: int = 8, max_cpu_loras: int = 64,
                  max_rank: int = 64, kv_dtype: str = "int8", kv_cache_tokens: int | None = None, page_size: int = 16,
                  max_batch_tokens: int = 4096, max_running: int = 256, max_waiting: int = 1024,
-                 max_overtakes: int = 16, max_model_len: int | None = None, clock=time.monotonic):  # fmt: skip
+                 max_overtakes: int = 16, max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 clock=time.monotonic):  # fmt: skip
         if kv_dtype not in ("int8", "model"):
             raise ValueError(f'kv_dtype must be "int8" or "model", got {kv_dtype!r}')
         if not isinstance(page_size, int) or page_size < 8 or page_size & (page_size - 1):
@@ -369,23 +115,16 @@ class Engine:
         self.cache = PagedKVCache(model.config, pages.num_pages, page_size, kv_dtype, parameter.dtype, parameter.device)
         self.scheduler = Scheduler(pages, max_batch_tokens=max_batch_tokens, max_running=max_running,
                                    max_adapters=max_loras, max_waiting=max_waiting,
-                                   max_overtakes=max_overtakes)  # fmt: skip
+                                   max_overtakes=max_overtakes, prefix_caching=enable_prefix_caching)  # fmt: skip
         self.runner = Runner(model, self.cache, self.pool)
         self.kv_dtype = kv_dtype
         eos = model.generation_config.eos_token_id
         eos = model.config.eos_token_id if eos is None else eos
         self._eos = frozenset([eos] if isinstance(eos, int) else eos or ())
-        self._lock = threading.Condition()
-        self._requests: dict[str, _Request] = {}
-        self._ids = itertools.count()
-        self._stopping = False
-        self._drain = True
+        super().__init__("fused_train-engine")
         self._in_flight: frozenset = frozenset()  # the running step's sequences
-        self._counters = dict(requests_finished=0, requests_cancelled=0, requests_failed=0, prompt_tokens=0,
-                              generation_tokens=0, steps=0, step_tokens=0, step_seconds=0.0)  # fmt: skip
         self._last_batch_size = 0
-        self._thread = threading.Thread(target=self._loop, name="fused_train-engine", daemon=True)
-        self._thread.start()
+        self._start()
 
     # ---------------------------------------------------------------- requests
 
@@ -393,7 +132,7 @@ class Engine:
                     request_id: str | None = None) -> RequestHandle:  # fmt: skip
         """Queue one request: `prompt` text (needs the tokenizer) or a list of token ids; `adapter`
         a loaded adapter's name or None for the base model. Raises ValueError on a bad request
-        (`PromptTooLong` when it could never fit a step or the cache), `QueueFull` when the waiting
+        (`PromptTooLong` when it could never fit the cache or the context length), `QueueFull` when the waiting
         queue is full, `EngineStopped` once `shutdown` began; otherwise returns its handle at once.
         The request holds the adapter's current version until it ends."""
         params = SamplingParams() if params is None else params
@@ -414,11 +153,7 @@ class Engine:
             )
         seed = secrets.randbits(64) if params.seed is None else params.seed
         with self._lock:
-            if self._stopping:
-                raise EngineStopped("the engine is shutting down")
-            request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
-            if request_id in self._requests:
-                raise ValueError(f"request_id {request_id!r} is already running")
+            request_id = self._new_request_id(request_id)
             version = None if adapter is None else self.pool.acquire(adapter)  # raises UnknownAdapter
             seq = Sequence(request_id, list(prompt_ids), total, version)
             handle = RequestHandle(self, request_id)
@@ -477,6 +212,9 @@ class Engine:
                 running=len(self.scheduler.running),
                 batch_size=self._last_batch_size,
                 preemptions=self.scheduler.num_preemptions,
+                prefix_cache_queries=self.scheduler.prefix_cache_queries,
+                prefix_cache_hits=self.scheduler.prefix_cache_hits,
+                kv_pages_cached=pages.cached_pages,
                 kv_pages_total=pages.num_pages,
                 kv_pages_used=pages.used_pages,
                 kv_pages_free=pages.free_pages,
@@ -486,39 +224,16 @@ class Engine:
                 adapters=self.pool.stats(),
             )
 
-    @property
-    def accepting(self) -> bool:
-        """False once `shutdown` began (draining) or the loop failed: `add_request` would refuse."""
-        with self._lock:
-            return not self._stopping
-
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; `drain` runs the queued and running ones to their end, otherwise they
         are cancelled. Returns when the loop thread has ended; the adapter pool is closed."""
-        with self._lock:
-            self._stopping, self._drain = True, drain
-            self._lock.notify_all()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"the engine loop did not end within {timeout} s")
+        super().shutdown(drain, timeout)
         self.pool.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown(drain=exc[0] is None)
 
     # ---------------------------------------------------------------- the loop
 
-    def _cancel(self, handle: RequestHandle) -> None:
-        with self._lock:
-            request = self._requests.get(handle.request_id)
-            if request is None or request.handle is not handle:
-                return
-            request.cancelled = True
-            if request.seq not in self._in_flight:
-                self._end(request, "cancelled")
+    def _is_running(self, request: _Request) -> bool:
+        return request.seq in self._in_flight
 
     def _loop(self) -> None:
         try:
@@ -558,14 +273,15 @@ class Engine:
                 self._last_batch_size = len(requests)
                 now = self.clock()
                 for request, token in sampled:
-                    request.seq.num_cached = len(request.seq.token_ids)
+                    self.scheduler.computed(request.seq)
                     if request.cancelled:
                         self._end(request, "cancelled")
-                        continue
-                    self._append(request, token, now)
+                    elif token is not None:
+                        self._append(request, token, now)
 
-    def _run(self, step, requests) -> list[tuple[_Request, int]]:
-        """Forward and sample: (request, its next token) for each request of the step. A request
+    def _run(self, step, requests) -> list[tuple[_Request, int | None]]:
+        """Forward and sample: (request, its next token) for each request of the step, None for a
+        request whose step ended inside its prefill (a chunk: nothing to draw yet). A request
         whose adapter cannot be served fails alone, and the step runs again without it. When the
         forward raises for another reason, each request runs again alone, and only those that
         raise alone fail: one bad request does not fail the others of its step."""
@@ -591,8 +307,15 @@ class Engine:
                     kept += alive
                     rows.append(row)
             requests, logits = kept, torch.cat(rows) if rows else None
+        drawing = [row for row, request in enumerate(requests) if request.seq.samples]
+        if len(drawing) < len(requests):
+            chunks = [(request, None) for request in requests if not request.seq.samples]
+            requests = [requests[row] for row in drawing]
+            logits = logits[torch.tensor(drawing, dtype=torch.int64, device=logits.device)] if drawing else None
+        else:
+            chunks = []
         if not requests:
-            return []
+            return chunks
         vocab = logits.shape[-1]
         banned = [(row, token) for row, request in enumerate(requests)
                   for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
@@ -600,7 +323,7 @@ class Engine:
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(logits, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
-        return list(zip(requests, tokens))
+        return chunks + list(zip(requests, tokens))
 
     def _forward(self, step, requests) -> tuple[list[_Request], torch.Tensor]:
         """The step's logits on the model's device, and its requests still alive: those whose adapter breaks
@@ -635,28 +358,12 @@ class Engine:
                 broken[version] = f"{type(error).__name__}: {error}"
         return broken
 
-    def _append(self, request: _Request, token: int, now: float) -> None:
-        params = request.params
-        request.generated.append(token)
+    def _append(self, request: _Request, token: int, now: float) -> bool:
         request.seq.token_ids.append(token)
-        if request.first_token is None:
-            request.first_token = now
-        self._counters["generation_tokens"] += 1
-        reason, text = stop_reason(params, request.generated, self._eos, self.tokenizer)
-        if text is not None:
-            request.text = text
-        if reason is None:
-            request.handle._publish([token], None)
-        else:
-            self._end(request, reason, new_tokens=[token])
+        return super()._append(request, token, now)
 
-    def _end(self, request: _Request, reason: str, error: str | None = None, new_tokens=()) -> None:
-        """The one place a request ends: its pages and adapter version freed, its output published."""
+    def _release(self, request: _Request) -> None:
+        """Its pages and adapter version freed."""
         self.scheduler.finish(request.seq)
-        if self._requests.pop(request.seq.request_id, None) is request and request.seq.adapter is not None:
+        if self._requests.pop(request.request_id, None) is request and request.seq.adapter is not None:
             self.pool.release(request.seq.adapter)
-        key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
-        self._counters[key] += 1
-        output = ended_output(request, request.seq.request_id, request.adapter, reason, error, self.clock(),
-                              self.tokenizer, preemptions=request.seq.preemptions)  # fmt: skip
-        request.handle._publish(list(new_tokens), output)

@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fused_train.serving.adapters import UnknownAdapter
-from fused_train.serving.engine import EngineStopped, PromptTooLong, QueueFull, SamplingParams
+from fused_train.serving.requests import EngineStopped, SamplingParams
+from fused_train.serving.scheduler import PromptTooLong, QueueFull
 
 MAX_N = 16  # choices per request: each is an engine request
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -6,21 +6,24 @@ head, `fused_train.kernels.int8_kv_quantize`'s quantization), or the model's dty
 (`kv_dtype="model"`, for exact comparisons and as a baseline). Which pages belong to whom is
 `pages.PageAllocator`'s business; nothing here knows about requests.
 
-A step's forward gets `StepCache(cache, layout)` as its `past_key_values`. Each layer's `update`
+A step's forward gets `StepCache(cache, metadata)` as its `past_key_values`. Each layer's `update`
 writes the step's new keys and values into their slots (quantize-on-append for int8 pages) and
 returns `PagedKV` handles instead of tensors; the `"fused_train"` attention
 (`fused_train.hf.attention`) reads them: prefills attend to their fresh exact keys with the varlen
-kernel, decodes to their pages with the paged decode kernel. The step's layout is one
-`PagedLayout`, built once by the runner and only read by the layers.
+kernel, decodes to their pages with the paged decode kernel. Where the step's tokens are is one
+`PagedAttentionMetadata`, built once by the runner and only read by the layers (`PagedLayout` is
+its old name).
 """
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from fused_train.hf.attention import ATTENTION_NAME, PagedKV, PagedLayout
+from fused_train.hf.attention import ATTENTION_NAME, PagedAttentionMetadata, PagedKV
 from fused_train.ops.paged_kv import write_kv_pages
 
-__all__ = ["PagedKVCache", "PagedLayout", "StepCache"]
+__all__ = ["PagedAttentionMetadata", "PagedKVCache", "PagedLayout", "StepCache"]
+
+PagedLayout = PagedAttentionMetadata  # its old name
 
 
 class PagedKVCache:
@@ -53,7 +56,7 @@ class PagedKVCache:
 
 
 class _StepLayer(CacheLayerMixin):
-    """A layer of a step's cache: no length of its own (the layout says where each token is)."""
+    """A layer of a step's cache: no length of its own (the step's metadata says where each token is)."""
 
     is_compileable = False
     is_sliding = False
@@ -89,10 +92,10 @@ class _StepLayer(CacheLayerMixin):
 
 
 class StepCache(Cache):
-    """`past_key_values` of one step's forward over `cache`, laid out by `layout`."""
+    """`past_key_values` of one step's forward over `cache`, its tokens placed by `metadata`."""
 
-    def __init__(self, cache: PagedKVCache, layout: PagedLayout, config):
-        self.cache, self.layout = cache, layout
+    def __init__(self, cache: PagedKVCache, metadata: PagedAttentionMetadata, config):
+        self.cache, self.metadata = cache, metadata
         self.config = config.get_text_config(decoder=True)
         super().__init__(layers=[_StepLayer() for _ in range(cache.num_layers)])
 
@@ -103,10 +106,10 @@ class StepCache(Cache):
         # [1, num_kv_heads, tokens, head_dim] -> [tokens, num_kv_heads, head_dim]
         keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
         write_kv_pages(
-            keys, values, cache.k_pages[layer_idx], cache.v_pages[layer_idx], self.layout.slots,
-            k_scales=cache.k_scales[layer_idx], v_scales=cache.v_scales[layer_idx],
+            keys, values, cache.k_pages[layer_idx], cache.v_pages[layer_idx], self.metadata.slots,
+            k_scales=cache.k_scales[layer_idx], v_scales=cache.v_scales[layer_idx], check_inputs=False,
         )  # fmt: skip
         return (
-            PagedKV(keys, cache.k_pages[layer_idx], cache.k_scales[layer_idx], self.layout),
-            PagedKV(values, cache.v_pages[layer_idx], cache.v_scales[layer_idx], self.layout),
+            PagedKV(keys, cache.k_pages[layer_idx], cache.k_scales[layer_idx], self.metadata),
+            PagedKV(values, cache.v_pages[layer_idx], cache.v_scales[layer_idx], self.metadata),
         )

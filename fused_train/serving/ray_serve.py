@@ -42,7 +42,7 @@ except ImportError as error:  # ray is an optional extra
 from ray.exceptions import RayError, RayTaskError
 
 from fused_train.ops.checks import check_int
-from fused_train.serving.engine import RequestFailed, RequestOutput, SamplingParams
+from fused_train.serving.requests import RequestFailed, RequestOutput, SamplingParams
 from fused_train.serving.loading import open_engine
 
 __all__ = ["EngineDeployment", "OpenAIIngress", "RemoteEngine", "app_builder", "build_deployment"]

@@ -1,10 +1,13 @@
 """One step of the engine on tensors: the step's flat inputs, one forward of the patched model, logits.
 
 The step's sequences (`scheduler.Step`: prefills, then decodes) become one row of tokens: each
-prefill's whole sequence (prompt, and for a preempted one what it had generated), then each
-decode's last token, with their positions, their page slots (`PagedLayout`), and, with an adapter
-pool, each token's adapter slot. The model runs once on that row, through `StepCache`, and the
-logits of each sequence's last token come back.
+prefill's `token_ids[num_cached : num_cached + num_new]` (its prompt, and for a preempted one what
+it had generated, after what is cached: a shared prefix, its earlier chunks) at positions from
+`num_cached` on, then each decode's last token, with their positions, their page slots
+(`PagedAttentionMetadata`, and the slots of each prefill's cached context), and, with an adapter
+pool, each token's adapter slot; `input_batch.InputBatch` builds them from page-table rows kept
+across steps. The model runs once on that row, through `StepCache`, and the logits of each
+sequence's last token come back.
 
 `sample_batch` chooses every sequence's next token in one vectorized pass on the logits' device and
 hands only the ids to the host; `sample`, one row on the CPU with a `torch.Generator`, is its
@@ -16,7 +19,8 @@ import inspect
 import torch
 
 from fused_train.serving.adapters import AdapterPool
-from fused_train.serving.paged_cache import PagedKVCache, PagedLayout, StepCache
+from fused_train.serving.input_batch import InputBatch
+from fused_train.serving.paged_cache import PagedAttentionMetadata, PagedKVCache, StepCache
 from fused_train.serving.scheduler import Step
 
 
@@ -24,51 +28,20 @@ class Runner:
     def __init__(self, model, cache: PagedKVCache, pool: AdapterPool | None):
         self.model, self.cache, self.pool = model, cache, pool
         self.device = next(model.parameters()).device
+        self.inputs = InputBatch(cache.page_size, self.device)
         # transformers 5 renames the forward's past_key_values to cache (the old name is deprecated).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def layout(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, PagedLayout, torch.Tensor]:
-        """`(input_ids, position_ids, layout, last)`: the step's flat row, and the index of each
-        sequence's last token in it."""
-        page_size = self.cache.page_size
-        ids, positions, slots, lengths = [], [], [], []
-        for seq in step.prefills:
-            n = len(seq.token_ids)
-            ids.extend(seq.token_ids)
-            positions.extend(range(n))
-            slots.extend(seq.pages[j // page_size] * page_size + j % page_size for j in range(n))
-            lengths.append(n)
-        for seq in step.decodes:
-            j = len(seq.token_ids) - 1
-            ids.append(seq.token_ids[-1])
-            positions.append(j)
-            slots.append(seq.pages[j // page_size] * page_size + j % page_size)
-        max_pages = max((len(seq.pages) for seq in step.decodes), default=1)
-        page_table = [seq.pages + [0] * (max_pages - len(seq.pages)) for seq in step.decodes]
-        cu_prefill = [0]
-        for n in lengths:
-            cu_prefill.append(cu_prefill[-1] + n)
-        num_prefill = cu_prefill[-1]
-        last = [end - 1 for end in cu_prefill[1:]] + list(range(num_prefill, num_prefill + len(step.decodes)))
-
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        layout = PagedLayout(
-            slots=tensor(slots, torch.int64),
-            num_prefill_tokens=num_prefill,
-            cu_seqlens_prefill=tensor(cu_prefill, torch.int32),
-            max_prefill_len=max(lengths, default=0),
-            page_table=tensor(page_table, torch.int32).view(len(step.decodes), max_pages),
-            kv_lens=tensor([len(seq.token_ids) for seq in step.decodes], torch.int32),
-        )
-        return tensor(ids, torch.int64)[None], tensor(positions, torch.int64)[None], layout, tensor(last, torch.int64)
+    def prepare_inputs(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, torch.Tensor]:
+        """`(input_ids, position_ids, metadata, last)`: the step's flat row, and the index of each
+        sequence's last token in it (`InputBatch.prepare`, from buffers kept across steps)."""
+        return self.inputs.prepare(step)
 
     def run(self, step: Step, token_slots: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits `[sequences, vocab]` of each sequence's next token, on the model's device.
         `token_slots` (from the pool's `slots_for`, one per token of the row) applies adapters."""
-        input_ids, position_ids, layout, last = self.layout(step)
-        kwargs = {self._cache_kwarg: StepCache(self.cache, layout, self.model.config)}
+        input_ids, position_ids, metadata, last = self.prepare_inputs(step)
+        kwargs = {self._cache_kwarg: StepCache(self.cache, metadata, self.model.config)}
         with torch.inference_mode():
             if token_slots is None:
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,

@@ -103,6 +103,19 @@ def test_counts_add_up_and_figures_come_from_the_records(live, tmp_path):
     assert summary["good"] == 12 and summary["goodput_requests_per_s"] == pytest.approx(12 / duration)
 
 
+def test_the_shared_prefix_workload_puts_system_prompts_before_the_user_turns(live, tmp_path):
+    url, engine = live
+    hits_before = engine.metrics()["prefix_cache_hits"]
+    argv = ["--base-url", url, "--num-adapters", "0", "--request-rate", "inf", "--max-concurrency", "1",
+            "--num-requests", "6", "--max-tokens", "2", "--warmup", "0", "--workload", "shared-prefix",
+            "--system-prompts", "2", "--system-prompt-tokens", "64", "--out", str(tmp_path)]  # fmt: skip
+    assert load_test.main(argv) == 0
+    (run,) = json.loads((tmp_path / "load_test.json").read_text())["runs"]
+    assert run["summary"]["ok"] == 6
+    # One request at a time over two system prompts: at least four of them find theirs cached.
+    assert engine.metrics()["prefix_cache_hits"] - hits_before >= 4 * 48
+
+
 def test_failed_requests_are_counted_as_errors(live, tmp_path):
     url, _ = live
     argv = ["--base-url", url, "--adapter-prefix", "missing", "--num-adapters", "2", "--request-rate", "inf",

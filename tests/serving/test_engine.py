@@ -108,19 +108,24 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(adapter_dirs,
     assert len({tuple(o.token_ids) for o in mixed}) > 1
 
 
-def test_int8_pages_agree_with_model_dtype_pages(adapter_dirs, greedy_outputs, cpu_path):
-    with _engine(adapter_dirs, kv_dtype="int8") as engine:
-        outputs = _run_mix(engine, _greedy())
-        assert engine.metrics()["kv_pages_used"] == 0
+def _agreement(outputs, expected) -> float:
+    """The share of tokens equal, each request compared up to its first difference (after it, the two
+    continue different texts)."""
     agree = total = 0
-    for got, expected in zip(outputs, greedy_outputs):
-        # Compare up to the first difference of each request: after it, the two continue different texts.
-        for a, b in zip(got.token_ids, expected.token_ids):
+    for got, wanted in zip(outputs, expected):
+        for a, b in zip(got, wanted):
             total += 1
             agree += a == b
             if a != b:
                 break
-    assert agree / total >= 0.95, (agree, total)
+    return agree / total
+
+
+def test_int8_pages_agree_with_model_dtype_pages(adapter_dirs, greedy_outputs, cpu_path):
+    with _engine(adapter_dirs, kv_dtype="int8") as engine:
+        outputs = _run_mix(engine, _greedy())
+        assert engine.metrics()["kv_pages_used"] == 0
+    assert _agreement([o.token_ids for o in outputs], [o.token_ids for o in greedy_outputs]) >= 0.95
 
 
 def test_a_pool_too_small_preempts_and_every_request_finishes_the_same(adapter_dirs, cpu_path, greedy_outputs):
@@ -355,3 +360,58 @@ def test_requests_of_a_running_adapter_overtake_one_waiting_for_a_slot(adapter_d
         assert engine.metrics()["kv_pages_used"] == 0
     assert [len(output.token_ids) for output in shorts] == [2, 2, 2]
     assert [o.token_ids for o in mixed] == [o.token_ids for o in alone]
+
+
+def _shared_prefix_prompts():
+    """Four prompts on one 40-token system prompt (two full pages of 16, then a partial one)."""
+    generator = torch.Generator().manual_seed(5)
+    system = torch.randint(3, 97, (40,), generator=generator).tolist()
+    return [system + torch.randint(3, 97, (n,), generator=generator).tolist() for n in (3, 9, 1, 20)]
+
+
+def test_prefix_cache_shares_a_system_prompt_per_adapter_with_equal_outputs(adapter_dirs, cpu_path):
+    prompts, params = _shared_prefix_prompts(), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    adapters = [None, "qv4", "qv4", None]  # the same tokens under two adapters share nothing
+    outputs, metrics = {}, {}
+    for caching in (False, True):
+        with _engine(adapter_dirs, enable_prefix_caching=caching) as engine:
+            first = engine.generate([prompts[0], prompts[1]], params, adapters[:2])  # one per adapter: no hits
+            assert engine.metrics()["prefix_cache_hits"] == 0
+            outputs[caching] = first + engine.generate(prompts[2:], params, adapters[2:])
+            metrics[caching] = engine.metrics()
+    assert [o.token_ids for o in outputs[True]] == [o.token_ids for o in outputs[False]]
+    # Each later prompt found its adapter's two full system pages (32 tokens) and computed only the rest.
+    assert metrics[True]["prefix_cache_hits"] == 2 * 32 and metrics[False]["prefix_cache_hits"] == 0
+    assert metrics[True]["prefix_cache_queries"] == sum(map(len, prompts))
+    assert metrics[True]["kv_pages_used"] == 0 and metrics[True]["kv_pages_cached"] > 0
+
+
+def test_a_prompt_longer_than_max_batch_tokens_is_prefilled_in_chunks_with_equal_tokens(adapter_dirs, cpu_path):
+    generator = torch.Generator().manual_seed(6)
+    long_prompt = torch.randint(3, 97, (90,), generator=generator).tolist()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with _engine(adapter_dirs, enable_prefix_caching=False) as engine:
+        whole = engine.generate([long_prompt, _prompts()[1]], params, ["all8", "qv4"])
+    with _engine(adapter_dirs, max_batch_tokens=16, enable_prefix_caching=False) as engine:
+        decoding = engine.add_request(_prompts()[1], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                                      "qv4")  # fmt: skip
+        next(iter(decoding))
+        chunked = engine.generate([long_prompt], params, "all8")
+        assert not decoding.done()  # it decoded through the chunks' steps
+        assert decoding.result(timeout=60).token_ids[:6] == whole[1].token_ids
+        steps = engine.metrics()["steps"]
+    assert chunked[0].token_ids == whole[0].token_ids
+    assert steps >= 90 // 16
+
+
+def test_int8_pages_cached_and_chunked_agree_with_one_exact_prefill(adapter_dirs, cpu_path):
+    # Int8 pages: a prefill after cached pages or earlier chunks reads that context quantized, where a
+    # prefill in one step attends to its exact keys; the tokens still agree as int8 decoding does.
+    prompts, params = _shared_prefix_prompts(), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    runs = {}
+    for name, options in (("whole", dict(enable_prefix_caching=False)), ("cached", dict(max_batch_tokens=24))):
+        with _engine(adapter_dirs, kv_dtype="int8", **options) as engine:
+            runs[name] = [engine.generate([prompt], params, "all8")[0].token_ids for prompt in prompts]
+            runs[name + "_hits"] = engine.metrics()["prefix_cache_hits"]
+    assert runs["cached_hits"] == 3 * 32 and runs["whole_hits"] == 0
+    assert _agreement(runs["cached"], runs["whole"]) >= 0.95

@@ -137,8 +137,8 @@ def test_every_request_answered_by_a_replica_holding_its_adapter(ray_server, exp
 
 
 def test_errors_of_a_replica_reach_the_client_as_the_local_server_gives_them(ray_server, tiny_adapters):
-    # The replica's engine refuses the prompt (longer than one step): 400 from the ingress, not 500.
-    too_long = [5] * (ENGINE_OPTIONS["max_batch_tokens"] + 1)
+    # The replica's engine refuses the prompt (beyond the context length): 400 from the ingress, not 500.
+    too_long = [5] * 2048
     response = httpx.post(f"{ray_server}/v1/completions", json={"model": "a", "prompt": too_long, "max_tokens": 2},
                           timeout=60)  # fmt: skip
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded", response.text

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from fused_train.serving.pages import PageAllocator
+from fused_train.serving.pages import PageAllocator, block_key
 from fused_train.serving.scheduler import FINISHED, RUNNING, WAITING, QueueFull, Scheduler, Sequence
 
 
@@ -17,11 +17,14 @@ def _seq(name, prompt_len, max_new=4, adapter=None):
     return Sequence(name, list(range(prompt_len)), prompt_len + max_new, adapter)
 
 
-def _decode(step):
-    """What the engine does after a step: every scheduled sequence is cached and gains a token."""
+def _decode(scheduler, step):
+    """What the engine does after a step: every scheduled sequence's tokens are computed, and one
+    whose step reached its last token gains a token."""
     for seq in step.sequences:
-        seq.num_cached = len(seq.token_ids)
-        seq.token_ids.append(0)
+        samples = seq.samples
+        scheduler.computed(seq)
+        if samples:
+            seq.token_ids.append(0)
 
 
 def test_pages_round_up_to_one_page_and_are_all_returned():
@@ -35,17 +38,19 @@ def test_pages_round_up_to_one_page_and_are_all_returned():
     assert held == [] and pages.free_pages == 4
 
 
-def test_first_come_first_served_under_the_token_budget():
+def test_first_come_first_served_under_the_token_budget_the_last_admitted_in_chunks():
     scheduler = _scheduler(max_batch_tokens=10)
     for seq in (_seq("a", 6), _seq("b", 5), _seq("c", 1)):
         scheduler.add(seq)
+    a, b, c = scheduler.waiting
     step = scheduler.schedule()
-    assert [s.request_id for s in step.prefills] == ["a"]  # b does not fit; c may not overtake it
-    _decode(step)
+    assert step.prefills == [a, b] and (a.num_new, b.num_new) == (6, 4)  # b gets what the budget leaves
+    assert (a.samples, b.samples) == (True, False)
+    _decode(scheduler, step)
+    assert b.num_cached == 4 and len(b.token_ids) == 5  # no token drawn inside a prefill
     step = scheduler.schedule()
-    assert [s.request_id for s in step.decodes] == ["a"]
-    assert [s.request_id for s in step.prefills] == ["b", "c"]
-    assert step.num_tokens == 1 + 5 + 1
+    assert step.decodes == [a, b] and step.prefills == [c]  # b's last prompt token is a decode's work
+    assert step.num_tokens == 1 + 1 + 1
 
 
 def test_distinct_adapters_per_step_are_capped():
@@ -58,16 +63,16 @@ def test_distinct_adapters_per_step_are_capped():
 
 
 def test_preemption_frees_the_newest_and_requeues_it_first():
-    scheduler = _scheduler(num_pages=3, page_size=4)
+    scheduler = _scheduler(num_pages=3, page_size=4, prefix_caching=False)
     old, new = _seq("old", 4, max_new=8), _seq("new", 4, max_new=8)
     scheduler.add(old)
     scheduler.add(new)
-    _decode(scheduler.schedule())  # both prefill: one page each
+    _decode(scheduler, scheduler.schedule())  # both prefill: one page each
     step = scheduler.schedule()  # both need a second page; only one is free
     assert [s.request_id for s in step.decodes] == ["old"] and step.preempted == [new]
     assert new.status == WAITING and new.pages == [] and new.num_cached == 0 and scheduler.waiting[0] is new
     assert len(new.token_ids) == 5  # what it generated is kept, to be recomputed
-    _decode(step)
+    _decode(scheduler, step)
     scheduler.finish(old)
     step = scheduler.schedule()
     assert step.prefills == [new] and new.num_new == 5 and new.status == RUNNING
@@ -80,34 +85,112 @@ def test_an_older_sequence_takes_the_pages_of_a_newer_one():
     old, new = _seq("old", 4), _seq("new", 4)
     scheduler.add(old)
     scheduler.add(new)
-    _decode(scheduler.schedule())  # both prefill: no page left
+    _decode(scheduler, scheduler.schedule())  # both prefill: no page left
     step = scheduler.schedule()  # old needs a page: new, not yet scheduled in this step, gives its own
     assert step.decodes == [old] and step.preempted == [new] and len(old.pages) == 2
 
 
-def test_a_recomputed_sequence_longer_than_the_budget_runs_alone():
-    scheduler = _scheduler(max_batch_tokens=4, num_pages=4, page_size=4)
-    seq = _seq("a", 4, max_new=8)
-    scheduler.add(seq)
-    _decode(scheduler.schedule())
-    scheduler._preempt(seq)
-    step = scheduler.schedule()
-    assert step.prefills == [seq] and seq.num_new == 5
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_while_decodes_go_on():
+    scheduler = _scheduler(max_batch_tokens=4, num_pages=8, page_size=4)
+    short, long = _seq("short", 2, max_new=8), _seq("long", 11, max_new=2)
+    scheduler.add(short)
+    _decode(scheduler, scheduler.schedule())
+    scheduler.add(long)
+    chunks = []
+    while long.num_cached < 11:
+        step = scheduler.schedule()
+        assert step.decodes == [short] and step.num_tokens <= 4  # the decode first, in every step
+        chunks.append((long.num_cached, long.num_new))
+        _decode(scheduler, step)
+    assert chunks == [(0, 3), (3, 3), (6, 3), (9, 2)]
+    assert len(long.pages) == 3 and long.num_cached == 11 and len(long.token_ids) == 12
 
 
 def test_bad_sequences_are_refused_and_a_full_queue_raises():
     scheduler = _scheduler(num_pages=2, page_size=4, max_batch_tokens=6, max_waiting=2)
-    with pytest.raises(ValueError, match="max_batch_tokens"):
-        scheduler.add(_seq("long", 7))
     with pytest.raises(ValueError, match="KV cache holds"):
         scheduler.add(_seq("grows", 4, max_new=5))
     with pytest.raises(ValueError, match="empty"):
         scheduler.add(_seq("empty", 0))
-    scheduler.add(_seq("a", 1))
+    scheduler.add(_seq("a", 7, max_new=1))  # longer than the budget: prefilled in chunks
     scheduler.add(_seq("b", 1))
     with pytest.raises(QueueFull):
         scheduler.add(_seq("c", 1))
     assert [s.request_id for s in scheduler.waiting] == ["a", "b"]
+
+
+def test_pages_are_shared_reference_counted_and_kept_cached_until_evicted_lru():
+    pages = PageAllocator(4, 4)
+    first, second = [], []
+    assert pages.grow(first, 8) and first == [0, 1]
+    keys = [block_key(None, [1, 2, 3, 4], None)]
+    keys.append(block_key(keys[0], [5, 6, 7, 8], None))
+    assert pages.cached(keys) == []
+    pages.register(0, keys[0])
+    pages.register(1, keys[1])
+    pages.share(second, pages.cached(keys))
+    assert second == [0, 1] and pages.refs(0) == 2 and pages.used_pages == 2
+    pages.release(first)
+    assert pages.refs(0) == 1 and pages.used_pages == 2
+    pages.release(second)  # nobody holds them; they stay cached, and count as free
+    assert pages.free_pages == 4 and pages.cached_pages == 2 and pages.cached(keys) == [0, 1]
+    third = []
+    assert pages.grow(third, 8) and third == [2, 3]  # never-cached pages first
+    assert pages.cached(keys) == [0, 1]
+    assert pages.grow(third, 12) and third[-1] == 1  # then the least recently released: the tail page
+    assert pages.cached(keys) == [0] and pages.cached_pages == 1
+    pages.release(third)
+    assert pages.free_pages == 4
+
+
+def test_keys_chain_the_whole_prefix_and_the_adapter():
+    key = block_key(None, [1, 2], "a")
+    assert key == block_key(None, [1, 2], "a")
+    assert key != block_key(None, [1, 2], "b") and key != block_key(None, [1, 3], "a")
+    assert block_key(key, [3, 4], "a") != block_key(block_key(None, [9, 9], "a"), [3, 4], "a")
+
+
+def test_a_shared_prefix_is_computed_once():
+    scheduler = _scheduler(num_pages=16, page_size=4)
+    system = list(range(100, 108))  # two full pages
+    first = Sequence("first", system + [1, 2], 14)
+    scheduler.add(first)
+    _decode(scheduler, scheduler.schedule())
+    second, other_adapter = Sequence("second", system + [3], 13), Sequence("other", system + [3], 13, "x")
+    scheduler.add(second)
+    scheduler.add(other_adapter)
+    step = scheduler.schedule()
+    assert step.prefills == [second, other_adapter]
+    assert second.pages[:2] == first.pages[:2] and (second.num_cached, second.num_new) == (8, 1)
+    assert not set(other_adapter.pages) & set(first.pages) and other_adapter.num_cached == 0
+    assert scheduler.pages.used_pages == 3 + 1 + 3
+    assert (scheduler.prefix_cache_queries, scheduler.prefix_cache_hits) == (10 + 9 + 9, 8)
+    # A prompt of exactly the cached pages still computes its last token.
+    again = Sequence("again", system, 12)
+    scheduler.add(again)
+    _decode(scheduler, step)
+    step = scheduler.schedule()
+    assert again in step.prefills and (again.num_cached, again.num_new) == (4, 4)
+    for seq in (first, second, other_adapter, again):
+        scheduler.finish(seq)
+    assert scheduler.pages.free_pages == 16
+
+
+def test_a_preempted_sequence_finds_its_own_cached_pages_again():
+    scheduler = _scheduler(num_pages=4, page_size=4)
+    old, new = _seq("old", 4, max_new=8), Sequence("new", list(range(50, 59)), 12)
+    scheduler.add(old)
+    scheduler.add(new)
+    _decode(scheduler, scheduler.schedule())  # old: one page; new: three, two of them full
+    step = scheduler.schedule()  # old needs a second page: new is preempted
+    assert step.preempted == [new] and scheduler.pages.cached_pages == 3
+    own = list(scheduler.pages.cached(new.block_keys))
+    _decode(scheduler, step)
+    scheduler.finish(old)
+    step = scheduler.schedule()
+    assert step.prefills == [new] and new.pages[:2] == own and (new.num_cached, new.num_new) == (8, 2)
+    scheduler.finish(new)
+    assert scheduler.pages.free_pages == 4
 
 
 def test_finish_of_a_waiting_sequence_removes_it():
@@ -132,7 +215,7 @@ def _run(scheduler, arrivals, max_steps=500):
         step = scheduler.schedule()
         for seq in step.prefills:
             admitted.setdefault(seq.request_id, step_number)
-        _decode(step)
+        _decode(scheduler, step)
         for seq in step.sequences:
             if len(seq.token_ids) >= seq.max_total_tokens:
                 scheduler.finish(seq)

@@ -195,7 +195,6 @@ BAD_COMPLETIONS = [
      ""),
     ({"model": "tiny", "prompt": PROMPT, "temprature": 0}, 400, "temprature", "unsupported_parameter", "unknown"),
     ({"model": "nope", "prompt": PROMPT}, 404, "model", "model_not_found", "nope"),
-    ({"model": "tiny", "prompt": "x" * 1100}, 400, "prompt", "context_length_exceeded", "max_batch_tokens"),
     ({"model": "tiny", "prompt": PROMPT, "max_tokens": 10**6}, 400, "max_tokens", "context_length_exceeded",
      "maximum context length of 2048 tokens"),
     ({"model": "tiny", "prompt": [1] * 2040, "max_tokens": 100}, 400, "prompt", "context_length_exceeded",
@@ -403,6 +402,8 @@ def test_503_while_draining_then_metrics(serve):
     assert families["fused_train_requests_finished"].type == "counter"
     assert value["fused_train_requests_finished_total"] == 1 and value["fused_train_generation_tokens_total"] == 12
     assert value["fused_train_kv_pages_used"] == 0
+    assert families["fused_train_prefix_cache_hits"].type == "counter"
+    assert value["fused_train_prefix_cache_queries_total"] == value["fused_train_prompt_tokens_total"] > 0
     for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency", "request_queue_time"):
         assert value[f"fused_train_{name}_seconds_count"] == 1, name
 
@@ -410,7 +411,7 @@ def test_503_while_draining_then_metrics(serve):
 def test_the_cli_serves_until_terminated(tiny_model_dir, tiny_adapters):
     command = [sys.executable, "-m", "fused_train.cli", "serve", "--model", tiny_model_dir, "--adapter",
                f"a={tiny_adapters['a']}", "--port", "0", "--served-model-name", "tiny", "--max-model-len", "512",
-               "--max-body-bytes", "1000", "--log-level", "warning"]  # fmt: skip
+               "--max-body-bytes", "1000", "--no-enable-prefix-caching", "--log-level", "warning"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:

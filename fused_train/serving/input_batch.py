@@ -1,0 +1,165 @@
+"""`InputBatch`: the step's input tensors, from buffers kept across steps and updated by what changed.
+
+vLLM v1's persistent batch, for our runner: each running sequence owns a row of a host page table
+that lives across steps. A new sequence writes its row once; a step then appends only the pages a
+sequence gained (a decode crossing into a new page), and a preempted or ended sequence gives its
+row back (an ended one at the next step: requests end on other threads too, the rows are only the
+loop thread's). The step's flat tensors (token ids, positions, page slots, the decodes' page table and
+lengths, the prefills' offsets and cached context) are computed from those rows with a few
+vectorized index operations, not rebuilt from Python lists of every token and page.
+
+A row is rebuilt from its sequence whenever its bookkeeping does not match it (another sequence of
+that id, a preemption since, fewer pages or tokens than the row holds), so a missed `forget`
+costs a rebuild, never a wrong slot.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from fused_train.hf.attention import PagedAttentionMetadata
+from fused_train.kernels.paged_decode_attention_ref import paged_attention_plan
+from fused_train.serving.scheduler import FINISHED, Sequence, Step
+
+
+@dataclass(eq=False)
+class _Row:
+    index: int  # in the page table
+    seq: Sequence
+    preemptions: int  # the sequence's count when its row was written
+    num_pages: int  # of its pages in the row
+    tokens: torch.Tensor  # int64: its token ids when the row was written (what prefills feed)
+
+
+class InputBatch:
+    """Page-table rows of the running sequences, on the host, grown as needed; `prepare(step)`
+    gives the step's inputs on `device` (see the module docstring)."""
+
+    def __init__(self, page_size: int, device, rows: int = 16, pages_per_row: int = 16):
+        self.page_size, self.device = page_size, torch.device(device)
+        self.page_table = torch.zeros(rows, pages_per_row, dtype=torch.int32)
+        self._rows: dict[str, _Row] = {}
+        self._free = list(range(rows - 1, -1, -1))
+
+    def forget(self, seq: Sequence) -> None:
+        """`seq` was preempted or ended: its row is free (`prepare` does it for the step's preempted
+        sequences and for ended ones)."""
+        row = self._rows.pop(seq.request_id, None)
+        if row is not None:
+            self._free.append(row.index)
+
+    def _row(self, seq: Sequence) -> _Row:
+        """`seq`'s row, brought up to date: its new pages (and tokens) appended."""
+        row = self._rows.get(seq.request_id)
+        if row is not None and (row.seq is not seq or row.preemptions != seq.preemptions
+                                or len(seq.pages) < row.num_pages or len(seq.token_ids) < len(row.tokens)):  # fmt: skip
+            self.forget(seq)
+            row = None
+        if row is None:
+            if not self._free:
+                rows = self.page_table.shape[0]
+                self.page_table = torch.cat([self.page_table, torch.zeros_like(self.page_table)])
+                self._free = list(range(2 * rows - 1, rows - 1, -1))
+            index = self._free.pop()
+            self.page_table[index].zero_()
+            tokens = torch.tensor(seq.token_ids, dtype=torch.int64)
+            row = self._rows[seq.request_id] = _Row(index, seq, seq.preemptions, 0, tokens)
+        num_pages = len(seq.pages)
+        if num_pages > row.num_pages:
+            width = self.page_table.shape[1]
+            if num_pages > width:
+                grown = torch.zeros(self.page_table.shape[0], max(2 * width, num_pages), dtype=torch.int32)
+                grown[:, :width] = self.page_table
+                self.page_table = grown
+            self.page_table[row.index, row.num_pages:num_pages] = torch.tensor(seq.pages[row.num_pages:],
+                                                                               dtype=torch.int32)  # fmt: skip
+            row.num_pages = num_pages
+        return row
+
+    def _prefill_tokens(self, seq: Sequence, row: _Row) -> torch.Tensor:
+        """The ids `seq` feeds this step. A decode feeds its last token, taken from the sequence:
+        only a prefill reads the row's (and a sequence prefills after it decoded only when
+        preempted, which writes its row anew)."""
+        end = seq.num_cached + seq.num_new
+        if end > len(row.tokens):
+            row.tokens = torch.tensor(seq.token_ids, dtype=torch.int64)
+        return row.tokens[seq.num_cached:end]
+
+    def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """int64 `page * page_size + offset` of each (row, position)."""
+        page_size = self.page_size
+        return self.page_table[rows, positions // page_size].long() * page_size + positions % page_size
+
+    def prepare(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, torch.Tensor]:
+        """`(input_ids, position_ids, metadata, last)` of `step` on the device: its flat row (each
+        prefill's `token_ids[num_cached : num_cached + num_new]` at positions from `num_cached` on,
+        then each decode's last token), and the index of each sequence's last token in it."""
+        for seq in step.preempted + [row.seq for row in self._rows.values() if row.seq.status == FINISHED]:
+            self.forget(seq)
+        prefill_rows = [self._row(seq) for seq in step.prefills]
+        decode_rows = [self._row(seq) for seq in step.decodes]
+        num_decodes = len(step.decodes)
+        decode_index = torch.tensor([row.index for row in decode_rows], dtype=torch.int64)
+        kv_lens = torch.tensor([len(seq.token_ids) for seq in step.decodes], dtype=torch.int64)
+        ids = torch.tensor([seq.token_ids[-1] for seq in step.decodes], dtype=torch.int64)
+        positions, rows = kv_lens - 1, decode_index
+        last = torch.arange(num_decodes)
+        num_prefill, max_prefill_len, cu_prefill, context = 0, 0, torch.zeros(1, dtype=torch.int64), {}
+        if step.prefills:
+            prefill_ids, prefill_positions, prefill_rows, cu_prefill, context = self._prefills(step, prefill_rows)
+            num_prefill, max_prefill_len = len(prefill_ids), int((cu_prefill[1:] - cu_prefill[:-1]).max())
+            ids, positions = torch.cat([prefill_ids, ids]), torch.cat([prefill_positions, positions])
+            rows, last = torch.cat([prefill_rows, rows]), torch.cat([cu_prefill[1:] - 1, last + num_prefill])
+        max_pages = max((row.num_pages for row in decode_rows), default=1)
+        page_table = self._device(self.page_table[:, :max_pages].index_select(0, decode_index))
+        kv_lens = self._device(kv_lens, torch.int32)
+        plan = None
+        if num_decodes and self.device.type == "cpu":  # where the reference runs: its per-step part, once
+            plan = paged_attention_plan(page_table, kv_lens, None, self.page_size)
+        metadata = PagedAttentionMetadata(
+            slots=self._device(self._slots(rows, positions)),
+            num_prefill_tokens=num_prefill,
+            cu_seqlens_prefill=self._device(cu_prefill, torch.int32),
+            max_prefill_len=max_prefill_len,
+            page_table=page_table,
+            kv_lens=kv_lens,
+            decode_plan=plan,
+            **context,
+        )
+        return self._device(ids)[None], self._device(positions)[None], metadata, self._device(last)
+
+    def _prefills(self, step: Step, rows: list[_Row]):
+        """The prefills' token ids, positions and rows (one each per token), their `cu_seqlens` and
+        the metadata of their cached context (empty when none has any)."""
+        num_prefills = len(step.prefills)
+        cached = torch.tensor([seq.num_cached for seq in step.prefills], dtype=torch.int64)
+        lengths = torch.tensor([seq.num_new for seq in step.prefills], dtype=torch.int64)
+        row_index = torch.tensor([row.index for row in rows], dtype=torch.int64)
+        ids = torch.cat([self._prefill_tokens(seq, row) for seq, row in zip(step.prefills, rows)])
+        cu = torch.zeros(num_prefills + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=cu[1:])
+        # Sequence b's token t sits at position cached[b] + t.
+        token_seq = torch.repeat_interleave(torch.arange(num_prefills), lengths, output_size=len(ids))
+        positions = cached[token_seq] + torch.arange(len(ids)) - cu[token_seq]
+        num_context = int(cached.sum())
+        if not num_context:
+            return ids, positions, row_index[token_seq], cu, {}
+        # Prefill b's keys: its context (rows of the gathered context), then its fresh keys (rows
+        # after all the context), from cat([context, fresh]).
+        cu_context = torch.zeros(num_prefills + 1, dtype=torch.int64)
+        torch.cumsum(cached, 0, out=cu_context[1:])
+        context_seq = torch.repeat_interleave(torch.arange(num_prefills), cached, output_size=num_context)
+        context_slots = self._slots(row_index[context_seq], torch.arange(num_context) - cu_context[context_seq])
+        lengths_k = cached + lengths
+        cu_k = torch.zeros(num_prefills + 1, dtype=torch.int64)
+        torch.cumsum(lengths_k, 0, out=cu_k[1:])
+        key_seq = torch.repeat_interleave(torch.arange(num_prefills), lengths_k, output_size=int(cu_k[-1]))
+        key = torch.arange(int(cu_k[-1])) - cu_k[key_seq]  # the key's index within its prefill
+        order = torch.where(key < cached[key_seq], cu_context[key_seq] + key,
+                            num_context + cu[key_seq] + key - cached[key_seq])  # fmt: skip
+        context = dict(cu_seqlens_prefill_k=self._device(cu_k, torch.int32), max_prefill_len_k=int(lengths_k.max()),
+                       context_slots=self._device(context_slots), prefill_key_order=self._device(order))  # fmt: skip
+        return ids, positions, row_index[token_seq], cu, context
+
+    def _device(self, tensor: torch.Tensor, dtype=None) -> torch.Tensor:
+        return tensor.to(self.device, dtype, non_blocking=True)
