@@ -1,5 +1,6 @@
 """What the launchers and their input checks share: the device guard, whether Triton runs in its
-interpreter, how a bad argument is described in an error, and where a check may read values back.
+interpreter, output buffers, how a bad argument is described in an error, and where a check may read
+values back.
 
 The device guard: Triton launches on the current CUDA device and its current stream, which need
 not be the tensors' device (a model on cuda:1, or spread over GPUs by `device_map="auto"`), so
@@ -34,6 +35,15 @@ def interpreting() -> bool:
     wrongly, so there tiles are cast to fp32 right after loading; compiled kernels keep the input
     dtype for the tensor cores. Read per call, as `fused_train.ops.dispatch` reads it."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def output_buffer(shape, device, dtype):
+    """A launcher's output; NaN-filled (poisoned) under the interpreter, where the tests run, so an
+    element a kernel forgets to write fails them. Compiled runs skip the fill: it would cost a full
+    write of the output."""
+    if interpreting():
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
 
 
 def describe(value) -> str:

@@ -6,9 +6,9 @@ the plain-PyTorch reference; this module re-exports it. One call makes three Tri
 
 1. shrink: `S[t, :rank] = x[t]·A_sᵀ` into an fp32 `[T, r_max]` buffer, rank blocks of 16 up to
    `ranks[s]` (a slot's padding costs neither bytes nor FLOPs; tokens of slot -1 cost nothing).
-2. base: `y = x·Wᵀ + bias` by `lora.lora_gemm`, the fused LoRA GEMM, with an empty LoRA seed: its
-   float, int8 and int4 weights, its TMA kernel and its timed choice of ways (cuBLAS included)
-   come with it. A per-token adapter cannot be that GEMM's seed: the seed is one `L·R` product.
+2. base: `y = x·Wᵀ + bias` by `lora_gemm.lora_gemm`, the fused LoRA GEMM, with an empty LoRA seed:
+   its float, int8 and int4 weights, its TMA kernel and its rule for ways (cuBLAS included) come
+   with it. A per-token adapter cannot be that GEMM's seed: the seed is one `L·R` product.
 3. expand: `y[t] += scalings[s]·S[t, :rank]·B_sᵀ`, in place (fp32 sum, one rounding to y's dtype).
 
 Two paths, chosen on the host from `T` and `S` alone (`choose_path`), neither reading the slots
@@ -32,7 +32,7 @@ and `y`, and the slot offsets into the stacks, are int64: `x`, `y` and `lora_b` 
 
 Backward (not implemented: serving needs none), given `dy`: `dS_t = scalings[s]·dy_t·B_s` (the
 shrink with `B_s` as the stack, `[S, out, r]` read transposed), `dx = dy·W + dS·A_s` (the base dx
-GEMM of `lora.lora_gemm`, then the expand with `A_s`); `dA_s = Σ_{t∈s} dS_tᵀ·x_t` and
+GEMM of `lora_gemm.lora_gemm`, then the expand with `A_s`); `dA_s = Σ_{t∈s} dS_tᵀ·x_t` and
 `dB_s = scalings[s]·Σ_{t∈s} dy_tᵀ·S_t`, reductions over each slot's sorted segment (the
 segment tiles of this module, accumulated per slot as `lora.lora_reduce_tokens` does per split),
 masked to `ranks[s]`. It would save `x`, `S` and the sort order.
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .launch import interpreting, on_device_of_first_argument
-from .lora import lora_gemm
+from .lora_gemm import lora_gemm
 from .multi_lora_ref import multi_lora_linear_ref  # noqa: F401
 
 # Ranks are walked in blocks of this many: the smallest `tl.dot` the GPU takes, and the step
