@@ -9,9 +9,9 @@ Providers, side by side on the same random inputs:
   stores it (the kernel dequantizes W tile by tile; on CPU the reference dequantizes it whole).
 Reports ms (median), TFLOP/s of the base matmul work, peak memory (GPU), the frozen weight's bytes
 per format, and the ratios fused/base, peft/fused, fused_int8/base and fused_int4/base; writes JSON
-and a PNG chart under bench/results/. On a GPU, `fused` times the ways its two GEMMs can run (TMA
-or pointer kernel at each config, or cuBLAS over our seed) at their first call and keeps the
-fastest: each row records those timings (`gemm_ways_ms`, forward and dx). It also profiles `base`
+and a PNG chart under bench/results/. On a GPU, each row also times every way `fused`'s two GEMMs can run
+(TMA or pointer kernel at each config, or cuBLAS over our seed), side by side (`gemm_ways_ms`,
+forward and dx; the first is the one `gemm_ways`' rule runs). It also profiles `base`
 and `fused` at the acceptance shape (torch.profiler), forward+backward and forward alone: the time
 of each kernel, and their sum against the timed step, which says whether the difference is in the
 kernels or between them (launch gaps). Last, the host time of one
@@ -33,15 +33,14 @@ import time
 from unittest import mock
 
 import torch
-import triton
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from tqdm import tqdm
 
 import fused_train.ops.lora
 from fused_train.hf.quantize import Int8Linear
-from fused_train.kernels import lora as lora_kernels
-from fused_train.kernels.lora import quantize_int4
+from fused_train.kernels import lora_gemm as gemm_kernels
+from fused_train.kernels.lora_gemm_ref import quantize_int4
 from fused_train.ops.lora import lora_linear
 
 if not __package__:  # run as a script: its siblings as `bench.*`, the way tests import them
@@ -103,19 +102,26 @@ def _providers(tokens, fan_in, fan_out, rank, dtype, device):
     return forwards, weight_mb, grad_y, [x, lora_a, lora_b]
 
 
-def _gemm_ways_ms(tokens, fan_in, fan_out, rank, dtype):
-    """What `fused`'s GEMMs measured for each way they can run, fastest first (the one kept), from
-    the kernels' own timing at their first call; empty where nothing was timed (CPU, small shapes)."""
+def _gemm_ways_ms(tokens, fan_in, fan_out, rank, dtype, device):
+    """ms of each way `fused`'s two GEMMs (forward and dx, as `lora_linear` launches them) can run,
+    side by side, the way `gemm_ways` picks first. On a GPU only: on CPU the reference runs."""
+    torch.manual_seed(0)
+    weight = torch.randn(fan_out, fan_in, device=device, dtype=dtype) / fan_in**0.5
+    x, grad_y = torch.randn(tokens, fan_in, device=device, dtype=dtype), torch.randn(tokens, fan_out, device=device, dtype=dtype)
+    lora_s, lora_b = torch.randn(tokens, rank, device=device), torch.randn(fan_out, rank, device=device)
+    grad_s, lora_a = torch.randn(tokens, rank, device=device), torch.randn(rank, fan_in, device=device)
+    keep = (torch.rand(tokens, fan_in, device=device) > 0.1).view(torch.uint8)
+    gemms = {
+        "fwd": (x, weight, True, None, None, lora_s, lora_b.t(), 2.0, None, None, 1.0, dtype),
+        "dx": (grad_y, weight, False, None, None, grad_s, lora_a, 1.0, None, keep, 1 / 0.9, dtype),
+    }
     found = {}
-    for key, timings in lora_kernels.GEMM_TIMINGS.items():
-        # The key rounds tokens and rank up as the kernels do: rows that share a key share its timing.
-        shape = (fan_out, fan_in) if key.kind == "fwd" else (fan_in, fan_out)
-        if (key.m_bucket, key.n, key.k, key.block_r, key.a_dtype) == (
-            triton.next_power_of_2(tokens), *shape, lora_kernels._block_r(rank), dtype
-        ):
-            found[key.kind] = {
-                " ".join(way): round(ms, 4) for way, ms in sorted(timings.items(), key=lambda item: item[1])
-            }
+    for kind, args in gemms.items():
+        out = torch.empty(tokens, args[6].shape[1], device=device, dtype=dtype)
+        found[kind] = {
+            " ".join(way): round(_time_ms(lambda way=way: gemm_kernels.lora_gemm(*args, way=way), device), 4)
+            for way in gemm_kernels.gemm_ways_of(args[0], weight, out)
+        }
     return found
 
 
@@ -254,6 +260,7 @@ def main():
     rows, breakdown = [], None
     for tokens, fan_in, fan_out, rank in tqdm(shapes, desc="bench_lora"):
         forwards, weight_mb, grad_y, leaves = _providers(tokens, fan_in, fan_out, rank, dtype, device)
+        gemm_ways_ms = _gemm_ways_ms(tokens, fan_in, fan_out, rank, dtype, device) if device == "cuda" else {}
         for mode in ("fwd", "fwd+bwd"):
             # base matmul work: x·Wᵀ forward, and dy·W in the backward
             flop = 2 * tokens * fan_in * fan_out * (1 if mode == "fwd" else 2)
@@ -268,7 +275,7 @@ def main():
             row["peft_over_fused"] = row["peft_ms"] / row["fused_ms"]
             row["fused_int8_over_base"] = row["fused_int8_ms"] / row["base_ms"]
             row["fused_int4_over_base"] = row["fused_int4_ms"] / row["base_ms"]
-            row["gemm_ways_ms"] = _gemm_ways_ms(tokens, fan_in, fan_out, rank, dtype)
+            row["gemm_ways_ms"] = gemm_ways_ms
             rows.append(row)
         if device == "cuda" and (tokens, fan_in, fan_out, rank) == QUICK_SHAPES[0]:
             try:

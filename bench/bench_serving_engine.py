@@ -21,9 +21,19 @@ p50/p95/p99, the KV cache's bytes per token (the engine's pool; peft's DynamicCa
 dtype) and peak memory; JSON and PNG under bench/results/.
 
     python bench/bench_serving_engine.py            # CPU: the demo's tiny Llama; GPU: a 1B-shaped Llama
-    python bench/bench_serving_engine.py --quick    # fewer requests (the GPU check)
+    python bench/bench_serving_engine.py --quick    # fewer requests
+    python bench/bench_serving_engine.py --model 8b --adapters 8 --requests 32 --ways engine_int8,peft_naive
+                                                    # the GPU check: an 8B-shaped random Llama
     python bench/bench_serving_engine.py --batch1   # batch 1 on the base model: the engine vs HF generate
     python bench/bench_serving_engine.py --generate-batch   # the base model: the engine vs HF generate_batch
+
+`--workload shared-prefix`: a few system prompts (`--systems`, `--system-tokens` each, a tenant's
+adapter each) x many user turns (corpus sentences), Poisson arrivals; the int8 engine with and
+without its prefix cache, side by side in one run, TTFT p50 with over without, into
+serving_shared_prefix_<device>.json. `--workload long-prompt`: `--decoders` requests decode while
+one `--long-prompt-tokens` prompt arrives; the decodes' inter-token times (a step's time) before and
+while it prefills, chunked (`--max-batch-tokens`, default 256) against in one step (a budget that
+holds the whole prompt), into serving_long_prompt_<device>.json.
 
 `--batch1` times one request at a time, no adapter, greedy and sampled (temperature 0.8, top_p 0.9,
 top_k 50), `--batch1-tokens` output tokens each: the engine (model-dtype and int8 pages) against
@@ -64,28 +74,34 @@ ADAPTERS, RANKS = 32, (8, 16, 32, 64)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPU_MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096)  # fmt: skip
+# Llama-3-8B's shapes, random weights: what the engine's step costs at a real model's size.
+MODEL_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)  # fmt: skip
+# --model: the default is "tiny" on CPU, "1b" on a GPU.
+MODELS = {"tiny": MODEL, "1b": GPU_MODEL, "8b": MODEL_8B}
 WAYS = ("engine_int8", "engine_model", "peft_naive", "peft_static")
 
 
-def make_trace(requests, rate, seed, max_prompt, mean_output, max_output, vocab_size):
-    """[(arrival s, prompt ids, output tokens, adapter name or None)], in arrival order."""
+def make_trace(requests, rate, seed, max_prompt, mean_output, max_output, vocab_size, adapters=ADAPTERS):
+    """[(arrival s, prompt ids, output tokens, adapter name or None)], in arrival order, over
+    `adapters` adapters named adapter0..."""
     rng = np.random.default_rng(seed)
     documents, _ = load_documents(max_prompt, "sentences")
     arrivals = np.cumsum(rng.exponential(1.0 / rate, requests)) - 0  # Poisson process
     arrivals -= arrivals[0]
     outputs = np.clip(rng.lognormal(np.log(mean_output), 0.8, requests).round(), 2, max_output).astype(int)
-    zipf = 1.0 / np.arange(1, ADAPTERS + 1)
-    picks = rng.choice(ADAPTERS + 1, size=requests, p=np.append(zipf, zipf[0]) / (zipf.sum() + zipf[0]))
+    zipf = 1.0 / np.arange(1, adapters + 1)
+    picks = rng.choice(adapters + 1, size=requests, p=np.append(zipf, zipf[0]) / (zipf.sum() + zipf[0]))
     trace = []
     for i in range(requests):
         prompt = [t % vocab_size for t in documents[int(rng.integers(len(documents)))]]
-        adapter = None if picks[i] == ADAPTERS else f"adapter{picks[i]}"  # the base is as popular as the top adapter
+        adapter = None if picks[i] == adapters else f"adapter{picks[i]}"  # the base is as popular as the top adapter
         trace.append((float(arrivals[i]), prompt, int(outputs[i]), adapter))
     return trace
 
 
-def make_adapters(base, folder):
-    """32 random peft adapters on disk, written as peft saves them (adapter_config.json and
+def make_adapters(base, folder, adapters=ADAPTERS):
+    """`adapters` random peft adapters on disk, written as peft saves them (adapter_config.json and
     adapter_model.safetensors), without a copy of the model per adapter."""
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -94,7 +110,7 @@ def make_adapters(base, folder):
     linears = [(name, module) for name, module in base.named_modules()
                if name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, torch.nn.Linear)]  # fmt: skip
     paths = {}
-    for i in range(ADAPTERS):
+    for i in range(adapters):
         rank = RANKS[i % len(RANKS)]
         path = paths[f"adapter{i}"] = os.path.join(folder, f"adapter{i}")
         LoraConfig(r=rank, lora_alpha=16, target_modules=TARGETS).save_pretrained(path)
@@ -121,9 +137,30 @@ class _Times:
         self.count += 1
 
 
-def run_engine(base, paths, trace, kv_dtype, device):
-    engine = Engine(copy.deepcopy(base), adapters=paths, kv_dtype=kv_dtype, max_loras=ADAPTERS,
-                    kv_cache_tokens=65536 if device == "cuda" else 16384, max_batch_tokens=4096)  # fmt: skip
+def make_shared_prefix_trace(requests, rate, seed, systems, system_tokens, outputs, vocab_size):
+    """The trace of `make_trace`, every prompt one of `systems` system prompts of `system_tokens`
+    tokens (the tenant's, with its adapter) followed by a user turn (a corpus sentence)."""
+    rng = np.random.default_rng(seed)
+    documents, _ = load_documents(64, "sentences")
+    tenants = []
+    for k in range(systems):
+        system = []
+        while len(system) < system_tokens:
+            system += documents[int(rng.integers(len(documents)))]
+        tenants.append(([t % vocab_size for t in system[:system_tokens]], f"adapter{k}"))
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, requests))
+    arrivals -= arrivals[0]
+    trace = []
+    for i in range(requests):
+        system, adapter = tenants[int(rng.integers(systems))]
+        user = [t % vocab_size for t in documents[int(rng.integers(len(documents)))]]
+        trace.append((float(arrivals[i]), system + user, outputs, adapter))
+    return trace
+
+
+def run_engine(base, paths, trace, kv_dtype, device, **options):
+    options = dict(kv_cache_tokens=65536 if device == "cuda" else 16384, max_batch_tokens=4096, **options)
+    engine = Engine(copy.deepcopy(base), adapters=paths, kv_dtype=kv_dtype, max_loras=len(paths), **options)
     times = [_Times() for _ in trace]
     start = time.perf_counter()
     threads = []
@@ -142,7 +179,56 @@ def run_engine(base, paths, trace, kv_dtype, device):
     metrics = engine.metrics()
     engine.shutdown()
     return start, times, dict(kv_bytes_per_token=metrics["kv_bytes_per_token"], preemptions=metrics["preemptions"],
-                              steps=metrics["steps"], adapter_loads=metrics["adapters"]["loads"])  # fmt: skip
+                              steps=metrics["steps"], adapter_loads=metrics["adapters"]["loads"],
+                              prefix_cache_queries=metrics["prefix_cache_queries"],
+                              prefix_cache_hits=metrics["prefix_cache_hits"])  # fmt: skip
+
+
+def run_long_prompt(base, device, max_batch_tokens, prompt_tokens, decoders, decode_tokens=48, warm_tokens=16):
+    """`decoders` requests decode; once each has `warm_tokens` tokens, one `prompt_tokens` prompt
+    arrives. The decodes' inter-token times (ms) before it and from its arrival to its first token,
+    and its TTFT (ms)."""
+    engine = Engine(copy.deepcopy(base), kv_dtype="int8", kv_cache_tokens=prompt_tokens + decoders * 128,
+                    max_batch_tokens=max_batch_tokens, enable_prefix_caching=False)  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    vocab = base.config.vocab_size
+    params = SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True)
+    stamps = [[] for _ in range(decoders)]
+    prompts = [torch.randint(3, vocab, (32,), generator=generator).tolist() for _ in range(decoders)]
+    warm = threading.Barrier(decoders + 1)
+
+    def decode(record, prompt):
+        handle = engine.add_request(prompt, params)
+        for count, _ in enumerate(handle, 1):
+            record.append(time.perf_counter())
+            if count == warm_tokens:
+                warm.wait()
+
+    try:
+        threads = [threading.Thread(target=decode, args=pair) for pair in zip(stamps, prompts)]
+        for thread in threads:
+            thread.start()
+        warm.wait()
+        prompt = torch.randint(3, vocab, (prompt_tokens,), generator=generator).tolist()
+        arrival = time.perf_counter()
+        output = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))[0]
+        first_token = arrival + output.time_to_first_token
+        for thread in threads:
+            thread.join()
+    finally:
+        engine.shutdown()
+    before, during = [], []
+    for record in stamps:
+        for previous, now in zip(record, record[1:]):
+            if now <= arrival:
+                before.append(now - previous)
+            elif previous < first_token:
+                during.append(now - previous)
+    if not during:
+        raise AssertionError("no decode step ran while the long prompt prefilled: raise --decoders' tokens")
+    return dict(max_batch_tokens=max_batch_tokens, long_prompt_ttft_ms=output.time_to_first_token * 1e3,
+                itl_before_ms_p50=float(np.median(before)) * 1e3, itl_during_ms_p50=float(np.median(during)) * 1e3,
+                itl_during_ms_max=float(np.max(during)) * 1e3)  # fmt: skip
 
 
 class _Streamer(transformers.generation.streamers.BaseStreamer):
@@ -312,6 +398,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer requests (the GPU check)")
     parser.add_argument("--requests", type=int, help="requests in the trace (CPU 64, GPU 256; --quick: 24 / 96)")
     parser.add_argument("--rate", type=float, help="mean arrivals per second (CPU 16, GPU 64)")
+    parser.add_argument("--model", choices=list(MODELS), help="random Llama of these shapes (CPU: tiny, GPU: 1b)")
+    parser.add_argument("--adapters", type=int, default=ADAPTERS, help=f"adapters in the trace (default {ADAPTERS})")
     parser.add_argument("--static-batch", type=int, default=8, help="peft_static's batch size")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {','.join(WAYS)}")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
@@ -320,6 +408,14 @@ def main(argv=None):
     parser.add_argument("--batch1-repeats", type=int, default=5, help="--batch1: timed runs per way (the median)")
     parser.add_argument("--generate-batch", action="store_true", help="the base model vs HF generate_batch instead")
     parser.add_argument("--threads", type=int, help="torch's intra-op threads (torch.set_num_threads)")
+    parser.add_argument("--workload", choices=("trace", "shared-prefix", "long-prompt"), default="trace",
+                        help="the 32-adapter trace over the ways; a few system prompts x many user turns, with and "
+                             "without the prefix cache; decodes while a long prompt arrives, chunked or not")
+    parser.add_argument("--systems", type=int, default=4, help="shared-prefix: system prompts (one adapter each)")
+    parser.add_argument("--system-tokens", type=int, help="shared-prefix: tokens per system prompt (CPU 512, GPU 2048)")
+    parser.add_argument("--long-prompt-tokens", type=int, help="long-prompt: its tokens (CPU 1536, GPU 4000)")
+    parser.add_argument("--decoders", type=int, default=8, help="long-prompt: requests decoding meanwhile")
+    parser.add_argument("--max-batch-tokens", type=int, default=256, help="long-prompt: the chunked run's budget")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -327,10 +423,19 @@ def main(argv=None):
     gpu = device == "cuda"
     requests = args.requests or ((96 if gpu else 24) if args.quick else (256 if gpu else 64))
     rate = args.rate or (64.0 if gpu else 16.0)
-    config = transformers.LlamaConfig(**(GPU_MODEL if gpu else MODEL), attn_implementation="sdpa")
+    model = args.model or ("1b" if gpu else "tiny")
+    config = transformers.LlamaConfig(**MODELS[model], attn_implementation="sdpa")
     config.use_cache = True
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config).to(device, torch.bfloat16 if gpu else torch.float32).eval()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    # Built on the device in its dtype: an 8B model in float32 on the host takes minutes and 32 GB.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            base = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     if args.batch1 or args.generate_batch:
         os.makedirs(args.out, exist_ok=True)
         report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
@@ -351,11 +456,30 @@ def main(argv=None):
             print(f"{name:>34} {value:10.3f}{unit}")
         print(f"wrote {path}")
         return
-    trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size)
+    if args.workload != "trace":
+        os.makedirs(args.out, exist_ok=True)
+        report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
+                      threads=torch.get_num_threads(), model=config.to_diff_dict())  # fmt: skip
+        load_before = os.getloadavg()[0]
+        if args.workload == "shared-prefix":
+            report.update(_shared_prefix(base, device, requests, rate, args))
+            bars = {way: {f"TTFT p{p}": row[f"ttft_ms_p{p}"] for p in (50, 95, 99)} for way, row in report["ways"].items()}
+        else:
+            report.update(_long_prompt(base, device, args))
+            bars = {way: {"decode step before": r["itl_before_ms_p50"], "while prefilling p50": r["itl_during_ms_p50"],
+                          "while prefilling max": r["itl_during_ms_max"]} for way, r in report["runs"].items()}
+        report["load_average_1min"] = dict(before=load_before, after=os.getloadavg()[0])
+        stem = os.path.join(args.out, f"serving_{args.workload.replace('-', '_')}_{device}")
+        with open(stem + ".json", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        _bars(bars, stem + ".png", f"{args.workload}, {report['device']} (ms, lower is better)")
+        print(f"wrote {stem}.json and {stem}.png")
+        return
+    trace = make_trace(requests, rate, 0, 64, 24 if gpu else 12, 128 if gpu else 48, config.vocab_size, args.adapters)
     rows = {}
     process = psutil.Process()
     with tempfile.TemporaryDirectory() as folder:
-        paths = make_adapters(base, folder)
+        paths = make_adapters(base, folder, args.adapters)
         for way in args.ways.split(","):
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
@@ -375,10 +499,11 @@ def main(argv=None):
             if baseline in rows:
                 row[f"speedup_over_{baseline}"] = row["output_tokens_per_s"] / rows[baseline]["output_tokens_per_s"]
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"serving_engine_{device}{'_quick' if args.quick else ''}")
+    named = f"_{model}" if args.model else ""
+    stem = os.path.join(args.out, f"serving_engine_{device}{named}{'_quick' if args.quick else ''}")
     report = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
                   threads=torch.get_num_threads(), model=config.to_diff_dict(), requests=requests, rate=rate,
-                  adapters=ADAPTERS, static_batch=args.static_batch, ways=rows)  # fmt: skip
+                  adapters=args.adapters, static_batch=args.static_batch, ways=rows)  # fmt: skip
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1, default=str)
     _chart(rows, stem + ".png", report["device"])
@@ -390,6 +515,61 @@ def main(argv=None):
               f"{r['ttft_ms_p50']:>8.0f}/{r['ttft_ms_p95']:.0f}/{r['ttft_ms_p99']:.0f} "
               f"{r['tpot_ms_p50']:>8.1f}/{r['tpot_ms_p95']:.1f}/{r['tpot_ms_p99']:.1f} {r['kv_bytes_per_token']:>10.0f}")
     print(f"wrote {stem}.json and {stem}.png")
+
+
+def _shared_prefix(base, device, requests, rate, args):
+    """The shared-prefix trace through the int8 engine with and without its prefix cache."""
+    system_tokens = args.system_tokens or (2048 if device == "cuda" else 512)
+    trace = make_shared_prefix_trace(requests, rate, 0, args.systems, system_tokens, 8, base.config.vocab_size)
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_adapters(base, folder)
+        for way, caching in (("prefix_cache", True), ("no_prefix_cache", False)):
+            result = run_engine(base, paths, trace, "int8", device, enable_prefix_caching=caching)
+            rows[way] = summarize(*result[:2], trace, result[2])
+    ratio = rows["prefix_cache"]["ttft_ms_p50"] / rows["no_prefix_cache"]["ttft_ms_p50"]
+    print(f"{'way':>16} {'tok/s':>8} {'TTFT p50/p95/p99 ms':>24} {'hits/queries':>14}")
+    for way, r in rows.items():
+        print(f"{way:>16} {r['output_tokens_per_s']:>8.1f} {r['ttft_ms_p50']:>8.0f}/{r['ttft_ms_p95']:.0f}/"
+              f"{r['ttft_ms_p99']:.0f} {r['prefix_cache_hits']:>7}/{r['prefix_cache_queries']}")
+    print(f"TTFT p50 with the prefix cache / without: {ratio:.2f}x")
+    return dict(workload="shared-prefix", requests=requests, rate=rate, systems=args.systems,
+                system_tokens=system_tokens, ways=rows, ttft_p50_cache_over_no_cache=ratio)  # fmt: skip
+
+
+def _long_prompt(base, device, args):
+    """Decode step times while a long prompt arrives: chunked under `--max-batch-tokens` and in one step."""
+    prompt_tokens = args.long_prompt_tokens or (4000 if device == "cuda" else 1536)
+    runs = {}
+    for way, budget in (("chunked", args.max_batch_tokens), ("one_step", prompt_tokens + args.decoders)):
+        run_long_prompt(base, device, budget, min(prompt_tokens, 256), args.decoders)  # warm-up
+        runs[way] = run_long_prompt(base, device, budget, prompt_tokens, args.decoders)
+    print(f"{'way':>9} {'budget':>7} {'ITL before p50':>15} {'while prefilling p50/max':>25} {'long TTFT':>10} (ms)")
+    for way, r in runs.items():
+        print(f"{way:>9} {r['max_batch_tokens']:>7} {r['itl_before_ms_p50']:>15.1f} "
+              f"{r['itl_during_ms_p50']:>12.1f}/{r['itl_during_ms_max']:<12.1f} {r['long_prompt_ttft_ms']:>10.0f}")
+    ratio = runs["chunked"]["itl_during_ms_max"] / runs["one_step"]["itl_during_ms_max"]
+    print(f"longest decode step while the prompt prefills, chunked / one step: {ratio:.2f}x")
+    return dict(workload="long-prompt", long_prompt_tokens=prompt_tokens, decoders=args.decoders, runs=runs,
+                itl_during_max_chunked_over_one_step=ratio)
+
+
+def _bars(groups, path, title):
+    """One group of bars per way: {way: {label: ms}}."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = list(next(iter(groups.values())))
+    width = 0.8 / len(labels)
+    for offset, label in enumerate(labels):
+        ax.bar(np.arange(len(groups)) + (offset - (len(labels) - 1) / 2) * width,
+               [values[label] for values in groups.values()], width, label=label)  # fmt: skip
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _chart(rows, path, device_name):

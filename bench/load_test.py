@@ -101,6 +101,30 @@ def make_trace(num_requests, models, zipf_s, prompts, burstiness, seed) -> list[
             for i in range(num_requests)]  # fmt: skip
 
 
+def _joined(sentences, rng, length) -> str:
+    """Corpus sentences picked by `rng`, joined, cut to `length` characters (bytes: the tiny model's tokens)."""
+    text = ""
+    while len(text) < length:
+        text += sentences[int(rng.integers(len(sentences)))] + " "
+    return text[:length]
+
+
+def apply_workload(trace, workload, sentences, args) -> None:
+    """Rewrite the trace's prompts for `workload`: "shared-prefix" puts one of `--system-prompts`
+    system prompts (`--system-prompt-tokens` long) before each prompt, a user turn; "long-prompt"
+    gives a `--long-prompt-fraction` of the requests a prompt of `--long-prompt-tokens` (each its
+    own text); "mixed" leaves the corpus prompts."""
+    rng = np.random.default_rng(args.seed + 1)
+    if workload == "shared-prefix":
+        systems = [_joined(sentences, rng, args.system_prompt_tokens) for _ in range(args.system_prompts)]
+        for item in trace:
+            item["prompt"] = systems[int(rng.integers(len(systems)))] + "\n" + item["prompt"]
+    elif workload == "long-prompt":
+        for item in trace:
+            if rng.random() < args.long_prompt_fraction:
+                item["prompt"] = _joined(sentences, rng, args.long_prompt_tokens)
+
+
 async def send_request(client, url, body, headers, timeout) -> dict:
     """One streamed completion; its record: times in seconds from sending, `ok` or `error`."""
     record = dict(ok=False, error=None, status=None, ttft=None, itl=[], e2el=None, output_tokens=0, usage_tokens=None)
@@ -350,12 +374,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(kind, model_dir, adapters, port, max_loras) -> list[str]:
+def server_command(kind, model_dir, adapters, port, max_loras, engine_args=()) -> list[str]:
     """The command that serves `model_dir` with `adapters` on 127.0.0.1:`port`: our server
-    (`fused-train serve`) or the naive per-request peft one (bench/naive_engine.py)."""
+    (`fused-train serve`, with `engine_args`) or the naive per-request peft one (bench/naive_engine.py)."""
     if kind == "ours":
         command = [sys.executable, "-m", "fused_train.cli", "serve", "--max-loras", str(max_loras), "--log-level",
-                   "warning"]  # fmt: skip
+                   "warning", *engine_args]  # fmt: skip
     else:
         command = [sys.executable, os.path.join(REPO, "bench", "naive_engine.py"), "serve"]
     command += ["--model", model_dir, "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1",
@@ -365,7 +389,7 @@ def server_command(kind, model_dir, adapters, port, max_loras) -> list[str]:
     return command
 
 
-def start_tiny_server(kind, num_adapters, folder, max_loras) -> tuple[ServerProcess, str]:
+def start_tiny_server(kind, num_adapters, folder, max_loras, engine_args=()) -> tuple[ServerProcess, str]:
     """The tiny model (random init) with `num_adapters` random adapters, served by `kind`: the
     server and its URL."""
     from bench.tiny_serving import make_adapters, make_model_dir
@@ -375,7 +399,7 @@ def start_tiny_server(kind, num_adapters, folder, max_loras) -> tuple[ServerProc
     adapters = make_adapters(model_dir, os.path.join(folder, "adapters"), ranks)
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # a CPU user's path
-    command = server_command(kind, model_dir, adapters, port, max(1, min(max_loras, num_adapters)))
+    command = server_command(kind, model_dir, adapters, port, max(1, min(max_loras, num_adapters)), engine_args)
     url = f"http://127.0.0.1:{port}"
     return ServerProcess(command, f"{url}/health", os.path.join(folder, f"{kind}.log"), env), url
 
@@ -426,6 +450,16 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request at most")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-prompt-tokens", type=int, default=96, help="prompts of at most this many bytes")
+    parser.add_argument("--workload", choices=("mixed", "shared-prefix", "long-prompt"), default="mixed",
+                        help="corpus prompts; a few system prompts before them; some long prompts among them")
+    parser.add_argument("--system-prompts", type=int, default=4, help="shared-prefix: how many system prompts")
+    parser.add_argument("--system-prompt-tokens", type=int, default=768, help="shared-prefix: bytes of each")
+    parser.add_argument("--long-prompt-tokens", type=int, default=1536, help="long-prompt: bytes of a long prompt")
+    parser.add_argument("--long-prompt-fraction", type=float, default=0.1, help="long-prompt: requests with one")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="--start ours: serve with --no-enable-prefix-caching (the side-by-side baseline)")
+    parser.add_argument("--server-max-batch-tokens", type=int,
+                        help="--start ours: the engine's --max-batch-tokens (longer prompts are chunked)")
     parser.add_argument("--warmup", type=int,
                         help="requests sent one by one first, not measured (default: one per model name)")  # fmt: skip
     parser.add_argument("--slo-ttft-ms", type=float, help="goodput: TTFT at most this")
@@ -436,12 +470,15 @@ def parse_args(argv=None):
     parser.add_argument("--label", default="load_test", help="file name of the JSON and PNG (without suffix)")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "local"), help="folder for them")
     args = parser.parse_args(argv)
-    for name in ("num_requests", "duration", "request_timeout", "max_tokens", "max_prompt_tokens", "burstiness"):
+    for name in ("num_requests", "duration", "request_timeout", "max_tokens", "max_prompt_tokens", "burstiness",
+                 "system_prompts", "system_prompt_tokens", "long_prompt_tokens"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     for name in ("num_adapters", "warmup"):
         if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if not 0 <= args.long_prompt_fraction <= 1:
+        parser.error("--long-prompt-fraction must be in [0, 1]")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error("--max-concurrency must be >= 1")
     args.rates = args.rates or [args.request_rate]
@@ -464,7 +501,11 @@ def main(argv=None) -> int:
         if args.start:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="load_test_"))
             print(f"starting the {args.start} server on the tiny model with {args.num_adapters} adapters ...", flush=True)
-            server, args.base_url = start_tiny_server(args.start, args.num_adapters, folder, args.max_loras)
+            engine_args = ["--no-enable-prefix-caching"] if args.no_prefix_caching else []
+            if args.server_max_batch_tokens:
+                engine_args += ["--max-batch-tokens", str(args.server_max_batch_tokens)]
+            server, args.base_url = start_tiny_server(args.start, args.num_adapters, folder, args.max_loras,
+                                                      engine_args)  # fmt: skip
             stack.enter_context(server)
             command = [os.path.basename(part) if part == sys.executable else part for part in server.process.args]
         base, listed = list_models(args.base_url, args.api_key)
@@ -478,6 +519,7 @@ def main(argv=None) -> int:
         models = adapters or [base]
         prompts = load_prompts(args.max_prompt_tokens)
         trace = make_trace(args.num_requests, models, args.zipf_s, prompts, args.burstiness, args.seed)
+        apply_workload(trace, args.workload, load_prompts(10**6), args)
         # Warm-up, not measured: a first request per model name pays one-time costs (an adapter's first
         # use in peft takes seconds) that a long-running server pays once, not at every rate.
         warmup = len(models) if args.warmup is None else args.warmup
@@ -511,7 +553,7 @@ def main(argv=None) -> int:
         runs=runs,
     )
     title = (f"{server_name}: {len(models)} model name(s), Zipf s={args.zipf_s}, {args.num_requests} requests/rate, "
-             f"max {args.max_tokens} tokens")  # fmt: skip
+             f"max {args.max_tokens} tokens, {args.workload} prompts")  # fmt: skip
     print_table(runs, title)
     if report["sustainable_rate"] is not None or len(runs) > 1:
         print(f"sustainable rate (p99 TTFT <= {args.max_p99_ttft_ms:g} ms, no errors): {report['sustainable_rate']}")

@@ -31,10 +31,10 @@ from fused_train.ops.checks import check_int  # noqa: E402
 from fused_train.serving.requests import (  # noqa: E402
     RequestHandle, RequestLoop, SamplingParams, encode_prompt, request_generator, suppress_stops,
 )
+from fused_train.serving.adapter_files import check_adapter_dir  # noqa: E402
 from fused_train.serving.scheduler import QueueFull  # noqa: E402
 from fused_train.serving.runner import sample  # noqa: E402
 
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class _Request:
@@ -170,8 +170,7 @@ class NaiveEngine(RequestLoop):
     def _check_adapter(self, name, path) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
-        if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-            raise ValueError(f"adapter path {path!r} has no {WEIGHTS_FILE} (pickle weights are never loaded)")
+        check_adapter_dir(path)  # the pool's rule for files: safetensors, never pickles
 
     def _is_running(self, request: _Request) -> bool:
         return request is self._running  # the worker ends a running one between two tokens

@@ -77,16 +77,18 @@ CONFIGS_FP32 = {
 }
 # The interpreter: 16 keys per block so that short test caches cross several blocks and splits.
 INTERPRETER_CONFIG = (16, 64, 4, 1)
-# Splits: enough programs for a few per SM (a memory-bound kernel needs several resident to keep
-# loads in flight), at most 16, each over at least 4 key blocks so that the pipeline fills.
+# Splits (`choose_num_splits`): enough programs for a few per SM (a memory-bound kernel needs
+# several resident to keep loads in flight), each over at least 4 key blocks so that the pipeline
+# fills, and at most MAX_SPLITS: the combine pass holds all of a row's splits in one
+# [BLOCK_S, BLOCK_D] float32 tile (checked for spills by tests/kernels/test_compile_sm90_int8_kv.py).
 _PROGRAMS_PER_SM = 4
-_MAX_SPLITS = 16
 _MIN_BLOCKS_PER_SPLIT = 4
-_DEFAULT_SMS = 132  # H100/H200, for the interpreter
+MAX_SPLITS = 64
+DEFAULT_SMS = 132  # H100/H200: the SM count split choices assume off CUDA (the interpreter)
 COMBINE_WARPS = 4
 
 
-def block_d_of(head_dim):
+def block_d_at_least_16(head_dim):
     """head_dim padded to a power of two, at least 16 (the smallest tl.dot reduction)."""
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -237,11 +239,17 @@ def _int8_decode_attention_combine_kernel(
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-def choose_num_splits(programs, kv_len, block_n, device):
-    """Splits of the keys (see _PROGRAMS_PER_SM): 1 when the programs fill the GPU already."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _DEFAULT_SMS
+def sm_count(device):
+    """The device's number of SMs; DEFAULT_SMS off CUDA."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+
+
+def choose_num_splits(programs, kv_len, block_n, sms):
+    """Splits of up to `kv_len` keys for a grid of `programs` per split on `sms` SMs: enough for
+    _PROGRAMS_PER_SM programs per SM, as the context allows (_MIN_BLOCKS_PER_SPLIT blocks of
+    `block_n` keys each), at most MAX_SPLITS; 1 when the programs fill the GPU already."""
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
-    return max(1, min(wanted, _MAX_SPLITS, triton.cdiv(kv_len, block_n) // _MIN_BLOCKS_PER_SPLIT))
+    return max(1, min(wanted, MAX_SPLITS, triton.cdiv(kv_len, block_n) // _MIN_BLOCKS_PER_SPLIT))
 
 
 @on_device_of_first_argument
@@ -273,7 +281,7 @@ def int8_decode_attention(
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
 
-    block_d = block_d_of(head_dim)
+    block_d = block_d_at_least_16(head_dim)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     block_n, max_block_m, num_warps, num_stages = config or (
@@ -284,7 +292,7 @@ def int8_decode_attention(
     block_m = 16 if num_rows <= 16 else max_block_m
     row_blocks = triton.cdiv(num_rows, block_m)
     if num_splits is None:
-        num_splits = choose_num_splits(batch * num_kv_heads * row_blocks, kv_len, block_n, q.device)
+        num_splits = choose_num_splits(batch * num_kv_heads * row_blocks, kv_len, block_n, sm_count(q.device))
     part_out = torch.empty((batch * num_kv_heads, num_splits, num_rows, head_dim), dtype=torch.float32,
                            device=q.device)
     part_lse = torch.empty((batch * num_kv_heads, num_splits, num_rows), dtype=torch.float32, device=q.device)

@@ -6,7 +6,9 @@ input checks and the plain-PyTorch reference, which need no Triton; this module 
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernel: one program per (sequence, kv head, block of new tokens) quantizes the block's head
-# vectors and writes them at positions start + t of the cache.
+# vectors and writes them at positions start + t of the cache. The three are folded into the grid's
+# first dimension (`quantize_grid`), token blocks fastest: the others allow only 65535 programs,
+# which a 2.1M-token prefill's blocks of 32 would pass.
 #
 # Bit-exact with `quantize_kv_ref` on the GPU as in the interpreter: both divisions use
 # `tl.math.div_rn` (IEEE round-to-nearest, like torch; Triton's plain fp32 `/` may be approximate
@@ -57,9 +59,11 @@ def _quantize_kv_append_kernel(
     stride_xb, stride_xh, stride_xt, stride_db, stride_dh, stride_dt, stride_sb, stride_sh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    seq = tl.program_id(0) // num_kv_heads
-    head = tl.program_id(0) % num_kv_heads
-    tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_blocks = tl.cdiv(new_tokens, BLOCK_T)
+    seq_head = tl.program_id(0) // token_blocks
+    seq = seq_head // num_kv_heads
+    head = seq_head % num_kv_heads
+    tokens = tl.program_id(0) % token_blocks * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (tokens[:, None] < new_tokens) & (offs_d[None, :] < HEAD_DIM)
     x_base = X + seq.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
@@ -70,6 +74,11 @@ def _quantize_kv_append_kernel(
     tl.store(d_base + positions.to(tl.int64)[:, None] * stride_dt + offs_d[None, :], data, mask=mask)
     s_base = Scale + seq.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh
     tl.store(s_base + positions, scale, mask=tokens < new_tokens)
+
+
+def quantize_grid(batch, num_kv_heads, new_tokens, block_t):
+    """The launch grid: one program per (sequence, kv head, block of `block_t` new tokens), in dimension 0."""
+    return (batch * num_kv_heads * triton.cdiv(new_tokens, block_t),)
 
 
 @on_device_of_first_argument
@@ -83,7 +92,7 @@ def quantize_kv_append(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
         return
     block_d = triton.next_power_of_2(head_dim)
     block_t = _INTERPRETER_BLOCK_T if interpreting() else max(1, _ELEMENTS_PER_PROGRAM // block_d)
-    _quantize_kv_append_kernel[(batch * num_kv_heads, triton.cdiv(new_tokens, block_t))](
+    _quantize_kv_append_kernel[quantize_grid(batch, num_kv_heads, new_tokens, block_t)](
         x, data, scale, new_tokens, start, num_kv_heads,
         x.stride(0), x.stride(1), x.stride(2), data.stride(0), data.stride(1), data.stride(2),
         scale.stride(0), scale.stride(1),

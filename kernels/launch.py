@@ -1,5 +1,6 @@
 """What the launchers and their input checks share: the device guard, whether Triton runs in its
-interpreter, and how a bad argument is described in an error.
+interpreter, output buffers, how a bad argument is described in an error, and where a check may read
+values back.
 
 The device guard: Triton launches on the current CUDA device and its current stream, which need
 not be the tensors' device (a model on cuda:1, or spread over GPUs by `device_map="auto"`), so
@@ -36,8 +37,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def output_buffer(shape, device, dtype):
+    """A launcher's output; NaN-filled (poisoned) under the interpreter, where the tests run, so an
+    element a kernel forgets to write fails them. Compiled runs skip the fill: it would cost a full
+    write of the output."""
+    if interpreting():
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def describe(value) -> str:
     """A bad argument as an error message names it: a tensor's shape, dtype and device, else its type."""
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
     return type(value).__name__
+
+
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values on the host: on a CPU that is free; on a GPU it waits
+    for the device (a sync in every call, and no CUDA-graph capture), so there `assert_on_device` checks."""
+    return tensor.device.type == "cpu"
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Fail unless the one-element bool tensor `condition` is True, without waiting for the device: a
+    device-side assert on a GPU (it fails a later call and ends the process's CUDA context, as an
+    out-of-range index would), RuntimeError(`message`) on a CPU, nothing on the meta device."""
+    torch._assert_async(condition, message)

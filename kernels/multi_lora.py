@@ -6,9 +6,9 @@ the plain-PyTorch reference; this module re-exports it. One call makes three Tri
 
 1. shrink: `S[t, :rank] = x[t]·A_sᵀ` into an fp32 `[T, r_max]` buffer, rank blocks of 16 up to
    `ranks[s]` (a slot's padding costs neither bytes nor FLOPs; tokens of slot -1 cost nothing).
-2. base: `y = x·Wᵀ + bias` by `lora.lora_gemm`, the fused LoRA GEMM, with an empty LoRA seed: its
-   float, int8 and int4 weights, its TMA kernel and its timed choice of ways (cuBLAS included)
-   come with it. A per-token adapter cannot be that GEMM's seed: the seed is one `L·R` product.
+2. base: `y = x·Wᵀ + bias` by `lora_gemm.lora_gemm`, the fused LoRA GEMM, with an empty LoRA seed:
+   its float, int8 and int4 weights, its TMA kernel and its rule for ways (cuBLAS included) come
+   with it. A per-token adapter cannot be that GEMM's seed: the seed is one `L·R` product.
 3. expand: `y[t] += scalings[s]·S[t, :rank]·B_sᵀ`, in place (fp32 sum, one rounding to y's dtype).
 
 Two paths, chosen on the host from `T` and `S` alone (`choose_path`), neither reading the slots
@@ -21,14 +21,18 @@ back:
   its rows hold (one or two, in long segments), each a `tl.dot` over that slot's rows, so each
   adapter is read once per tile. No segment offsets are needed, and no program is idle.
 
-Matmul inputs are cast to the dtype of `x` on the segment path (bf16/fp16 MMA, fp32 as tf32 on
-the GPU), accumulators and `S` are fp32; the per-token path computes in fp32. Row indices of `x`
+One rounding rule on both paths, so that a token's output does not depend on the path its batch
+takes: every product's operands are in the dtype of `x`, `A_s` and `B_s` rounded to it where the
+stacks are wider, and `S` (fp32 in memory) enters the expand as `scalings[s]·S` rounded to it, as
+vLLM's expand does; products and sums are fp32 (16-bit products are exact there), then one rounding
+of `y + lora` to y's dtype. The segment path multiplies on the tensor cores (fp32 `x` as tf32 on
+the GPU), the per-token path on the CUDA cores (fp32 `x` exactly). Row indices of `x`
 and `y`, and the slot offsets into the stacks, are int64: `x`, `y` and `lora_b` (an lm_head's
 128k outputs) can pass 2³¹ elements; offsets inside one slot and into `S` stay int32.
 
 Backward (not implemented: serving needs none), given `dy`: `dS_t = scalings[s]·dy_t·B_s` (the
 shrink with `B_s` as the stack, `[S, out, r]` read transposed), `dx = dy·W + dS·A_s` (the base dx
-GEMM of `lora.lora_gemm`, then the expand with `A_s`); `dA_s = Σ_{t∈s} dS_tᵀ·x_t` and
+GEMM of `lora_gemm.lora_gemm`, then the expand with `A_s`); `dA_s = Σ_{t∈s} dS_tᵀ·x_t` and
 `dB_s = scalings[s]·Σ_{t∈s} dy_tᵀ·S_t`, reductions over each slot's sorted segment (the
 segment tiles of this module, accumulated per slot as `lora.lora_reduce_tokens` does per split),
 masked to `ranks[s]`. It would save `x`, `S` and the sort order.
@@ -40,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .launch import interpreting, on_device_of_first_argument
-from .lora import lora_gemm
+from .lora_gemm import lora_gemm
 from .multi_lora_ref import multi_lora_linear_ref  # noqa: F401
 
 # Ranks are walked in blocks of this many: the smallest `tl.dot` the GPU takes, and the step
@@ -51,11 +55,27 @@ NO_SLOT = tl.constexpr(2**30)
 
 
 @triton.jit
+def _rounded(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """`x` rounded to `dtype` (to nearest, ties to even): in `dtype`, or under UPCAST in float32,
+    because Triton's interpreter casts float32 to bfloat16 by truncation: there the bits round (and
+    the float32 result casts to bfloat16 exactly)."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            return x.to(dtype).to(tl.float32)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _shrink_per_token_kernel(
     x_ptr, a_ptr, slots_ptr, ranks_ptr, out_ptr,
     K, num_rank_blocks,
     stride_xt, stride_as, stride_ar, stride_ak, stride_ot,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """out[t, r0 : r0 + BLOCK_R] = x[t]·A_s[r0 : r0 + BLOCK_R]ᵀ for program (t, r0 / BLOCK_R),
     rows past `ranks[s]` neither read nor written; tokens of slot -1 write nothing."""
@@ -78,7 +98,8 @@ def _shrink_per_token_kernel(
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         in_k = offs_k < K - k * BLOCK_K
         xv = tl.load(x_ptrs, mask=in_k, other=0.0).to(tl.float32)
-        av = tl.load(a_ptrs, mask=in_rank[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        av = tl.load(a_ptrs, mask=in_rank[:, None] & in_k[None, :], other=0.0)
+        av = _rounded(av, x_ptr.dtype.element_ty, UPCAST).to(tl.float32)
         acc += av * xv[None, :]
         x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K * stride_ak
@@ -90,9 +111,10 @@ def _expand_per_token_kernel(
     s_ptr, b_ptr, slots_ptr, ranks_ptr, scalings_ptr, y_ptr,
     N, num_col_blocks,
     stride_st, stride_bs, stride_bn, stride_br, stride_yt,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """y[t, cols] += scalings[s]·S[t, :rank]·B_s[cols, :rank]ᵀ for program (t, column block)."""
+    """y[t, cols] += scalings[s]·S[t, :rank]·B_s[cols, :rank]ᵀ for program (t, column block), the
+    operands rounded as the module docstring says."""
     pid = tl.program_id(0)
     t = pid // num_col_blocks
     offs_n = (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -105,17 +127,20 @@ def _expand_per_token_kernel(
     in_n = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     b_ptrs = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    scale = tl.load(scalings_ptr + slot)
+    dtype = y_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         in_rank = r0 + offs_r < rank
         sv = tl.load(s_ptr + t * stride_st + r0 + offs_r, mask=in_rank, other=0.0)
-        bv = tl.load(b_ptrs, mask=in_n[:, None] & in_rank[None, :], other=0.0).to(tl.float32)
+        sv = _rounded(sv * scale, dtype, UPCAST).to(tl.float32)
+        bv = _rounded(tl.load(b_ptrs, mask=in_n[:, None] & in_rank[None, :], other=0.0), dtype, UPCAST).to(tl.float32)
         acc += bv * sv[None, :]
         b_ptrs += BLOCK_R * stride_br
-    lora = tl.sum(acc, axis=1) * tl.load(scalings_ptr + slot)
+    lora = tl.sum(acc, axis=1)
     y_ptrs = y_ptr + t.to(tl.int64) * stride_yt + offs_n
     y = tl.load(y_ptrs, mask=in_n, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + lora).to(y_ptr.dtype.element_ty), mask=in_n)
+    tl.store(y_ptrs, _rounded(y + lora, dtype, UPCAST).to(dtype), mask=in_n)
 
 
 @triton.jit
@@ -171,7 +196,7 @@ def _shrink_segments_kernel(
                 in_k = offs_k < K - k * BLOCK_K
                 xv = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
                 av = tl.load(a_ptrs, mask=in_k[:, None] & in_rank[None, :], other=0.0)
-                acc = tl.dot(xv.to(compute_dtype), av.to(compute_dtype), acc)
+                acc = tl.dot(xv.to(compute_dtype), _rounded(av, x_ptr.dtype.element_ty, UPCAST), acc)
                 x_ptrs += BLOCK_K
                 a_ptrs += BLOCK_K * stride_ak
             mine = in_t & (row_slot == slot)
@@ -197,10 +222,7 @@ def _expand_segments_kernel(
     slot = _next_slot(row_slot, -1)
     if slot == NO_SLOT:  # base-only tokens (slot -1) sort first: whole tiles of them are left alone
         return
-    if UPCAST:
-        compute_dtype = tl.float32
-    else:
-        compute_dtype = y_ptr.dtype.element_ty
+    dtype = y_ptr.dtype.element_ty
     cols = offs_n % N  # columns past N wrap onto valid ones; only the store is masked
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -214,7 +236,7 @@ def _expand_segments_kernel(
             in_rank = r0 + offs_r < rank
             sv = tl.load(s_ptrs, mask=mine[:, None] & in_rank[None, :], other=0.0)
             bv = tl.load(b_ptrs, mask=in_rank[:, None], other=0.0)
-            acc = tl.dot((sv * scale).to(compute_dtype), bv.to(compute_dtype), acc)
+            acc = tl.dot(_rounded(sv * scale, dtype, UPCAST), _rounded(bv, dtype, UPCAST), acc)
             s_ptrs += BLOCK_R
             b_ptrs += BLOCK_R * stride_br
         slot = _next_slot(row_slot, slot)
@@ -222,7 +244,7 @@ def _expand_segments_kernel(
     y_ptrs = y_ptr + token.to(tl.int64)[:, None] * stride_yt + offs_n[None, :]
     store_mask = live[:, None] & (offs_n[None, :] < N)
     y = tl.load(y_ptrs, mask=store_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(y_ptrs, _rounded(y + acc, dtype, UPCAST).to(dtype), mask=store_mask)
 
 
 # Configs, each compiled for sm_90 in tests/kernels/test_compile_sm90_multi_lora.py; none was
@@ -285,7 +307,7 @@ def multi_lora_linear_fwd(
         config = PER_TOKEN_SHRINK_CONFIG
         _shrink_per_token_kernel[(num_tokens * num_rank_blocks,)](
             x, lora_a, token_slots, ranks, shrunk, in_features, num_rank_blocks, x.stride(0), *a_strides,
-            shrunk.stride(0), BLOCK_R=RANK_BLOCK, **config,
+            shrunk.stride(0), BLOCK_R=RANK_BLOCK, UPCAST=interpreting(), **config,
         )  # fmt: skip
     else:
         config = SEGMENT_CONFIGS[segment_config_name(num_tokens)]
@@ -306,7 +328,7 @@ def multi_lora_linear_fwd(
         col_blocks = triton.cdiv(out_features, config["BLOCK_N"])
         _expand_per_token_kernel[(num_tokens * col_blocks,)](
             shrunk, lora_b, token_slots, ranks, scalings, y, out_features, col_blocks, shrunk.stride(0), *b_strides,
-            y.stride(0), BLOCK_R=RANK_BLOCK, **config,
+            y.stride(0), BLOCK_R=RANK_BLOCK, UPCAST=interpreting(), **config,
         )  # fmt: skip
     else:
         expand = config["expand"]

@@ -37,7 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .int8_decode_attention import COMBINE_WARPS, P_SCALE, attend_block, block_d_of, choose_num_splits
+from .int8_decode_attention import (
+    COMBINE_WARPS,
+    P_SCALE,
+    attend_block,
+    block_d_at_least_16,
+    choose_num_splits,
+    sm_count,
+)
 from .jit_helpers import LOG2E, UNBOUNDED
 from .launch import interpreting, on_device_of_first_argument
 from .paged_decode_attention_ref import check_paged_decode_attention_inputs, paged_decode_attention_ref  # noqa: F401
@@ -76,7 +83,7 @@ def config_key(q_dtype, pages_dtype, head_dim):
         kind = "fp32"
     else:
         kind = "int8" if pages_dtype == torch.int8 else "16bit"
-    return kind, max(64, block_d_of(head_dim))
+    return kind, max(64, block_d_at_least_16(head_dim))
 
 
 @triton.jit
@@ -182,7 +189,7 @@ def _paged_decode_attention_split_kernel(
     out = acc / (l_safe * P_SCALE)[:, None]
     out_mask = row_ok[:, None] & d_ok[None, :]
     if ONE_SPLIT:
-        # Every row sees at least its own key: no row of one split is empty.
+        # A row that saw no key (kv_lens 0) has acc = 0: its out is zeros.
         out_ptrs = Out + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
     else:
@@ -205,11 +212,13 @@ def _paged_decode_attention_combine_kernel(
     part = row.to(tl.int64) * num_splits + splits
     lse = tl.load(PartLse + part, mask=split_ok, other=float("-inf"))
     m = tl.max(lse, 0)
-    # Every row sees its own key in some split, so m is finite; splits that saw none weigh 0.
-    weight = tl.exp2(lse - m)
+    # Splits that saw no key have lse = -inf and weight 0; so does every split of a row that saw
+    # none (a sequence with kv_lens 0, as CUDA-graph padding makes), which gets zeros.
+    weight = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
     part_out = tl.load(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :],
                        mask=split_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(weight[:, None] * part_out, 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * part_out, 0) / tl.where(total == 0.0, 1.0, total)
     out_ptrs = Out + (row // num_heads) * stride_ot + (row % num_heads) * stride_oh + offs_d
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
@@ -247,7 +256,7 @@ def paged_decode_attention(
     if total_q == 0:
         return out
 
-    block_d = block_d_of(head_dim)
+    block_d = block_d_at_least_16(head_dim)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     block_n, max_block_m, num_warps, num_stages = config or CONFIGS[config_key(q.dtype, k_pages.dtype, head_dim)]
@@ -257,7 +266,8 @@ def paged_decode_attention(
     blocks_per_seq = triton.cdiv(group, block_m)
     grid_blocks = batch * blocks_per_seq if cu_seqlens_q is None else total_q * group // block_m + batch
     if num_splits is None:
-        num_splits = choose_num_splits(grid_blocks * num_kv_heads, max_pages_per_seq * page_size, block_n, q.device)
+        num_splits = choose_num_splits(grid_blocks * num_kv_heads, max_pages_per_seq * page_size, block_n,
+                                       sm_count(q.device))
     one_split = num_splits == 1
     workspace = () if one_split else (num_splits, total_q, num_heads)
     part_out = torch.empty((*workspace, head_dim), dtype=torch.float32, device=q.device)

@@ -6,7 +6,9 @@ head_dim]` (page_size a power of two >= 8), either int8 with `k_scales`/`v_scale
 or in q's float dtype without scales. Token `j` of sequence `b` lives in page
 `page_table[b, j // page_size]` at offset `j % page_size`; `page_table` is int32 `[batch,
 max_pages_per_seq]` and its entries past a sequence's last page are never read. `kv_lens` int32
-`[batch]` counts each sequence's tokens in its pages, this step's own tokens included.
+`[batch]` counts each sequence's tokens in its pages, this step's own tokens included; 0 marks an
+empty sequence (a padded batch slot, as CUDA-graph padding makes), whose queries see no key and
+get zeros, as flash-attn gives rows without keys.
 
 `q` is `[total_q, num_heads, head_dim]`, token-major; `cu_seqlens_q` int32 `[batch + 1]` says that
 sequence `b`'s queries are `q[cu[b]:cu[b+1]]` (`n_b` of them, 0 allowed), its last `n_b` tokens,
@@ -40,6 +42,7 @@ class PagedAttentionPlan(NamedTuple):
     positions: torch.Tensor  # int64 [batch, max_queries]: each query's position
     rows: torch.Tensor | None  # int64 [batch, max_queries]: q's row of each padded query; None: q as it is
     query_ok: torch.Tensor | None  # bool [batch, max_queries]: padded queries that are real; None: all
+    has_empty: bool  # whether a sequence is empty (kv_lens 0): its queries see no key
 
 
 def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedAttentionPlan:
@@ -49,12 +52,13 @@ def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedA
     kv_lens = kv_lens.long()
     if cu_seqlens_q is None:
         num_queries = torch.ones(batch, dtype=torch.long, device=device)
-        max_len, max_queries = int(kv_lens.max()) if batch else 0, 1
+        min_len, max_len = torch.stack([kv_lens.min(), kv_lens.max()]).tolist() if batch else (0, 0)
+        max_queries = 1
     else:
         cu = cu_seqlens_q.long()
         num_queries = cu[1:] - cu[:-1]
         # One read back: the reference runs on CPU tensors, where it costs nothing.
-        max_len, max_queries = torch.stack([kv_lens.max(), num_queries.max()]).tolist()
+        min_len, max_len, max_queries = torch.stack([kv_lens.min(), kv_lens.max(), num_queries.max()]).tolist()
     # Keys: page i of sequence b for i < pages needed by the longest; pages past a sequence's own last
     # one are junk entries, replaced by page 0 and masked out.
     num_pages = -(-max_len // page_size)
@@ -74,7 +78,7 @@ def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedA
         # Queries padded to [batch, max_queries]; row t of sequence b is q[cu[b] + t] while t < n_b.
         query_ok = query_index[None, :] < num_queries[:, None]
         rows = torch.where(query_ok, cu[:-1, None] + query_index[None, :], 0)
-    return PagedAttentionPlan(pages, num_pages, key_ok, visible, positions, rows, query_ok)
+    return PagedAttentionPlan(pages, num_pages, key_ok, visible, positions, rows, query_ok, min_len == 0)
 
 
 def paged_decode_attention_ref(
@@ -131,7 +135,10 @@ def paged_decode_attention_ref(
         attended = torch.nn.functional.scaled_dot_product_attention(
             q_padded.view(batch, max_queries, num_heads, head_dim).transpose(1, 2), keys, values,
             attn_mask=visible[:, None], scale=scale, enable_gqa=group > 1,
-        ).transpose(1, 2)  # fmt: skip
+        )  # fmt: skip
+        if plan.has_empty:  # the queries of empty sequences see no key: zeros (padding rows are dropped below)
+            attended = attended.masked_fill(~visible.any(-1)[:, None, :, None], 0)
+        attended = attended.transpose(1, 2)
     else:
         scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys)
         # Int8 pages: the per-token scales multiply the scores' and the probabilities' columns, which
@@ -140,8 +147,9 @@ def paged_decode_attention_ref(
         if softcap > 0:
             scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        # Padding rows see no key: softmax gives NaN there, and they are dropped.
-        probs = torch.softmax(scores, dim=-1)
+        # Rows that see no key (padding rows, dropped below, and the queries of empty sequences) get NaN
+        # from softmax; their probabilities are 0, so that they attend to nothing and give zeros.
+        probs = torch.softmax(scores, dim=-1).masked_fill_(~visible[:, None, None], 0)
         if v_scales is not None:
             probs *= gather_scales(v_scales)[:, :, None, None]
         attended = torch.einsum("bkgtj,bkjd->btkgd", probs, values)
@@ -226,10 +234,10 @@ def _check_values(total_q, page_table, kv_lens, cu_seqlens_q, num_pages, page_si
         num_queries = torch.ones(batch, dtype=torch.long)
     lens = kv_lens.long()
     capacity = max_pages_per_seq * page_size
-    if (lens < num_queries).any() or (lens > capacity).any():
-        raise ValueError(f"kv_lens must be between each sequence's number of queries (its last tokens) and the "
-                         f"page table's capacity ({max_pages_per_seq} pages of {page_size} = {capacity}), got "
-                         f"kv_lens {kv_lens.tolist()} for {num_queries.tolist()} queries")
+    if ((lens < num_queries) & (lens != 0)).any() or (lens > capacity).any():
+        raise ValueError(f"kv_lens must be 0 (an empty sequence) or between each sequence's number of queries (its "
+                         f"last tokens) and the page table's capacity ({max_pages_per_seq} pages of {page_size} = "
+                         f"{capacity}), got kv_lens {kv_lens.tolist()} for {num_queries.tolist()} queries")
     used = torch.arange(max_pages_per_seq)[None, :] < (lens[:, None] + page_size - 1) // page_size
     used_pages = page_table[used]
     if used_pages.numel() and (used_pages.min() < 0 or used_pages.max() >= num_pages):

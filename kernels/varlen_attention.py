@@ -89,7 +89,7 @@ INTERPRETER_DKDV_CONFIG = (16, 32, 4, 1, 1)
 _DELTA_BLOCK_T = 64
 
 
-def block_d_of(head_dim):
+def block_d_at_least_32(head_dim):
     """head_dim padded to a power of two, at least 32 (smaller head dims share that config)."""
     return max(32, triton.next_power_of_2(head_dim))
 
@@ -447,7 +447,7 @@ def _config(tables, q, config, interpreter_config):
     if interpreting():
         return interpreter_config
     table_16bit, table_fp32 = tables
-    return (table_fp32 if q.dtype == torch.float32 else table_16bit)[block_d_of(q.shape[2])]
+    return (table_fp32 if q.dtype == torch.float32 else table_16bit)[block_d_at_least_32(q.shape[2])]
 
 
 @on_device_of_first_argument
@@ -470,7 +470,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, soft
     _varlen_attention_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads // k.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), **scalars, HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), BLOCK_M=block_m,
+        lse.stride(0), **scalars, HEAD_DIM=head_dim, BLOCK_D=block_d_at_least_32(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, UPCAST=interpreting(), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -486,7 +486,7 @@ def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ca
                          f"shape {tuple(dout.shape)}, strides {dout.stride()}")
     total_q, num_heads, head_dim = q.shape
     batch = cu_seqlens_q.numel() - 1
-    block_d = block_d_of(head_dim)
+    block_d = block_d_at_least_32(head_dim)
     scalars, scale = _kernel_scalars(head_dim, causal, softmax_scale, window_size, softcap)
     upcast = interpreting()
 

@@ -18,13 +18,14 @@ reference path runs where Triton is not installed. The kernels are in `varlen_at
 import torch
 import torch.nn.functional as F
 
-from .launch import describe
+from .launch import assert_on_device, describe, values_readable
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, check_cu_seqlens_values=True):
     """Raise ValueError naming the argument when inputs break the layout described above.
 
-    Reading the values of `cu_seqlens_*` costs a host sync on a GPU; `check_cu_seqlens_values=False`
-    skips that part for callers that built or checked them already (a patched model, once per batch).
+    The values of `cu_seqlens_*` are read back on a CPU; elsewhere they are asserted on the device
+    (`assert_on_device`: no host sync, a few small launches), which `check_cu_seqlens_values=False`
+    skips for callers that built or checked them already (a patched model, once per batch).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -54,6 +55,10 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softca
             )
         batch = cu.numel() - 1
         if not check_cu_seqlens_values:
+            continue
+        if not values_readable(cu):
+            valid = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+            assert_on_device(valid, f"{name} must start at 0, be non-decreasing and end at the number of rows ({total})")
             continue
         values = cu.tolist()
         if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):

@@ -41,6 +41,17 @@ def test_old_paths_of_public_names_give_the_same_objects():
     assert fused_train.patching is importlib.import_module("fused_train.hf.patching")  # attribute, as before
 
 
+def test_names_of_split_modules_still_import_from_where_they_were():
+    from fused_train.kernels import lora, lora_gemm, lora_gemm_ref, lora_ref
+    from fused_train.serving import adapter_files, adapters
+
+    for name in ("lora_gemm", "GEMM_CONFIGS", "gemm_config_name", "TensorDescriptor"):
+        assert getattr(lora, name) is getattr(lora_gemm, name), name
+    for name in ("INT4_GROUP_SIZE", "quantize_int8", "quantize_int4", "dequantize_int4"):
+        assert getattr(lora, name) is getattr(lora_ref, name) is getattr(lora_gemm_ref, name), name
+    assert (adapters.CONFIG_FILE, adapters.WEIGHTS_FILE) == (adapter_files.CONFIG_FILE, adapter_files.WEIGHTS_FILE)
+
+
 def test_every_public_name_is_there():
     assert sorted(fused_train.__all__) == sorted(set(fused_train.__all__))
     for name in fused_train.__all__:

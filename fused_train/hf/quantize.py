@@ -9,7 +9,7 @@
       weight[o, i]    = round(W[o, i] / weight_scale[o])   (int8 Parameter, requires_grad=False)
 
 - `bits=4`, `Int4Linear`, per group of 64 input channels (0.31× the bytes of bf16, scales and
-  offsets included; `fused_train.kernels.lora.quantize_int4` has the format):
+  offsets included; `fused_train.kernels.lora_gemm_ref.quantize_int4` has the format):
 
       weight_offset[o, g] = min of the group, weight_scale[o, g] = (max - min) / 15  (float32 buffers)
       weight[o, j]        = two 4-bit levels per byte (uint8 Parameter [out, groups · 32])

@@ -1,15 +1,18 @@
 """The input checks and constants that the ops, the integration and the serving stack share: the
-float dtypes the kernels take, a bad argument's description, the DTensor test, the positive-int check
-and the int4 weight check (the int4 format of `kernels/lora_ref.py`)."""
+float dtypes the kernels take, a bad argument's description, where a value check may read values back
+(`values_readable`, else `assert_on_device`), the DTensor test, the positive-int check and the int4
+weight check (the int4 format of `kernels/lora_ref.py`)."""
 
 from numbers import Integral
 
 import torch
 
-from fused_train.kernels.launch import describe
+from fused_train.kernels.launch import assert_on_device, describe, values_readable
 from fused_train.kernels.lora_ref import INT4_GROUP_SIZE
 
-__all__ = ["FLOAT_DTYPES", "check_int", "check_int4_weight", "describe", "is_dtensor"]
+__all__ = [
+    "FLOAT_DTYPES", "assert_on_device", "check_int", "check_int4_weight", "describe", "is_dtensor", "values_readable"
+]
 
 # The activation and LoRA weight dtypes the kernels take (the int8/int4 base weights aside).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

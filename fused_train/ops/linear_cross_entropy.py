@@ -18,7 +18,7 @@ from fused_train.kernels.linear_cross_entropy_ref import (
     linear_cross_entropy_fwd_ref,
     reduce_loss,
 )
-from fused_train.ops.checks import FLOAT_DTYPES, is_dtensor
+from fused_train.ops.checks import FLOAT_DTYPES, assert_on_device, is_dtensor, values_readable
 from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 
 if HAS_TRITON:
@@ -29,7 +29,8 @@ def _kernels_run(x, weight, bias, labels):
     return triton_runs_on(x, *[t for t in (weight, bias, labels) if t is not None]) and x.dtype in FLOAT_DTYPES
 
 
-def _lce_fwd(
+@torch.library.custom_op("fused_train::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -45,16 +46,14 @@ def _lce_fwd(
     return fwd(x, weight, bias, labels, ignore_index, label_smoothing, softcap or None, z_loss)
 
 
-_lce_fwd_op = torch.library.custom_op("fused_train::linear_cross_entropy_fwd", _lce_fwd, mutates_args=())
-
-
-@_lce_fwd_op.register_fake
+@linear_cross_entropy_fwd_op.register_fake
 def _(x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss):
     accum = torch.promote_types(x.dtype, torch.float32)
     return x.new_empty(x.shape[0], dtype=accum), x.new_empty(2, x.shape[0], dtype=accum)
 
 
-def _lce_bwd(
+@torch.library.custom_op("fused_train::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd_op(
     grad_loss: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -79,10 +78,7 @@ def _lce_bwd(
     return grad_x, grad_w, grad_b
 
 
-_lce_bwd_op = torch.library.custom_op("fused_train::linear_cross_entropy_bwd", _lce_bwd, mutates_args=())
-
-
-@_lce_bwd_op.register_fake
+@linear_cross_entropy_bwd_op.register_fake
 def _(grad_loss, x, weight, bias, labels, stats, ignore_index, label_smoothing, softcap, z_loss, compute_dx, compute_dw,
       compute_db):  # fmt: skip
     grad_x = torch.empty_like(x) if compute_dx else x.new_empty(0)
@@ -91,27 +87,25 @@ def _(grad_loss, x, weight, bias, labels, stats, ignore_index, label_smoothing, 
     return grad_x, grad_w, grad_b
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd over the two ops (torch.compile traces through to them; eager calls their bodies)."""
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, labels, *options = inputs
+    ctx.save_for_backward(x, weight, bias, labels, output[1])
+    ctx.options = options
+    # The stats are saved for the backward, never differentiated: their gradient stays None, not zeros.
+    ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss):
-        fwd = _lce_fwd_op if torch.compiler.is_compiling() else _lce_fwd
-        loss, stats = fwd(x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss)
-        ctx.save_for_backward(x, weight, bias, labels, stats)
-        ctx.options = (ignore_index, label_smoothing, softcap, z_loss)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x, weight, bias, labels, stats = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        bwd = _lce_bwd_op if torch.compiler.is_compiling() else _lce_bwd
-        grad_x, grad_w, grad_b = bwd(grad_loss, x, weight, bias, labels, stats, *ctx.options, needs[0], needs[1], needs[2])
-        return (
-            grad_x if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None,
-            None, None, None, None, None,
-        )  # fmt: skip
+def _backward(ctx, grad_loss, _grad_stats):
+    x, weight, bias, labels, stats = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_x, grad_w, grad_b = linear_cross_entropy_bwd_op(grad_loss, x, weight, bias, labels, stats, *ctx.options, *needs[:3])
+    return (
+        grad_x if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None,
+        None, None, None, None, None,
+    )  # fmt: skip
+
+
+linear_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(
@@ -153,7 +147,7 @@ def linear_cross_entropy(
                   num_items_in_batch)  # fmt: skip
     x = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = labels.reshape(-1).long().contiguous()
-    loss = _LinearCrossEntropyFunction.apply(
+    loss, _ = linear_cross_entropy_fwd_op(
         x, weight.contiguous(), bias, flat_labels, int(ignore_index), float(label_smoothing), float(softcap or 0.0),
         float(z_loss),
     )  # fmt: skip
@@ -211,10 +205,12 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, label_s
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch replaces the mean's divisor: it needs reduction='mean', got {reduction!r}")
-    if not torch.compiler.is_compiling():
-        # One read back: a target outside [0, V) would read another row's memory in the kernels.
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must be in [0, V={vocab_size}) or ignore_index={ignore_index}, got {labels[bad][0].item()}"
-            )
+    # A target outside [0, V) would read another row's memory in the kernels. On a GPU the check
+    # stays on the device (a device-side assert): reading it back would sync every training step.
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if not values_readable(labels):
+        assert_on_device(bad.any().logical_not(), f"labels must be in [0, V={vocab_size}) or ignore_index")
+    elif not torch.compiler.is_compiling() and bool(bad.any()):
+        raise ValueError(
+            f"labels must be in [0, V={vocab_size}) or ignore_index={ignore_index}, got {labels[bad][0].item()}"
+        )

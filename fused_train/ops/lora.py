@@ -17,7 +17,8 @@ if HAS_TRITON:
     from fused_train.kernels.lora import lora_linear_bwd, lora_linear_fwd
 
 
-def _lora_linear_fwd(
+@torch.library.custom_op("fused_train::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor | None,
@@ -33,15 +34,13 @@ def _lora_linear_fwd(
     return lora_linear_fwd(x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p)
 
 
-_lora_linear_fwd_op = torch.library.custom_op("fused_train::lora_linear_fwd", _lora_linear_fwd, mutates_args=())
-
-
-@_lora_linear_fwd_op.register_fake
+@lora_linear_fwd_op.register_fake
 def _(x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
 
 
-def _lora_linear_bwd(
+@torch.library.custom_op("fused_train::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd_op(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     lora_s: torch.Tensor,
@@ -63,46 +62,34 @@ def _lora_linear_bwd(
     return (grad_x if compute_dx else x.new_empty(0)), grad_a, grad_b
 
 
-_lora_linear_bwd_op = torch.library.custom_op("fused_train::lora_linear_bwd", _lora_linear_bwd, mutates_args=())
-
-
-@_lora_linear_bwd_op.register_fake
+@lora_linear_bwd_op.register_fake
 def _(grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx):
     grad_x = torch.empty_like(x) if compute_dx else x.new_empty(0)
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
-class _LoraLinearFunction(torch.autograd.Function):
-    """Autograd over the forward and backward ops. torch.compile traces through it to the ops (no
-    graph break); eager mode calls the ops' bodies directly, skipping the dispatcher's per-call
-    argument handling. Host time of a forward+backward with the Triton launchers stubbed out
-    (`bench/bench_lora.py`, CPU, `bench/results/bench_lora_cpu.json`): 76 µs, against 57 µs for a
-    plain matmul's step (compute included) and 181 µs for peft's layer; through the ops with
-    `register_autograd`, as before, the same measurement gave 161 µs."""
+def _setup_context(ctx, inputs, output):
+    x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p = inputs
+    ctx.save_for_backward(x, output[1], weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+    # S is saved for the backward, never differentiated: its gradient stays None, not zeros.
+    ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def forward(ctx, x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p):
-        fwd = _lora_linear_fwd_op if torch.compiler.is_compiling() else _lora_linear_fwd
-        y, lora_s = fwd(
-            x, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, bias, keep_mask, dropout_p
-        )
-        ctx.save_for_backward(x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask)
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
-        return y
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        bwd = _lora_linear_bwd_op if torch.compiler.is_compiling() else _lora_linear_bwd
-        grad_x, grad_a, grad_b = bwd(
-            grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, ctx.scaling, keep_mask,
-            ctx.dropout_p, needs[0],
-        )  # fmt: skip
-        # dbias = Σ_tokens dy; a plain reduction that only LoRA-bias training asks for.
-        grad_bias = grad_y.sum(0) if needs[7] else None
-        return (grad_x if needs[0] else None), None, None, None, grad_a, grad_b, None, grad_bias, None, None
+def _backward(ctx, grad_y, _grad_s):
+    x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, keep_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_x, grad_a, grad_b = lora_linear_bwd_op(
+        grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, ctx.scaling, keep_mask,
+        ctx.dropout_p, needs[0],
+    )  # fmt: skip
+    # dbias = Σ_tokens dy; a plain reduction that only LoRA-bias training asks for.
+    grad_bias = grad_y.sum(0) if needs[7] else None
+    return (grad_x if needs[0] else None), None, None, None, grad_a, grad_b, None, grad_bias, None, None
+
+
+lora_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dropout_keep_mask(x: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -147,7 +134,7 @@ def lora_linear(
     keep_mask = dropout_keep_mask(x2d, dropout_p) if dropout_p > 0 else None
     tensors = [t for t in (x2d, weight, lora_a, lora_b, bias, weight_scale, weight_offset) if t is not None]
     if triton_runs_on(*tensors):
-        y = _LoraLinearFunction.apply(
+        y, _ = lora_linear_fwd_op(
             x2d.contiguous(), weight, weight_scale, weight_offset, lora_a, lora_b, float(scaling), bias, keep_mask,
             float(dropout_p),
         )  # fmt: skip

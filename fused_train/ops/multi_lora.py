@@ -9,14 +9,15 @@ import torch
 
 from fused_train.kernels.lora_ref import MAX_RANK
 from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
-from fused_train.ops.checks import FLOAT_DTYPES, check_int4_weight, describe
+from fused_train.ops.checks import FLOAT_DTYPES, assert_on_device, check_int4_weight, describe, values_readable
 from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 
 if HAS_TRITON:
     from fused_train.kernels.multi_lora import multi_lora_linear_fwd
 
 
-def _multi_lora_linear(
+@torch.library.custom_op("fused_train::multi_lora_linear", mutates_args=())
+def multi_lora_linear_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     lora_a: torch.Tensor,
@@ -42,10 +43,7 @@ def _multi_lora_linear(
     )
 
 
-_multi_lora_linear_op = torch.library.custom_op("fused_train::multi_lora_linear", _multi_lora_linear, mutates_args=())
-
-
-@_multi_lora_linear_op.register_fake
+@multi_lora_linear_op.register_fake
 def _(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset):
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -84,9 +82,10 @@ def multi_lora_linear(
             alone); None means `r_max` for every slot.
         bias: `[out]` in the dtype of `x` or float32, or None.
         weight_scale, weight_offset: of a quantized `weight`, as for `fused_train.lora_linear`.
-        check_values: read `token_slots` and `ranks` back and check their ranges, a host sync on a
-            GPU. Pass False in a hot loop for slots checked once per batch (the adapter pool does)
-            or under CUDA-graph capture; shapes, dtypes and devices are always checked.
+        check_values: check the ranges of `token_slots` and `ranks`: on a CPU by reading them back
+            (ValueError), on a GPU on the device without a host sync (a device-side assert), a few
+            small launches that a hot loop with slots checked once per batch skips by passing
+            False (the adapter pool does); shapes, dtypes and devices are always checked.
 
     Returns `y` `[..., out]` in the dtype of `x`. No autograd: with grad mode on, no input may
     require a gradient. The Triton kernels run where `fused_train.ops.dispatch.triton_runs_on` allows,
@@ -100,10 +99,7 @@ def multi_lora_linear(
         _check_values(token_slots, ranks, lora_a.shape[0], lora_a.shape[1])
     x2d = x.reshape(-1, x.shape[-1])
     slots = token_slots.reshape(-1)
-    # Eager calls skip the dispatcher's per-call argument handling (as lora_linear does); torch.compile
-    # traces the custom op through its fake.
-    fn = _multi_lora_linear_op if torch.compiler.is_compiling() else _multi_lora_linear
-    y = fn(x2d, weight, lora_a, lora_b, slots, scalings, ranks, bias, weight_scale, weight_offset)
+    y = multi_lora_linear_op(x2d, weight, lora_a, lora_b, slots, scalings, ranks, bias, weight_scale, weight_offset)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -185,7 +181,14 @@ def _check_weight(x, weight, weight_scale, weight_offset):
 
 
 def _check_values(token_slots, ranks, num_slots, r_max):
-    """Raise ValueError when a slot id is outside [-1, S) or a rank outside [0, r_max]: one read back."""
+    """Raise ValueError when a slot id is outside [-1, S) or a rank outside [0, r_max]: one read back
+    on a CPU; elsewhere the same ranges asserted on the device (`assert_on_device`), no host sync."""
+    if not values_readable(token_slots):
+        ranks_message = f"ranks must be in [0, r_max={r_max}] (lora_a's second dimension)"
+        assert_on_device(((ranks >= 0) & (ranks <= r_max)).all(), ranks_message)
+        slots_message = f"token_slots must be in [-1, {num_slots}) (-1: base only; {num_slots} slots in lora_a)"
+        assert_on_device(((token_slots >= -1) & (token_slots < num_slots)).all(), slots_message)
+        return
     bounds = [ranks.min(), ranks.max()]
     if token_slots.numel():
         bounds += [token_slots.min(), token_slots.max()]

@@ -129,7 +129,8 @@ def paged_decode_attention(
         page_table: int32 `[batch, max_pages_per_seq]`: token `j` of sequence `b` is in page
             `page_table[b, j // page_size]` at offset `j % page_size`; entries past a sequence's
             last page are never read.
-        kv_lens: int32 `[batch]`, each sequence's tokens in its pages, this step's included.
+        kv_lens: int32 `[batch]`, each sequence's tokens in its pages, this step's included; 0 for
+            an empty sequence (a padded batch slot), whose queries get zeros.
         k_scales, v_scales: float32 `[num_pages, num_kv_heads, page_size]` for int8 pages, else None.
         cu_seqlens_q: int32 `[batch + 1]`: sequence `b`'s queries are `q[cu[b]:cu[b+1]]`, its
             last `n_b` tokens (0 allowed); None means one query per sequence (`total_q == batch`).

@@ -40,9 +40,10 @@ def varlen_attention(
         window_size: `(left, right)` keys visible around the diagonal, -1 meaning unbounded.
         softcap: when > 0, scores become `softcap * tanh(scores / softcap)`.
         return_lse: also return the log-sum-exp, `[num_heads, total_q]` float32.
-        check_cu_seqlens: read `cu_seqlens_*` back and check their values (start 0, non-decreasing,
-            last = total), a host sync on a GPU. Pass False in a hot loop for offsets checked once
-            per batch (patched models do); shapes, dtypes and devices are always checked.
+        check_cu_seqlens: check the values of `cu_seqlens_*` (start 0, non-decreasing, last =
+            total): on a CPU by reading them back (ValueError), on a GPU on the device without a
+            host sync (a device-side assert). Pass False in a hot loop for offsets checked once per
+            batch (patched models do); shapes, dtypes and devices are always checked.
 
     Returns `out` (shape and dtype of `q`), or `(out, lse)`.
 

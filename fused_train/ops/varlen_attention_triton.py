@@ -125,7 +125,7 @@ def _backward(ctx, dout, dlse):
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fused_train::varlen_attention_fwd", _backward, setup_context=_setup_context)
+varlen_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def varlen_attention_op(

@@ -34,20 +34,15 @@ reads the same weights at every step. `unload(name)` unregisters the name at onc
 its last holder releases it; a `load` under the same name meanwhile is another version. A CPU-tier
 miss re-reads the adapter's files only if they are as they were at `load`, never other weights.
 
-Files. Only `adapter_config.json` + `adapter_model.safetensors` are read, with `safetensors`:
-nothing is ever unpickled, and a directory holding only `.bin`/`.pt` weights is refused. An adapter
-is validated whole before it is registered (its module names must name linear layers of this
-model, its shapes fit them, its rank be at most `max_rank`, its values be finite floats): a failed
-`load` raises `ValueError` saying what is wrong and leaves the pool as it was.
+Files. An adapter directory is read and validated whole by `adapter_files.read_adapter` (safetensors
+only, never unpickled; module names, shapes, ranks up to `max_rank`, finite float values) before it
+is registered: a failed `load` raises `ValueError` saying what is wrong and leaves the pool as it was.
 """
 
 import contextlib
 import contextvars
 import itertools
-import json
-import math
 import os
-import re
 import threading
 import time
 import weakref
@@ -57,25 +52,14 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from fused_train.kernels.lora_ref import MAX_RANK
 from fused_train.hf.peft_lora import BASE_ADAPTER
-from fused_train.ops.checks import FLOAT_DTYPES, check_int, describe
+from fused_train.ops.checks import check_int, describe
 from fused_train.ops.multi_lora import multi_lora_linear
+from fused_train.serving.adapter_files import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (importable here before)
+from fused_train.serving.adapter_files import HostAdapter, file_stamps, read_adapter
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-# peft's save_pretrained names a LoRA weight `base_model.model.<module name>.lora_<A|B>.weight`.
-_WEIGHT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-# LoraConfig fields that, when set, make an adapter more than scaled B·A on linear layers.
-_UNSUPPORTED_OPTIONS = (
-    "use_dora", "use_qalora", "lora_bias", "fan_in_fan_out", "alora_invocation_tokens", "modules_to_save",
-    "trainable_token_indices", "layer_replication", "target_parameters", "use_bdlora", "arrow_config",
-    "kasa_config", "velora_config", "monteclora_config",
-)  # fmt: skip
 _POOL_ATTRIBUTE = "_fused_train_adapter_pool"
 
 
@@ -92,15 +76,6 @@ class AdapterVersion(NamedTuple):
 
     name: str
     number: int
-
-
-class _HostAdapter(NamedTuple):
-    """A validated adapter in host memory: module name -> (lora_a [r, in], lora_b [out, r], scaling),
-    and its files' (size, mtime) when read."""
-
-    path: str
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    files: tuple
 
 
 class _Batch(NamedTuple):
@@ -165,7 +140,7 @@ class AdapterPool:
         self._files: dict[AdapterVersion, tuple[str, tuple]] = {}  # every live version: its path and files
         self._holds: Counter[AdapterVersion] = Counter()
         self._versions = itertools.count()
-        self._host: OrderedDict[AdapterVersion, _HostAdapter] = OrderedDict()  # CPU tier, least recently used first
+        self._host: OrderedDict[AdapterVersion, HostAdapter] = OrderedDict()  # CPU tier, least recently used first
         self._resident: OrderedDict[AdapterVersion, int] = OrderedDict()  # -> slot, least recently used first
         self._owner: list[AdapterVersion | None] = [None] * max_loras
         self._pinned: set[AdapterVersion] = set()
@@ -411,11 +386,11 @@ class AdapterPool:
         if missing:
             self._load_ms += (time.perf_counter() - start) * 1e3
 
-    def _host_copy(self, version: AdapterVersion) -> _HostAdapter:
+    def _host_copy(self, version: AdapterVersion) -> HostAdapter:
         adapter = self._host.get(version)
         if adapter is None:
             path, files = self._files[version]
-            if _file_stamps(path) != files:
+            if file_stamps(path) != files:
                 raise ValueError(
                     f"the files of adapter {version.name!r} in {path!r} changed since it was loaded: they would "
                     "give other weights; unload it and load it again"
@@ -426,13 +401,13 @@ class AdapterPool:
         self._host.move_to_end(version)
         return adapter
 
-    def _keep_on_host(self, version: AdapterVersion, adapter: _HostAdapter) -> None:
+    def _keep_on_host(self, version: AdapterVersion, adapter: HostAdapter) -> None:
         self._host[version] = adapter
         while len(self._host) > self.max_cpu_loras:
             self._host.popitem(last=False)
             self._counts["cpu_evictions"] += 1
 
-    def _fill(self, slot: int, version: AdapterVersion, adapter: _HostAdapter) -> None:
+    def _fill(self, slot: int, version: AdapterVersion, adapter: HostAdapter) -> None:
         with self._copying_into(slot):
             for module_name in adapter.modules:
                 if module_name not in self._layers:
@@ -485,131 +460,12 @@ class AdapterPool:
                 del self._handed_out[tensor_id]
             self._leases.subtract(slots)
 
-    # Reading and validating adapter files (no pool state is touched).
+    # Reading an adapter's files (no pool state is touched).
 
-    def _read(self, path: str) -> _HostAdapter:
-        files = _file_stamps(path)
-        config = _read_config(path)
-        try:
-            tensors = load_file(os.path.join(path, WEIGHTS_FILE))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{WEIGHTS_FILE} in {path!r} is corrupt or truncated: {error}") from error
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            match = _WEIGHT_KEY.fullmatch(key)
-            if match is None:
-                raise ValueError(
-                    f"adapter {path!r} holds {key!r}, which is not the lora_A or lora_B weight of a layer; "
-                    "AdapterPool serves plain LoRA on linear layers only"
-                )
-            pairs.setdefault(match[1], {})[match[2]] = tensor
-        if not pairs:
-            raise ValueError(f"adapter {path!r} holds no LoRA weights: it would change nothing")
-        unknown = sorted(name for name in pairs if name not in self._modules)
-        if unknown:
-            example = next((name for name, m in self._modules.items() if type(m) is nn.Linear), "none")
-            raise ValueError(
-                f"adapter {path!r} targets {len(unknown)} module(s) this model does not have, e.g. {unknown[0]!r} "
-                f"(the model's linear layers are named like {example!r}): an adapter for another model?"
-            )
-        modules = {}
-        for name, pair in sorted(pairs.items()):
-            modules[name] = self._validated(path, config, name, pair)
-        return _HostAdapter(path, modules, files)
-
-    def _validated(self, path: str, config: dict, name: str, pair: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
-        where = f"adapter {path!r}, module {name!r}"
-        layer = self._modules[name]
-        if type(layer) is not nn.Linear or layer.weight.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{where}: the model's {type(layer).__name__} there is not a float nn.Linear")
-        if "forward" in layer.__dict__ and name not in self._layers:
-            raise ValueError(f"{where}: the model's layer has its forward replaced by something else")
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"{where}: only lora_{''.join(pair)} is there, lora_A and lora_B are both needed")
-        lora_a, lora_b = pair["A"], pair["B"]
-        for label, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-            if tensor.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"{where}: {label} is {tensor.dtype}, not float16, bfloat16 or float32")
-            if tensor.dim() != 2:
-                raise ValueError(f"{where}: {label} has shape {tuple(tensor.shape)}, not 2-D")
-        rank = lora_a.shape[0]
-        if lora_a.shape[1] != layer.in_features or lora_b.shape != (layer.out_features, rank):
-            raise ValueError(
-                f"{where}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not fit the model's "
-                f"layer ({layer.in_features} -> {layer.out_features}; expected lora_A [r, {layer.in_features}] and "
-                f"lora_B [{layer.out_features}, r]): an adapter for another base model?"
-            )
-        configured_rank = _pattern_value(config["rank_pattern"], name, config["r"])
-        if rank != configured_rank:
-            raise ValueError(f"{where}: lora_A has rank {rank}, {CONFIG_FILE} says {configured_rank}")
-        if rank > self.max_rank:
-            raise ValueError(f"{where}: rank {rank} > max_rank {self.max_rank}")
-        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
-            raise ValueError(f"{where}: the weights hold NaN or infinite values")
-        alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        dtype = layer.weight.dtype
-        pin = self._device.type == "cuda"
-        lora_a, lora_b = (t.to(dtype).contiguous() for t in (lora_a, lora_b))
-        return (lora_a.pin_memory(), lora_b.pin_memory(), scaling) if pin else (lora_a, lora_b, scaling)
-
-
-def _file_stamps(path: str) -> tuple:
-    """(size, mtime) of the adapter's two files (None where one is missing: `_read_config` says so)."""
-    stamps = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        try:
-            stat = os.stat(os.path.join(path, name))
-        except (OSError, ValueError):
-            stamps.append(None)
-        else:
-            stamps.append((stat.st_size, stat.st_mtime_ns))
-    return tuple(stamps)
-
-
-def _read_config(path: str) -> dict:
-    if not os.path.isdir(path):
-        raise ValueError(f"path {path!r} is not a directory")
-    files = set(os.listdir(path))
-    if WEIGHTS_FILE not in files:
-        pickles = sorted(name for name in files if name.endswith(_PICKLE_SUFFIXES))
-        if pickles:
-            raise ValueError(
-                f"path {path!r} holds only pickle weights ({', '.join(pickles)}), which AdapterPool never loads "
-                f"(unpickling can run any code): save the adapter as {WEIGHTS_FILE} (peft's save_pretrained does "
-                "by default)"
-            )
-        raise ValueError(f"path {path!r} has no {WEIGHTS_FILE}")
-    if CONFIG_FILE not in files:
-        raise ValueError(f"path {path!r} has no {CONFIG_FILE}")
-    try:
-        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as file:
-            config = json.load(file)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{CONFIG_FILE} in {path!r} is not readable JSON: {error}") from error
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise ValueError(f"{CONFIG_FILE} in {path!r} is not a peft LoRA config (peft_type 'LORA')")
-    for option in _UNSUPPORTED_OPTIONS:
-        if config.get(option):
-            raise ValueError(
-                f"{CONFIG_FILE} in {path!r} sets {option}={config[option]!r}; AdapterPool serves plain LoRA only"
-            )
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{CONFIG_FILE} in {path!r} sets bias={config['bias']!r}; AdapterPool serves plain LoRA only")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
-            raise ValueError(f"{CONFIG_FILE} in {path!r}: {key} must be a positive number, got {config.get(key)!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        config[key] = config.get(key) or {}
-        if not isinstance(config[key], dict):
-            raise ValueError(f"{CONFIG_FILE} in {path!r}: {key} must be a mapping, got {config[key]!r}")
-    return config
-
-
-def _pattern_value(pattern: dict, module_name: str, default):
-    """peft's rule for rank_pattern/alpha_pattern: the first key that matches the end of the module's
-    name at a dot boundary (as a regular expression) gives the value."""
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?({key})", module_name):
-            return value
-    return default
+    def _read(self, path: str) -> HostAdapter:
+        adapter = read_adapter(path, self._modules, max_rank=self.max_rank, attached=self._layers)
+        if self._device.type != "cuda":
+            return adapter
+        # Pinned, so a slot's copy from the CPU tier runs asynchronously on the copy stream.
+        pinned = {name: (a.pin_memory(), b.pin_memory(), scaling) for name, (a, b, scaling) in adapter.modules.items()}
+        return adapter._replace(modules=pinned)

@@ -7,9 +7,11 @@
     engine.shutdown()
 
 One background thread runs the loop: schedule a step (`scheduler.Scheduler`: finished requests
-leave, waiting ones join, preemption when pages run out), run it (`runner.Runner`: one forward of
-the patched Hugging Face model for the whole batch, every request with its own adapter through
-the `AdapterPool`), sample each request's next token, stream it, end what is finished. Every
+leave, waiting ones join, decodes first, then prefills or chunks of them under the step's token
+budget, a cached prefix shared instead of computed, preemption when pages run out), run it
+(`runner.Runner`: one forward of the patched Hugging Face model for the whole batch, every request
+with its own adapter through the `AdapterPool`), sample the next token of each request whose step
+reached its last token (a chunk inside a prompt draws none), stream it, end what is finished. Every
 request ends finished ("stop", "length"), cancelled ("cancelled") or failed ("error", with the
 reason): its pages and adapter leases are released there, in one place. A request holds the
 version of its adapter it started with (`AdapterPool.acquire`) until it ends: an unload or a reload

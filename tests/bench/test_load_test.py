@@ -4,17 +4,23 @@ URLs. bench/naive_engine.py, the baseline it can start, gives our Engine's greed
 
 import json
 
-import httpx
-import numpy as np
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench import load_test
-from bench.naive_engine import NaiveEngine
-from bench.tiny_serving import make_adapters, make_model_dir
-from fused_train.serving import Engine, QueueFull, SamplingParams
-from fused_train.serving.loading import open_engine
-from fused_train.serving.server import build_app, start_server
+from tests.serving.conftest import SERVER_PACKAGES
+
+for package in SERVER_PACKAGES:  # skipped where the serve extra or openai is not installed
+    pytest.importorskip(package)
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from bench import load_test  # noqa: E402
+from bench.naive_engine import NaiveEngine  # noqa: E402
+from bench.tiny_serving import make_adapters, make_model_dir  # noqa: E402
+from fused_train.serving import Engine, QueueFull, SamplingParams  # noqa: E402
+from fused_train.serving.loading import open_engine  # noqa: E402
+from fused_train.serving.server import build_app, start_server  # noqa: E402
 
 MODEL_NAME = "tiny"
 
@@ -101,6 +107,19 @@ def test_counts_add_up_and_figures_come_from_the_records(live, tmp_path):
     assert summary["requests_per_s"] == pytest.approx(12 / duration)
     assert summary["output_tokens_per_s"] == pytest.approx(summary["output_tokens"] / duration)
     assert summary["good"] == 12 and summary["goodput_requests_per_s"] == pytest.approx(12 / duration)
+
+
+def test_the_shared_prefix_workload_puts_system_prompts_before_the_user_turns(live, tmp_path):
+    url, engine = live
+    hits_before = engine.metrics()["prefix_cache_hits"]
+    argv = ["--base-url", url, "--num-adapters", "0", "--request-rate", "inf", "--max-concurrency", "1",
+            "--num-requests", "6", "--max-tokens", "2", "--warmup", "0", "--workload", "shared-prefix",
+            "--system-prompts", "2", "--system-prompt-tokens", "64", "--out", str(tmp_path)]  # fmt: skip
+    assert load_test.main(argv) == 0
+    (run,) = json.loads((tmp_path / "load_test.json").read_text())["runs"]
+    assert run["summary"]["ok"] == 6
+    # One request at a time over two system prompts: at least four of them find theirs cached.
+    assert engine.metrics()["prefix_cache_hits"] - hits_before >= 4 * 48
 
 
 def test_failed_requests_are_counted_as_errors(live, tmp_path):

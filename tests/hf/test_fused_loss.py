@@ -2,7 +2,6 @@
 
 import copy
 
-import datasets
 import pytest
 import torch
 import transformers
@@ -85,6 +84,7 @@ def test_logits_to_keep_shift_labels_and_tuples_as_hf():
 def test_trainer_with_gradient_accumulation_trains_as_hf(model_type, tmp_path):
     """Two optimizer steps of two micro-batches each: the Trainer passes num_items_in_batch (the
     targets of both micro-batches), so the summed micro-batch losses must be divided by it."""
+    datasets = pytest.importorskip("datasets")
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 30, (16,), generator=generator)
     docs = [{"input_ids": torch.randint(3, 97, (int(n),), generator=generator).tolist()} for n in lengths]

@@ -74,6 +74,35 @@ def compile_for_sm90(fn, signature, constexprs, attrs, num_warps, num_stages, wi
     )
 
 
+def compile_lora_variant(name, fn, signature, constexprs, config, aligned, needs_wgmma, wide_args):
+    """`compile_for_sm90` of one variant of a LoRA kernel at `config` (its block sizes, warps and
+    stages), every pointer and stride 16-divisible when `aligned` (counts and scales never are): its
+    usage, with its `name`, `aligned` and whether it `needs_wgmma`."""
+    constexprs = constexprs | {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    unaligned = {"rank", "M", "T", "lora_scale", "keep_scale", "scale"}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, (arg, kind) in enumerate(signature.items())
+        if aligned and kind != "constexpr" and not kind.startswith("tensordesc") and arg not in unaligned
+    }
+    usage = compile_for_sm90(fn, signature, constexprs, attrs, config["num_warps"], config["num_stages"], wide_args)
+    return dict(name=name, aligned=aligned, needs_wgmma=needs_wgmma, **usage)
+
+
+def assert_lora_variant_fits(kernel):
+    """What every compiled LoRA variant (`compile_lora_variant`) must show: shared memory within
+    Hopper's limit, wgmma where needed, TMA loads exactly in the TMA kernel ("tma " names), 64-bit
+    row offsets, and, aligned, no spills."""
+    assert kernel["shared"] <= SHARED_LIMIT, kernel
+    if kernel["needs_wgmma"]:
+        assert kernel["wgmma"], kernel
+    assert kernel["tma_loads"] == kernel["name"].startswith("tma "), kernel
+    assert kernel["narrow"] == [], kernel
+    # Tails are rare in real layers; there only correctness (and the limits above) is required.
+    if kernel["aligned"]:
+        assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel
+
+
 def compile_in_subprocess(script_path, timeout, triton_site=None):
     """Run the script without TRITON_INTERPRET and return the JSON list on its last stdout line.
 

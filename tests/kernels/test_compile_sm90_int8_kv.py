@@ -46,7 +46,7 @@ def _split_variants():
     from fused_train.kernels import int8_decode_attention as decode
 
     def block_ms(table, head_dim):
-        return sorted({16, table[decode.block_d_of(head_dim)][1]})
+        return sorted({16, table[decode.block_d_at_least_16(head_dim)][1]})
 
     variants = [("bf16", d, m, False, True) for d in HEAD_DIMS_16BIT for m in block_ms(decode.CONFIGS, d)]
     variants += [("fp32", d, m, False, True) for d in HEAD_DIMS_FP32 for m in block_ms(decode.CONFIGS_FP32, d)]
@@ -81,7 +81,7 @@ def _compile_all():
 
     results = []
     for dtype, head_dim, block_m, softcap, has_recent in _split_variants():
-        block_d = decode.block_d_of(head_dim)
+        block_d = decode.block_d_at_least_16(head_dim)
         block_n, _, num_warps, num_stages = (decode.CONFIGS_FP32 if dtype == "fp32" else decode.CONFIGS)[block_d]
         kinds = dict(Q=dtype, K="i8", KScale="fp32", V="i8", VScale="fp32", KeyStart="i32", KRecent=dtype,
                      VRecent=dtype, PartOut="fp32", PartLse="fp32")
@@ -94,8 +94,8 @@ def _compile_all():
                              num_stages, ("stride_qh", "stride_qt", "stride_krt", "stride_vrt"))
         result["expect_wgmma"] = block_m % 64 == 0
         results.append(result)
-    for dtype, head_dim, block_s in (("bf16", 256, 16), ("fp32", 128, 1), ("fp16", 80, 4)):
-        block_d = decode.block_d_of(head_dim)
+    for dtype, head_dim, block_s in (("bf16", 256, decode.MAX_SPLITS), ("fp32", 128, 1), ("fp16", 80, 4)):
+        block_d = decode.block_d_at_least_16(head_dim)
         result = compile_one(
             f"combine {dtype} head_dim {head_dim} {block_s} splits", decode._int8_decode_attention_combine_kernel,
             dict(PartOut="fp32", PartLse="fp32", Out=dtype), dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s),

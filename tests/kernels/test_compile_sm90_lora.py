@@ -1,9 +1,9 @@
-"""Every shipped LoRA kernel config compiles for sm_90: wgmma where it matters, shared memory, no spills,
-and 64-bit offsets along the token-sized operands' rows and W's rows.
+"""Every shipped config of the LoRA shrink and token-reduction kernels compiles for sm_90: shared memory,
+no spills, and 64-bit offsets along the token-sized operands' rows (the GEMM's: test_compile_sm90_lora_gemm.py).
 
 The compile runs in a subprocess, this file run as a script (tests/kernels/sm90.py says why).
 Variants are compiled with the 16-divisibility Triton gives real 7B-class shapes (hidden sizes and
-strides multiples of 16); an unaligned variant checks that tails (in/out 4095) still compile.
+strides multiples of 16).
 """
 
 import json
@@ -11,45 +11,12 @@ import json
 import pytest
 
 from tests.kernels.sm90 import (
-    SHARED_LIMIT,
-    compile_for_sm90,
+    assert_lora_variant_fits,
     compile_in_subprocess,
+    compile_lora_variant,
     triton_site_id,
     triton_sites,
 )
-
-
-def _gemm_variants():
-    """(name, dtype, weight dtype ("i4" = packed int4), config name, backward dx (HAS_KEEP, W = Wk), BLOCK_R, aligned)."""
-    return [
-        ("fwd bf16", "bf16", "bf16", "large", False, 16, True),
-        ("dx bf16 r128", "bf16", "bf16", "large", True, 128, True),
-        ("fwd fp16", "fp16", "fp16", "medium", False, 16, True),
-        ("dx bf16 medium r128", "bf16", "bf16", "medium", True, 128, True),
-        ("fwd bf16 int8", "bf16", "i8", "medium", False, 16, True),
-        ("dx bf16 int8 r128", "bf16", "i8", "medium", True, 128, True),
-        ("fwd fp32", "fp32", "fp32", "medium_fp32", False, 16, True),
-        ("dx fp32 medium r128", "fp32", "fp32", "medium_fp32", True, 128, True),
-        ("fwd fp32 int8", "fp32", "i8", "medium_fp32", False, 16, True),
-        ("fwd bf16 int4", "bf16", "i4", "medium", False, 16, True),
-        ("dx bf16 int4 r128", "bf16", "i4", "medium", True, 128, True),
-        ("fwd fp32 int4", "fp32", "i4", "medium_fp32", False, 16, True),
-        ("dx fp32 int4 r128", "fp32", "i4", "medium_fp32", True, 128, True),
-        ("dx bf16 int4 unaligned", "bf16", "i4", "medium", True, 16, False),
-        ("fwd bf16 unaligned", "bf16", "bf16", "medium", False, 16, False),
-    ]
-
-
-def _tma_variants():
-    """(name, dtype, config name, backward dx (HAS_KEEP, W = Wk), BLOCK_R) of the TMA kernel."""
-    return [
-        ("fwd bf16", "bf16", "large", False, 16),
-        ("fwd bf16 r128", "bf16", "large", False, 128),
-        ("dx bf16", "bf16", "large", True, 16),
-        ("dx bf16 r128", "bf16", "large", True, 128),
-        ("fwd fp16 medium", "fp16", "medium", False, 16),
-        ("dx bf16 medium r128", "bf16", "medium", True, 128),
-    ]
 
 
 def _compile_all():
@@ -57,65 +24,8 @@ def _compile_all():
 
     results = []
 
-    def compile_one(name, fn, signature, constexprs, config, aligned, needs_wgmma, wide_args):
-        constexprs = constexprs | {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-        unaligned = {"rank", "M", "T", "lora_scale", "keep_scale", "scale"}
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, (arg, kind) in enumerate(signature.items())
-            if aligned and kind != "constexpr" and not kind.startswith("tensordesc") and arg not in unaligned
-        }
-        usage = compile_for_sm90(fn, signature, constexprs, attrs, config["num_warps"], config["num_stages"], wide_args)
-        results.append(dict(name=name, aligned=aligned, needs_wgmma=needs_wgmma, **usage))
-
-    gemm_args = (
-        "a_ptr w_ptr w_scale_ptr w_offset_ptr lora_left_ptr lora_right_ptr bias_ptr keep_ptr out_ptr M N K rank "
-        "stride_am stride_ak stride_wk stride_wn stride_scale stride_lm stride_lr stride_rr stride_rn stride_keep_m "
-        "stride_om lora_scale keep_scale"
-    ).split()
-    for name, dtype, w_dtype, config_name, backward, block_r, aligned in _gemm_variants():
-        w_kind = "*u8" if w_dtype == "i4" else f"*{w_dtype}"
-        kinds = [f"*{dtype}", w_kind, "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "*u8", f"*{dtype}"]
-        signature = dict(zip(gemm_args, kinds + ["i32"] * 15 + ["fp32", "fp32"]))
-        unit_stride = "stride_wn" if backward else "stride_wk"
-        signature["stride_ak"] = signature[unit_stride] = "constexpr"
-        constexprs = dict(
-            stride_ak=1,
-            **{unit_stride: 1},
-            HAS_BIAS=not backward,
-            HAS_KEEP=backward,
-            W_INT8=w_dtype == "i8",
-            W_INT4=w_dtype == "i4",
-            W_TRANSPOSED=not backward,
-            BLOCK_R=block_r,
-            INT4_GROUP=lora.INT4_GROUP_SIZE,
-            UPCAST=False,
-        )
-        # Row strides of a (x or dy), the dropout mask, out and W. dx steps through W's rows by pointer
-        # increments of BLOCK_K rows (64-bit adds to the pointers) but for int4 tiles, which index them.
-        w_rows = "stride_wk" if backward else "stride_wn"
-        wide = ["stride_am", "stride_keep_m", "stride_om"] + ([] if backward and w_dtype != "i4" else [w_rows])
-        compile_one(name, lora._lora_gemm_kernel, signature, constexprs, lora.GEMM_CONFIGS[config_name], aligned, True,
-                    wide)
-
-    # The TMA kernel: 16-bit float W only; TMA itself handles tails, so every variant is aligned.
-    tma_args = (
-        "a_desc w_desc lora_left_ptr lora_right_ptr bias_ptr keep_ptr out_ptr M N K rank "
-        "stride_lm stride_lr stride_rr stride_rn stride_keep_m stride_om lora_scale keep_scale"
-    ).split()
-    for name, dtype, config_name, backward, block_r in _tma_variants():
-        config = lora.GEMM_CONFIGS[config_name]
-        block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-        w_block = (block_k, block_n) if backward else (block_n, block_k)
-        kinds = [f"tensordesc<{dtype}[{block_m}, {block_k}]>", f"tensordesc<{dtype}[{w_block[0]}, {w_block[1]}]>"]
-        kinds += ["*fp32", "*fp32", "*fp32", "*u8", f"*{dtype}"] + ["i32"] * 10 + ["fp32", "fp32"]
-        signature = dict(zip(tma_args, kinds)) | {"stride_lr": "constexpr"}
-        constexprs = dict(
-            stride_lr=1, HAS_BIAS=not backward, HAS_KEEP=backward, W_TRANSPOSED=not backward, BLOCK_R=block_r,
-            UPCAST=False,
-        )  # fmt: skip
-        compile_one(f"tma {name}", lora._lora_gemm_tma_kernel, signature, constexprs, config, True, True,
-                    ["stride_keep_m", "stride_om"])
+    def compile_one(*variant):
+        results.append(compile_lora_variant(*variant))
 
     shrink_args = "a_ptr m_ptr keep_ptr out_ptr M K rank stride_am stride_ak stride_mr stride_mk stride_keep_m stride_om scale".split()
     reduce_args = (
@@ -147,16 +57,9 @@ def compiled(request):
 
 
 def test_every_lora_config_compiles_for_sm90(compiled):
-    assert len(compiled) == len(_gemm_variants()) + len(_tma_variants()) + 32
+    assert len(compiled) == 32
     for kernel in compiled:
-        assert kernel["shared"] <= SHARED_LIMIT, kernel
-        if kernel["needs_wgmma"]:
-            assert kernel["wgmma"], kernel
-        assert kernel["tma_loads"] == kernel["name"].startswith("tma "), kernel
-        assert kernel["narrow"] == [], kernel
-        # Tails are rare in real layers; there only correctness (and the limits above) is required.
-        if kernel["aligned"]:
-            assert kernel["REG"] <= 255 and kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel
+        assert_lora_variant_fits(kernel)
 
 
 if __name__ == "__main__":

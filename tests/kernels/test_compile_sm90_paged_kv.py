@@ -95,13 +95,13 @@ def _quantize_ptx_is_exact(fn, kinds, constexprs, num_warps):
 def _compile_all():
     from fused_train.kernels import paged_decode_attention as attention
     from fused_train.kernels import paged_kv_write as write
-    from fused_train.kernels.int8_decode_attention import block_d_of
+    from fused_train.kernels.int8_decode_attention import MAX_SPLITS, block_d_at_least_16
 
     results = []
     for q_dtype, pages_dtype, head_dim, block_m, has_cu, softcap, page_size, one_split in _split_variants():
         q_kind, pages_kind = KINDS[q_dtype], KINDS[pages_dtype]
         has_scales = pages_dtype == torch.int8
-        block_d = block_d_of(head_dim)
+        block_d = block_d_at_least_16(head_dim)
         block_n, _, num_warps, num_stages = attention.CONFIGS[attention.config_key(q_dtype, pages_dtype, head_dim)]
         kinds = dict(Q=q_kind, KPages=pages_kind, VPages=pages_kind, KScales="fp32" if has_scales else "i32",
                      VScales="fp32" if has_scales else "i32", PageTable="i32", KvLens="i32", CuSeqlensQ="i32",
@@ -116,9 +116,9 @@ def _compile_all():
                           num_stages)
         result["expect_wgmma"] = block_m % 64 == 0
         results.append(result)
-    result = _compile("combine bf16 head_dim 128 16 splits", attention._paged_decode_attention_combine_kernel,
-                      dict(PartOut="fp32", PartLse="fp32", Out="bf16"), dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16),
-                      attention.COMBINE_WARPS, 1)
+    result = _compile(f"combine bf16 head_dim 256 {MAX_SPLITS} splits", attention._paged_decode_attention_combine_kernel,
+                      dict(PartOut="fp32", PartLse="fp32", Out="bf16"),
+                      dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_S=MAX_SPLITS), attention.COMBINE_WARPS, 1)
     result["expect_wgmma"] = None  # a weighted sum over splits, no matmul
     results.append(result)
     for new, pages, quantize in (("bf16", "i8", True), ("fp16", "bf16", False)):

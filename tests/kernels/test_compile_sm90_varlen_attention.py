@@ -69,7 +69,7 @@ def _compile_all():
 
     results = []
     for dtype, head_dim, softcap in _variants():
-        block_d = va.block_d_of(head_dim)
+        block_d = va.block_d_at_least_32(head_dim)
         for kind in KERNELS:
             fn, (table_16bit, table_fp32) = kernels[kind]
             config = (table_fp32 if dtype == "fp32" else table_16bit)[block_d]

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from fused_train.kernels import int8_decode_attention as kernel_module
-from fused_train.kernels.int8_decode_attention import CONFIGS, CONFIGS_FP32, block_d_of, int8_decode_attention_ref
+from fused_train.kernels.int8_decode_attention import (
+    CONFIGS,
+    CONFIGS_FP32,
+    block_d_at_least_16,
+    int8_decode_attention_ref,
+)
 from fused_train.kernels.int8_kv_quantize import quantize_kv_ref
 from fused_train.ops.int8_kv import int8_decode_attention, int8_decode_attention_op
 from tests.conftest import DEVICE
@@ -91,12 +96,25 @@ def test_left_padding_and_a_sequence_that_sees_no_key(poisoned_outputs):
     assert (out[3] == 0).all() and (out[2, :, :2] == 0).all() and (out[2, :, 2] != 0).any()
 
 
+def test_split_count_fills_the_gpu_as_the_context_allows():
+    """Batch 1 with 8 KV heads over a long context gets a few programs per SM; a short context only
+    as many splits as it has runs of 4 key blocks; a grid that fills the SMs already, one split."""
+    sms = 132
+    long_context = kernel_module.choose_num_splits(8, 32768, 64, sms)
+    assert 8 * long_context >= 3 * sms and long_context <= kernel_module.MAX_SPLITS
+    assert kernel_module.choose_num_splits(8, 1024, 64, sms) == 1024 // 64 // 4
+    assert kernel_module.choose_num_splits(8, 100, 64, sms) == 1
+    assert kernel_module.choose_num_splits(4 * sms, 32768, 64, sms) == 1
+    assert kernel_module.choose_num_splits(8, 32768, 64, 16) == 8  # a small GPU: 4 programs per SM
+    assert kernel_module.sm_count(torch.device("cpu")) == kernel_module.DEFAULT_SMS
+
+
 def test_forced_splits_agree(poisoned_outputs):
     """One split, several, and more splits than key blocks (some empty) give the same output."""
     q, k_data, k_scale, v_data, v_scale = _inputs(2, 4, 2, 2, 32, 150, torch.float32, seed=5)
     key_start = torch.tensor([0, 70], dtype=torch.int32, device=DEVICE)
     outs = [int8_decode_attention(q, k_data, k_scale, v_data, v_scale, 150, key_start, num_splits=n)
-            for n in (1, 3, 16)]
+            for n in (1, 3, 16, kernel_module.MAX_SPLITS)]
     expected = int8_decode_attention_ref(q.double(), k_data, k_scale, v_data, v_scale, 150, key_start)
     for out in outs:
         _assert_close(out, expected, torch.float32)
@@ -164,7 +182,7 @@ SHIPPED_CONFIGS = [(torch.float32, 128), (torch.bfloat16, 64), (torch.float16, 8
 @pytest.mark.parametrize("dtype,head_dim", SHIPPED_CONFIGS, ids=[f"{t}_{d}" for t, d in SHIPPED_CONFIGS])
 def test_shipped_gpu_configs_match_reference(dtype, head_dim, poisoned_outputs):
     """The launcher with the GPU tables' block sizes (the interpreter otherwise uses 16 keys)."""
-    config = (CONFIGS_FP32 if dtype == torch.float32 else CONFIGS)[block_d_of(head_dim)]
+    config = (CONFIGS_FP32 if dtype == torch.float32 else CONFIGS)[block_d_at_least_16(head_dim)]
     q, k_data, k_scale, v_data, v_scale = _inputs(1, 4, 2, 1, head_dim, 200, dtype, seed=head_dim)
     out = kernel_module.int8_decode_attention(q, k_data, k_scale, v_data, v_scale, 200, num_splits=2, config=config)
     expected = int8_decode_attention_ref(q.double(), k_data, k_scale, v_data, v_scale, 200)

@@ -3,10 +3,12 @@
 Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py), so shapes stay small.
 """
 
+import math
+
 import pytest
 import torch
 
-from fused_train.kernels.int8_kv_quantize import quantize_kv_ref
+from fused_train.kernels.int8_kv_quantize import quantize_grid, quantize_kv_ref
 from fused_train.ops.int8_kv import quantize_kv_append, quantize_kv_append_op
 from tests.conftest import DEVICE
 from tests.kernels.conftest import assert_bad_input_named
@@ -51,6 +53,15 @@ def test_append_of_one_token_at_start_zero_and_at_the_end():
     x = torch.randn(1, 2, 1, 128, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     _append_and_check(x, capacity=9, start=0)
     _append_and_check(x, capacity=9, start=8)
+
+
+def test_grid_of_a_prefill_past_2m_tokens_fits_cuda_limits():
+    """Every (sequence, kv head, token block) gets a program, within CUDA's grid limits (2**31 - 1
+    in dimension 0, 65535 in the others), for a 4M-token prefill at head_dim 128."""
+    new_tokens, block_t = 4 * 2**20, 32  # 32 tokens of head_dim 128 a program
+    grid = quantize_grid(2, 8, new_tokens, block_t)
+    assert math.prod(grid) == 2 * 8 * (new_tokens // block_t)
+    assert grid[0] < 2**31 and all(size <= 65535 for size in grid[1:])
 
 
 def test_strided_x_matches_reference():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_train
-from fused_train.kernels import lora as lora_kernels
+from fused_train.kernels import lora_gemm as gemm_kernels
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
 from fused_train.ops.int8_kv import int8_decode_attention, quantize_kv_append
 
@@ -57,10 +57,10 @@ def test_long_document_of_a_fused_qkv_projection():
 def test_lora_gemm_whose_output_and_gradient_pass_2_31_elements(monkeypatch, way):
     # 17000 tokens through a LoRA'd 131072-word lm_head: y and dy hold 2.2e9 elements.
     tokens, in_features, out_features, rank, scaling = 17000, 256, 131072, 16, 2.0
-    if way[0] == "tma" and not lora_kernels._tma_applies(*(torch.empty(8, 8, device="cuda", dtype=torch.bfloat16)
-                                                             for _ in range(3))):
+    if way[0] == "tma" and not gemm_kernels.tma_applies(*(torch.empty(8, 8, device="cuda", dtype=torch.bfloat16)
+                                                            for _ in range(3))):
         pytest.skip("TMA needs a Hopper-or-newer GPU and a Triton with tensor descriptors")
-    monkeypatch.setattr(lora_kernels, "_choose_gemm_way", lambda key, ways, launch: way)
+    monkeypatch.setattr(gemm_kernels, "gemm_ways_of", lambda a, w, out: [way])
     x = torch.randn(tokens, in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(out_features, in_features, device="cuda") / in_features**0.5).bfloat16()
     lora_a = (torch.randn(rank, in_features, device="cuda") / in_features**0.5).requires_grad_()

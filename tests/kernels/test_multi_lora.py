@@ -8,6 +8,7 @@ from fused_train.kernels import multi_lora as multi_lora_kernels
 from fused_train.kernels import multi_lora_ref
 from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
 from fused_train.kernels.multi_lora_ref import base_linear_ref, multi_lora_linear_ref
+from fused_train.ops import multi_lora as multi_lora_ops
 from tests.conftest import DEVICE
 from tests.kernels.conftest import make_base_weight
 
@@ -103,15 +104,20 @@ def test_kernels_match_reference(monkeypatch, poisoned_outputs, path, case):
     dtype plus EXTRA_ERROR; the stacks' padding is NaN and the launchers' buffers start NaN."""
     monkeypatch.setattr(multi_lora_kernels, "choose_path", lambda num_tokens, num_slots: path)
     inputs = _case(*CASES[case])
-    dtype = inputs["x"].dtype
     y = fused_train.multi_lora_linear(**inputs)
-    assert y.dtype == dtype and y.shape == (inputs["x"].shape[0], inputs["weight"].shape[0])
+    assert y.dtype == inputs["x"].dtype and y.shape == (inputs["x"].shape[0], inputs["weight"].shape[0])
+    _assert_within_error_rule(y, inputs)
+
+
+def _assert_within_error_rule(y, inputs):
+    """`y` of 2-d `inputs` against the float64 per-token loop: within twice the error of PyTorch in
+    the same dtype (the stacks' NaN padding zeroed) plus EXTRA_ERROR of the loop's largest value."""
     exact = _loop_ref(**inputs)
     zero_padded = {k: torch.nan_to_num(v, nan=0.0) if k.startswith("lora_") else v for k, v in inputs.items()}
     same_dtype = multi_lora_linear_ref(**zero_padded)
-    error = (y.double() - exact).abs().max().item() if y.numel() else 0.0
+    error = (y.double().reshape(exact.shape) - exact).abs().max().item() if y.numel() else 0.0
     torch_error = (same_dtype.double() - exact).abs().max().item() if y.numel() else 0.0
-    allowed = 2 * torch_error + EXTRA_ERROR[dtype] * (exact.abs().max().item() if y.numel() else 0.0)
+    allowed = 2 * torch_error + EXTRA_ERROR[inputs["x"].dtype] * (exact.abs().max().item() if y.numel() else 0.0)
     assert error <= allowed, f"error {error:.3g} > allowed {allowed:.3g}"
 
 
@@ -121,8 +127,51 @@ def test_wide_segment_tiles_span_slots(monkeypatch, poisoned_outputs):
     monkeypatch.setattr(multi_lora_kernels, "choose_path", lambda num_tokens, num_slots: "segments")
     monkeypatch.setattr(multi_lora_kernels, "WIDE_TILES_MIN_TOKENS", 0)
     inputs = _case(150, 3, 32, 40, 136, torch.float32, torch.float32, "random", [32, 9, 20], None, None)
-    torch.testing.assert_close(fused_train.multi_lora_linear(**inputs).double(), _loop_ref(**inputs), rtol=1e-4,
-                               atol=1e-4)  # fmt: skip
+    _assert_within_error_rule(fused_train.multi_lora_linear(**inputs), inputs)
+
+
+def _rounding_rule(x, weight, lora_a, lora_b, token_slots, scalings, ranks):
+    """The kernels' rounding rule (kernels/multi_lora.py's docstring), one token at a time: the
+    base output rounded to x's dtype, float32 `scalings[s]·S` rounded to it, the rest exact."""
+    dtype = x.dtype
+    y = (x.double() @ weight.double().T).to(dtype).double()
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot >= 0:
+            rank = int(ranks[slot])
+            shrunk = (x[t].double() @ lora_a[slot, :rank].to(dtype).double().T).float()
+            seed = (shrunk * scalings[slot]).to(dtype).double()
+            y[t] += seed @ lora_b[slot, :, :rank].to(dtype).double().T
+    return y.to(dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_round_by_one_rule_in_bf16(monkeypatch, poisoned_outputs, path):
+    """Each path gives exactly what the rounding rule gives, so the two agree: x and A hold small
+    integers (times 2**-4), which makes S exact in any order of summation, and each slot's two rank
+    rows nearly cancel in the expand, so that a path that skipped the rounding of `scalings[s]·S`
+    would be off by many bf16 steps. The base weight is zero: y is the LoRA term alone."""
+    monkeypatch.setattr(multi_lora_kernels, "choose_path", lambda num_tokens, num_slots: path)
+    generator = torch.Generator().manual_seed(3)
+    num_slots, r_max, in_features, out_features, tokens = 3, 16, 32, 40, 24
+    lora_a = torch.randint(-3, 4, (num_slots, r_max, in_features), generator=generator) / 16
+    lora_a[:, 1] = lora_a[:, 0]
+    lora_a[:, 1, 0] += 1 / 16
+    column = torch.randn(num_slots, out_features, generator=generator)
+    lora_b = torch.zeros(num_slots, out_features, r_max)
+    lora_b[:, :, 0], lora_b[:, :, 1] = column, -column
+    inputs = dict(
+        x=torch.randint(-3, 4, (tokens, in_features), generator=generator).to(DEVICE, torch.bfloat16),
+        weight=torch.zeros(out_features, in_features, device=DEVICE, dtype=torch.bfloat16),
+        lora_a=lora_a.to(DEVICE, torch.bfloat16),
+        lora_b=lora_b.to(DEVICE, torch.bfloat16),
+        token_slots=torch.randint(-1, num_slots, (tokens,), generator=generator, dtype=torch.int32).to(DEVICE),
+        scalings=(torch.rand(num_slots, generator=generator) + 0.3).to(DEVICE),
+        ranks=torch.full((num_slots,), 2, dtype=torch.int32, device=DEVICE),
+    )
+    y = fused_train.multi_lora_linear(**inputs)
+    expected = _rounding_rule(**inputs)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
 def test_path_rule():
@@ -197,11 +246,17 @@ BAD_INPUTS = {
 }
 
 
+# The slots' and ranks' values: read back (ValueError) on CPU tensors only. On a GPU they are asserted
+# on the device, whose failure would end the test session's CUDA context, so these cases run on a CPU.
+VALUE_CASES = ("slot below -1", "slot past S", "rank past r_max", "negative rank")
+
+
 @pytest.mark.parametrize("what", BAD_INPUTS)
 def test_bad_inputs_raise_naming_the_argument(what):
     name, changes = BAD_INPUTS[what]
-    inputs = _valid_inputs() | {k: v.to(DEVICE) if v is not None and v.device.type != "meta" else v
-                                for k, v in changes.items()}  # fmt: skip
+    device = "cpu" if what in VALUE_CASES else DEVICE
+    inputs = {k: v.to(device) for k, v in _valid_inputs().items()}
+    inputs |= {k: v.to(device) if v is not None and v.device.type != "meta" else v for k, v in changes.items()}
     with pytest.raises(ValueError, match=name):
         fused_train.multi_lora_linear(**inputs)
 
@@ -214,17 +269,32 @@ def test_value_checks_can_be_skipped():
         fused_train.multi_lora_linear(**inputs | dict(ranks=torch.zeros(2, dtype=torch.int32)), check_values=False)
 
 
+def test_value_checks_read_nothing_back_off_the_cpu():
+    """Off a CPU the ranges are asserted on the device, no read back (which would sync a GPU at every
+    call): meta tensors, whose values cannot be read, go through to the op's fake."""
+    inputs = {name: t.to("meta") for name, t in _valid_inputs().items()}
+    y = fused_train.multi_lora_linear(**inputs)
+    assert y.device.type == "meta" and y.shape == (5, 12)
+
+
+@pytest.mark.parametrize("what", VALUE_CASES)
+def test_device_value_checks_name_the_argument(monkeypatch, what):
+    """The device path's asserts, on CPU tensors, where `torch._assert_async` raises at once."""
+    monkeypatch.setattr(multi_lora_ops, "values_readable", lambda tensor: False)
+    name, changes = BAD_INPUTS[what]
+    with pytest.raises(RuntimeError, match=name):
+        fused_train.multi_lora_linear(**{k: v.cpu() for k, v in (_valid_inputs() | changes).items()})
+
 def test_leading_dimensions_and_default_ranks():
     inputs = _valid_inputs()
     x = inputs["x"][:4].reshape(2, 2, -1)
     slots = inputs["token_slots"][:4]
     full = torch.full((3,), 8, dtype=torch.int32, device=DEVICE)
-    expected = _loop_ref(x.reshape(4, -1), inputs["weight"], inputs["lora_a"], inputs["lora_b"], slots,
-                         inputs["scalings"], full).view(2, 2, -1)  # fmt: skip
+    flat = inputs | dict(x=x.reshape(4, -1), token_slots=slots, ranks=full)
     for token_slots in (slots, slots.view(2, 2)):
         y = fused_train.multi_lora_linear(**inputs | dict(x=x, token_slots=token_slots, ranks=None))
         assert y.shape == (2, 2, 12)
-        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+        _assert_within_error_rule(y, flat)
 
 
 def test_custom_op_passes_opcheck():

@@ -180,6 +180,24 @@ def test_reference_matches_loop_reference(pages_dtype):
     _check([1, 37, 16, 70], None, 4, 2, 32, 16, pages_dtype=pages_dtype, seed=4, attention=attention)
 
 
+@pytest.mark.parametrize("pages_dtype", [torch.int8, "float"], ids=["int8_pages", "float_pages"])
+def test_empty_sequences_give_zeros(pages_dtype, poisoned_outputs):
+    """kv_lens 0 (padded batch slots): zeros from the kernel at one split and several (whose combine
+    merges only splits that saw no key), from the reference and through the op, beside real rows."""
+    for num_queries in (None, [1, 2, 0, 3]):
+        case = _case([0, 37, 0, 20], num_queries, 4, 2, 32, 8, pages_dtype=pages_dtype, seed=13)
+        q, (k_pages, v_pages, k_scales, v_scales, page_table), kv_lens, cu, counts = case
+        expected = _expected(q, k_pages, v_pages, k_scales, v_scales, page_table, [0, 37, 0, 20], counts)
+        assert expected.abs().sum() > 0
+        tensors = (q, k_pages, v_pages, page_table, kv_lens)
+        runs = [kernel_module.paged_decode_attention(*tensors, k_scales=k_scales, v_scales=v_scales, cu_seqlens_q=cu,
+                                                     num_splits=num_splits) for num_splits in (1, 3)]
+        runs += [attention(*tensors, k_scales=k_scales, v_scales=v_scales, cu_seqlens_q=cu)
+                 for attention in (paged_decode_attention_ref, paged_decode_attention)]
+        for out in runs:
+            _assert_close(out, expected, torch.float32)
+
+
 def test_no_queries_give_an_empty_out():
     q, (k_pages, v_pages, _, _, page_table), kv_lens, _, _ = _case([5, 9], None, 4, 2, 32, 8, pages_dtype="float")
     cu = torch.zeros(3, dtype=torch.int32, device=DEVICE)

@@ -15,13 +15,14 @@ from fused_train.kernels.varlen_attention import (
     BWD_DQ_CONFIGS_FP32,
     FWD_CONFIGS,
     FWD_CONFIGS_FP32,
-    block_d_of,
+    block_d_at_least_32,
     varlen_attention_bwd,
     varlen_attention_fwd,
     varlen_attention_ref,
 )
+from fused_train.kernels import varlen_attention_ref as varlen_attention_ref_module
+from fused_train.kernels.varlen_attention_ref import check_varlen_inputs
 from tests.conftest import DEVICE
-from tests.kernels.conftest import assert_bad_input_named
 
 ON_GPU = DEVICE == "cuda"
 # Max error relative to the reference's largest magnitude. fp32 matmuls run as tf32 on the GPU
@@ -125,7 +126,7 @@ SHIPPED_CONFIGS = [
 def test_shipped_gpu_configs_match_reference(dtype, head_dim, lengths, poisoned_outputs):
     """The launchers with the GPU block sizes (the interpreter otherwise uses small blocks), incl.
     head_dim 256's dK/dV split over two programs."""
-    block_d = block_d_of(head_dim)
+    block_d = block_d_at_least_32(head_dim)
     fp32 = dtype == torch.float32
     generator = torch.Generator().manual_seed(head_dim)
     q, k, v, cu_seqlens_q, cu_seqlens_k = _inputs(lengths, lengths, 2, 1, head_dim, dtype, generator)
@@ -179,10 +180,40 @@ BAD_INPUTS = {
 }
 
 
+# The offsets' values: read back (ValueError) on CPU tensors only. On a GPU they are asserted on the
+# device, whose failure would end the test session's CUDA context, so these cases run on CPU tensors.
+VALUE_CASES = ("cu_seqlens_not_monotone", "cu_seqlens_last_not_total")
+
+
+def _on_cpu(args):
+    return {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in args.items()}
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_argument(case):
-    assert_bad_input_named(varlen_attention, _valid_args(), *BAD_INPUTS[case])
+    break_args, name = BAD_INPUTS[case]
+    args = _valid_args()
+    break_args(args)
+    with pytest.raises(ValueError, match=name):
+        varlen_attention(**(_on_cpu(args) if case in VALUE_CASES else args))
 
+
+def test_offset_checks_read_nothing_back_off_the_cpu():
+    """Off a CPU the offsets are asserted on the device, no read back (which would sync a GPU in every
+    layer): meta tensors, whose values cannot be read, pass the checks."""
+    args = {name: t.to("meta") if isinstance(t, torch.Tensor) else t for name, t in _valid_args().items()}
+    check_varlen_inputs(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"], (-1, -1), 0.0)
+
+
+@pytest.mark.parametrize("case", VALUE_CASES)
+def test_device_offset_checks_name_the_argument(monkeypatch, case):
+    """The device path's assert, on CPU tensors, where `torch._assert_async` raises at once."""
+    monkeypatch.setattr(varlen_attention_ref_module, "values_readable", lambda tensor: False)
+    break_args, name = BAD_INPUTS[case]
+    args = _valid_args()
+    break_args(args)
+    with pytest.raises(RuntimeError, match=name):
+        varlen_attention(**_on_cpu(args))
 
 def _small_op_args(requires_grad):
     generator = torch.Generator().manual_seed(1)

@@ -19,10 +19,11 @@ import pytest
 from bench.tiny_serving import make_adapters, make_model_dir
 from fused_train.serving.loading import open_engine
 from fused_train.serving import Engine
-from fused_train.serving.openai_protocol import MAX_BODY_BYTES
-from fused_train.serving.server import build_app, start_server
 
 MODEL_NAME = "tiny"
+# What a live server and its clients need: the `serve` extra and `openai` (the `test` extra). The
+# engine's tests need neither, so the server is imported only where one starts.
+SERVER_PACKAGES = ("fastapi", "uvicorn", "prometheus_client", "httpx", "openai")
 ADAPTER_RANKS = {"a": 4, "b": 8, "c": 12, "d": 16}
 # Small enough to start in a second, large enough for every test's requests at once.
 ENGINE_OPTIONS = dict(kv_dtype="int8", kv_cache_tokens=8192, max_batch_tokens=1024)
@@ -69,17 +70,22 @@ def reference_path():
 
 
 @contextlib.contextmanager
-def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None, max_body_bytes=MAX_BODY_BYTES,
+def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None, max_body_bytes=None,
             **engine_options):  # fmt: skip
     """A LiveServer over `engine` (or a new Engine on `model_dir` with `adapters` and `engine_options`
-    over ENGINE_OPTIONS); server and engine are stopped on exit."""
+    over ENGINE_OPTIONS); server and engine are stopped on exit. `max_body_bytes` None: the server's
+    default. Skips the test where SERVER_PACKAGES are not installed."""
+    for name in SERVER_PACKAGES:
+        pytest.importorskip(name)
+    from fused_train.serving.server import build_app, start_server
 
+    limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     if adapter_dirs is None:
         adapter_dirs = sorted({os.path.dirname(path) for path in adapters.values()})
     engine = engine or open_engine(model_dir, adapters, **{**ENGINE_OPTIONS, **engine_options})
     try:
         app = build_app(engine, model_name=MODEL_NAME, adapter_dirs=adapter_dirs, api_key=api_key,
-                        adapter_paths=adapters, max_body_bytes=max_body_bytes)  # fmt: skip
+                        adapter_paths=adapters, **limits)  # fmt: skip
         with start_server(app) as server:
             yield LiveServer(server.url, engine, MODEL_NAME, dict(adapters), api_key)
     finally:

@@ -108,19 +108,24 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(adapter_dirs,
     assert len({tuple(o.token_ids) for o in mixed}) > 1
 
 
-def test_int8_pages_agree_with_model_dtype_pages(adapter_dirs, greedy_outputs, cpu_path):
-    with _engine(adapter_dirs, kv_dtype="int8") as engine:
-        outputs = _run_mix(engine, _greedy())
-        assert engine.metrics()["kv_pages_used"] == 0
+def _agreement(outputs, expected) -> float:
+    """The share of tokens equal, each request compared up to its first difference (after it, the two
+    continue different texts)."""
     agree = total = 0
-    for got, expected in zip(outputs, greedy_outputs):
-        # Compare up to the first difference of each request: after it, the two continue different texts.
-        for a, b in zip(got.token_ids, expected.token_ids):
+    for got, wanted in zip(outputs, expected):
+        for a, b in zip(got, wanted):
             total += 1
             agree += a == b
             if a != b:
                 break
-    assert agree / total >= 0.95, (agree, total)
+    return agree / total
+
+
+def test_int8_pages_agree_with_model_dtype_pages(adapter_dirs, greedy_outputs, cpu_path):
+    with _engine(adapter_dirs, kv_dtype="int8") as engine:
+        outputs = _run_mix(engine, _greedy())
+        assert engine.metrics()["kv_pages_used"] == 0
+    assert _agreement([o.token_ids for o in outputs], [o.token_ids for o in greedy_outputs]) >= 0.95
 
 
 def test_a_pool_too_small_preempts_and_every_request_finishes_the_same(adapter_dirs, cpu_path, greedy_outputs):
@@ -397,3 +402,16 @@ def test_a_prompt_longer_than_max_batch_tokens_is_prefilled_in_chunks_with_equal
         steps = engine.metrics()["steps"]
     assert chunked[0].token_ids == whole[0].token_ids
     assert steps >= 90 // 16
+
+
+def test_int8_pages_cached_and_chunked_agree_with_one_exact_prefill(adapter_dirs, cpu_path):
+    # Int8 pages: a prefill after cached pages or earlier chunks reads that context quantized, where a
+    # prefill in one step attends to its exact keys; the tokens still agree as int8 decoding does.
+    prompts, params = _shared_prefix_prompts(), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    runs = {}
+    for name, options in (("whole", dict(enable_prefix_caching=False)), ("cached", dict(max_batch_tokens=24))):
+        with _engine(adapter_dirs, kv_dtype="int8", **options) as engine:
+            runs[name] = [engine.generate([prompt], params, "all8")[0].token_ids for prompt in prompts]
+            runs[name + "_hits"] = engine.metrics()["prefix_cache_hits"]
+    assert runs["cached_hits"] == 3 * 32 and runs["whole_hits"] == 0
+    assert _agreement(runs["cached"], runs["whole"]) >= 0.95

@@ -14,14 +14,20 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from bench.tiny_serving import CHAT_TEMPLATE, make_tokenizer
-from fused_train.serving import SamplingParams
-from fused_train.serving.server import _Detokenizer
+from tests.serving.conftest import SERVER_PACKAGES
+
+for package in SERVER_PACKAGES:  # skipped where the serve extra or openai is not installed
+    pytest.importorskip(package)
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from bench.tiny_serving import CHAT_TEMPLATE, make_tokenizer  # noqa: E402
+from fused_train.serving import SamplingParams  # noqa: E402
+from fused_train.serving.server import _Detokenizer  # noqa: E402
 
 MAX_TOKENS = 6
 PROMPT = "The cat"

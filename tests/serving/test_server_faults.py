@@ -8,14 +8,25 @@ import threading
 import time
 from types import SimpleNamespace
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from fused_train.serving import SamplingParams
-from fused_train.serving.engine import ended_output
-from fused_train.serving.openai_protocol import ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest
-from fused_train.serving.server import _Detokenizer
+from tests.serving.conftest import SERVER_PACKAGES
+
+for package in SERVER_PACKAGES:  # skipped where the serve extra or openai is not installed
+    pytest.importorskip(package)
+
+import httpx  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from fused_train.serving import SamplingParams  # noqa: E402
+from fused_train.serving.engine import ended_output  # noqa: E402
+from fused_train.serving.openai_protocol import (  # noqa: E402
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    UnloadAdapterRequest,
+)
+from fused_train.serving.server import _Detokenizer  # noqa: E402
 
 PROMPT = "The cat"
 MESSAGES = [{"role": "user", "content": "Hi there"}]

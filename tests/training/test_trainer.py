@@ -2,15 +2,17 @@
 
 import copy
 
-import datasets
 import pytest
-import tokenizers
-import torch
-import transformers
-import trl
 
-import fused_train
-from tests.hf.tiny_models import tiny_model
+datasets = pytest.importorskip("datasets")
+trl = pytest.importorskip("trl")
+
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import fused_train  # noqa: E402
+from tests.hf.tiny_models import tiny_model  # noqa: E402
 
 
 def _documents():
