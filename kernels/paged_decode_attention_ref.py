@@ -42,7 +42,6 @@ class PagedAttentionPlan(NamedTuple):
     positions: torch.Tensor  # int64 [batch, max_queries]: each query's position
     rows: torch.Tensor | None  # int64 [batch, max_queries]: q's row of each padded query; None: q as it is
     query_ok: torch.Tensor | None  # bool [batch, max_queries]: padded queries that are real; None: all
-    has_empty: bool  # whether a sequence is empty (kv_lens 0): its queries see no key
 
 
 def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedAttentionPlan:
@@ -52,13 +51,13 @@ def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedA
     kv_lens = kv_lens.long()
     if cu_seqlens_q is None:
         num_queries = torch.ones(batch, dtype=torch.long, device=device)
-        min_len, max_len = torch.stack([kv_lens.min(), kv_lens.max()]).tolist() if batch else (0, 0)
+        max_len = int(kv_lens.max()) if batch else 0
         max_queries = 1
     else:
         cu = cu_seqlens_q.long()
         num_queries = cu[1:] - cu[:-1]
         # One read back: the reference runs on CPU tensors, where it costs nothing.
-        min_len, max_len, max_queries = torch.stack([kv_lens.min(), kv_lens.max(), num_queries.max()]).tolist()
+        max_len, max_queries = torch.stack([kv_lens.max(), num_queries.max()]).tolist()
     # Keys: page i of sequence b for i < pages needed by the longest; pages past a sequence's own last
     # one are junk entries, replaced by page 0 and masked out.
     num_pages = -(-max_len // page_size)
@@ -78,7 +77,7 @@ def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedA
         # Queries padded to [batch, max_queries]; row t of sequence b is q[cu[b] + t] while t < n_b.
         query_ok = query_index[None, :] < num_queries[:, None]
         rows = torch.where(query_ok, cu[:-1, None] + query_index[None, :], 0)
-    return PagedAttentionPlan(pages, num_pages, key_ok, visible, positions, rows, query_ok, min_len == 0)
+    return PagedAttentionPlan(pages, num_pages, key_ok, visible, positions, rows, query_ok)
 
 
 def paged_decode_attention_ref(
@@ -131,14 +130,12 @@ def paged_decode_attention_ref(
         key_index = torch.arange(num_keys, device=q.device)
         visible = visible & (key_index[None, None, :] >= plan.positions[:, :, None] - window_left)
     if k_scales is None and softcap == 0:
-        # Float pages without a soft cap: softmax(q k^T * scale) v is SDPA's, one fused call.
+        # Float pages without a soft cap: softmax(q k^T * scale) v is SDPA's, one fused call; it gives
+        # zeros to rows that see no key (the queries of empty sequences), as the branch below does.
         attended = torch.nn.functional.scaled_dot_product_attention(
             q_padded.view(batch, max_queries, num_heads, head_dim).transpose(1, 2), keys, values,
             attn_mask=visible[:, None], scale=scale, enable_gqa=group > 1,
-        )  # fmt: skip
-        if plan.has_empty:  # the queries of empty sequences see no key: zeros (padding rows are dropped below)
-            attended = attended.masked_fill(~visible.any(-1)[:, None, :, None], 0)
-        attended = attended.transpose(1, 2)
+        ).transpose(1, 2)  # fmt: skip
     else:
         scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys)
         # Int8 pages: the per-token scales multiply the scores' and the probabilities' columns, which
