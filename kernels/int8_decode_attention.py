@@ -56,9 +56,9 @@ _RING_BLOCK = tl.constexpr(16)
 # each reading the cache once. Decode is bound by reading the cache, so the configs aim at long
 # contiguous int8 tile loads kept in flight: [BLOCK_N, head_dim] tiles of 8-16 KiB per K and V,
 # 3-4 stages of cp.async pipelining. Checked by tests/kernels/test_compile_sm90_int8_kv.py
-# (shared memory, no spills; also without spills under triton 3.6); not yet timed on a GPU. At
-# head_dim 256, 64 keys per block spill beside the exact ring's loop at 64 query rows: 32. At
-# head_dim 64, 4 warps spilled 32 bytes at 16 rows under triton 3.9 once key offsets became int64.
+# (shared memory, no spills, under triton 3.9 and 3.6). At head_dim 256 the exact ring's loop
+# leaves room for 32 keys per block at 64 query rows; head_dim 64 takes 8 warps, since 4 spilled
+# (timing status: kernels/TUNING.md).
 CONFIGS = {
     16: (128, 64, 4, 4),
     32: (128, 64, 4, 4),

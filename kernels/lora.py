@@ -117,12 +117,9 @@ def _lora_reduce_tokens_kernel(
 # Configs, each compiled for sm_90 in tests/kernels/test_compile_sm90_lora.py.
 # Shrink and token reductions are memory-bound (rank columns only): many small programs keep every
 # SM streaming. The reduction's [rank, n] dot is below wgmma's 64 rows for rank < 64 (mma.sync).
-# Measured on an H200 at 8k tokens × 4096, r=16 (bf16): shrink 28.6 µs with 32×128 tiles (64×128:
-# 46.6 µs), reduction 33.5 µs with 4 warps (8 warps, 3 stages: 81 µs). Those fast configs spill
-# once a dropout mask is loaded too, or above rank 64 (the shrink above rank 32 under triton 3.6,
-# the GPU machine's); there the "careful" configs run, whose smaller tiles or extra warps keep
-# everything in registers (the reduction's 32-token steps since its token offsets are int64: at 64,
-# float32 rank 128 with a mask spilled under triton 3.9).
+# The fast configs won an H200 timing (kernels/TUNING.md) but spill once a dropout mask is loaded
+# too, or above rank 64 (the shrink above rank 32 under triton 3.6); there the "careful" configs
+# run, whose smaller tiles or extra warps keep everything in registers.
 SHRINK_CONFIG_FAST = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4)
 SHRINK_CONFIG_CAREFUL = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4)
 SHRINK_CONFIG_WIDE = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=4)

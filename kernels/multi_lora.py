@@ -247,8 +247,8 @@ def _expand_segments_kernel(
     tl.store(y_ptrs, _rounded(y + acc, dtype, UPCAST).to(dtype), mask=store_mask)
 
 
-# Configs, each compiled for sm_90 in tests/kernels/test_compile_sm90_multi_lora.py; none was
-# measured on a GPU yet (a GPU run should time them and the path rule).
+# Configs, each compiled for sm_90 in tests/kernels/test_compile_sm90_multi_lora.py (timing status:
+# kernels/TUNING.md).
 # Per-token kernels are matrix-vector products, memory-bound: a [16, 256] tile of A per step
 # (8 KB in bf16) and a [256, 16] tile of B; 4 warps, so many programs share each SM.
 PER_TOKEN_SHRINK_CONFIG = dict(BLOCK_K=256, num_warps=4, num_stages=2)

@@ -35,9 +35,8 @@ def base_linear_ref(x, weight, bias=None, weight_scale=None, weight_offset=None)
 
 # Up to this many multiply-adds through the named slots' rows (`_through_every_slot`: every token
 # through every slot the batch names), the reference runs that way, a few large ops; above, one
-# segment per present slot. Measured on 2 CPU threads (torch 2.13, 128 -> 344, 32 slots of ranks
-# 8-64): 210 tokens over 10 slots (26M) 1.0 vs 1.4 ms; 64 tokens over 16 (15M) 0.7 vs 1.7 ms; 210 over
-# 32 (95M) 2.3 vs 4.1 ms, but 600 over 10 (75M) 2.3 vs 1.8 ms and 2048 over 8 (232M) 11.9 vs 3.0 ms.
+# segment per present slot: few large ops win while the wasted multiply-adds stay small (the
+# CPU timings that set the bound: kernels/TUNING.md).
 EVERY_SLOT_MAX_MACS = 2**25
 
 

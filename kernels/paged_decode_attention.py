@@ -56,10 +56,10 @@ MAX_HEAD_DIM = 256
 # pages, or float32 q; BLOCK_D below 64 takes the 64 entry): (BLOCK_N keys per step, BLOCK_M query
 # rows when sequences average more than 16, num_warps, num_stages). Decode is bound by reading the
 # pages, so the configs aim at [BLOCK_N, head_dim] K and V tiles of 8-16 KiB kept in flight. The
-# page-table load that each tile's addresses wait for takes pipeline stages of its own: under
-# triton 3.9, 4 stages leave one buffer per K and V tile, 5 two. Float pages hold twice the bytes
-# per key at 16 bits, 4 times at 32. Checked by tests/kernels/test_compile_sm90_paged_kv.py
-# (shared memory, no spills, under triton 3.9 and 3.6); not yet timed on a GPU.
+# page-table load that each tile's addresses wait for takes pipeline stages of its own, hence the
+# extra stage. Float pages hold twice the bytes per key at 16 bits, 4 times at 32. Checked by
+# tests/kernels/test_compile_sm90_paged_kv.py (shared memory, no spills, under triton 3.9 and 3.6;
+# timing status: kernels/TUNING.md).
 CONFIGS = {
     ("int8", 64): (128, 64, 4, 5),
     ("int8", 128): (64, 64, 4, 5),

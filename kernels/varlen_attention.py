@@ -51,11 +51,10 @@ MAX_HEAD_DIM = 256
 # Launch configs, keyed by BLOCK_D (head_dim rounded up to a power of two, at least 32):
 # (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages). BLOCK_M and, in the dK/dV pass, the key
 # block are multiples of 64 so every tl.dot maps to Hopper's wgmma. Chosen from sm_90 compiles on
-# CPU (not yet timed on a GPU) as the largest tiles without register spills: the fp32 accumulators
-# (two of them in dK/dV) press on registers from head_dim 128. Checked by
-# tests/kernels/test_compile_sm90_varlen_attention.py (wgmma, shared memory, no spills), and
-# spill-free under triton 3.6 too (the GPU machine's): there dK/dV spilled at head_dim 32 and 64
-# with 4 warps or 64-row query steps, and at float32 head_dim 128 without D_SPLIT 2.
+# CPU as the largest tiles without register spills: the fp32 accumulators (two of them in dK/dV)
+# press on registers from head_dim 128. Checked by tests/kernels/test_compile_sm90_varlen_attention.py
+# (wgmma, shared memory, no spills) under triton 3.9 and 3.6 (what spilled, and the timing status:
+# kernels/TUNING.md).
 FWD_CONFIGS = {
     32: (128, 64, 4, 3),
     64: (128, 64, 4, 3),
