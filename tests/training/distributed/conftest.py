@@ -18,10 +18,14 @@ def _every_check(rank, world_size, folder):
     # One pair of processes for all files: each spawn costs seconds of imports.
     from tests.training.distributed import test_exact_loss, test_fsdp
 
-    return {"exact_loss": test_exact_loss.rank_checks(rank, world_size, folder), "fsdp": test_fsdp.rank_checks(rank, world_size)}
+    return {
+        "exact_loss": test_exact_loss.rank_checks(rank, world_size, folder),
+        "fsdp": test_fsdp.rank_checks(rank, world_size),
+    }
 
 
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory):
     """Every rank's results of each test file's `rank_checks`, from one run on 2 gloo ranks."""
-    return run_on_ranks(_every_check, 2, args=(str(tmp_path_factory.mktemp("ranks")),), timeout_s=300, env=NO_INTERPRETER)
+    folder = str(tmp_path_factory.mktemp("ranks"))
+    return run_on_ranks(_every_check, 2, args=(folder,), timeout_s=300, env=NO_INTERPRETER)
