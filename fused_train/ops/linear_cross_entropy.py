@@ -211,10 +211,12 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, label_s
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch replaces the mean's divisor: it needs reduction='mean', got {reduction!r}")
-    if not torch.compiler.is_compiling():
-        # One read back: a target outside [0, V) would read another row's memory in the kernels.
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must be in [0, V={vocab_size}) or ignore_index={ignore_index}, got {labels[bad][0].item()}"
-            )
+    # A target outside [0, V) would read another row's memory in the kernels. On a GPU the check
+    # stays on the device (a device-side assert): reading it back would sync every training step.
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if labels.device.type != "cpu":
+        torch._assert_async(bad.any().logical_not(), f"labels must be in [0, V={vocab_size}) or ignore_index")
+    elif not torch.compiler.is_compiling() and bool(bad.any()):
+        raise ValueError(
+            f"labels must be in [0, V={vocab_size}) or ignore_index={ignore_index}, got {labels[bad][0].item()}"
+        )

@@ -7,9 +7,10 @@ the reference's chunked path, so both are checked against `linear_cross_entropy_
 import pytest
 import torch
 
+from fused_train.kernels import linear_cross_entropy as kernel_module
 from fused_train.kernels import linear_cross_entropy_ref as ref_module
 from fused_train.kernels.linear_cross_entropy_ref import linear_cross_entropy_ref
-from fused_train.ops.linear_cross_entropy import linear_cross_entropy
+from fused_train.ops.linear_cross_entropy import _check_inputs, linear_cross_entropy
 from tests.conftest import DEVICE
 
 # Beyond twice PyTorch's own error in the same dtype, this much of the largest reference value.
@@ -29,6 +30,13 @@ OPTIONS = {
     "ignore_index 7": dict(ignore_index=7),
     "everything": dict(with_bias=True, reduction="none", label_smoothing=0.2, softcap=3.0, z_loss=1e-2),
 }
+
+
+@pytest.fixture(autouse=True)
+def vocab_chunks_of_128(monkeypatch):
+    """The backward's vocab chunks at 128 columns: every vocabulary over 128 here takes several
+    chunks (dx summed across them, the last one short), those up to 128 one (dx written at once)."""
+    monkeypatch.setattr(kernel_module, "DLOGITS_CHUNK_COLUMNS", 128)
 
 
 def _make_inputs(batch, seq, hidden, vocab, dtype, with_bias=False, ignore_index=-100, seed=0):
@@ -83,9 +91,11 @@ def test_matches_float64_definition(name, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_error_within_torchs_own_error(dtype):
+def test_error_within_torchs_own_error(dtype, monkeypatch):
     """An odd vocabulary (4099: 33 tiles, the last one 3 wide; 32003 takes 36 s in the interpreter)
-    and token count; softcap and smoothing on, so every term is rounded."""
+    and token count; softcap and smoothing on, so every term is rounded. The backward in 5 vocab
+    chunks, the last 3 wide (fewer launches than at 128)."""
+    monkeypatch.setattr(kernel_module, "DLOGITS_CHUNK_COLUMNS", 1024)
     options = dict(softcap=20.0, label_smoothing=0.1)
     inputs = _make_inputs(1, 9, 32, 4099, dtype, with_bias=True)
     ours = _loss_and_grads(linear_cross_entropy, *inputs, **options)
@@ -124,6 +134,17 @@ def test_outputs_are_fully_written(poisoned_outputs):
     expected = _loss_and_grads(linear_cross_entropy_ref, *_float64(*inputs), reduction="none")
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.double(), e, **FP32_TOLERANCE)
+
+
+def test_16bit_outputs_are_fully_written(request):
+    """bf16: dx's fp32 sum over the vocab chunks is its own buffer (fp32 sums into dx itself), and
+    poisoned buffers must give the same bits as clean ones."""
+    inputs = _make_inputs(2, 11, 40, 200, torch.bfloat16, with_bias=True)
+    clean = _loss_and_grads(linear_cross_entropy, *inputs, reduction="none")
+    request.getfixturevalue("poisoned_outputs")
+    poisoned = _loss_and_grads(linear_cross_entropy, *inputs, reduction="none")
+    for name, c, p in zip(("loss", "dx", "dW", "dbias"), clean, poisoned):
+        assert torch.equal(c, p), name
 
 
 def test_frozen_weight_and_no_tokens():
@@ -188,3 +209,50 @@ def test_compiles_fullgraph():
                                None, labels)  # fmt: skip
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.fixture
+def programs_in_reverse(monkeypatch):
+    """The interpreter runs a grid's programs last to first: a sum whose order follows the schedule
+    (atomics) changes its low bits, as it does from run to run on a GPU."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    in_order = builder.set_grid_idx
+
+    def reversed_idx(x, y, z):
+        in_order(*(n - 1 - i for i, n in zip((x, y, z), builder.grid_dim)))
+
+    monkeypatch.setattr(builder, "set_grid_idx", reversed_idx)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="reorders the Triton interpreter's programs")
+def test_gradients_do_not_depend_on_program_order(request):
+    """300 tokens (3 token blocks, the last one short) × 301 vocab (several vocab blocks, the last
+    short): each element of dx and dW sums over several blocks; bias and every option on."""
+    options = dict(label_smoothing=0.1, softcap=3.0, z_loss=1e-2)
+    inputs = _make_inputs(3, 100, 48, 301, torch.float32, with_bias=True)
+    first, second = (_loss_and_grads(linear_cross_entropy, *inputs, **options) for _ in range(2))
+    request.getfixturevalue("programs_in_reverse")
+    reordered = _loss_and_grads(linear_cross_entropy, *inputs, **options)
+    for name, a, b, c in zip(("loss", "dx", "dW", "dbias"), first, second, reordered):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+def test_label_check_does_not_read_device_labels_back():
+    """A training step must not sync with the host: off the CPU, the labels' range check is a device
+    assert, never read back. Meta tensors, which cannot be read back at all, stand in for CUDA ones."""
+    args = {k: v.to("meta") for k, v in _good_args().items()}
+    _check_inputs(args["hidden"], args["weight"], args["labels"], None, -100, "mean", 0.0, None, 0.0, None)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode")
+def test_training_step_does_not_sync():
+    x, weight, bias, labels = _make_inputs(2, 11, 40, 200, torch.bfloat16, with_bias=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = linear_cross_entropy(x, weight, labels, bias=bias)
+        torch.autograd.grad(loss, [x, weight, bias])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
