@@ -167,14 +167,16 @@ def _run_child(spec, timeout):
     except subprocess.TimeoutExpired:
         return dict(skipped=f"ran past {timeout} s")
     if done.returncode != 0:
-        return dict(skipped=f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        stderr = done.stderr.strip()
+        return dict(skipped=f"failed: {stderr.splitlines()[-1] if stderr else done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _chart(rows, path, device_name):
     plt = pyplot()
 
-    labels = [f"{r['tokens']}×{r['hidden']}×{r['vocab']}\n{'W trained' if r['trainable'] else 'W frozen'}" for r in rows]
+    labels = [f"{r['tokens']}×{r['hidden']}×{r['vocab']}\n{'W trained' if r['trainable'] else 'W frozen'}"
+              for r in rows]  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
     width = 0.8 / len(PROVIDERS)
     for axis, key, title in ((axes[0], "peak_mb", "peak memory of the loss step (MB)"), (axes[1], "ms", "ms, fwd+bwd")):
@@ -223,7 +225,9 @@ def main():
             row["fused"]["ms_vs_liger"] = row["fused"]["ms"] / row["liger"]["ms"]
         rows.append(row)
         cells = "  ".join(
-            f"{p} {row[p]['ms']:.1f} ms {row[p]['peak_mb']:.0f} MB" if "ms" in row[p] else f"{p} skipped ({row[p]['skipped']})"
+            f"{p} {row[p]['ms']:.1f} ms {row[p]['peak_mb']:.0f} MB"
+            if "ms" in row[p]
+            else f"{p} skipped ({row[p]['skipped']})"
             for p in PROVIDERS
         )
         print(f"{tokens}×{hidden}×{vocab} {dtype} W {'trained' if trainable else 'frozen'}: {cells}")

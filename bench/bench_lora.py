@@ -107,7 +107,8 @@ def _gemm_ways_ms(tokens, fan_in, fan_out, rank, dtype, device):
     side by side, the way `gemm_ways` picks first. On a GPU only: on CPU the reference runs."""
     torch.manual_seed(0)
     weight = torch.randn(fan_out, fan_in, device=device, dtype=dtype) / fan_in**0.5
-    x, grad_y = torch.randn(tokens, fan_in, device=device, dtype=dtype), torch.randn(tokens, fan_out, device=device, dtype=dtype)
+    x = torch.randn(tokens, fan_in, device=device, dtype=dtype)
+    grad_y = torch.randn(tokens, fan_out, device=device, dtype=dtype)
     lora_s, lora_b = torch.randn(tokens, rank, device=device), torch.randn(fan_out, rank, device=device)
     grad_s, lora_a = torch.randn(tokens, rank, device=device), torch.randn(rank, fan_in, device=device)
     keep = (torch.rand(tokens, fan_in, device=device) > 0.1).view(torch.uint8)

@@ -174,7 +174,9 @@ def _peft(case):
 
 
 # name -> builder: `builder(case)` returns the step to time.
-PROVIDERS = {"base": _base, "multi_lora": _multi_lora, "multi_lora_int8": _multi_lora_int8, "loop": _loop, "peft": _peft}
+PROVIDERS = {
+    "base": _base, "multi_lora": _multi_lora, "multi_lora_int8": _multi_lora_int8, "loop": _loop, "peft": _peft
+}  # fmt: skip
 
 
 def _time_ms(steps, device, runs=7):
@@ -245,7 +247,8 @@ def print_layers(rows):
         print(f"{r['fan_in']:>5} {r['fan_out']:>6} {r['phase']:>7} {r['tokens']:>6} {r['adapters']:>8} "
               + " ".join(f"{r[f'{name}_ms']:>{max(9, len(name) + 3)}.3f}" for name in PROVIDERS)
               + f" {r['multi_lora_tokens_per_s']:>12.0f} {r['multi_lora_over_single']:>12.3f}"
-              f" {r['loop_over_multi_lora']:>10.3f} {r['peft_over_multi_lora']:>10.3f} {r['multi_lora_path']:>9}")  # fmt: skip
+              f" {r['loop_over_multi_lora']:>10.3f} {r['peft_over_multi_lora']:>10.3f}"
+              f" {r['multi_lora_path']:>9}")  # fmt: skip
 
 
 E2E_ADAPTERS, E2E_REQUESTS, E2E_PROMPT_TOKENS = 8, 32, 64
@@ -313,7 +316,9 @@ def bench_model(runs=15):
                 expected = logits if expected is None else expected
                 row[f"{name}_max_abs_diff"] = (logits - expected).abs().max().item()
                 if row[f"{name}_max_abs_diff"] > 1e-3:
-                    raise AssertionError(f"{name} {phase} logits differ from peft_mixed by {row[f'{name}_max_abs_diff']}")
+                    raise AssertionError(
+                        f"{name} {phase} logits differ from peft_mixed by {row[f'{name}_max_abs_diff']}"
+                    )
             # In rounds, each provider in turn: a burst of other load hits all of them, not one.
             samples = {name: [] for name in steps}
             for _ in range(runs):

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     serve.add_argument("--kv-dtype", choices=["int8", "model"], default="int8")
     serve.add_argument("--kv-cache-tokens", type=int, help="tokens the paged KV cache holds (default 65536)")
-    serve.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens one step runs; longer prompts are prefilled in chunks")
+    serve.add_argument("--max-batch-tokens", type=int, default=4096,
+                       help="tokens one step runs; longer prompts are prefilled in chunks")  # fmt: skip
     serve.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="compute every prompt in full, not reusing the cached pages of a shared prefix")
     serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests at most; beyond: 429")

@@ -74,7 +74,9 @@ def check_int8_decode_attention_inputs(
 ):  # fmt: skip
     """Raise ValueError naming the argument when inputs break the layout in the module docstring."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.dtype.is_floating_point:
-        raise ValueError(f"q must be a floating-point tensor [batch, num_heads, num_queries, head_dim], got {describe(q)}")
+        raise ValueError(
+            f"q must be a floating-point tensor [batch, num_heads, num_queries, head_dim], got {describe(q)}"
+        )
     for name, data in (("k_data", k_data), ("v_data", v_data)):
         if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.dtype != torch.int8:
             raise ValueError(f"{name} must be an int8 tensor [batch, num_kv_heads, capacity, head_dim], "
@@ -83,7 +85,9 @@ def check_int8_decode_attention_inputs(
         if not isinstance(scale, torch.Tensor) or scale.dim() != 3 or scale.dtype != torch.float32:
             raise ValueError(f"{name} must be a float32 tensor [batch, num_kv_heads, capacity], got {describe(scale)}")
     if k_data.shape != v_data.shape:
-        raise ValueError(f"k_data and v_data must have the same shape, got {tuple(k_data.shape)} and {tuple(v_data.shape)}")
+        raise ValueError(
+            f"k_data and v_data must have the same shape, got {tuple(k_data.shape)} and {tuple(v_data.shape)}"
+        )
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if scale.shape != k_data.shape[:3]:
             raise ValueError(f"{name}'s shape {tuple(scale.shape)} must be k_data's without head_dim "

@@ -60,7 +60,9 @@ def check_quantize_kv_append_inputs(x, data, scale, start):
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
     if data.shape[:2] != (batch, num_kv_heads):
-        raise ValueError(f"data's batch and num_kv_heads {tuple(data.shape[:2])} must equal x's {(batch, num_kv_heads)}")
+        raise ValueError(
+            f"data's batch and num_kv_heads {tuple(data.shape[:2])} must equal x's {(batch, num_kv_heads)}"
+        )
     if scale.shape != data.shape[:3]:
         raise ValueError(f"scale's shape {tuple(scale.shape)} must be data's without head_dim {tuple(data.shape[:3])}")
     if not data.is_contiguous() or not scale.is_contiguous():

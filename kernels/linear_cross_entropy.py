@@ -242,8 +242,9 @@ def _upcast(x):
 
 @on_device_of_first_argument
 def linear_cross_entropy_fwd(x, weight, bias, labels, ignore_index, label_smoothing, softcap, z_loss):
-    """`(loss, stats)`: fp32 `[T]` and `[2, T]` (each token's largest logit and `log Σ exp(z' - max)`): `x` `[T, H]` and `weight` `[V, H]` contiguous, of one dtype;
-    `bias` `[V]` or None; `labels` int64 `[T]` in `[0, V)` or `ignore_index`; `softcap` None or > 0."""
+    """`(loss, stats)`: fp32 `[T]` and `[2, T]` (each token's largest logit and `log Σ exp(z' - max)`):
+    `x` `[T, H]` and `weight` `[V, H]` contiguous, of one dtype; `bias` `[V]` or None; `labels` int64 `[T]`
+    in `[0, V)` or `ignore_index`; `softcap` None or > 0."""
     num_tokens, hidden = x.shape
     vocab_size = weight.shape[0]
     if num_tokens == 0:

@@ -51,18 +51,23 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softca
             raise ValueError(f"{name} must be a 1-D int32 tensor of length batch+1 >= 2, got {describe(cu)}")
         if batch is not None and cu.numel() - 1 != batch:
             raise ValueError(
-                f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {batch} and {cu.numel() - 1} sequences"
+                f"cu_seqlens_q and cu_seqlens_k must describe the same batch, "
+                f"got {batch} and {cu.numel() - 1} sequences"
             )
         batch = cu.numel() - 1
         if not check_cu_seqlens_values:
             continue
         if not values_readable(cu):
             valid = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
-            assert_on_device(valid, f"{name} must start at 0, be non-decreasing and end at the number of rows ({total})")
+            assert_on_device(
+                valid, f"{name} must start at 0, be non-decreasing and end at the number of rows ({total})"
+            )
             continue
         values = cu.tolist()
         if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values[:8]}{'...' if len(values) > 8 else ''}")
+            raise ValueError(
+                f"{name} must start at 0 and be non-decreasing, got {values[:8]}{'...' if len(values) > 8 else ''}"
+            )
         if values[-1] != total:
             raise ValueError(f"{name}[-1] must equal the number of rows ({total}), got {values[-1]}")
     if len(window_size) != 2 or any(int(w) < -1 for w in window_size):

@@ -246,7 +246,8 @@ def _int8_cache_attention(query, key, value, key_start, scaling, sliding_window,
 
 
 def _paged_attention(query, key, value, scaling, sliding_window, softcap):
-    """One serving step (`PagedAttentionMetadata`): prefills over their context and fresh keys, then decodes over their pages."""
+    """One serving step (`PagedAttentionMetadata`): prefills over their context and fresh keys, then decodes over
+    their pages."""
     if torch.is_grad_enabled() and query.requires_grad:
         raise ValueError("the paged KV cache is for inference: run the step under torch.no_grad()")
     metadata = key.metadata

@@ -5,9 +5,9 @@
 (the math is in `fused_train.kernels.linear_cross_entropy_ref`). The ops compute per-token losses;
 the reduction is plain PyTorch on `[tokens]` outside them, so autograd hands the backward one
 gradient per token and `mean`, `sum`, `none` and HF's `num_items_in_batch` are right alike. The
-forward saves two floats per token (the largest logit and the log-sum-exp below it); the backward recomputes the logits. Triton kernels run
-where `fused_train.ops.dispatch.triton_runs_on` allows, elsewhere the reference's chunked path: neither
-holds more than a chunk of logits.
+forward saves two floats per token (the largest logit and the log-sum-exp below it); the backward
+recomputes the logits. Triton kernels run where `fused_train.ops.dispatch.triton_runs_on` allows,
+elsewhere the reference's chunked path: neither holds more than a chunk of logits.
 """
 
 import torch
@@ -98,7 +98,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_stats):
     x, weight, bias, labels, stats = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grad_x, grad_w, grad_b = linear_cross_entropy_bwd_op(grad_loss, x, weight, bias, labels, stats, *ctx.options, *needs[:3])
+    grad_x, grad_w, grad_b = linear_cross_entropy_bwd_op(
+        grad_loss, x, weight, bias, labels, stats, *ctx.options, *needs[:3]
+    )
     return (
         grad_x if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None,
         None, None, None, None, None,
@@ -204,7 +206,9 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, label_s
     if not z_loss >= 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError(f"num_items_in_batch replaces the mean's divisor: it needs reduction='mean', got {reduction!r}")
+        raise ValueError(
+            f"num_items_in_batch replaces the mean's divisor: it needs reduction='mean', got {reduction!r}"
+        )
     # A target outside [0, V) would read another row's memory in the kernels. On a GPU the check
     # stays on the device (a device-side assert): reading it back would sync every training step.
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))

@@ -63,7 +63,9 @@ def lora_linear_bwd_op(
 
 
 @lora_linear_bwd_op.register_fake
-def _(grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx):
+def _(
+    grad_y, x, lora_s, weight, weight_scale, weight_offset, lora_a, lora_b, scaling, keep_mask, dropout_p, compute_dx
+):
     grad_x = torch.empty_like(x) if compute_dx else x.new_empty(0)
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
@@ -139,7 +141,9 @@ def lora_linear(
             float(dropout_p),
         )  # fmt: skip
     else:
-        y = lora_linear_ref(x2d, weight, lora_a, lora_b, scaling, bias, keep_mask, dropout_p, weight_scale, weight_offset)
+        y = lora_linear_ref(
+            x2d, weight, lora_a, lora_b, scaling, bias, keep_mask, dropout_p, weight_scale, weight_offset
+        )
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -160,10 +164,13 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale, weig
             raise ValueError("weight_scale must be given for an int8 weight")
         if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype not in FLOAT_DTYPES:
             raise ValueError(
-                f"weight_scale must be a float tensor [out={weight.shape[0]}], got {weight_scale.dtype} {tuple(weight_scale.shape)}"
+                f"weight_scale must be a float tensor [out={weight.shape[0]}], "
+                f"got {weight_scale.dtype} {tuple(weight_scale.shape)}"
             )
     elif weight.dtype != x.dtype:
-        raise ValueError(f"weight must have the dtype of x ({x.dtype}), be int8, or be uint8-packed int4, got {weight.dtype}")
+        raise ValueError(
+            f"weight must have the dtype of x ({x.dtype}), be int8, or be uint8-packed int4, got {weight.dtype}"
+        )
     elif weight_scale is not None:
         raise ValueError(f"weight_scale is only for an int8 or int4 weight, got a {weight.dtype} weight")
     if weight_offset is not None and weight.dtype != torch.uint8:
@@ -178,14 +185,18 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, weight_scale, weig
         raise ValueError(f"lora_b must be [out={out_features}, r={rank}] (r from lora_a), got {tuple(lora_b.shape)}")
     if lora_a.dtype not in (x.dtype, torch.float32) or lora_b.dtype != lora_a.dtype:
         raise ValueError(
-            f"lora_a and lora_b must share one dtype, that of x ({x.dtype}) or float32, got {lora_a.dtype} and {lora_b.dtype}"
+            f"lora_a and lora_b must share one dtype, that of x ({x.dtype}) or float32, "
+            f"got {lora_a.dtype} and {lora_b.dtype}"
         )
     if bias is not None and (bias.shape != (out_features,) or bias.dtype not in (x.dtype, torch.float32)):
-        raise ValueError(f"bias must be [out={out_features}] in {x.dtype} or float32, got {bias.dtype} {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must be [out={out_features}] in {x.dtype} or float32, got {bias.dtype} {tuple(bias.shape)}"
+        )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     devices = {t.device for t in (x, weight, lora_a, lora_b, bias, weight_scale, weight_offset) if t is not None}
     if len(devices) != 1:
         raise ValueError(
-            f"x, weight, lora_a, lora_b, bias, weight_scale, weight_offset must be on one device, got {sorted(map(str, devices))}"
+            "x, weight, lora_a, lora_b, bias, weight_scale, weight_offset must be on one device, "
+            f"got {sorted(map(str, devices))}"
         )

@@ -19,7 +19,9 @@ from tests.kernels.sm90 import (
     triton_sites,
 )
 
-FWD_ARGS = "x_ptr w_ptr bias_ptr labels_ptr part_ptr T V H tiles_per_split stride_xt stride_wv stride_part softcap".split()
+FWD_ARGS = (
+    "x_ptr w_ptr bias_ptr labels_ptr part_ptr T V H tiles_per_split stride_xt stride_wv stride_part softcap"
+).split()
 DLOGITS_ARGS = (
     "x_ptr w_ptr bias_ptr labels_ptr stats_ptr grad_ptr dz_ptr db_part_ptr T V H first_col stride_xt stride_wv "
     "stride_dzt stride_db_part ignore_index softcap smoothing z_loss"
@@ -83,8 +85,8 @@ def _compile_all():
         else:
             fn, config = lce._matmul_kernel, lce.MATMUL_CONFIGS[config_name]
             signature, constexprs = _matmul_signature(dtype, variant)
-            wide = [arg for arg in ("stride_am", "stride_ak", "stride_bk", "stride_acc", "stride_out") if arg in signature
-                    and signature[arg] == "i32"]  # fmt: skip
+            wide = [arg for arg in ("stride_am", "stride_ak", "stride_bk", "stride_acc", "stride_out")
+                    if arg in signature and signature[arg] == "i32"]  # fmt: skip
         constexprs |= {k: v for k, v in config.items() if k.startswith("BLOCK")} | dict(UPCAST=False)
         # Without a 16-divisible vocabulary, V and dbias's row stride (V) are not.
         unaligned = UNALIGNED if aligned else UNALIGNED | {"V", "stride_db_part"}

@@ -27,7 +27,9 @@ def _compile_all():
     def compile_one(*variant):
         results.append(compile_lora_variant(*variant))
 
-    shrink_args = "a_ptr m_ptr keep_ptr out_ptr M K rank stride_am stride_ak stride_mr stride_mk stride_keep_m stride_om scale".split()
+    shrink_args = (
+        "a_ptr m_ptr keep_ptr out_ptr M K rank stride_am stride_ak stride_mr stride_mk stride_keep_m stride_om scale"
+    ).split()
     reduce_args = (
         "p_ptr q_ptr keep_ptr out_ptr T N rank tokens_per_split stride_pt stride_pr stride_qt stride_qn "
         "stride_keep_t stride_os stride_on scale"

@@ -22,7 +22,8 @@ from tests.kernels.sm90 import (
 
 
 def _gemm_variants():
-    """(name, dtype, weight dtype ("i4" = packed int4), config name, backward dx (HAS_KEEP, W = Wk), BLOCK_R, aligned)."""
+    """(name, dtype, weight dtype ("i4" = packed int4), config name, backward dx (HAS_KEEP, W = Wk), BLOCK_R,
+    aligned)."""
     return [
         ("fwd bf16", "bf16", "bf16", "large", False, 16, True),
         ("fwd bf16 r128", "bf16", "bf16", "large", False, 128, True),
@@ -93,8 +94,8 @@ def _compile_all():
         # increments of BLOCK_K rows (64-bit adds to the pointers) but for int4 tiles, which index them.
         w_rows = "stride_wk" if backward else "stride_wn"
         wide = ["stride_am", "stride_keep_m", "stride_om"] + ([] if backward and w_dtype != "i4" else [w_rows])
-        compile_one(name, lora_gemm._lora_gemm_kernel, signature, constexprs, lora_gemm.GEMM_CONFIGS[config_name], aligned, True,
-                    wide)
+        compile_one(name, lora_gemm._lora_gemm_kernel, signature, constexprs, lora_gemm.GEMM_CONFIGS[config_name],
+                    aligned, True, wide)  # fmt: skip
 
     # The TMA kernel: 16-bit float W only; TMA itself handles tails, so every variant is aligned.
     tma_args = (

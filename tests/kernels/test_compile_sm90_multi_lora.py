@@ -44,12 +44,18 @@ def _compile_all():
     block_r = dict(BLOCK_R=multi_lora.RANK_BLOCK)
     for x_dtype, lora_dtype in DTYPES:
         variant = f"{x_dtype} x, {lora_dtype} adapters"
-        args = "x_ptr a_ptr slots_ptr ranks_ptr out_ptr K num_rank_blocks stride_xt stride_as stride_ar stride_ak stride_ot"
+        args = (
+            "x_ptr a_ptr slots_ptr ranks_ptr out_ptr K num_rank_blocks "
+            "stride_xt stride_as stride_ar stride_ak stride_ot"
+        )
         kinds = [f"*{x_dtype}", f"*{lora_dtype}", "*i32", "*i32", "*fp32"] + ["i32"] * 7
         compile_one(f"per-token shrink {variant}", multi_lora._shrink_per_token_kernel, args.split(), kinds,
                     dict(stride_ak=1, UPCAST=False, **block_r), multi_lora.PER_TOKEN_SHRINK_CONFIG, False,
                     ["stride_xt", "stride_as"])  # fmt: skip
-        args = "s_ptr b_ptr slots_ptr ranks_ptr scalings_ptr y_ptr N num_col_blocks stride_st stride_bs stride_bn stride_br stride_yt"
+        args = (
+            "s_ptr b_ptr slots_ptr ranks_ptr scalings_ptr y_ptr N num_col_blocks "
+            "stride_st stride_bs stride_bn stride_br stride_yt"
+        )
         kinds = ["*fp32", f"*{lora_dtype}", "*i32", "*i32", "*fp32", f"*{x_dtype}"] + ["i32"] * 7
         compile_one(f"per-token expand {variant}", multi_lora._expand_per_token_kernel, args.split(), kinds,
                     dict(stride_br=1, UPCAST=False, **block_r), multi_lora.PER_TOKEN_EXPAND_CONFIG, False,

@@ -116,9 +116,10 @@ def _compile_all():
                           num_stages)
         result["expect_wgmma"] = block_m % 64 == 0
         results.append(result)
-    result = _compile(f"combine bf16 head_dim 256 {MAX_SPLITS} splits", attention._paged_decode_attention_combine_kernel,
+    result = _compile(f"combine bf16 head_dim 256 {MAX_SPLITS} splits",
+                      attention._paged_decode_attention_combine_kernel,
                       dict(PartOut="fp32", PartLse="fp32", Out="bf16"),
-                      dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_S=MAX_SPLITS), attention.COMBINE_WARPS, 1)
+                      dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_S=MAX_SPLITS), attention.COMBINE_WARPS, 1)  # fmt: skip
     result["expect_wgmma"] = None  # a weighted sum over splits, no matmul
     results.append(result)
     for new, pages, quantize in (("bf16", "i8", True), ("fp16", "bf16", False)):

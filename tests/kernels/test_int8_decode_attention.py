@@ -153,7 +153,8 @@ RING_CASES = {
 
 @pytest.mark.parametrize("case", list(RING_CASES))
 def test_exact_ring_matches_reference(case, poisoned_outputs):
-    batch, num_heads, num_kv_heads, num_queries, head_dim, kv_len, residual_length, exact_from, kwargs = RING_CASES[case]
+    (batch, num_heads, num_kv_heads, num_queries, head_dim, kv_len, residual_length, exact_from,
+     kwargs) = RING_CASES[case]  # fmt: skip
     tensors = _ring_inputs(batch, num_heads, num_kv_heads, num_queries, head_dim, kv_len, residual_length, exact_from,
                            torch.float32, seed=list(RING_CASES).index(case))
     key_start = kwargs.pop("key_start", None)
@@ -209,10 +210,14 @@ BAD_INPUTS = {
     "key_start_shape": (lambda a: a.update(key_start=a["key_start"][:1]), "key_start"),
     "mixed_devices": (lambda a: a.update(v_scale=a["v_scale"].to("meta")), "device"),
     "ring_without_exact_from": (lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a)), "exact_from"),
-    "exact_from_before_the_ring": (lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a), exact_from=3), "exact_from"),
+    "exact_from_before_the_ring": (
+        lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a), exact_from=3), "exact_from"
+    ),
     "exact_from_past_kv_len": (lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a), exact_from=21), "exact_from"),
     "ring_head_dim": (lambda a: a.update(k_recent=_ring(a)[..., :8], v_recent=_ring(a), exact_from=20), "k_recent"),
-    "ring_shapes_differ": (lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a)[:, :, :4], exact_from=20), "v_recent"),
+    "ring_shapes_differ": (
+        lambda a: a.update(k_recent=_ring(a), v_recent=_ring(a)[:, :, :4], exact_from=20), "v_recent"
+    ),
 }
 
 

@@ -61,7 +61,9 @@ def _cast(inputs, dtype):
         (torch.float16, torch.float16, 21, 192, 64, 1, True, 0.0, 4),
     ],
 )
-def test_lora_linear_matches_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits):
+def test_lora_linear_matches_reference(
+    dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits
+):
     _check_against_reference(dtype, lora_dtype, tokens, in_features, out_features, rank, with_bias, dropout_p, bits)
 
 
@@ -95,7 +97,8 @@ def _check_against_reference(dtype, lora_dtype, tokens, in_features, out_feature
         return lora_linear_ref(scaling=scaling, keep_mask=keep_mask, dropout_p=dropout_p, **kw)
 
     exact = _run(reference, _cast(inputs, torch.float64), grad_y)
-    same_dtype = _run(reference, _cast(inputs, dtype) | {"lora_a": inputs["lora_a"], "lora_b": inputs["lora_b"]}, grad_y)
+    lora_factors = {"lora_a": inputs["lora_a"], "lora_b": inputs["lora_b"]}
+    same_dtype = _run(reference, _cast(inputs, dtype) | lora_factors, grad_y)
     for name, expected in exact.items():
         assert ours[name].dtype == (inputs[name[1:]].dtype if name != "y" else dtype), name
         error = (ours[name].double() - expected).abs().max().item()
@@ -114,7 +117,8 @@ def test_lora_linear_keeps_leading_dims():
     assert y.shape == (2, 19, 40)
     y.sum().backward()
     expected = lora_linear_ref(x.double(), weight.double(), lora_a.double(), lora_b.double(), 2.0)
-    torch.testing.assert_close(y.double(), expected, atol=EXTRA_ERROR[torch.float32] * expected.abs().max().item(), rtol=0)
+    atol = EXTRA_ERROR[torch.float32] * expected.abs().max().item()
+    torch.testing.assert_close(y.double(), expected, atol=atol, rtol=0)
     assert torch.isfinite(lora_a.grad).all() and torch.isfinite(lora_b.grad).all()
 
 
@@ -139,7 +143,8 @@ def _good_args():
         (dict(weight=torch.zeros(24, 32, dtype=torch.int8)), "weight_scale"),
         (dict(weight=torch.zeros(24, 16, dtype=torch.uint8)), "weight"),  # int4: in=32 is one padded group, 32 bytes
         (dict(weight=torch.zeros(24, 32, dtype=torch.uint8), weight_scale=torch.ones(24, 1)), "weight_offset"),
-        (dict(weight=torch.zeros(24, 32, dtype=torch.uint8), weight_scale=torch.ones(24), weight_offset=torch.ones(24, 1)), "weight_scale"),
+        (dict(weight=torch.zeros(24, 32, dtype=torch.uint8), weight_scale=torch.ones(24),
+              weight_offset=torch.ones(24, 1)), "weight_scale"),  # fmt: skip
         (dict(weight_offset=torch.ones(24, 1)), "weight_offset"),
         (dict(bias=torch.randn(23)), "bias"),
         (dict(dropout_p=1.0), "dropout_p"),

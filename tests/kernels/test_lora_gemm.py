@@ -44,9 +44,9 @@ def _check_against_reference(inputs, way=None):
     ours = gemm_kernels.lora_gemm(*inputs.values(), way=way)  # in the signature's order
     dtype = inputs["out_dtype"]
     float_names = ("a", "lora_left", "lora_right", "bias")
+    exact_w = inputs["w"] if inputs["w"].dtype in (torch.int8, torch.uint8) else inputs["w"].double()
     exact = lora_gemm_ref(**inputs | {k: inputs[k].double() for k in float_names if inputs[k] is not None}
-                          | {"w": inputs["w"] if inputs["w"].dtype in (torch.int8, torch.uint8) else inputs["w"].double(),
-                             "out_dtype": torch.float64})  # fmt: skip
+                          | {"w": exact_w, "out_dtype": torch.float64})  # fmt: skip
     same_dtype = lora_gemm_ref(**inputs)
     assert ours.dtype == dtype and ours.shape == exact.shape
     error = (ours.double() - exact).abs().max().item()
@@ -159,4 +159,6 @@ def test_int4_quantization_within_half_a_step(in_features):
         return reduce(padded.view(7, groups, INT4_GROUP_SIZE), -1)
 
     torch.testing.assert_close(offset, per_group(weight, float("inf"), torch.amin))
-    torch.testing.assert_close(per_group(restored, float("-inf"), torch.amax), per_group(weight, float("-inf"), torch.amax))
+    torch.testing.assert_close(
+        per_group(restored, float("-inf"), torch.amax), per_group(weight, float("-inf"), torch.amax)
+    )

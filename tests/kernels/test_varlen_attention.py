@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from fused_train.ops.varlen_attention import varlen_attention
-from fused_train.ops.varlen_attention_triton import varlen_attention_bwd_op, varlen_attention_fwd_op, varlen_attention_op
+from fused_train.ops.varlen_attention_triton import (
+    varlen_attention_bwd_op,
+    varlen_attention_fwd_op,
+    varlen_attention_op,
+)
 from fused_train.kernels.varlen_attention import (
     BWD_DKDV_CONFIGS,
     BWD_DKDV_CONFIGS_FP32,
@@ -268,7 +272,9 @@ def test_op_runs_the_reference_where_the_kernel_cannot(case):
 def test_reference_in_the_ops_passes_opcheck():
     generator = torch.Generator().manual_seed(1)
     q, k, v, cu_q, cu_k = _inputs([9, 0, 20], [9, 3, 20], 2, 1, 16, torch.float64, generator)
-    torch.library.opcheck(varlen_attention_fwd_op, (q.requires_grad_(), k, v, cu_q, cu_k, True, None, -1, -1, 2.0, True))
+    torch.library.opcheck(
+        varlen_attention_fwd_op, (q.requires_grad_(), k, v, cu_q, cu_k, True, None, -1, -1, 2.0, True)
+    )
     out, lse = varlen_attention_fwd_op(q.detach(), k, v, cu_q, cu_k, True, None, 4, -1, 0.0, True)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     torch.library.opcheck(
