@@ -119,9 +119,11 @@ def _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias,
     num_tokens = x.shape[:-1].numel()
     _check_weight(x, weight, weight_scale, weight_offset)
     out_features = weight.shape[0]
-    if lora_a.dim() != 3 or lora_a.shape[0] < 1 or lora_a.shape[2] != in_features or not 1 <= lora_a.shape[1] <= MAX_RANK:
+    a_shape_ok = lora_a.dim() == 3 and lora_a.shape[0] >= 1 and lora_a.shape[2] == in_features
+    if not a_shape_ok or not 1 <= lora_a.shape[1] <= MAX_RANK:
         raise ValueError(
-            f"lora_a must be [slots >= 1, r_max, in={in_features}] with 1 <= r_max <= {MAX_RANK}, got {describe(lora_a)}"
+            f"lora_a must be [slots >= 1, r_max, in={in_features}] with 1 <= r_max <= {MAX_RANK}, "
+            f"got {describe(lora_a)}"
         )
     num_slots, r_max = lora_a.shape[:2]
     if lora_b.shape != (num_slots, out_features, r_max):
@@ -131,7 +133,8 @@ def _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias,
         )
     if lora_a.dtype not in (x.dtype, torch.float32) or lora_b.dtype != lora_a.dtype:
         raise ValueError(
-            f"lora_a and lora_b must share one dtype, that of x ({x.dtype}) or float32, got {lora_a.dtype} and {lora_b.dtype}"
+            f"lora_a and lora_b must share one dtype, that of x ({x.dtype}) or float32, "
+            f"got {lora_a.dtype} and {lora_b.dtype}"
         )
     if token_slots.dtype != torch.int32 or token_slots.shape not in (x.shape[:-1], (num_tokens,)):
         raise ValueError(
@@ -151,7 +154,7 @@ def _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias,
                     f"{name} requires grad: multi_lora_linear is forward only (serving); call it under "
                     "torch.no_grad() or torch.inference_mode(), or pass detached tensors"
                 )
-    tensors = {name: t for name, t in named} | {"bias": bias, "weight_scale": weight_scale, "weight_offset": weight_offset}
+    tensors = dict(named) | {"bias": bias, "weight_scale": weight_scale, "weight_offset": weight_offset}
     devices = {t.device for t in tensors.values() if t is not None}
     if len(devices) != 1:
         raise ValueError(
@@ -171,9 +174,13 @@ def _check_weight(x, weight, weight_scale, weight_offset):
         if weight_scale is None:
             raise ValueError("weight_scale must be given for an int8 weight")
         if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"weight_scale must be a float tensor [out={weight.shape[0]}], got {describe(weight_scale)}")
+            raise ValueError(
+                f"weight_scale must be a float tensor [out={weight.shape[0]}], got {describe(weight_scale)}"
+            )
     elif weight.dtype != x.dtype:
-        raise ValueError(f"weight must have the dtype of x ({x.dtype}), be int8, or be uint8-packed int4, got {weight.dtype}")
+        raise ValueError(
+            f"weight must have the dtype of x ({x.dtype}), be int8, or be uint8-packed int4, got {weight.dtype}"
+        )
     elif weight_scale is not None:
         raise ValueError(f"weight_scale is only for an int8 or int4 weight, got a {weight.dtype} weight")
     if weight_offset is not None:
