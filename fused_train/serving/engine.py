@@ -166,7 +166,7 @@ class Engine(RequestLoop):
                     self.pool.release(version)
                 raise
             self._requests[request_id] = _Request(seq, params, list(prompt_ids), seed, self.clock(), handle,
-                                                  adapter)  # fmt: skip
+                                                  adapter, logprobs=None if params.logprobs is None else [])  # fmt: skip
             self._counters["prompt_tokens"] += len(prompt_ids)
             self._lock.notify_all()
         return handle

@@ -68,7 +68,7 @@ class SamplingBody(Body):
     user: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)  # vLLM's
+    repetition_penalty: float | None = Field(None, gt=0, le=2**24)  # vLLM's (no cap there; ours keeps it finite)
     logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
 
 

@@ -128,7 +128,7 @@ class _Request:
     handle: "RequestHandle"
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)  # one per generated token, with `params.logprobs`
+    logprobs: list | None = None  # one per generated token, with `params.logprobs`
     text: str | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -262,6 +262,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
     text = request.text
     if text is None and tokenizer is not None:
         text = decode_text(tokenizer, request.generated)
+    logprobs = getattr(request, "logprobs", None)  # a list where the request asked for them
     tpot = None
     if request.first_token is not None and len(request.generated) > 1:
         tpot = (now - request.first_token) / (len(request.generated) - 1)
@@ -278,8 +279,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
         time_per_output_token=tpot,
         latency=now - request.arrival,
         preemptions=preemptions,
-        logprobs=request.logprobs[: len(request.generated)] if getattr(request.params, "logprobs", None) is not None
-        else None,
+        logprobs=None if logprobs is None else logprobs[: len(request.generated)],
     )
 
 
