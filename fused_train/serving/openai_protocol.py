@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fused_train.serving.adapters import UnknownAdapter
-from fused_train.serving.requests import EngineStopped, SamplingParams
+from fused_train.serving.requests import MAX_LOGPROBS, EngineStopped, SamplingParams
 from fused_train.serving.scheduler import PromptTooLong, QueueFull
 
 MAX_N = 16  # choices per request: each is an engine request
@@ -66,15 +66,15 @@ class SamplingBody(Body):
     include_stop_str_in_output: bool = False
     # Accepted and without effect on the output.
     user: str | None = None
-    # OpenAI parameters the engine does not have: refused unless neutral (`refuse_unsupported`).
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=2**24)  # vLLM's (no cap there; ours keeps it finite)
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
 
 
 class CompletionRequest(SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top logprobs per token (vLLM's limit: 20)
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
@@ -95,7 +95,7 @@ class ChatRequest(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
@@ -123,8 +123,7 @@ class UnloadAdapterRequest(Body):
 
 # The values of unsupported parameters that change nothing (what a client sends by default).
 NEUTRAL = {
-    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}), "logprobs": (None, False),
-    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
 }  # fmt: skip
 
@@ -147,8 +146,26 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})",
                        param="min_tokens")  # fmt: skip
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias must map token ids to biases in [-100, 100], got {key!r}: {value!r}",
+                           param="logit_bias")  # fmt: skip
+        bias[int(key)] = value
+    penalties = dict(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                     repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                     logit_bias=bias)  # fmt: skip
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        logprobs = body.logprobs
+    if logprobs is not None and body.stream:
+        raise APIError(400, "logprobs with stream: true are not supported by this server yet", param="logprobs",
+                       code="unsupported_parameter")  # fmt: skip
     return [
-        SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        SamplingParams(**penalties, logprobs=logprobs, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                        seed=None if body.seed is None else body.seed + i, stop=stop,
                        stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
                        include_stop_str_in_output=body.include_stop_str_in_output)  # fmt: skip
@@ -170,7 +187,7 @@ def engine_error(error: BaseException, param: str) -> BaseException:
     if isinstance(error, UnknownAdapter):  # unloaded since the request was read
         return APIError(404, str(error), param="model", code="model_not_found")
     if isinstance(error, ValueError):  # the prompt's token ids (the body's other fields are checked before)
-        return APIError(400, str(error), param=param)
+        return APIError(400, str(error), param="logit_bias" if str(error).startswith("logit_bias") else param)
     if isinstance(error, QueueFull):
         return APIError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 
 from fused_train.serving.scheduler import Sequence
 
+MAX_LOGPROBS = 20  # top logprobs per token at most (vLLM's default limit)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
@@ -44,6 +45,11 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # no end of sequence, stop id or stop string before this many tokens
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0  # minus this from a logit whose token the output holds
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # a logit of a prompt or output token: / if > 0, * if < 0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # each output token's logprob and this many top ones (None: none)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -68,6 +74,26 @@ class SamplingParams:
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
             raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", stop_ids)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        penalty = self.repetition_penalty
+        if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not 0 < penalty <= 2**24:
+            raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
+        bias = dict(self.logit_bias or {})
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+                   and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias.items()):  # fmt: skip
+            raise ValueError(f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}")
+        object.__setattr__(self, "logit_bias", bias)
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):  # fmt: skip
+            raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether its logits change before sampling (penalties or a logit bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias)
 
 
 @dataclass
@@ -88,6 +114,8 @@ class RequestOutput:
     time_per_output_token: float | None = None  # (last token - first token) / (tokens - 1)
     latency: float | None = None  # arrival -> end
     preemptions: int = 0
+    # With `SamplingParams.logprobs`: per generated token (its logprob, [(token id, logprob)] top first).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(eq=False)
@@ -100,6 +128,7 @@ class _Request:
     handle: "RequestHandle"
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
+    logprobs: list | None = None  # one per generated token, with `params.logprobs`
     text: str | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -233,6 +262,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
     text = request.text
     if text is None and tokenizer is not None:
         text = decode_text(tokenizer, request.generated)
+    logprobs = getattr(request, "logprobs", None)  # a list where the request asked for them
     tpot = None
     if request.first_token is not None and len(request.generated) > 1:
         tpot = (now - request.first_token) / (len(request.generated) - 1)
@@ -249,6 +279,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
         time_per_output_token=tpot,
         latency=now - request.arrival,
         preemptions=preemptions,
+        logprobs=None if logprobs is None else logprobs[: len(request.generated)],
     )
 
 
