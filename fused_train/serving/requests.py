@@ -44,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # no end of sequence, stop id or stop string before this many tokens
     include_stop_str_in_output: bool = False
+    # OpenAI's {"type": "json_object"} / {"type": "json_schema", ...}: a grammar masks every step's tokens
+    response_format: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -104,6 +106,7 @@ class _Request:
     first_scheduled: float | None = None
     first_token: float | None = None
     cancelled: bool = False
+    grammar: object = None  # its structured_output matcher, advanced with each token
 
     @property
     def request_id(self) -> str:
