@@ -27,7 +27,7 @@ Per provider: the median over the timed steps of real tokens / s, and the median
 speed over hf_flattening's on the same batch. Losses must agree across providers (same batch, same
 weights: only the order of float sums differs); the bench exits 1 when they do not.
 
-    python bench/bench_collator.py                   # ~4 minutes on a 2-core CPU
+    python bench/bench_collator.py                   # several minutes on CPU
     python bench/bench_collator.py --threads 1       # steadier on a machine that other jobs share
     python bench/bench_collator.py --quick           # tiny batches, a few steps (smoke runs)
 
@@ -143,7 +143,9 @@ def plot(report: dict, path: Path) -> None:
         bars = ax.bar(PROVIDERS, [results[p]["real_tokens_per_s"] for p in PROVIDERS])
         for bar, provider in zip(bars, PROVIDERS):
             ratio = results[provider]["over_hf_flattening"]
-            ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+            ax.annotate(
+                f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
+            )
         ax.set_title(f"{name}: {entry['batch_size']} docs/step, median {entry['median_doc_tokens']:.0f} tokens")
         ax.set_ylabel("real tokens / s (forward + backward)")
         ax.tick_params(axis="x", rotation=30)
@@ -190,7 +192,9 @@ def main(argv=None) -> int:
     }  # fmt: skip
     print(f"{'corpus':<11} " + " ".join(f"{p:>15}" for p in PROVIDERS) + "   (real tokens/s, x hf_flattening)")
     for name, entry in corpora.items():
-        cells = [f"{r['real_tokens_per_s']:>7.0f} {r['over_hf_flattening']:>5.2f}x" for r in entry["providers"].values()]
+        cells = [
+            f"{r['real_tokens_per_s']:>7.0f} {r['over_hf_flattening']:>5.2f}x" for r in entry["providers"].values()
+        ]
         print(f"{name:<11} " + " ".join(f"{cell:>15}" for cell in cells))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "collator.json").write_text(json.dumps(report, indent=1))

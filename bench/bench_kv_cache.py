@@ -127,8 +127,8 @@ def build_providers(batch, context, dtype, device, backends):
 
     providers["ours"] = ours
     cache_bytes["ours"] = int8_layer.nbytes()
-    notes["ours"] = (f"Int8KVLayer: int8 + float32 scale per (token, kv head), the last {int8_layer.residual_length} tokens "
-                     "also exact; update (quantize-on-append, ring write) + int8_decode_attention")
+    notes["ours"] = (f"Int8KVLayer: int8 + float32 scale per (token, kv head), the last {int8_layer.residual_length} "
+                     "tokens also exact; update (quantize-on-append, ring write) + int8_decode_attention")  # fmt: skip
 
     # transformers' DynamicLayer, filled with the prompt's keys and values as a prefill does.
     dynamic = DynamicLayer()
@@ -142,7 +142,9 @@ def build_providers(batch, context, dtype, device, backends):
 
     providers["dynamic_sdpa"] = dynamic_sdpa
     cache_bytes["dynamic_sdpa"] = dynamic.keys.nbytes + dynamic.values.nbytes
-    notes["dynamic_sdpa"] = f"DynamicLayer ({str(dtype).replace('torch.', '')}); update (torch.cat) + SDPA(enable_gqa=True)"
+    notes["dynamic_sdpa"] = (
+        f"DynamicLayer ({str(dtype).replace('torch.', '')}); update (torch.cat) + SDPA(enable_gqa=True)"
+    )
 
     config = LlamaConfig(num_hidden_layers=1, hidden_size=NUM_HEADS * HEAD_DIM, num_attention_heads=NUM_HEADS,
                          num_key_value_heads=NUM_KV_HEADS)
@@ -304,10 +306,12 @@ def _summary(rows, memory, device):
         if r["status"] != "ok":
             summary.append(dict(batch=r["batch"], context=r["context"], status=r["status"]))
             continue
-        entry = dict(batch=r["batch"], context=r["context"], ours_ms=r["ours_ms"], dynamic_sdpa_ms=r["dynamic_sdpa_ms"],
-                     quantized_fp8_sdpa_ms=r.get("quantized_fp8_sdpa_ms"), ours_over_dynamic=r["ours_over_dynamic_time"],
-                     fp8_over_ours=r.get("quantized_fp8_sdpa_over_ours_time"), bytes_ratio=r["ours_over_dynamic_bytes"],
-                     kernel_gb_s=r["kernel_gb_per_s"])
+        entry = dict(
+            batch=r["batch"], context=r["context"], ours_ms=r["ours_ms"], dynamic_sdpa_ms=r["dynamic_sdpa_ms"],
+            quantized_fp8_sdpa_ms=r.get("quantized_fp8_sdpa_ms"), ours_over_dynamic=r["ours_over_dynamic_time"],
+            fp8_over_ours=r.get("quantized_fp8_sdpa_over_ours_time"), bytes_ratio=r["ours_over_dynamic_bytes"],
+            kernel_gb_s=r["kernel_gb_per_s"],
+        )  # fmt: skip
         if "kernel_bandwidth_fraction" in r:
             entry["kernel_bw_frac"] = r["kernel_bandwidth_fraction"]
         summary.append({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in entry.items()})
@@ -380,7 +384,8 @@ def _chart(plt, ok, path, report):
     ax_time.set_title("decode step (x = ours / dynamic_sdpa)")
     ax_mem.set_ylabel("cache MiB, one layer (log)")
     ax_mem.set_title("cache memory (x = ours / bf16 dynamic)")
-    title = f"KV cache, {NUM_HEADS}/{NUM_KV_HEADS} heads, d{HEAD_DIM}, {ok[0]['dtype']}, {report['environment']['device']}"
+    title = (f"KV cache, {NUM_HEADS}/{NUM_KV_HEADS} heads, d{HEAD_DIM}, {ok[0]['dtype']}, "
+             f"{report['environment']['device']}")  # fmt: skip
     if not report["path"].startswith("Triton"):
         title += "\nCPU reference path, not the kernel: speed figures are for GPU"
     fig.suptitle(title, fontsize=10)
@@ -392,7 +397,8 @@ def _chart(plt, ok, path, report):
 def _print_table(rows, bandwidth, device, backends):
     names = ["ours", "dynamic_sdpa"] + [f"quantized_{b}_sdpa" for b in backends]
     header = (f"{'batch':>5} {'ctx':>6} " + " ".join(f"{n + ' ms':>24}" for n in names)
-              + f" {'ours/dyn':>8} {'fp8/ours':>8} {'bytes o/d':>9} {'kern GB/s':>9}" + (f" {'bw frac':>7}" if bandwidth else ""))
+              + f" {'ours/dyn':>8} {'fp8/ours':>8} {'bytes o/d':>9} {'kern GB/s':>9}"
+              + (f" {'bw frac':>7}" if bandwidth else ""))  # fmt: skip
     print(header)
     for r in rows:
         if r["status"] != "ok":

@@ -296,10 +296,11 @@ def main():
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     with open(stem + ".json", "w") as f:
         summary = [
-            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if not k.endswith(("_tflops", "_mb"))}
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+             if not k.endswith(("_tflops", "_mb"))}
             for r in rows
             if r["mode"] == "fwd+bwd"
-        ]
+        ]  # fmt: skip
         json.dump(dict(device=device_name, torch=torch.__version__, summary=summary, rows=rows,
                        fwd_bwd_kernel_breakdown=breakdown, host_overhead=host), f, indent=1)
     _chart(rows, stem + ".png", device_name)

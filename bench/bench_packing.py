@@ -25,7 +25,7 @@ len(utf-8 bytes) + 1 BOS, long ones cut into chunks) is packed at once at max_to
 1024: fill = real tokens / (rows * max_tokens). `ceil(tokens / max_tokens)` rows is the bound
 no planner can beat.
 
-    python bench/bench_packing.py          # 10^6 lengths, ~1 minute on CPU
+    python bench/bench_packing.py          # 10^6 lengths, a minute or so on CPU
     python bench/bench_packing.py --quick  # 10^5 lengths (GPU check script, smoke runs)
 
 Writes packing.json (its "summary" holds the headline numbers as flat rows) and packing.png
@@ -252,7 +252,8 @@ def main() -> None:
         seconds, cpu_seconds = speed[f"{key}_s"], speed[f"{key}_cpu_s"]
         print(f"{name:<18}{1e3 * seconds:>9.1f}{1e3 * speed[f'{key}_median_s']:>9.1f}"
               f"{1e3 * speed[f'{key}_worst_s']:>9.1f}{speed['num_documents'] / seconds:>14,.0f}"
-              f"{speed['python_s'] / seconds:>8.1f}x{1e3 * cpu_seconds:>9.1f}{speed['python_cpu_s'] / cpu_seconds:>8.1f}x")
+              f"{speed['python_s'] / seconds:>8.1f}x{1e3 * cpu_seconds:>9.1f}"
+              f"{speed['python_cpu_s'] / cpu_seconds:>8.1f}x")  # fmt: skip
     print(f"best of {len(speed['runs_s']['python'])} runs (oracle), {len(speed['runs_s']['cpp_lists'])} (C++), "
           f"garbage collector on, {speed['gc_tracked_objects']:,} objects tracked")
     print("garbage collections per run, generations 0/1/2: " + ", ".join(

@@ -94,8 +94,9 @@ def build_case(batch, context, dtype, device):
     int8_bytes = 2 * tokens * (HEAD_DIM + 4)
     model_bytes = 2 * tokens * HEAD_DIM * keys.element_size()
     table_bytes = page_table.nbytes + kv_lens.nbytes
-    bytes_read = {"paged_int8": int8_bytes + table_bytes + q.nbytes, "paged_model": model_bytes + table_bytes + q.nbytes,
-                  "contiguous_int8": int8_bytes + q.nbytes, "sdpa": model_bytes + q.nbytes}
+    bytes_read = {"paged_int8": int8_bytes + table_bytes + q.nbytes,
+                  "paged_model": model_bytes + table_bytes + q.nbytes,
+                  "contiguous_int8": int8_bytes + q.nbytes, "sdpa": model_bytes + q.nbytes}  # fmt: skip
 
     # The step's new tokens go to the slots just past each sequence's last page: a spare page each.
     spare = torch.zeros(batch, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, dtype=torch.int8, device=device)
@@ -189,7 +190,8 @@ def _chart(plt, ok, path, report):
         xs = [x + (i - (len(PROVIDERS) - 1) / 2) * width for x in range(len(ok))]
         ax_time.bar(xs, [r[f"{name}_ms"] for r in ok], width, label=name)
         ax_bw.bar(xs, [r[f"{name}_gb_per_s"] for r in ok], width, label=name)
-    for ax, title in ((ax_time, "ms per decode step (lower is better)"), (ax_bw, "GB/s of bytes read (higher is better)")):
+    for ax, title in ((ax_time, "ms per decode step (lower is better)"),
+                      (ax_bw, "GB/s of bytes read (higher is better)")):  # fmt: skip
         ax.set_xticks(range(len(ok)), labels, fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)

@@ -16,7 +16,7 @@ the demo's tiny Llama patched by `fused_train.patch`, `PackedCollator(flatten=Tr
 per rank) with each sampler, and reports the wall time per epoch and its ratio.
 
     python bench/bench_sampler.py                       # planned only: seconds
-    python bench/bench_sampler.py --gloo                # + the 2-rank epochs: ~130 s of CPU (8 min on a loaded 2-core machine)
+    python bench/bench_sampler.py --gloo                # + the 2-rank epochs: minutes of CPU
     python bench/bench_sampler.py --gloo --out bench/results   # update the committed figures
 """
 
@@ -106,8 +106,9 @@ def gloo_worker(rank: int, world_size: int, port: int, which: str, documents, to
     else:
         sampler = PackedBatchSampler([len(doc) for doc in documents], tokens_per_step)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=PackedCollator(tokens_per_step, pad_token_id=PAD_ID, flatten=True)
-        )
+            dataset, batch_sampler=sampler,
+            collate_fn=PackedCollator(tokens_per_step, pad_token_id=PAD_ID, flatten=True),
+        )  # fmt: skip
     step_tokens = []
     torch.distributed.barrier()
     start = time.perf_counter()
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
         "epochs_averaged": 1 if args.quick else args.epochs,
         "planned": planned(lengths, world_sizes, 1 if args.quick else args.epochs, tokens_per_step),
     }
-    print(f"{'ranks':>5} {'sampler':>8} {'steps':>6} {'mean step':>10} {'worst step':>11} {'time-weighted':>14} {'epoch total':>12}")
+    print(f"{'ranks':>5} {'sampler':>8} {'steps':>6} {'mean step':>10} {'worst step':>11} {'time-weighted':>14} "
+          f"{'epoch total':>12}")  # fmt: skip
     for ranks, figures in report["planned"].items():
         for which, f in figures.items():
             print(

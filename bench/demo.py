@@ -30,7 +30,7 @@ of a corpus take turns step by step so that they share the machine's other load 
 covers forward + backward + optimizer step, after the warm-up steps; batches are collated before
 the loop (collation time is reported apart).
 
-    python bench/demo.py                        # CPU: 5-10 minutes on 2 cores; uses CUDA when present
+    python bench/demo.py                        # CPU: several minutes; uses CUDA when present
     python bench/demo.py --quick                # a few steps (GPU check script, smoke runs)
     python bench/demo.py --out bench/results    # update the committed figures (default: bench/results/local/)
 """
@@ -185,7 +185,8 @@ def train_all(args) -> dict:
             for run in corpus_runs.values():
                 run.wait_ready()
     results = {}
-    with tqdm(total=args.steps * len(RUNS) * len(runs), desc="training padded/flattening/packed in turn", unit="step") as bar:
+    with tqdm(total=args.steps * len(RUNS) * len(runs), desc="training padded/flattening/packed in turn",
+              unit="step") as bar:  # fmt: skip
         for corpus, corpus_runs in runs.items():
             for index in range(args.steps):
                 for name, run in corpus_runs.items():
@@ -233,7 +234,8 @@ def print_report(report: dict, args) -> None:
     load = report["load_average_1min"]
     print(f"\nTimed: forward + backward + AdamW step, steps {WARMUP_STEPS + 1}..{args.steps} (warm-up excluded).")
     where = "all runs in one process, so not per run" if args.in_process else "one process per run"
-    print(f"Memory: peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA; {where}; '+' is the growth during training.")
+    print(f"Memory: peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA; {where}; "
+          "'+' is the growth during training.")  # fmt: skip
     print(f"Load average (1 min) before / after: {load['before']:.2f} / {load['after']:.2f}")
     for name, entry in report["corpora"].items():
         corpus, results = entry["corpus"], entry["runs"]
@@ -242,7 +244,8 @@ def print_report(report: dict, args) -> None:
             f"(documents over {corpus['max_doc_tokens']} tokens dropped, none truncated); "
             f"{args.steps} steps x {entry['batch_size']} documents."
         )
-        header = f"{'run':<11} {'real tok/s':>11} {'padding':>8} {'peak MiB':>9} {'(+ MiB)':>8} {'final loss':>11} {'collate ms':>11}"
+        header = (f"{'run':<11} {'real tok/s':>11} {'padding':>8} {'peak MiB':>9} {'(+ MiB)':>8} {'final loss':>11} "
+                  f"{'collate ms':>11}")  # fmt: skip
         print(header)
         print("-" * len(header))
         for run in RUNS:
@@ -293,7 +296,9 @@ def plot(report: dict, path: Path, title: str) -> None:
         bars = ax_speed.bar(RUNS, speeds, color=[styles[run][0] for run in RUNS])
         for bar, run in zip(bars, RUNS):
             ratio = results[run]["real_tokens_per_s"] / results["padded"]["real_tokens_per_s"]
-            ax_speed.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+            ax_speed.annotate(
+                f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
+            )
         # Packing only removes padding if it beats padded by at least padded tokens / real tokens.
         break_even = results["padded"]["real_tokens_per_s"] * comparison["padded_tokens_over_real_tokens"]
         ax_speed.axhline(break_even, color="gray", linestyle="--", linewidth=1)

@@ -37,7 +37,7 @@ Triton kernels run (float32 matmuls as tf32 there, see `--matmul-precision`).
 Writes kv_quality.json (with a flat "summary": one row per metric, its target and pass/miss) and
 kv_quality.png under bench/results/ or `--out`.
 
-    python bench/eval_kv_quality.py            # CPU: ~7 minutes per seed on 2 cores (training ~2 of them)
+    python bench/eval_kv_quality.py            # CPU: several minutes per seed
     python bench/eval_kv_quality.py --quick    # smoke run: an undertrained model, small sets
 """
 
@@ -84,26 +84,33 @@ QUICK = dict(steps=12, batch_size=8, ppl_len=64, ppl_docs=8, prompts=8, prompt_l
 def add_training_arguments(parser, defaults, quick):
     """The options `split_documents` and `train` read, shared with the other evals on this model."""
     parser.add_argument("--quick", action="store_true", help="smoke run: few training steps, small evaluation sets")
-    parser.add_argument("--steps", type=int, help=f"training steps (default {defaults['steps']}, --quick {quick['steps']})")
+    parser.add_argument("--steps", type=int,
+                        help=f"training steps (default {defaults['steps']}, --quick {quick['steps']})")  # fmt: skip
     parser.add_argument("--batch-size", type=int, help="documents per training step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (warm-up, then cosine to 10%%)")
-    parser.add_argument("--max-doc-tokens", type=int, default=1024, help="corpus documents longer than this are dropped")
+    parser.add_argument("--lr", type=float, default=3e-3,
+                        help="AdamW peak learning rate (warm-up, then cosine to 10%%)")  # fmt: skip
+    parser.add_argument("--max-doc-tokens", type=int, default=1024,
+                        help="corpus documents longer than this are dropped")  # fmt: skip
     parser.add_argument("--holdout-docs", type=int, default=600, help="documents held out of training (seeded choice)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the held-out choice, the same for every model")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the held-out choice, the same for every model")  # fmt: skip
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_training_arguments(parser, DEFAULTS, QUICK)
-    parser.add_argument("--ppl-len", type=int, help="L: tokens per perplexity document (held-out documents >= L, cut to L)")
+    parser.add_argument("--ppl-len", type=int,
+                        help="L: tokens per perplexity document (held-out documents >= L, cut to L)")  # fmt: skip
     parser.add_argument("--ppl-docs", type=int, help="at most this many perplexity documents (one batch)")
     parser.add_argument("--prompts", type=int, help="greedy prompts (held-out documents' first --prompt-len tokens)")
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--new-tokens", type=int, help="greedy new tokens per prompt")
     parser.add_argument("--seeds", type=int, nargs="+",
-                        help=f"one model trained and evaluated per seed (default {' '.join(map(str, DEFAULTS['seeds']))})")
+                        help="one model trained and evaluated per seed "
+                             f"(default {' '.join(map(str, DEFAULTS['seeds']))})")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: as fast for this tiny model, and steady on a shared machine)")
+                        help="torch CPU threads "
+                             "(default 1: as fast for this tiny model, and steady on a shared machine)")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--matmul-precision", choices=["highest", "high"],
@@ -183,7 +190,8 @@ def train(args, seed, documents, device):
                 order, position, epochs = torch.randperm(len(documents), generator=generator).tolist(), 0, epochs + 1
             batch = [documents[i] for i in order[position : position + args.batch_size]]
             position += args.batch_size
-            losses.append(train_step(model, optimizer, collate(batch), learning_rate(step, args.steps, args.lr), device))
+            rate = learning_rate(step, args.steps, args.lr)
+            losses.append(train_step(model, optimizer, collate(batch), rate, device))
             tokens += sum(map(len, batch))
             bar.set_postfix_str(f"loss {losses[-1]:.3f}")
     seconds = time.perf_counter() - start
@@ -229,7 +237,9 @@ def new_cache(kind, model):
         return DynamicCache(config=model.config)
     if kind == "int8":
         return Int8KVCache(model.config)
-    return Int8KVCache(model.config, residual_length=0) if kind == "int8_only" else Bfloat16RoundedCache(config=model.config)
+    if kind == "int8_only":
+        return Int8KVCache(model.config, residual_length=0)
+    return Bfloat16RoundedCache(config=model.config)
 
 
 def cache_bytes(cache) -> int:
@@ -376,11 +386,12 @@ def greedy(model, documents, args, device):
         bf16_rounded_max_abs_logit_diff=(logits["bf16"][:, 1:] - logits["full"][:, 1:]).abs().max().item(),
         max_abs_logit_diff=decode.max().item(),
         mean_abs_logit_diff=decode.mean().item(),
-        logit_diff_over=f"{new - 1} decode steps x {len(chosen)} prompts x {VOCAB_SIZE} logits (the prefill step's are equal)",
+        logit_diff_over=(f"{new - 1} decode steps x {len(chosen)} prompts x {VOCAB_SIZE} logits "
+                         "(the prefill step's are equal)"),
         max_abs_logit_diff_by_step=decode.amax(dim=(0, 2)).tolist(),
         mean_abs_logit_diff_by_step=decode.mean(dim=(0, 2)).tolist(),
         logit_std=logits["full"].std().item(),
-    )
+    )  # fmt: skip
     return result
 
 
@@ -473,11 +484,15 @@ def print_run(run, memory, settings):
     header = f"{'':40} {CACHE_LABELS['full']:>24} {CACHE_LABELS['int8']:>14} {'int8 vs full':>14}"
     print(header)
     print("-" * len(header))
-    print(f"{'perplexity (incremental decoding)':40} {p['ppl_full']:>24.4f} {p['ppl_int8']:>14.4f} {p['ppl_rel_diff']:>+14.3%}")
+    print(f"{'perplexity (incremental decoding)':40} {p['ppl_full']:>24.4f} {p['ppl_int8']:>14.4f} "
+          f"{p['ppl_rel_diff']:>+14.3%}")  # fmt: skip
     print(f"{'  (full forward, no cache)':40} {p['ppl_full_forward_no_cache']:>24.4f}")
-    print(f"{'  (ablation: int8 only)':40} {'':>24} {p['ppl_int8_only']:>14.4f} {p['ppl_rel_diff_int8_only']:>+14.3%}")
-    print(f"{'  (reference: bf16-rounded cache)':40} {p['ppl_bf16']:>24.4f} {'':>14} {p['ppl_rel_diff_bf16_rounded']:>+14.3%}")
-    print(f"{'cache bytes after perplexity pass':40} {m['full_bytes']:>24,} {m['int8_bytes']:>14,} {m['int8_over_full']:>14.3f}x")
+    print(f"{'  (ablation: int8 only)':40} {'':>24} {p['ppl_int8_only']:>14.4f} "
+          f"{p['ppl_rel_diff_int8_only']:>+14.3%}")  # fmt: skip
+    print(f"{'  (reference: bf16-rounded cache)':40} {p['ppl_bf16']:>24.4f} {'':>14} "
+          f"{p['ppl_rel_diff_bf16_rounded']:>+14.3%}")  # fmt: skip
+    print(f"{'cache bytes after perplexity pass':40} {m['full_bytes']:>24,} {m['int8_bytes']:>14,} "
+          f"{m['int8_over_full']:>14.3f}x")  # fmt: skip
     print(f"{'  bfloat16 cache of the same tokens':40} {m['bfloat16_equivalent_bytes']:>24,} {'':>14} "
           f"{m['int8_over_bfloat16_equivalent']:>14.3f}x")
     print()
@@ -496,10 +511,12 @@ def print_run(run, memory, settings):
           f"{[round(d['full_top2_margin'], 4) for d in g['greedy_divergence_margins']]}")
     print(f"  ablation, int8 only (residual_length=0) vs full: greedy agreement {g['int8_only_token_agreement']:.4%} "
           f"({g['int8_only_identical_continuations']}/{g['prompts']} identical), teacher-forced "
-          f"{g['int8_only_teacher_forced_argmax_agreement']:.4%}, max |logit diff| {g['int8_only_max_abs_logit_diff']:.3g}")
+          f"{g['int8_only_teacher_forced_argmax_agreement']:.4%}, "
+          f"max |logit diff| {g['int8_only_max_abs_logit_diff']:.3g}")  # fmt: skip
     print(f"  reference, bf16-rounded cache vs full: greedy agreement {g['bf16_rounded_token_agreement']:.4%} "
           f"({g['bf16_rounded_identical_continuations']}/{g['prompts']} identical), teacher-forced "
-          f"{g['bf16_rounded_teacher_forced_argmax_agreement']:.4%}, max |logit diff| {g['bf16_rounded_max_abs_logit_diff']:.3g}")
+          f"{g['bf16_rounded_teacher_forced_argmax_agreement']:.4%}, "
+          f"max |logit diff| {g['bf16_rounded_max_abs_logit_diff']:.3g}")  # fmt: skip
 
 
 def print_report(report):
@@ -622,9 +639,9 @@ def main(argv=None) -> int:
         note=(f"head_dim {MODEL['hidden_size'] // MODEL['num_attention_heads']}: int8 holds (head_dim + 4 scale bytes) "
               "per token and kv head against 2 * head_dim for bfloat16, for its capacity (whole blocks of "
               "block_tokens=256); Int8KVCache adds its exact ring of 32 tokens in the model's dtype, float32 here. "
-              "The memory target (head_dim 128, bfloat16 model) is checked by tests/hf/test_int8_cache.py and measured by "
-              "bench/bench_kv_cache.py"),
-    )
+              "The memory target (head_dim 128, bfloat16 model) is checked by tests/hf/test_int8_cache.py and "
+              "measured by bench/bench_kv_cache.py"),
+    )  # fmt: skip
     settings = dict(
         quick=args.quick, seeds=args.seeds, split_seed=args.split_seed, dtype="float32",
         matmul_precision=args.matmul_precision,
@@ -648,7 +665,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kv_quality.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out / "kv_quality.png")
-    print(f"\ntotal {report['seconds']['total']:.0f} s (training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s)")
+    print(f"\ntotal {report['seconds']['total']:.0f} s "
+          f"(training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s)")  # fmt: skip
     print(f"wrote {args.out / 'kv_quality.json'} and {args.out / 'kv_quality.png'}")
     missed = [row["metric"] for row in report["summary"] if row.get("result") == "miss"]
     if missed and not args.quick:

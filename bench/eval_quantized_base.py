@@ -18,7 +18,7 @@ least L tokens. On a plain CPU the fused LoRA path runs its PyTorch reference (d
 matmul), numerically what the kernel computes; on a GPU the Triton kernels run.
 Writes quantized_base.json and quantized_base.png under bench/results/ or `--out`.
 
-    python bench/eval_quantized_base.py            # CPU, 2 cores: ~5 minutes
+    python bench/eval_quantized_base.py            # CPU: several minutes
     python bench/eval_quantized_base.py --quick    # smoke run
 """
 
@@ -60,14 +60,16 @@ QUICK = dict(steps=12, batch_size=8, lora_steps=6, ppl_len=64, ppl_docs=8)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_training_arguments(parser, DEFAULTS, QUICK)  # pretraining; LoRA steps take --batch-size too
-    parser.add_argument("--lora-steps", type=int, help=f"LoRA training steps per base (default {DEFAULTS['lora_steps']})")
+    parser.add_argument("--lora-steps", type=int,
+                        help=f"LoRA training steps per base (default {DEFAULTS['lora_steps']})")  # fmt: skip
     parser.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA AdamW peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pretrained model (initialization, data order)")
     parser.add_argument("--ppl-len", type=int, help="L: tokens per perplexity document")
     parser.add_argument("--ppl-docs", type=int, help="at most this many perplexity documents (one batch)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for quantized_base.json/.png")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results",
+                        help="folder for quantized_base.json/.png")  # fmt: skip
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
     print(f"{'base':>8} {'bytes/bf16':>10} {'ppl before':>11} {'vs float':>9} {'ppl after':>10} {'vs float':>9}")
     for name, base in bases.items():
         print(f"{name:>8} {base['projection_bytes_over_bfloat16']:>10.3f} {base['ppl_before_lora']:>11.4f} "
-              f"{base['ppl_rel_diff_before_lora']:>+9.2%} {base['ppl_after_lora']:>10.4f} {base['ppl_rel_diff_after_lora']:>+9.2%}")
+              f"{base['ppl_rel_diff_before_lora']:>+9.2%} {base['ppl_after_lora']:>10.4f} "
+              f"{base['ppl_rel_diff_after_lora']:>+9.2%}")  # fmt: skip
     print(f"wrote {path}.json and {path}.png")
     return 0
 

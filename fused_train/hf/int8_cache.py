@@ -168,7 +168,8 @@ class Int8KVLayer(CacheLayerMixin):
     def crop(self, max_length: int) -> None:
         if _CROP_TAKES_TOKENS_TO_REMOVE and max_length > 0:
             raise ValueError(f"Int8KVCache.crop takes minus the number of tokens to drop, got {max_length}")
-        keep = self.length + max_length if max_length < 0 or _CROP_TAKES_TOKENS_TO_REMOVE else min(max_length, self.length)
+        counts_from_end = max_length < 0 or _CROP_TAKES_TOKENS_TO_REMOVE
+        keep = self.length + max_length if counts_from_end else min(max_length, self.length)
         if keep < 0:
             raise ValueError(f"Int8KVCache.crop({max_length}) would drop more than the {self.length} cached tokens")
         self.length = keep

@@ -7,8 +7,9 @@ computes `lora_linear(x, W, A, B, scaling, bias, dropout_p, weight_scale, weight
 active adapters, DoRA and the other variants keep peft's behaviour, and a layer goes back to the
 fused path as soon as its state allows again. Under autocast the fused path computes in autocast's
 dtype, as peft's forward would (a float32 base weight is cast per call, as `F.linear` casts it).
-The first call that falls back for a reason no `LoraPatchReport` named logs a warning. Nothing is added to the modules' parameters,
-buffers or submodules: state_dict keys, `save_pretrained` and `from_pretrained` are untouched.
+The first call that falls back for a reason no `LoraPatchReport` named logs a warning. Nothing is
+added to the modules' parameters, buffers or submodules: state_dict keys, `save_pretrained` and
+`from_pretrained` are untouched.
 `unpatch_lora_layers(model)` removes the instance attribute again.
 
 Mixed batches: a call with peft's `adapter_names` (one adapter per row, "__base__" for none; peft's

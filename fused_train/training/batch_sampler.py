@@ -100,7 +100,8 @@ class PackedBatchSampler:
     def epoch_plan(self) -> list[list[np.ndarray]]:
         """This epoch's plan for all ranks: per step, per rank, the dataset indices of its batch."""
         if self._plan is None or self._plan[0] != self.epoch:
-            plan = _plan_epoch(self.lengths, self.tokens_per_step, self.num_replicas, self.seed, self.epoch, self.shuffle)
+            plan = _plan_epoch(self.lengths, self.tokens_per_step, self.num_replicas, self.seed, self.epoch,
+                               self.shuffle)  # fmt: skip
             self._plan = (self.epoch, plan)
         return self._plan[1]
 

@@ -18,8 +18,9 @@ the last document has no targets. A row that ends in masked-out tokens (a docume
 no loss) counts those as filler. Without labels or mask every token is real. Counts stay on the
 device until a log step, where one all-gather of a few numbers per rank is the only collective.
 
-MFU (on CUDA, or anywhere `peak_flops` is given): parameters are the model's (frozen ones included: their forward and input gradients cost
-the same 6 FLOPs per parameter and token, less the 2 of weight gradients LoRA skips, so it is
+MFU (on CUDA, or anywhere `peak_flops` is given): parameters are the model's (frozen ones
+included: their forward and input gradients cost the same 6 FLOPs per parameter and token, less
+the 2 of weight gradients LoRA skips, so it is
 the usual upper-bound convention); peak FLOP/s is `peak_flops` if given, else dense bf16 from
 `PEAK_BF16_FLOPS` by device name (NVIDIA's data sheets, no sparsity); an unknown GPU gets no MFU.
 

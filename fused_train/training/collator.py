@@ -160,7 +160,9 @@ def block_diagonal_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = 
     exactly what the varlen path avoids.
     """
     if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be a 2-D [rows, T] tensor, got {getattr(position_ids, 'shape', position_ids)}")
+        raise ValueError(
+            f"position_ids must be a 2-D [rows, T] tensor, got {getattr(position_ids, 'shape', position_ids)}"
+        )
     document = torch.cumsum(position_ids == 0, dim=1)
     same_document = document[:, :, None] == document[:, None, :]
     length = position_ids.shape[1]

@@ -37,9 +37,9 @@ def plan_packing(lengths, max_tokens: int, *, split_long: bool = True) -> list[l
         `lengths` gives no rows. For millions of documents `plan_packing_arrays` returns the same
         plan without building a Python int per document.
     """
-    # The C++ side builds the lists with the garbage collector paused: slicing a `tolist()` here
-    # let ~145 collections run for 10^6 documents, one over the whole heap, for ten times the
-    # planning's time.
+    # The C++ side builds the lists with the garbage collector paused: a list per row made here
+    # (slicing a `tolist()`) sets off collections, some over the whole heap, that for millions of
+    # documents cost more than the planning itself.
     return _C.plan_packing_lists(*_planner_args(lengths, max_tokens, split_long))
 
 

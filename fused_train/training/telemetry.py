@@ -96,7 +96,9 @@ class TrainingTelemetry:
             "peak_memory_bytes": self.peak_memory_bytes(),
             "memory_at_start_bytes": self.memory_at_start_bytes,
             "memory_measure": (
-                "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "peak RSS of the process (ru_maxrss)"
+                "torch.cuda.max_memory_allocated"
+                if self.device.type == "cuda"
+                else "peak RSS of the process (ru_maxrss)"
             ),
         }
 

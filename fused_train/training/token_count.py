@@ -23,7 +23,9 @@ import torch.distributed as dist
 from fused_train.training.collator import PackedCollator
 
 
-def global_token_count(labels: torch.Tensor | Sequence[torch.Tensor], group=None, ignore_index: int = -100) -> torch.Tensor:
+def global_token_count(
+    labels: torch.Tensor | Sequence[torch.Tensor], group=None, ignore_index: int = -100
+) -> torch.Tensor:
     """The number of prediction targets in `labels` summed over all ranks of `group`.
 
     `labels` are one batch's labels as a causal LM takes them (unshifted: the model predicts

@@ -17,7 +17,9 @@ def test_three_runs_train_identically_on_both_corpora_and_write_results(tmp_path
     # interpreter that tests/conftest.py switches on; the kernels have tests of their own.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     steps = 4
-    exit_code = demo.main([f"--steps={steps}", "--batch-size=4", "--max-doc-tokens=160", f"--out={tmp_path}", "--in-process"])
+    exit_code = demo.main(
+        [f"--steps={steps}", "--batch-size=4", "--max-doc-tokens=160", f"--out={tmp_path}", "--in-process"]
+    )
     assert exit_code == 0
 
     report = json.loads((tmp_path / "demo.json").read_text())
@@ -65,7 +67,8 @@ def test_sentences_corpus_is_made_from_the_docstrings_corpus(tmp_path):
     with gzip.open(common.CORPORA["sentences"].path, "rt", encoding="utf-8") as f:
         assert json.load(f) == made
     assert all("\n" not in sentence for sentence in made)
-    assert common.docstring_sentences(["One line. Two words!\nStill two.\n\n    code = 1\n\nThird? Yes."]) == ["One line.", "Third?"]
+    docstring = "One line. Two words!\nStill two.\n\n    code = 1\n\nThird? Yes."
+    assert common.docstring_sentences([docstring]) == ["One line.", "Third?"]
 
 
 def test_run_in_a_worker_process_equals_the_run_in_this_process(monkeypatch):

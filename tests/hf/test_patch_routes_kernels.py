@@ -21,8 +21,9 @@ def test_patched_peft_model_trains_through_both_kernels(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(
-        fused_train.ops.varlen_attention_triton, "varlen_attention_fwd", counting("attention", fused_train.ops.varlen_attention_triton.varlen_attention_fwd)
-    )
+        fused_train.ops.varlen_attention_triton, "varlen_attention_fwd",
+        counting("attention", fused_train.ops.varlen_attention_triton.varlen_attention_fwd),
+    )  # fmt: skip
     monkeypatch.setattr(fused_train.ops.lora, "lora_linear_fwd", counting("lora", fused_train.ops.lora.lora_linear_fwd))
     model = tiny_model("llama").to(DEVICE, torch.bfloat16)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))

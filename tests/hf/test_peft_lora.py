@@ -223,7 +223,8 @@ def test_quantized_base_of_another_format_falls_back():
     layer.base_layer = foreign
     report = patch_lora_layers(model)
     assert report.num_fused == 6
-    assert "not made by fused_train.quantize_base" in report.fallback["base_model.model.model.layers.0.self_attn.q_proj"]
+    fallback = report.fallback["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert "not made by fused_train.quantize_base" in fallback
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -44,7 +44,8 @@ def test_long_document_of_a_fused_qkv_projection():
     # The last rows, which see every key, in float32.
     q_last, k_ref, v_ref = (t.detach()[..., 0, :].float().requires_grad_() for t in (q[-rows:], k, v))
     scores = (q_last @ k_ref.T) * scale
-    visible = torch.arange(tokens, device="cuda")[None, :] <= torch.arange(tokens - rows, tokens, device="cuda")[:, None]
+    query_positions = torch.arange(tokens - rows, tokens, device="cuda")
+    visible = torch.arange(tokens, device="cuda")[None, :] <= query_positions[:, None]
     expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v_ref
     expected.backward(dout[-rows:, 0].float())
     assert _relative_error(out[-rows:, 0], expected) < 2e-2

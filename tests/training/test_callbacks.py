@@ -44,7 +44,9 @@ def test_counts_masked_and_packed_batches_in_training_only():
 
 
 def test_add_to_goes_before_the_logging_integrations():
-    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=["DefaultFlowCallback", "TensorBoardCallback"]))
+    trainer = SimpleNamespace(
+        callback_handler=SimpleNamespace(callbacks=["DefaultFlowCallback", "TensorBoardCallback"])
+    )
     callback = TelemetryCallback().add_to(trainer)
     assert trainer.callback_handler.callbacks[0] is callback
     with pytest.raises(ValueError, match="peak_flops"):

@@ -47,7 +47,8 @@ def test_rows_are_spread_to_the_narrowest_width_by_default():
     assert batch["input_ids"].shape == (2, 216)
     assert batch["cu_seq_lens_q"].tolist() == [0, 120, 190, 216, 336, 396, 426, 432]
     assert batch["max_length_q"] == 120
-    # Steps of 64 (the default): 256 at most, the plan as it was; one row for a batch that fits.
+    # Steps of 64 (the default): 256 at most, the best-fit rows as they are; one row for a batch
+    # that fits.
     assert fused_train.PackedCollator(max_tokens=256)(examples)["input_ids"].shape == (2, 256)
     assert fused_train.PackedCollator(max_tokens=1024)(examples)["input_ids"].shape == (1, 448)
 
@@ -89,7 +90,8 @@ def _check_batch(batch, docs, row_width_at_most):
 )
 def test_every_layout_keeps_every_token_labels_and_positions(layout, row_width_at_most):
     generator = torch.Generator().manual_seed(1)
-    docs = [torch.randint(3, 1000, (int(n),), generator=generator) for n in torch.randint(1, 40, (60,), generator=generator)]
+    lengths = torch.randint(1, 40, (60,), generator=generator)
+    docs = [torch.randint(3, 1000, (int(n),), generator=generator) for n in lengths]
     batch = fused_train.PackedCollator(max_tokens=64, **layout)([{"input_ids": d} for d in docs])
     _check_batch(batch, docs, row_width_at_most)
     if layout.get("pad_to_max_tokens"):

@@ -30,4 +30,5 @@ def _every_check(rank, world_size, folder):
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory):
     """Every rank's results of each test file's `rank_checks`, from one run on 2 gloo ranks."""
-    return run_on_ranks(_every_check, 2, args=(str(tmp_path_factory.mktemp("ranks")),), timeout_s=300, env=NO_INTERPRETER)
+    folder = str(tmp_path_factory.mktemp("ranks"))
+    return run_on_ranks(_every_check, 2, args=(folder,), timeout_s=300, env=NO_INTERPRETER)

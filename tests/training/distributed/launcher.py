@@ -62,7 +62,9 @@ def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 1
                     child.kill()
                 child.join()
         outcomes = [_read(path) for path in paths]
-    errors = [f"rank {rank}:\n{outcome[1]}" for rank, outcome in enumerate(outcomes) if outcome and outcome[0] == "error"]
+    errors = [
+        f"rank {rank}:\n{outcome[1]}" for rank, outcome in enumerate(outcomes) if outcome and outcome[0] == "error"
+    ]
     if errors:
         raise RuntimeError("a rank failed:\n" + "\n".join(errors))
     if running:

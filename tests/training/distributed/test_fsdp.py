@@ -73,10 +73,11 @@ def _step(model, batch, world_size):
 def rank_checks(rank, world_size):
     batch = fused_train.PackedCollator(MAX_TOKENS)(_examples(_documents(8)[rank::world_size]))
     out = {}
+    bf16_params = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for name, dtype, mixed_precision, lora_units in (
         ("float32", torch.float32, None, False),
         ("lora_units", torch.float32, None, True),
-        ("bf16_base", torch.bfloat16, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), False),
+        ("bf16_base", torch.bfloat16, bf16_params, False),
     ):
         model = _shard(_lora_model(dtype), world_size, mixed_precision, lora_units)
         out[name] = {"loss": _step(model, batch, world_size), "gradients": _lora_gradients(model)}
