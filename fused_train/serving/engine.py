@@ -33,7 +33,7 @@ import fused_train
 from fused_train.serving.adapters import AdapterPool
 from fused_train.serving.pages import PageAllocator
 from fused_train.serving.paged_cache import PagedKVCache
-from fused_train.serving.runner import Runner, sample_batch
+from fused_train.serving.runner import Runner, penalize, sample_batch
 from fused_train.serving.requests import (  # noqa: F401 - re-exported: their old paths
     SEED_RANGE, EngineStopped, RequestFailed, RequestHandle, RequestLoop, RequestOutput, SamplingParams, _Request,
     decode_text, encode_prompt, ended_output, held_back_ids, request_generator, stop_reason, suppress_stops,
@@ -146,6 +146,8 @@ class Engine(RequestLoop):
         vocab = self.model.config.get_text_config(decoder=True).vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         total = len(prompt_ids) + params.max_tokens
         if self.max_model_len is not None and total > self.max_model_len:
             raise PromptTooLong(
@@ -330,10 +332,26 @@ class Engine(RequestLoop):
                   for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
         logits = apply_masks(logits, [request.grammar for request in requests])
         params = [request.params for request in requests]
+        logits = self._processed_logits(logits, requests)
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(logits, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
         return chunks + list(zip(requests, tokens))
+
+    def _processed_logits(self, logits: torch.Tensor, requests) -> torch.Tensor:
+        """The one place per-row logits processors apply before sampling: the logit bias and the
+        penalties (`runner.penalize`) of the rows that ask for them, on the device."""
+        rows = [row for row, request in enumerate(requests) if request.params.penalized]
+        if not rows:
+            return logits
+        chosen = [requests[row] for row in rows]
+        index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+        params = [request.params for request in chosen]
+        penalized = penalize(logits.index_select(0, index), [r.prompt_token_ids for r in chosen],
+                             [r.generated for r in chosen], [p.presence_penalty for p in params],
+                             [p.frequency_penalty for p in params], [p.repetition_penalty for p in params],
+                             [p.logit_bias for p in params])  # fmt: skip
+        return logits.index_copy(0, index, penalized)
 
     def _forward(self, step, requests) -> tuple[list[_Request], torch.Tensor]:
         """The step's logits on the model's device, and its requests still alive: those whose adapter breaks

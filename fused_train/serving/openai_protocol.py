@@ -67,11 +67,10 @@ class SamplingBody(Body):
     include_stop_str_in_output: bool = False
     # Accepted and without effect on the output.
     user: str | None = None
-    # OpenAI parameters the engine does not have: refused unless neutral (`refuse_unsupported`).
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    # {"type": "text" | "json_object" | "json_schema", ...}: a grammar masks the tokens (structured_output)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)  # vLLM's
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     response_format: dict[str, Any] | None = None
 
 
@@ -125,7 +124,7 @@ class UnloadAdapterRequest(Body):
 
 # The values of unsupported parameters that change nothing (what a client sends by default).
 NEUTRAL = {
-    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}), "logprobs": (None, False),
+    "logprobs": (None, False),
     "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "tools": (None, []), "tool_choice": (None, "none"),
 }  # fmt: skip
@@ -149,8 +148,17 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})",
                        param="min_tokens")  # fmt: skip
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias must map token ids to biases in [-100, 100], got {key!r}: {value!r}",
+                           param="logit_bias")  # fmt: skip
+        bias[int(key)] = value
+    penalties = dict(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                     repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                     logit_bias=bias)  # fmt: skip
     return [
-        SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        SamplingParams(**penalties, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                        seed=None if body.seed is None else body.seed + i, stop=stop,
                        stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
                        include_stop_str_in_output=body.include_stop_str_in_output,
@@ -175,7 +183,7 @@ def engine_error(error: BaseException, param: str) -> BaseException:
     if isinstance(error, InvalidResponseFormat):
         return APIError(400, str(error), param="response_format")
     if isinstance(error, ValueError):  # the prompt's token ids (the body's other fields are checked before)
-        return APIError(400, str(error), param=param)
+        return APIError(400, str(error), param="logit_bias" if str(error).startswith("logit_bias") else param)
     if isinstance(error, QueueFull):
         return APIError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip

@@ -44,6 +44,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # no end of sequence, stop id or stop string before this many tokens
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0  # minus this from a logit whose token the output holds
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # a logit of a prompt or output token: / if > 0, * if < 0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     # OpenAI's {"type": "json_object"} / {"type": "json_schema", ...}: a grammar masks every step's tokens
     response_format: dict | None = None
 
@@ -70,6 +74,23 @@ class SamplingParams:
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
             raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", stop_ids)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        penalty = self.repetition_penalty
+        if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not 0 < penalty <= 2**24:
+            raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
+        bias = dict(self.logit_bias or {})
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+                   and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias.items()):  # fmt: skip
+            raise ValueError(f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}")
+        object.__setattr__(self, "logit_bias", bias)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether its logits change before sampling (penalties or a logit bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias)
 
 
 @dataclass

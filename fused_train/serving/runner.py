@@ -146,3 +146,35 @@ def sample_batch(logits: torch.Tensor, temperatures: list[float], top_ps: list[f
         scaled = scaled.masked_fill(~torch.zeros_like(keep).scatter(1, order, keep), float("-inf"))
     gumbel = -torch.log(-torch.log(counter_uniforms(ints[:, 2], vocab)))
     return chosen.index_copy(0, selected, (scaled + gumbel).argmax(-1)).tolist()
+
+
+def penalize(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]], presence: list[float],
+             frequency: list[float], repetition: list[float], biases: list[dict[int, float]]) -> torch.Tensor:  # fmt: skip
+    """`logits` `[rows, vocab]` with each row's logit bias added, then vLLM's penalties, in one pass
+    on their device (before temperature): a token of the row's prompt or output has its logit
+    divided by `repetition` where positive, multiplied where not; then each token's logit loses
+    `frequency` times its count in the output and `presence` once if it is there (output only).
+    The counts are a scatter of the rows' token ids, built on the device."""
+    rows, vocab = logits.shape
+    device = logits.device
+    logits = logits.clone()
+    bias = [(row, token, value) for row, b in enumerate(biases) for token, value in b.items()]
+    if bias:
+        row_ids, token_ids, values = zip(*bias)
+        index = (torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device))
+        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+
+    def counts(histories):
+        flat = torch.tensor([t for h in histories for t in h], dtype=torch.int64, device=device)
+        row = torch.repeat_interleave(torch.arange(rows, device=device),
+                                      torch.tensor([len(h) for h in histories], device=device))  # fmt: skip
+        return torch.zeros(rows, vocab, device=device).index_put_((row, flat), torch.ones(len(flat), device=device),
+                                                                  accumulate=True)  # fmt: skip
+
+    output_counts = counts(outputs)
+    seen = (counts(prompts) + output_counts) > 0
+    scalars = torch.tensor([presence, frequency, repetition], dtype=logits.dtype).to(device, non_blocking=True)
+    repeat = scalars[2][:, None]
+    penalized = torch.where(logits > 0, logits / repeat, logits * repeat)
+    logits = torch.where(seen, penalized, logits)
+    return logits - scalars[1][:, None] * output_counts - scalars[0][:, None] * (output_counts > 0)
