@@ -330,9 +330,9 @@ class Engine(RequestLoop):
         vocab = logits.shape[-1]
         banned = [(row, token) for row, request in enumerate(requests)
                   for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
-        logits = apply_masks(logits, [request.grammar for request in requests])
         params = [request.params for request in requests]
         logits = self._processed_logits(logits, requests)
+        logits = apply_masks(logits, [request.grammar for request in requests])  # last: nothing lifts a -inf
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(logits, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
