@@ -331,12 +331,33 @@ class Engine(RequestLoop):
         banned = [(row, token) for row, request in enumerate(requests)
                   for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
         params = [request.params for request in requests]
-        logits = self._processed_logits(logits, requests)
-        logits = apply_masks(logits, [request.grammar for request in requests])  # last: nothing lifts a -inf
+        processed = self._processed_logits(logits, requests)
+        processed = apply_masks(processed, [request.grammar for request in requests])  # last: nothing lifts a -inf
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
-        tokens = sample_batch(logits, [p.temperature for p in params], [p.top_p for p in params],
+        tokens = sample_batch(processed, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
+        self._record_logprobs(logits, requests, tokens)
         return chunks + list(zip(requests, tokens))
+
+    def _record_logprobs(self, logits: torch.Tensor, requests, tokens: list[int]) -> None:
+        """For the rows that ask: the chosen token's logprob and the top `params.logprobs`, of the
+        model's own distribution (log_softmax of the raw logits, before penalties, bias and
+        temperature: vLLM's default "raw_logprobs"), computed on the device; only those values come
+        to the host."""
+        rows = [row for row, request in enumerate(requests) if request.params.logprobs is not None]
+        if not rows:
+            return
+        device = logits.device
+        index = torch.tensor(rows, dtype=torch.int64, device=device)
+        logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows], device=device))[:, 0]
+        k = max(requests[row].params.logprobs for row in rows)
+        top = logprobs.topk(k, dim=-1) if k else None
+        chosen = chosen.tolist()
+        top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if k else ([[]] * len(rows), [[]] * len(rows))
+        for i, row in enumerate(rows):
+            want = requests[row].params.logprobs
+            requests[row].logprobs.append((chosen[i], list(zip(top_ids[i][:want], top_values[i][:want]))))
 
     def _processed_logits(self, logits: torch.Tensor, requests) -> torch.Tensor:
         """The one place per-row logits processors apply before sampling: the logit bias and the

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fused_train.serving.adapters import UnknownAdapter
-from fused_train.serving.requests import EngineStopped, SamplingParams
+from fused_train.serving.requests import MAX_LOGPROBS, EngineStopped, SamplingParams
 from fused_train.serving.scheduler import PromptTooLong, QueueFull
 from fused_train.serving.structured_output import InvalidResponseFormat
 
@@ -76,7 +76,7 @@ class SamplingBody(Body):
 
 class CompletionRequest(SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top logprobs per token (vLLM's limit: 20)
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
@@ -97,7 +97,7 @@ class ChatRequest(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -124,8 +124,7 @@ class UnloadAdapterRequest(Body):
 
 # The values of unsupported parameters that change nothing (what a client sends by default).
 NEUTRAL = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "tools": (None, []), "tool_choice": (None, "none"),
 }  # fmt: skip
 
@@ -157,8 +156,17 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
     penalties = dict(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
                      repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                      logit_bias=bias)  # fmt: skip
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        logprobs = body.logprobs
+    if logprobs is not None and body.stream:
+        raise APIError(400, "logprobs with stream: true are not supported by this server yet", param="logprobs",
+                       code="unsupported_parameter")  # fmt: skip
     return [
-        SamplingParams(**penalties, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        SamplingParams(**penalties, logprobs=logprobs, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                        seed=None if body.seed is None else body.seed + i, stop=stop,
                        stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
                        include_stop_str_in_output=body.include_stop_str_in_output,

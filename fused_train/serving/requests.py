@@ -19,6 +19,7 @@ import torch
 
 from fused_train.serving.scheduler import Sequence
 
+MAX_LOGPROBS = 20  # top logprobs per token at most (vLLM's default limit)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
@@ -48,6 +49,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # minus this times the token's count in the output
     repetition_penalty: float = 1.0  # a logit of a prompt or output token: / if > 0, * if < 0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # each output token's logprob and this many top ones (None: none)
     # OpenAI's {"type": "json_object"} / {"type": "json_schema", ...}: a grammar masks every step's tokens
     response_format: dict | None = None
 
@@ -86,6 +88,9 @@ class SamplingParams:
                    and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias.items()):  # fmt: skip
             raise ValueError(f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}")
         object.__setattr__(self, "logit_bias", bias)
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):  # fmt: skip
+            raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
 
     @property
     def penalized(self) -> bool:
@@ -111,6 +116,8 @@ class RequestOutput:
     time_per_output_token: float | None = None  # (last token - first token) / (tokens - 1)
     latency: float | None = None  # arrival -> end
     preemptions: int = 0
+    # With `SamplingParams.logprobs`: per generated token (its logprob, [(token id, logprob)] top first).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(eq=False)
@@ -123,6 +130,7 @@ class _Request:
     handle: "RequestHandle"
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # one per generated token, with `params.logprobs`
     text: str | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -273,6 +281,8 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
         time_per_output_token=tpot,
         latency=now - request.arrival,
         preemptions=preemptions,
+        logprobs=request.logprobs[: len(request.generated)] if getattr(request.params, "logprobs", None) is not None
+        else None,
     )
 
 

@@ -327,7 +327,7 @@ class _Server:
                 handle.cancel()
         choices = []
         for index, output in enumerate(outputs):
-            choice = {"index": index, "logprobs": None, "finish_reason": output.finish_reason}
+            choice = {"index": index, "logprobs": self.logprobs(kind, output), "finish_reason": output.finish_reason}
             if kind == "chat":
                 choice["message"] = {"role": "assistant", "content": output.text}
             else:
@@ -335,6 +335,28 @@ class _Server:
             choices.append(choice)
         obj = "chat.completion" if kind == "chat" else "text_completion"
         return {**base, "object": obj, "choices": choices, "usage": usage(outputs, n)}
+
+    def logprobs(self, kind: str, output) -> dict | None:
+        """A choice's `logprobs` in OpenAI's shape for `kind` (None when not asked for)."""
+        if output.logprobs is None:
+            return None
+        tokenizer = self.engine.tokenizer
+
+        def text(token_id):
+            return decode_text(tokenizer, [token_id])
+
+        if kind == "chat":
+            def entry(token_id, logprob):
+                token = text(token_id)
+                return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+            return {"content": [{**entry(token_id, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
+                                for token_id, (logprob, top) in zip(output.token_ids, output.logprobs)]}  # fmt: skip
+        tokens = [text(token_id) for token_id in output.token_ids]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [logprob for logprob, _ in output.logprobs],
+                "top_logprobs": [{text(t): lp for t, lp in top} for _, top in output.logprobs],
+                "text_offset": offsets}  # fmt: skip
 
     async def stream_events(self, kind, base, handles, stop, include_usage, prompt_tokens, n):
         """The SSE events; with `prompt_tokens` (continuous_usage_stats), every chunk has the usage so far."""

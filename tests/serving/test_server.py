@@ -196,7 +196,7 @@ BAD_COMPLETIONS = [
     ({"model": "tiny", "prompt": PROMPT, "top_p": 0}, 400, "top_p", None, ""),
     ({"model": "tiny", "prompt": PROMPT, "n": 0}, 400, "n", None, ""),
     ({"model": "tiny", "prompt": PROMPT, "stop": [""]}, 400, "stop", None, "non-empty"),
-    ({"model": "tiny", "prompt": PROMPT, "logprobs": 2}, 400, "logprobs", "unsupported_parameter", "logprobs are"),
+    ({"model": "tiny", "prompt": PROMPT, "logprobs": 21}, 400, "logprobs", None, "less than"),
     ({"model": "tiny", "prompt": PROMPT, "frequency_penalty": 2.5}, 400, "frequency_penalty", None, "less than"),
     ({"model": "tiny", "prompt": PROMPT, "temprature": 0}, 400, "temprature", "unsupported_parameter", "unknown"),
     ({"model": "nope", "prompt": PROMPT}, 404, "model", "model_not_found", "nope"),
@@ -212,7 +212,7 @@ BAD_CHATS = [
     ({"model": "tiny", "messages": "hi"}, 400, "messages", None, ""),
     ({"model": "tiny", "messages": []}, 400, "messages", None, ""),
     ({"model": "tiny", "messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content", None, ""),
-    ({"model": "tiny", "messages": MESSAGES, "logprobs": True}, 400, "logprobs", "unsupported_parameter", ""),
+    ({"model": "tiny", "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None, "needs logprobs"),
     ({"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter",
      ""),
 ]  # fmt: skip
