@@ -38,6 +38,7 @@ from fused_train.serving.requests import (  # noqa: F401 - re-exported: their ol
     SEED_RANGE, EngineStopped, RequestFailed, RequestHandle, RequestLoop, RequestOutput, SamplingParams, _Request,
     decode_text, encode_prompt, ended_output, held_back_ids, request_generator, stop_reason, suppress_stops,
 )
+from fused_train.serving.structured_output import GrammarCompiler, accept, apply_masks
 from fused_train.serving.scheduler import FINISHED, PromptTooLong, QueueFull, Scheduler, Sequence, Step
 
 
@@ -121,6 +122,7 @@ class Engine(RequestLoop):
         eos = model.generation_config.eos_token_id
         eos = model.config.eos_token_id if eos is None else eos
         self._eos = frozenset([eos] if isinstance(eos, int) else eos or ())
+        self._grammars = None  # a GrammarCompiler, made at the first response_format
         super().__init__("fused_train-engine")
         self._in_flight: frozenset = frozenset()  # the running step's sequences
         self._last_batch_size = 0
@@ -153,6 +155,13 @@ class Engine(RequestLoop):
                 f"tokens ({len(prompt_ids)} in the prompt, max_tokens={params.max_tokens} in the completion): "
                 "shorten the prompt or lower max_tokens"
             )
+        grammar = None
+        if params.response_format is not None and params.response_format.get("type") != "text":
+            if self.tokenizer is None:
+                raise ValueError("response_format needs the engine's tokenizer")
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, vocab)
+            grammar = self._grammars.matcher(self._grammars.compile(params.response_format))
         seed = secrets.randbits(64) if params.seed is None else params.seed
         with self._lock:
             request_id = self._new_request_id(request_id)
@@ -166,7 +175,8 @@ class Engine(RequestLoop):
                     self.pool.release(version)
                 raise
             self._requests[request_id] = _Request(seq, params, list(prompt_ids), seed, self.clock(), handle,
-                                                  adapter, logprobs=None if params.logprobs is None else [])  # fmt: skip
+                                                  adapter, grammar=grammar,
+                                                  logprobs=None if params.logprobs is None else [])  # fmt: skip
             self._counters["prompt_tokens"] += len(prompt_ids)
             self._lock.notify_all()
         return handle
@@ -323,6 +333,7 @@ class Engine(RequestLoop):
                   for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
         params = [request.params for request in requests]
         processed = self._processed_logits(logits, requests)
+        processed = apply_masks(processed, [request.grammar for request in requests])  # last: nothing lifts a -inf
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(processed, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
@@ -399,6 +410,8 @@ class Engine(RequestLoop):
 
     def _append(self, request: _Request, token: int, now: float) -> bool:
         request.seq.token_ids.append(token)
+        if request.grammar is not None:
+            accept(request.grammar, token)
         return super()._append(request, token, now)
 
     def _release(self, request: _Request) -> None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fused_train.serving.adapters import UnknownAdapter
 from fused_train.serving.requests import MAX_LOGPROBS, EngineStopped, SamplingParams
 from fused_train.serving.scheduler import PromptTooLong, QueueFull
+from fused_train.serving.structured_output import InvalidResponseFormat
 
 MAX_N = 16  # choices per request: each is an engine request
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -70,6 +71,7 @@ class SamplingBody(Body):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=2**24)  # vLLM's (no cap there; ours keeps it finite)
     logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingBody):
@@ -96,7 +98,6 @@ class ChatRequest(SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -124,7 +125,7 @@ class UnloadAdapterRequest(Body):
 # The values of unsupported parameters that change nothing (what a client sends by default).
 NEUTRAL = {
     "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "tools": (None, []), "tool_choice": (None, "none"),
 }  # fmt: skip
 
 
@@ -168,7 +169,8 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
         SamplingParams(**penalties, logprobs=logprobs, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                        seed=None if body.seed is None else body.seed + i, stop=stop,
                        stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
-                       include_stop_str_in_output=body.include_stop_str_in_output)  # fmt: skip
+                       include_stop_str_in_output=body.include_stop_str_in_output,
+                       response_format=body.response_format)  # fmt: skip
         for i in range(body.n)
     ]
 
@@ -186,6 +188,8 @@ def engine_error(error: BaseException, param: str) -> BaseException:
         return APIError(400, str(error), param=param, code="context_length_exceeded")
     if isinstance(error, UnknownAdapter):  # unloaded since the request was read
         return APIError(404, str(error), param="model", code="model_not_found")
+    if isinstance(error, InvalidResponseFormat):
+        return APIError(400, str(error), param="response_format")
     if isinstance(error, ValueError):  # the prompt's token ids (the body's other fields are checked before)
         return APIError(400, str(error), param="logit_bias" if str(error).startswith("logit_bias") else param)
     if isinstance(error, QueueFull):

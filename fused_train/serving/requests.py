@@ -50,6 +50,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # a logit of a prompt or output token: / if > 0, * if < 0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: int | None = None  # each output token's logprob and this many top ones (None: none)
+    # OpenAI's {"type": "json_object"} / {"type": "json_schema", ...}: a grammar masks every step's tokens
+    response_format: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -133,6 +135,7 @@ class _Request:
     first_scheduled: float | None = None
     first_token: float | None = None
     cancelled: bool = False
+    grammar: object = None  # its structured_output matcher, advanced with each token
 
     @property
     def request_id(self) -> str:
