@@ -410,8 +410,11 @@ class Engine(RequestLoop):
 
     def _append(self, request: _Request, token: int, now: float) -> bool:
         request.seq.token_ids.append(token)
-        if request.grammar is not None:
-            accept(request.grammar, token)
+        if request.grammar is not None and not accept(request.grammar, token):
+            # This request alone fails: the others of the step go on.
+            self._end(request, "error", "response_format: its grammar allows no token here "
+                      "(min_tokens or stop settings that the format cannot satisfy?)")  # fmt: skip
+            return True
         return super()._append(request, token, now)
 
     def _release(self, request: _Request) -> None:

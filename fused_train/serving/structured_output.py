@@ -8,12 +8,10 @@ bitmask and applies it to the logits in one op before sampling: a token the gram
 gets sampled, and once the grammar is complete only the end-of-sequence stays allowed. Logit ids
 past the tokenizer's vocabulary (padding of the model's embedding) are never allowed.
 
-The engine is xgrammar, chosen by the per-token mask cost measured on the CPU for the tiny models'
-byte tokenizer (259 ids) and a small object schema (bench/bench_grammar_mask.py's figures, one run):
-xgrammar 5.6 us per `fill_next_token_bitmask`, 2.6 ms to compile; llguidance 56.9 us, 3.2 ms;
-outlines-core 0.6 us per `get_tokens` (a list, not a bitmask), 2.1 ms, but it compiles a schema to a
-regular expression, so `json_object` (recursive JSON) is out of its reach. xgrammar is the fastest
-of those that give a bitmask and cover both formats, and it is vLLM's default backend.
+The engine is xgrammar: of the three measured on the CPU (xgrammar, llguidance, outlines-core;
+per-token mask cost and compile time, figures in the README's serving section) it fills a bitmask
+fastest, and outlines-core, which compiles a schema to a regular expression, cannot hold
+`json_object` (recursive JSON). It is also vLLM's default backend.
 """
 
 import json
@@ -63,10 +61,11 @@ class GrammarCompiler:
         return self._xgr.GrammarMatcher(compiled)
 
 
-def accept(matcher, token: int) -> None:
-    """Advance `matcher` by the sampled `token` (allowed by its mask, so it must accept it)."""
-    if not matcher.is_terminated() and not matcher.accept_token(token):
-        raise RuntimeError(f"the grammar refused token {token} that its own mask allowed")
+def accept(matcher, token: int) -> bool:
+    """Advance `matcher` by the sampled `token`; False when the grammar refuses it, which happens
+    only when the mask left no token at all (e.g. min_tokens holding back the end of a complete
+    document): the request cannot go on within its response_format."""
+    return matcher.is_terminated() or matcher.accept_token(token)
 
 
 def apply_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:

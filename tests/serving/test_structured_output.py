@@ -72,3 +72,20 @@ def test_json_object_and_invalid_schema(live_server):
                               timeout=30)  # fmt: skip
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == "response_format"
+
+
+def test_a_grammar_with_no_token_left_fails_its_request_alone():
+    """A complete document whose end min_tokens holds back leaves the mask no token: that request
+    fails with the reason, and the engine (and a request beside it) goes on."""
+    from fused_train.serving import Engine, SamplingParams
+    from tests.serving.test_engine import _base, _char_tokenizer
+
+    seven = {"type": "json_schema", "json_schema": {"name": "seven", "schema": {"enum": [7]}}}
+    with Engine(_base(), _char_tokenizer(), kv_dtype="model", kv_cache_tokens=256) as engine:
+        stuck = engine.add_request("hello", SamplingParams(max_tokens=8, min_tokens=4, response_format=seven))
+        plain = engine.add_request("hello", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        assert plain.result().finish_reason == "length" and len(plain.result().token_ids) == 6
+        failed = stuck.result()
+        assert failed.finish_reason == "error" and "response_format" in failed.error
+        (after,) = engine.generate("hello", SamplingParams(max_tokens=3, response_format=seven))
+        assert after.text == "7"
