@@ -463,7 +463,8 @@ def main(argv=None):
         load_before = os.getloadavg()[0]
         if args.workload == "shared-prefix":
             report.update(_shared_prefix(base, device, requests, rate, args))
-            bars = {way: {f"TTFT p{p}": row[f"ttft_ms_p{p}"] for p in (50, 95, 99)} for way, row in report["ways"].items()}
+            bars = {way: {f"TTFT p{p}": row[f"ttft_ms_p{p}"] for p in (50, 95, 99)}
+                    for way, row in report["ways"].items()}  # fmt: skip
         else:
             report.update(_long_prompt(base, device, args))
             bars = {way: {"decode step before": r["itl_before_ms_p50"], "while prefilling p50": r["itl_during_ms_p50"],
@@ -492,7 +493,8 @@ def main(argv=None):
             else:
                 raise SystemExit(f"unknown way {way!r}; choose from {WAYS}")
             rows[way] = summarize(*result[:2], trace, result[2])
-            rows[way]["peak_memory_mb"] = (torch.cuda.max_memory_allocated() if gpu else process.memory_info().rss) / 2**20
+            peak_bytes = torch.cuda.max_memory_allocated() if gpu else process.memory_info().rss
+            rows[way]["peak_memory_mb"] = peak_bytes / 2**20
             print(f"{way}: {rows[way]['output_tokens_per_s']:.1f} output tokens/s", flush=True)
     for way, row in rows.items():
         for baseline in ("peft_naive", "peft_static"):
@@ -513,7 +515,8 @@ def main(argv=None):
         print(f"{way:>13} {r['output_tokens_per_s']:>8.1f} {r.get('speedup_over_peft_naive', float('nan')):>8.2f} "
               f"{r.get('speedup_over_peft_static', float('nan')):>8.2f} "
               f"{r['ttft_ms_p50']:>8.0f}/{r['ttft_ms_p95']:.0f}/{r['ttft_ms_p99']:.0f} "
-              f"{r['tpot_ms_p50']:>8.1f}/{r['tpot_ms_p95']:.1f}/{r['tpot_ms_p99']:.1f} {r['kv_bytes_per_token']:>10.0f}")
+              f"{r['tpot_ms_p50']:>8.1f}/{r['tpot_ms_p95']:.1f}/{r['tpot_ms_p99']:.1f} "
+              f"{r['kv_bytes_per_token']:>10.0f}")
     print(f"wrote {stem}.json and {stem}.png")
 
 

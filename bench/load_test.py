@@ -289,10 +289,12 @@ def print_table(runs, title) -> None:
     for run in runs:
         s = run["summary"]
         goodput = s.get("goodput_requests_per_s")
-        print(f"{run['rate']:>7g} {s['sent']:>5} {s['ok']:>5} {100 * s['error_rate']:>5.1f} {s['requests_per_s']:>6.2f} "
+        print(f"{run['rate']:>7g} {s['sent']:>5} {s['ok']:>5} {100 * s['error_rate']:>5.1f} "
+              f"{s['requests_per_s']:>6.2f} "
               f"{s['output_tokens_per_s']:>9.1f} {triple(s['ttft_ms'], ('p50', 'p95', 'p99')):>22} "
               f"{triple(s['tpot_ms'], ('p50', 'p95', 'p99')):>21} {triple(s['itl_ms'], ('p50', 'p99')):>15} "
-              f"{triple(s['e2el_ms'], ('p50', 'p99')):>16} {'-' if goodput is None else f'{goodput:.2f}':>9}")  # fmt: skip
+              f"{triple(s['e2el_ms'], ('p50', 'p99')):>16} "
+              f"{'-' if goodput is None else f'{goodput:.2f}':>9}")  # fmt: skip
 
 
 def plot(runs, path, title) -> None:
@@ -433,7 +435,8 @@ def parse_args(argv=None):
     where.add_argument("--base-url", help="the server (loopback only); default http://127.0.0.1:8000")
     where.add_argument("--start", choices=("ours", "naive"),
                        help="start the tiny model's server with --num-adapters random adapters in a subprocess: "
-                            "ours (fused-train serve) or the naive per-request peft server; stopped at the end")  # fmt: skip
+                            "ours (fused-train serve) or the naive per-request peft server; "
+                            "stopped at the end")  # fmt: skip
     parser.add_argument("--model", help="the base model's name (default: the one /v1/models lists)")
     parser.add_argument("--num-adapters", type=int, default=4, help="adapters to spread requests over; 0: the base")
     parser.add_argument("--adapter-prefix", help="adapter names PREFIX0, PREFIX1, ... (default: as the server lists)")
@@ -500,7 +503,8 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         if args.start:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="load_test_"))
-            print(f"starting the {args.start} server on the tiny model with {args.num_adapters} adapters ...", flush=True)
+            print(f"starting the {args.start} server on the tiny model with {args.num_adapters} adapters ...",
+                  flush=True)  # fmt: skip
             engine_args = ["--no-enable-prefix-caching"] if args.no_prefix_caching else []
             if args.server_max_batch_tokens:
                 engine_args += ["--max-batch-tokens", str(args.server_max_batch_tokens)]

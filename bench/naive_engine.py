@@ -162,7 +162,8 @@ class NaiveEngine(RequestLoop):
                 kv_bytes=tokens * self._kv_bytes_per_token,
                 kv_bytes_per_token=self._kv_bytes_per_token,
                 adapters=dict(hits=0, loads=0, evictions=0, disk_reads=len(self._names), cpu_evictions=0,
-                              load_ms=0.0, resident=list(self._names), host=[], pinned=[], leased_slots=[]),  # fmt: skip
+                              load_ms=0.0, resident=list(self._names), host=[], pinned=[],
+                              leased_slots=[]),  # fmt: skip
             )
 
     # ---------------------------------------------------------------- the worker

@@ -166,7 +166,8 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
         raise APIError(400, "logprobs with stream: true are not supported by this server yet", param="logprobs",
                        code="unsupported_parameter")  # fmt: skip
     return [
-        SamplingParams(**penalties, logprobs=logprobs, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        SamplingParams(**penalties, logprobs=logprobs, max_tokens=max_tokens, temperature=body.temperature,
+                       top_p=body.top_p, top_k=body.top_k,
                        seed=None if body.seed is None else body.seed + i, stop=stop,
                        stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
                        include_stop_str_in_output=body.include_stop_str_in_output,

@@ -56,7 +56,8 @@ class SamplingParams:
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        temperature = self.temperature
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -86,7 +87,9 @@ class SamplingParams:
         bias = dict(self.logit_bias or {})
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
                    and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias.items()):  # fmt: skip
-            raise ValueError(f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}")
+            raise ValueError(
+                f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}"
+            )
         object.__setattr__(self, "logit_bias", bias)
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):  # fmt: skip

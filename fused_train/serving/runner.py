@@ -149,7 +149,8 @@ def sample_batch(logits: torch.Tensor, temperatures: list[float], top_ps: list[f
 
 
 def penalize(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]], presence: list[float],
-             frequency: list[float], repetition: list[float], biases: list[dict[int, float]]) -> torch.Tensor:  # fmt: skip
+             frequency: list[float], repetition: list[float],
+             biases: list[dict[int, float]]) -> torch.Tensor:  # fmt: skip
     """`logits` `[rows, vocab]` with each row's logit bias added, then vLLM's penalties, in one pass
     on their device (before temperature): a token of the row's prompt or output has its logit
     divided by `repetition` where positive, multiplied where not; then each token's logit loses

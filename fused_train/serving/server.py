@@ -53,7 +53,8 @@ __all__ = ["RunningServer", "build_app", "start_server"]
 # Engine totals exported as counters (the rest of `metrics()` are gauges: the state now).
 COUNTERS = frozenset({
     "requests_finished", "requests_cancelled", "requests_failed", "prompt_tokens", "generation_tokens", "steps",
-    "step_tokens", "step_seconds", "preemptions", "prefix_cache_queries", "prefix_cache_hits", "adapters_hits", "adapters_loads", "adapters_evictions",
+    "step_tokens", "step_seconds", "preemptions", "prefix_cache_queries", "prefix_cache_hits", "adapters_hits",
+    "adapters_loads", "adapters_evictions",
     "adapters_disk_reads", "adapters_cpu_evictions", "adapters_load_ms",
 })  # fmt: skip
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

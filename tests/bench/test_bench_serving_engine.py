@@ -18,7 +18,8 @@ def test_bench_serving_engine_small_trace(tmp_path):
                "--ways", "engine_int8,peft_static", f"--out={tmp_path}"]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / f"serving_engine_{'cuda' if torch.cuda.is_available() else 'cpu'}.json").read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = json.loads((tmp_path / f"serving_engine_{device}.json").read_text())
     engine, static = report["ways"]["engine_int8"], report["ways"]["peft_static"]
     assert engine["output_tokens"] == static["output_tokens"] > 0
     assert engine["kv_bytes_per_token"] < static["kv_bytes_per_token"]

@@ -99,7 +99,8 @@ def test_greedy_mix_equals_each_request_alone_through_peft(adapter_dirs, greedy_
 
 
 def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(adapter_dirs, cpu_path):
-    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.9, top_k=20, seed=i) for i in range(len(MIX))]
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.9, top_k=20, seed=seed)
+              for seed in range(len(MIX))]
     with _engine(adapter_dirs) as engine:
         mixed = _run_mix(engine, params)
         alone = [engine.generate([prompt], params[i], adapter)[0] for i, (prompt, (_, adapter)) in

@@ -43,8 +43,8 @@ def test_completion_logprobs_equal_hf(float_server, tiny_model_dir, tiny_adapter
     logprobs = out.choices[0].logprobs
     # The byte tokenizer's texts do not give ids back (a lone byte decodes to U+FFFD): the engine's
     # run of the same seeded request does.
-    output_ids = float_server.engine.generate(prompt_ids, SamplingParams(max_tokens=5, temperature=0.8, seed=3,
-                                                                          ignore_eos=True), "a")[0].token_ids  # fmt: skip
+    params = SamplingParams(max_tokens=5, temperature=0.8, seed=3, ignore_eos=True)
+    output_ids = float_server.engine.generate(prompt_ids, params, "a")[0].token_ids
     expected = _reference_logprobs(tiny_model_dir, tiny_adapters["a"], prompt_ids, output_ids)
     assert logprobs.tokens == [tokenizer.decode([i]) for i in output_ids]
     torch.testing.assert_close(torch.tensor(logprobs.token_logprobs), expected[torch.arange(5), output_ids],
@@ -84,7 +84,8 @@ def test_out_of_range_logprobs_are_refused(float_server):
     client = float_server.client()
     for call, param in ((lambda: client.completions.create(model="tiny", prompt="x", max_tokens=1, logprobs=21),
                          "logprobs"),
-                        (lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                        (lambda: client.chat.completions.create(model="tiny",
+                                                                messages=[{"role": "user", "content": "x"}],
                                                                 max_tokens=1, logprobs=True, top_logprobs=21),
                          "top_logprobs")):  # fmt: skip
         with pytest.raises(openai.BadRequestError) as error:

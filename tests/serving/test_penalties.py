@@ -74,8 +74,9 @@ def test_logit_bias_forces_a_token_and_penalties_change_greedy_output(live_serve
     assert penalized.choices[0].text == tokenizer.decode(expected, clean_up_tokenization_spaces=False)
 
 
-@pytest.mark.parametrize("field, value", [("frequency_penalty", 2.5), ("presence_penalty", -3), ("logit_bias", {"5": 101}),
-                                          ("logit_bias", {"x": 1}), ("logit_bias", {"99999999": 1}),
+@pytest.mark.parametrize("field, value", [("frequency_penalty", 2.5), ("presence_penalty", -3),
+                                          ("logit_bias", {"5": 101}), ("logit_bias", {"x": 1}),
+                                          ("logit_bias", {"99999999": 1}),
                                           ("repetition_penalty", 0)])  # fmt: skip
 def test_out_of_range_values_are_refused(live_server, field, value):
     _server_tests()

@@ -49,8 +49,10 @@ def test_prefills_attend_to_their_context_pages_then_their_fresh_keys(kv_dtype):
     fresh_k = torch.cat([k[c:] for k, c in zip(keys, contexts)])
     fresh_v = torch.cat([v[c:] for v, c in zip(values, contexts)])
     # The context was written by earlier steps, the fresh keys by this step's StepCache.update.
-    write_kv_pages(torch.cat([k[:c] for k, c in zip(keys, contexts)]), torch.cat([v[:c] for v, c in zip(values, contexts)]),
-                   k_pages, v_pages, _index(context_slots), k_scales=scales[0], v_scales=scales[1])  # fmt: skip
+    context_k = torch.cat([k[:c] for k, c in zip(keys, contexts)])
+    context_v = torch.cat([v[:c] for v, c in zip(values, contexts)])
+    write_kv_pages(context_k, context_v, k_pages, v_pages, _index(context_slots), k_scales=scales[0],
+                   v_scales=scales[1])  # fmt: skip
     write_kv_pages(fresh_k, fresh_v, k_pages, v_pages, _index(fresh_slots), k_scales=scales[0], v_scales=scales[1])
     metadata = PagedAttentionMetadata(
         slots=_index(fresh_slots), num_prefill_tokens=len(fresh_slots),
