@@ -101,7 +101,8 @@ def test_every_request_answered_by_a_replica_holding_its_adapter(ray_server, exp
         # One request per adapter, in turn, until a round loads nothing: each adapter then has a
         # replica that holds it (Serve sends a miss to the replica holding fewest).
         client = _client(ray_server)
-        for _ in range(4):
+        # Up to 8 rounds: on a loaded 2-core machine 4 once did not settle (the routing still held).
+        for _ in range(8):
             loads = {replica: stats["loads"] for replica, stats in (await _replica_stats()).items()}
             for name in names:
                 assert await _complete(client, PROMPTS[0], name, stream=False) == expected[PROMPTS[0], name]
