@@ -50,6 +50,16 @@ class LiveServer:
                                   timeout=60, **options)  # fmt: skip
 
 
+def assert_error(response, status, param=None, code=None, match=""):
+    """`response` (httpx) carries OpenAI's error shape with this status, param and code, its
+    message holding `match`; returns the error object."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["code"] == code and match in error["message"], error
+    return error
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return make_model_dir(tmp_path_factory.mktemp("tiny_model"))

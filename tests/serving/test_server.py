@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.serving.conftest import SERVER_PACKAGES
+from tests.serving.conftest import SERVER_PACKAGES, assert_error
 
 for package in SERVER_PACKAGES:  # skipped where the serve extra or openai is not installed
     pytest.importorskip(package)
@@ -59,14 +59,6 @@ def _wait_idle(engine, timeout=60):
     while (metrics := engine.metrics())["kv_pages_used"] or metrics["running"] or metrics["waiting"]:
         assert time.monotonic() < deadline, metrics
         time.sleep(0.02)
-
-
-def _assert_error(response, status, param=None, code=None, match=""):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param and error["code"] == code and match in error["message"], error
-    return error
 
 
 async def _stream_completion(client, **request):
@@ -223,13 +215,13 @@ def test_bad_requests_get_400_or_404_in_openais_shape_and_health_stays_ok(live_s
         for path, cases in (("completions", BAD_COMPLETIONS), ("chat/completions", BAD_CHATS)):
             for body, status, param, code, match in cases:
                 content = body if isinstance(body, bytes) else json.dumps(body).encode()
-                _assert_error(http.post(f"{live_server.url}/v1/{path}", content=content), status, param, code, match)
+                assert_error(http.post(f"{live_server.url}/v1/{path}", content=content), status, param, code, match)
                 _healthy(live_server, http)
     # Harmless OpenAI parameters are accepted; a neutral value of an unsupported one changes nothing.
     ok = live_server.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=2, user="me",
                                                  frequency_penalty=0)  # fmt: skip
     assert ok.usage.completion_tokens >= 1
-    _assert_error(httpx.get(f"{live_server.url}/v1/nothing", timeout=30), 404, match="Not Found")
+    assert_error(httpx.get(f"{live_server.url}/v1/nothing", timeout=30), 404, match="Not Found")
     assert live_server.engine.metrics()["kv_pages_used"] == 0
 
 
@@ -237,7 +229,7 @@ def test_api_key_guards_v1_but_not_health(serve):
     server = serve(api_key="sekret")
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
         response = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=30)
-        _assert_error(response, 401, code="invalid_api_key", match="API key")
+        assert_error(response, 401, code="invalid_api_key", match="API key")
     assert [m.id for m in server.client().models.list().data][0] == "tiny"
     _healthy(server)
 
@@ -267,14 +259,14 @@ def test_adapters_load_only_from_under_adapter_dir_as_safetensors(serve, tiny_ad
         return httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=60)
 
     for path in (outside, str(allowed / ".." / "outside"), str(allowed / "link_out")):
-        _assert_error(load("x", path), 403, "lora_path", match="--adapter-dir")
-    _assert_error(load("x", str(pickled)), 400, "lora_path", match="pickle")
-    _assert_error(load("x", str(allowed / "missing")), 400, "lora_path", match="not a directory")
-    _assert_error(load("tiny", custom), 400, "lora_name", match="exists")
+        assert_error(load("x", path), 403, "lora_path", match="--adapter-dir")
+    assert_error(load("x", str(pickled)), 400, "lora_path", match="pickle")
+    assert_error(load("x", str(allowed / "missing")), 400, "lora_path", match="not a directory")
+    assert_error(load("tiny", custom), 400, "lora_name", match="exists")
     response = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x"}, timeout=30)
-    _assert_error(response, 400, "lora_path", match="required")
+    assert_error(response, 400, "lora_path", match="required")
     assert load("custom", custom).status_code == 200
-    _assert_error(load("custom", custom), 400, "lora_name", match="exists")
+    assert_error(load("custom", custom), 400, "lora_name", match="exists")
     assert {m.id: m.parent for m in server.client().models.list().data} == {"tiny": None, "custom": "tiny"}
 
     # The adapter's own chat template shapes its chat prompts.
@@ -286,15 +278,15 @@ def test_adapters_load_only_from_under_adapter_dir_as_safetensors(serve, tiny_ad
 
     unload = f"{server.url}/v1/unload_lora_adapter"
     assert httpx.post(unload, json={"lora_name": "custom"}, timeout=30).status_code == 200
-    _assert_error(httpx.post(unload, json={"lora_name": "custom"}, timeout=30), 404, "lora_name", "model_not_found")
+    assert_error(httpx.post(unload, json={"lora_name": "custom"}, timeout=30), 404, "lora_name", "model_not_found")
     response = httpx.post(f"{server.url}/v1/completions", json={"model": "custom", "prompt": PROMPT}, timeout=30)
-    _assert_error(response, 404, "model", "model_not_found")
+    assert_error(response, 404, "model", "model_not_found")
     _healthy(server)
 
     closed = serve(adapters={}, adapter_dirs=[])
     response = httpx.post(f"{closed.url}/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": custom},
                           timeout=30)  # fmt: skip
-    assert _assert_error(response, 403, "lora_path", match="off")["type"] == "permission_error"
+    assert assert_error(response, 403, "lora_path", match="off")["type"] == "permission_error"
 
 
 def test_a_client_that_disconnects_cancels_its_request(live_server):
@@ -331,7 +323,7 @@ def test_a_full_queue_gets_429_with_retry_after(serve):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         response = httpx.post(url, json=short, timeout=30)
-        _assert_error(response, 429, code="rate_limit_exceeded", match="queue is full")
+        assert_error(response, 429, code="rate_limit_exceeded", match="queue is full")
         assert response.headers["Retry-After"] == "1"
         _healthy(server)
     waiting.join(60)
@@ -372,7 +364,7 @@ def test_a_request_whose_forward_raises_fails_alone_with_500(live_server):
     finally:
         hook.remove()
     assert [r.json()["choices"][0]["text"] for r in ok] == [output.text for output in expected]
-    error = _assert_error(failed, 500, code="request_failed", match="poisoned input")
+    error = assert_error(failed, 500, code="request_failed", match="poisoned input")
     assert error["type"] == "server_error"
     assert json.loads(stream[-2].removeprefix("data: "))["error"]["code"] == "request_failed"
     assert stream[-1] == "data: [DONE]"
@@ -395,9 +387,9 @@ def test_503_while_draining_then_metrics(serve):
             time.sleep(0.01)
         # The base model: an adapter's name is unknown once the drain has ended (the pool is closed).
         response = httpx.post(url, json={"model": "tiny", "prompt": PROMPT}, timeout=30)
-        _assert_error(response, 503, code="unavailable", match="shutting down")
+        assert_error(response, 503, code="unavailable", match="shutting down")
         # A load balancer's health check: stop sending here.
-        _assert_error(httpx.get(f"{server.url}/health", timeout=30), 503, code="unavailable", match="shutting down")
+        assert_error(httpx.get(f"{server.url}/health", timeout=30), 503, code="unavailable", match="shutting down")
         rest = [line for line in lines if line]
     drain.join(60)
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
@@ -432,7 +424,7 @@ def test_the_cli_serves_until_terminated(tiny_model_dir, tiny_adapters):
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
         assert [(m["id"], m["max_model_len"]) for m in models] == [("tiny", 512), ("a", 512)]
         response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x" * 1000}, timeout=30)
-        _assert_error(response, 413, code="request_too_large", match="1000 bytes")
+        assert_error(response, 413, code="request_too_large", match="1000 bytes")
         process.terminate()
         assert process.wait(timeout=60) == 0
     finally:

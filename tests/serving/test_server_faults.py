@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.serving.conftest import SERVER_PACKAGES
+from tests.serving.conftest import SERVER_PACKAGES, assert_error
 
 for package in SERVER_PACKAGES:  # skipped where the serve extra or openai is not installed
     pytest.importorskip(package)
@@ -30,14 +30,6 @@ from fused_train.serving.server import _Detokenizer  # noqa: E402
 
 PROMPT = "The cat"
 MESSAGES = [{"role": "user", "content": "Hi there"}]
-
-
-def _assert_error(response, status, param=None, code=None, match=""):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param and error["code"] == code and match in error["message"], error
-    return error
 
 
 def _wait_for(condition, timeout=30):
@@ -68,7 +60,7 @@ def test_unload_under_running_requests_lets_them_finish_and_new_ones_get_404(ser
         _wait_for(lambda: engine.metrics()["running"] == 2)
         unload = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "c"}, timeout=30)
         assert unload.status_code == 200
-        _assert_error(httpx.post(url, json=body, timeout=30), 404, "model", "model_not_found")
+        assert_error(httpx.post(url, json=body, timeout=30), 404, "model", "model_not_found")
         assert "c" not in [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]]
         assert _draining(server.url) == {"c": 2}
         events += [line for line in lines if line.startswith("data: ")]
@@ -124,7 +116,7 @@ def test_tokenizing_runs_off_the_event_loop(serve, monkeypatch, path, body):
 def test_a_body_beyond_the_limit_gets_413(serve):
     server = serve(max_body_bytes=2000)
     url = f"{server.url}/v1/completions"
-    _assert_error(httpx.post(url, json={"model": "tiny", "prompt": "x" * 2000}, timeout=30), 413,
+    assert_error(httpx.post(url, json={"model": "tiny", "prompt": "x" * 2000}, timeout=30), 413,
                   code="request_too_large", match="2000 bytes")  # fmt: skip
 
     def chunked():  # no Content-Length: counted as it arrives
@@ -133,7 +125,7 @@ def test_a_body_beyond_the_limit_gets_413(serve):
             yield b"x" * 100
         yield b'"}'
 
-    _assert_error(httpx.post(url, content=chunked(), timeout=30), 413, code="request_too_large")
+    assert_error(httpx.post(url, content=chunked(), timeout=30), 413, code="request_too_large")
     assert httpx.post(url, json={"model": "tiny", "prompt": "x" * 100, "max_tokens": 1}, timeout=30).status_code == 200
 
 
