@@ -333,7 +333,6 @@ class Engine(RequestLoop):
                   for token in held_back_ids(request.params, request.generated, self._eos, vocab)]  # fmt: skip
         params = [request.params for request in requests]
         processed = self._processed_logits(logits, requests)
-        processed = apply_masks(processed, [request.grammar for request in requests])  # last: nothing lifts a -inf
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(processed, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
@@ -361,19 +360,20 @@ class Engine(RequestLoop):
             requests[row].logprobs.append((chosen[i], list(zip(top_ids[i][:want], top_values[i][:want]))))
 
     def _processed_logits(self, logits: torch.Tensor, requests) -> torch.Tensor:
-        """The one place per-row logits processors apply before sampling: the logit bias and the
-        penalties (`runner.penalize`) of the rows that ask for them, on the device."""
+        """The one place per-row logits processors apply before sampling, on the device: the logit
+        bias and the penalties (`runner.penalize`) of the rows that ask for them, then the
+        response_format masks, last, since nothing may lift a -inf they set."""
         rows = [row for row, request in enumerate(requests) if request.params.penalized]
-        if not rows:
-            return logits
-        chosen = [requests[row] for row in rows]
-        index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-        params = [request.params for request in chosen]
-        penalized = penalize(logits.index_select(0, index), [r.prompt_token_ids for r in chosen],
-                             [r.generated for r in chosen], [p.presence_penalty for p in params],
-                             [p.frequency_penalty for p in params], [p.repetition_penalty for p in params],
-                             [p.logit_bias for p in params])  # fmt: skip
-        return logits.index_copy(0, index, penalized)
+        if rows:
+            chosen = [requests[row] for row in rows]
+            index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+            params = [request.params for request in chosen]
+            penalized = penalize(logits.index_select(0, index), [r.prompt_token_ids for r in chosen],
+                                 [r.generated for r in chosen], [p.presence_penalty for p in params],
+                                 [p.frequency_penalty for p in params], [p.repetition_penalty for p in params],
+                                 [p.logit_bias for p in params])  # fmt: skip
+            logits = logits.index_copy(0, index, penalized)
+        return apply_masks(logits, [request.grammar for request in requests])
 
     def _forward(self, step, requests) -> tuple[list[_Request], torch.Tensor]:
         """The step's logits on the model's device, and its requests still alive: those whose adapter breaks
