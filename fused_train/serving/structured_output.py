@@ -28,7 +28,12 @@ class GrammarCompiler:
     `vocab_size` columns (the model's, at least the tokenizer's)."""
 
     def __init__(self, tokenizer, vocab_size: int):
-        import xgrammar
+        try:
+            import xgrammar
+        except ImportError as error:
+            raise InvalidResponseFormat(
+                "response_format needs the xgrammar package: pip install 'fused_train[serve]'"
+            ) from error
 
         self._xgr = xgrammar
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
@@ -71,11 +76,11 @@ def accept(matcher, token: int) -> bool:
 def apply_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:
     """`logits` `[rows, vocab]` with every row's disallowed tokens at -inf (a None matcher: no
     mask): one bitmask filled per grammar row on the host, applied in one op."""
-    import xgrammar
-
     rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
     if not rows:
         return logits
+    import xgrammar  # only with a response_format: the engine runs without the serve extra
+
     vocab = logits.shape[-1]
     bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab)
     for index, row in enumerate(rows):

@@ -10,6 +10,7 @@ makes each step seconds long.
 import asyncio
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -416,3 +417,15 @@ def test_int8_pages_cached_and_chunked_agree_with_one_exact_prefill(adapter_dirs
             runs[name + "_hits"] = engine.metrics()["prefix_cache_hits"]
     assert runs["cached_hits"] == 3 * 32 and runs["whole_hits"] == 0
     assert _agreement(runs["cached"], runs["whole"]) >= 0.95
+
+
+def test_requests_without_response_format_need_no_grammar_package(monkeypatch, cpu_path):
+    """xgrammar is the serve extra's: an engine without it serves plain requests and refuses a
+    response_format with a ValueError that says what to install."""
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` raises ImportError
+    tokenizer = _char_tokenizer()
+    with Engine(_base(), tokenizer, kv_dtype="model", kv_cache_tokens=256) as engine:
+        (plain,) = engine.generate("hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert plain.finish_reason == "length" and len(plain.token_ids) == 4
+        with pytest.raises(ValueError, match=r"fused_train\[serve\]"):
+            engine.add_request("hello", SamplingParams(max_tokens=4, response_format={"type": "json_object"}))
