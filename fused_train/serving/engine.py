@@ -195,8 +195,9 @@ class Engine(RequestLoop):
                 raise ValueError(f"{arg} must hold one entry per prompt ({len(prompts)}), got {len(values)}")
         handles = []
         try:
-            for prompt, param, adapter in zip(prompts, params, adapters):
-                handles.append(self.add_request(prompt, param, adapter))
+            with self._lock:  # the loop schedules them together: one batch, whatever the thread timing
+                for prompt, param, adapter in zip(prompts, params, adapters):
+                    handles.append(self.add_request(prompt, param, adapter))
         except BaseException:
             for handle in handles:
                 handle.cancel()

@@ -131,9 +131,10 @@ def test_int8_pages_agree_with_model_dtype_pages(adapter_dirs, greedy_outputs, c
 
 
 def test_a_pool_too_small_preempts_and_every_request_finishes_the_same(adapter_dirs, cpu_path, greedy_outputs):
-    # 3 pages of 16 tokens: the mix's requests (up to 23 tokens each) cannot all stay.
+    # 3 pages of 16 tokens, the mix arriving at once: the first three are admitted (a page each), and
+    # the 12-token one needs a fourth page at its 17th token while the other two still run.
     with _engine(adapter_dirs, kv_cache_tokens=48) as engine:
-        outputs = _run_mix(engine, _greedy())
+        outputs = engine.generate(_prompts(), _greedy(), [adapter for _, adapter in MIX])
         metrics = engine.metrics()
     assert metrics["preemptions"] > 0 and metrics["kv_pages_used"] == 0
     assert [o.token_ids for o in outputs] == [o.token_ids for o in greedy_outputs]
