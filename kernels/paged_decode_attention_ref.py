@@ -35,122 +35,116 @@ class PagedAttentionPlan(NamedTuple):
     """What `paged_decode_attention_ref` derives from the page table and lengths alone, the same for
     every layer of a step: built once per step (`paged_attention_plan`), read by each layer."""
 
-    pages: torch.Tensor  # int64 [batch * num_pages]: the pages gathered, page 0 past a sequence's own
-    num_pages: int  # pages per sequence in the gathered batch: those of the longest
-    key_ok: torch.Tensor  # bool [batch, keys]: keys that are the sequence's tokens
-    visible: torch.Tensor  # bool [batch, max_queries, keys]: causal and a token of the sequence
+    key_rows: torch.Tensor  # int64 [batch * num_kv_heads * num_keys]: rows of pages.view(-1, head_dim), see below
+    num_kv_heads: int
+    num_keys: int  # keys per sequence in the gathered batch: those of the longest
+    visible: torch.Tensor | None  # bool [batch, 1, max_queries, keys]: causal and a token of the sequence; None: all
     positions: torch.Tensor  # int64 [batch, max_queries]: each query's position
     rows: torch.Tensor | None  # int64 [batch, max_queries]: q's row of each padded query; None: q as it is
     query_ok: torch.Tensor | None  # bool [batch, max_queries]: padded queries that are real; None: all
+    empty: torch.Tensor | None  # bool [batch, 1, 1, 1]: sequences without keys (their queries get zeros); None: none
 
 
-def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size) -> PagedAttentionPlan:
-    """The layer-independent part of `paged_decode_attention_ref` (see `PagedAttentionPlan`)."""
+def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size, num_kv_heads) -> PagedAttentionPlan:
+    """The layer-independent part of `paged_decode_attention_ref` (see `PagedAttentionPlan`).
+
+    Key `j` of sequence `b` in kv head `h` is row `(page_table[b, j // page_size] * num_kv_heads + h)
+    * page_size + j % page_size` of the pages seen as `[-1, head_dim]` (of the scales seen flat).
+    Keys past a sequence's length repeat its key 0, a slot it wrote (unwritten slots may hold NaN,
+    which a masked score would still spread), and are masked; a sequence without keys reads page 0."""
     batch = page_table.shape[0]
     device = page_table.device
     kv_lens = kv_lens.long()
     if cu_seqlens_q is None:
         num_queries = torch.ones(batch, dtype=torch.long, device=device)
-        max_len = int(kv_lens.max()) if batch else 0
-        max_queries = 1
     else:
         cu = cu_seqlens_q.long()
         num_queries = cu[1:] - cu[:-1]
-        # One read back: the reference runs on CPU tensors, where it costs nothing.
-        max_len, max_queries = torch.stack([kv_lens.max(), num_queries.max()]).tolist()
-    # Keys: page i of sequence b for i < pages needed by the longest; pages past a sequence's own last
-    # one are junk entries, replaced by page 0 and masked out.
-    num_pages = -(-max_len // page_size)
-    page_index = torch.arange(num_pages, device=device)
-    own_pages = page_index[None, :] < (kv_lens[:, None] + page_size - 1) // page_size
-    pages = torch.where(own_pages, page_table[:, :num_pages].long(), 0).view(-1)
-    key_index = torch.arange(num_pages * page_size, device=device)
+    # One read back: the reference runs on CPU tensors, where it costs nothing.
+    min_len, max_len, max_queries = (
+        torch.stack([kv_lens.min(), kv_lens.max(), num_queries.max()]).tolist() if batch else (0, 0, 0)
+    )
+    key_index = torch.arange(max_len, device=device)
     key_ok = key_index[None, :] < kv_lens[:, None]  # [batch, keys]
+    keys = torch.where(key_ok, key_index[None, :], 0)
+    pages = page_table.long().gather(1, keys // page_size)
+    if min_len == 0:  # the page table's entries of a sequence without pages are never read
+        pages = torch.where(kv_lens[:, None] > 0, pages, 0)
+    heads = torch.arange(num_kv_heads, device=device)
+    key_rows = (pages[:, None, :] * num_kv_heads + heads[None, :, None]) * page_size + (keys % page_size)[:, None, :]
     query_index = torch.arange(max_queries, device=device)
     positions = (kv_lens - num_queries)[:, None] + query_index[None, :]  # [batch, max_queries]
-    if cu_seqlens_q is None:  # one query per sequence, at its last position: it sees all its keys
-        visible = key_ok[:, None, :]
-    else:
+    visible = None
+    if max_queries > 1:
         visible = (key_index[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]
+    elif min_len < max_len:  # one query per sequence, at its last position: it sees all its keys
+        visible = key_ok[:, None, :]
     rows = query_ok = None
     if cu_seqlens_q is not None:
         # Queries padded to [batch, max_queries]; row t of sequence b is q[cu[b] + t] while t < n_b.
         query_ok = query_index[None, :] < num_queries[:, None]
         rows = torch.where(query_ok, cu[:-1, None] + query_index[None, :], 0)
-    return PagedAttentionPlan(pages, num_pages, key_ok, visible, positions, rows, query_ok)
+    empty = (kv_lens == 0)[:, None, None, None] if min_len == 0 else None
+    return PagedAttentionPlan(key_rows.view(-1), num_kv_heads, max_len, None if visible is None else visible[:, None],
+                              positions, rows, query_ok, empty)  # fmt: skip
 
 
 def paged_decode_attention_ref(
     q, k_pages, v_pages, page_table, kv_lens, k_scales=None, v_scales=None, cu_seqlens_q=None, softmax_scale=None,
     window_left=-1, softcap=0.0, plan=None,
 ):  # fmt: skip
-    """Plain PyTorch, in float32 (float64 for float64 `q`): the pages each sequence uses gathered
-    once into a batch padded to the longest sequence and its queries to the most per sequence, then
-    one masked attention for the whole batch (int8 values are exact in float32, their scales applied
-    to the scores and probabilities). `plan`: `paged_attention_plan` of these page table, lengths and
-    queries (built here when None), for a caller that runs many layers over one step."""
+    """Plain PyTorch, in float32 (float64 for float64 `q`): the keys and values each sequence has
+    gathered once (int8 ones dequantized) into a batch padded to the longest sequence and its
+    queries to the most per sequence, then one masked attention for the whole batch (one SDPA call
+    without a soft cap). `plan`: `paged_attention_plan` of these page table, lengths and queries
+    (built here when None), for a caller that runs many layers over one step."""
     total_q, num_heads, head_dim = q.shape
     batch = page_table.shape[0]
     num_kv_heads, page_size = k_pages.shape[1], k_pages.shape[2]
     group = num_heads // num_kv_heads
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    if total_q == 0:
-        return torch.zeros_like(q)
     if plan is None:
-        plan = paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size)
-    num_keys = plan.num_pages * page_size
+        plan = paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size, num_kv_heads)
+    if plan.num_kv_heads != num_kv_heads:
+        raise ValueError(f"plan was built for {plan.num_kv_heads} kv heads, k_pages has {num_kv_heads}")
+    num_keys = plan.num_keys
+    if total_q == 0 or num_keys == 0:
+        return torch.zeros_like(q)
     max_queries = plan.positions.shape[1]
 
-    def gather(pool):
-        """[batch, num_kv_heads, keys, head_dim] in compute_dtype: one copy converts and lays out."""
-        keys = torch.empty(batch, num_kv_heads, num_keys, head_dim, dtype=compute_dtype, device=q.device)
-        gathered = pool.index_select(0, plan.pages).view(batch, plan.num_pages, num_kv_heads, page_size, head_dim)
-        keys.view(batch, num_kv_heads, plan.num_pages, page_size, head_dim).copy_(gathered.transpose(1, 2))
-        return keys
+    def gather(pages, scales):
+        """[batch, num_kv_heads, keys, head_dim] in compute_dtype."""
+        shape = (batch, num_kv_heads, num_keys, head_dim)
+        gathered = pages.reshape(-1, head_dim).index_select(0, plan.key_rows).view(shape).to(compute_dtype)
+        if scales is None:
+            return gathered
+        return gathered * scales.reshape(-1).index_select(0, plan.key_rows).view(shape[:3] + (1,)).to(compute_dtype)
 
-    def gather_scales(scales):
-        """[batch, num_kv_heads, keys], zero past each sequence's length (unwritten slots may hold NaN)."""
-        scales = scales.index_select(0, plan.pages).view(batch, plan.num_pages, num_kv_heads, page_size)
-        scales = scales.transpose(1, 2).reshape(batch, num_kv_heads, num_keys)
-        return torch.where(plan.key_ok[:, None], scales.to(compute_dtype), 0)
-
-    keys, values = gather(k_pages), gather(v_pages)
-    if k_scales is None:
-        # Unwritten slots of float pages may hold NaN, which a probability of 0 times NaN would spread
-        # (and SDPA adds its mask to the scores, which NaN keys would make NaN).
-        values.masked_fill_(~plan.key_ok[:, None, :, None], 0)
-        if softcap == 0:
-            keys.masked_fill_(~plan.key_ok[:, None, :, None], 0)
-
+    keys, values = gather(k_pages, k_scales), gather(v_pages, v_scales)
     q_padded = q if plan.rows is None else q[plan.rows]
-    q_padded = q_padded.to(compute_dtype).view(batch, max_queries, num_kv_heads, group, head_dim)
+    q_padded = q_padded.reshape(batch, max_queries, num_heads, head_dim).transpose(1, 2).to(compute_dtype)
     visible = plan.visible
     if window_left >= 0:
         key_index = torch.arange(num_keys, device=q.device)
-        visible = visible & (key_index[None, None, :] >= plan.positions[:, :, None] - window_left)
-    if k_scales is None and softcap == 0:
-        # Float pages without a soft cap: softmax(q k^T * scale) v is SDPA's, one fused call; it gives
-        # zeros to rows that see no key (the queries of empty sequences), as the branch below does.
+        in_window = (key_index[None, None, :] >= plan.positions[:, :, None] - window_left)[:, None]
+        visible = in_window if visible is None else visible & in_window
+    if softcap == 0:
+        # softmax(q k^T * scale) v is SDPA's, one fused call.
         attended = torch.nn.functional.scaled_dot_product_attention(
-            q_padded.view(batch, max_queries, num_heads, head_dim).transpose(1, 2), keys, values,
-            attn_mask=visible[:, None], scale=scale, enable_gqa=group > 1,
-        ).transpose(1, 2)  # fmt: skip
+            q_padded, keys, values, attn_mask=visible, scale=scale, enable_gqa=group > 1
+        )
     else:
-        scores = torch.einsum("btkgd,bkjd->bkgtj", q_padded, keys)
-        # Int8 pages: the per-token scales multiply the scores' and the probabilities' columns, which
-        # costs less than dequantizing the keys and values.
-        scores *= scale if k_scales is None else gather_scales(k_scales)[:, :, None, None] * scale
-        if softcap > 0:
-            scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        # Rows that see no key (padding rows, dropped below, and the queries of empty sequences) get NaN
-        # from softmax; their probabilities are 0, so that they attend to nothing and give zeros.
-        probs = torch.softmax(scores, dim=-1).masked_fill_(~visible[:, None, None], 0)
-        if v_scales is not None:
-            probs *= gather_scales(v_scales)[:, :, None, None]
-        attended = torch.einsum("bkgtj,bkjd->btkgd", probs, values)
-    attended = attended.reshape(batch, max_queries, num_heads, head_dim)
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        scores = q_padded @ keys.transpose(2, 3) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        attended = torch.softmax(scores, dim=-1) @ values
+    if plan.empty is not None:
+        # Queries of sequences without keys see none: zeros (their gathered keys may be NaN).
+        attended = attended.masked_fill(plan.empty, 0)
+    attended = attended.transpose(1, 2)  # [batch, max_queries, num_heads, head_dim]
     # Sequences' queries follow each other in q, as the rows of query_ok do.
     attended = attended.reshape(total_q, num_heads, head_dim) if plan.query_ok is None else attended[plan.query_ok]
     return attended.to(q.dtype)

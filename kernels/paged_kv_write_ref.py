@@ -17,17 +17,21 @@ from .launch import describe
 from .paged_decode_attention_ref import MIN_PAGE_SIZE
 
 
-def write_kv_pages_ref(k_new, v_new, k_pages, v_pages, slots, k_scales=None, v_scales=None):
-    """Plain PyTorch: index writes of the (quantized) tokens, in place."""
-    page_size = k_pages.shape[2]
-    pages, offsets = slots // page_size, slots % page_size
+def write_kv_pages_ref(k_new, v_new, k_pages, v_pages, slots, k_scales=None, v_scales=None, slot_pages=None,
+                       slot_offsets=None):  # fmt: skip
+    """Plain PyTorch: index writes of the (quantized) tokens, in place. `slot_pages` and
+    `slot_offsets`: `slots // page_size` and `slots % page_size`, for a caller that writes many
+    layers at one step's slots (None: computed here)."""
+    if slot_pages is None:
+        page_size = k_pages.shape[2]
+        slot_pages, slot_offsets = slots // page_size, slots % page_size
     for new, pool, scales in ((k_new, k_pages, k_scales), (v_new, v_pages, v_scales)):
         if scales is None:
-            pool[pages, :, offsets] = new.to(pool.dtype)
+            pool[slot_pages, :, slot_offsets] = new.to(pool.dtype)
         else:
             data, scale = quantize_kv_ref(new)
-            pool[pages, :, offsets] = data
-            scales[pages, :, offsets] = scale
+            pool[slot_pages, :, slot_offsets] = data
+            scales[slot_pages, :, slot_offsets] = scale
 
 
 def check_write_kv_pages_inputs(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales):

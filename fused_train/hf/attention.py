@@ -111,8 +111,9 @@ class PagedAttentionMetadata:
     int64 `[keys]` lays out the prefills' keys from `cat([context keys, fresh keys])`, each
     prefill's context then its fresh ones. All three None when no prefill has context.
 
-    The runner builds it valid, once per step, and the layers trust it (no input checks per layer);
-    `decode_plan` is the decodes' `paged_attention_plan` for the reference path (None: none built)."""
+    The runner builds it valid, once per step, and the layers trust it (no input checks per layer).
+    For the reference path, also once per step: `decode_plan`, the decodes' `paged_attention_plan`,
+    and `slot_pages`/`slot_offsets`, `slots // page_size` and `slots % page_size` (None: not built)."""
 
     slots: torch.Tensor
     num_prefill_tokens: int
@@ -125,6 +126,8 @@ class PagedAttentionMetadata:
     context_slots: torch.Tensor | None = None
     prefill_key_order: torch.Tensor | None = None
     decode_plan: PagedAttentionPlan | None = None
+    slot_pages: torch.Tensor | None = None
+    slot_offsets: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

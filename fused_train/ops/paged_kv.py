@@ -75,6 +75,8 @@ def write_kv_pages(
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
     check_inputs: bool = True,
+    slot_pages: torch.Tensor | None = None,
+    slot_offsets: torch.Tensor | None = None,
 ) -> None:
     """Write new keys and values into their slots of a paged KV cache, in place.
 
@@ -87,6 +89,8 @@ def write_kv_pages(
         k_scales, v_scales: float32 `[num_pages, num_kv_heads, page_size]` for int8 pages, else None.
         check_inputs: False skips the reference path's checks, for a caller that built the inputs
             valid once for many layers (the serving runner; the kernel's launcher checks shapes).
+        slot_pages, slot_offsets: the reference path's `slots // page_size` and `slots % page_size`,
+            computed once for many layers; None computes them per call. The kernel needs neither.
 
     Int8 pages get `quantize_kv_ref`'s data and scales bit for bit; slots not written keep their
     contents. Raises ValueError on bad inputs (the slots' range and distinctness on CPU tensors
@@ -100,7 +104,7 @@ def write_kv_pages(
         return
     if check_inputs:
         write_ref.check_write_kv_pages_inputs(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales)
-    write_ref.write_kv_pages_ref(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales)
+    write_ref.write_kv_pages_ref(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales, slot_pages, slot_offsets)
 
 
 def paged_decode_attention(

@@ -35,8 +35,8 @@ class InputBatch:
     """Page-table rows of the running sequences, on the host, grown as needed; `prepare(step)`
     gives the step's inputs on `device` (see the module docstring)."""
 
-    def __init__(self, page_size: int, device, rows: int = 16, pages_per_row: int = 16):
-        self.page_size, self.device = page_size, torch.device(device)
+    def __init__(self, page_size: int, num_kv_heads: int, device, rows: int = 16, pages_per_row: int = 16):
+        self.page_size, self.num_kv_heads, self.device = page_size, num_kv_heads, torch.device(device)
         self.page_table = torch.zeros(rows, pages_per_row, dtype=torch.int32)
         self._rows: dict[str, _Row] = {}
         self._free = list(range(rows - 1, -1, -1))
@@ -87,8 +87,13 @@ class InputBatch:
 
     def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """int64 `page * page_size + offset` of each (row, position)."""
+        pages, offsets = self._pages_and_offsets(rows, positions)
+        return pages * self.page_size + offsets
+
+    def _pages_and_offsets(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 page and offset of each (row, position)."""
         page_size = self.page_size
-        return self.page_table[rows, positions // page_size].long() * page_size + positions % page_size
+        return self.page_table[rows, positions // page_size].long(), positions % page_size
 
     def prepare(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, torch.Tensor]:
         """`(input_ids, position_ids, metadata, last)` of `step` on the device: its flat row (each
@@ -115,15 +120,18 @@ class InputBatch:
         kv_lens = self._device(kv_lens, torch.int32)
         plan = None
         if num_decodes and self.device.type == "cpu":  # where the reference runs: its per-step part, once
-            plan = paged_attention_plan(page_table, kv_lens, None, self.page_size)
+            plan = paged_attention_plan(page_table, kv_lens, None, self.page_size, self.num_kv_heads)
+        slot_pages, slot_offsets = self._pages_and_offsets(rows, positions)
         metadata = PagedAttentionMetadata(
-            slots=self._device(self._slots(rows, positions)),
+            slots=self._device(slot_pages * self.page_size + slot_offsets),
             num_prefill_tokens=num_prefill,
             cu_seqlens_prefill=self._device(cu_prefill, torch.int32),
             max_prefill_len=max_prefill_len,
             page_table=page_table,
             kv_lens=kv_lens,
             decode_plan=plan,
+            slot_pages=self._device(slot_pages),
+            slot_offsets=self._device(slot_offsets),
             **context,
         )
         return self._device(ids)[None], self._device(positions)[None], metadata, self._device(last)

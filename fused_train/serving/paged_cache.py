@@ -105,11 +105,13 @@ class StepCache(Cache):
         cache = self.cache
         # [1, num_kv_heads, tokens, head_dim] -> [tokens, num_kv_heads, head_dim]
         keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
+        metadata = self.metadata
         write_kv_pages(
-            keys, values, cache.k_pages[layer_idx], cache.v_pages[layer_idx], self.metadata.slots,
+            keys, values, cache.k_pages[layer_idx], cache.v_pages[layer_idx], metadata.slots,
             k_scales=cache.k_scales[layer_idx], v_scales=cache.v_scales[layer_idx], check_inputs=False,
+            slot_pages=metadata.slot_pages, slot_offsets=metadata.slot_offsets,
         )  # fmt: skip
         return (
-            PagedKV(keys, cache.k_pages[layer_idx], cache.k_scales[layer_idx], self.metadata),
-            PagedKV(values, cache.v_pages[layer_idx], cache.v_scales[layer_idx], self.metadata),
+            PagedKV(keys, cache.k_pages[layer_idx], cache.k_scales[layer_idx], metadata),
+            PagedKV(values, cache.v_pages[layer_idx], cache.v_scales[layer_idx], metadata),
         )

@@ -28,7 +28,7 @@ class Runner:
     def __init__(self, model, cache: PagedKVCache, pool: AdapterPool | None):
         self.model, self.cache, self.pool = model, cache, pool
         self.device = next(model.parameters()).device
-        self.inputs = InputBatch(cache.page_size, self.device)
+        self.inputs = InputBatch(cache.page_size, cache.num_kv_heads, self.device)
         # transformers 5 renames the forward's past_key_values to cache (the old name is deprecated).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 

@@ -79,7 +79,7 @@ def test_persistent_inputs_equal_inputs_built_from_scratch_at_every_step(prefix_
     # the prefix cache; without it a preempted sequence comes back to other pages).
     scheduler = Scheduler(PageAllocator(12, PAGE_SIZE), max_batch_tokens=24, max_running=5, max_adapters=2,
                           max_waiting=64, prefix_caching=prefix_caching)  # fmt: skip
-    batch = InputBatch(PAGE_SIZE, "cpu", rows=2, pages_per_row=2)  # small: the rows and the table must grow
+    batch = InputBatch(PAGE_SIZE, 2, "cpu", rows=2, pages_per_row=2)  # small: the rows and the table must grow
     prefixes = [[rng.randrange(1, 100) for _ in range(16)] for _ in range(2)]
     kinds = set()
     for i in range(24):
