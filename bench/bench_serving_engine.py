@@ -38,7 +38,9 @@ holds the whole prompt), into serving_long_prompt_<device>.json.
 `--batch1` times one request at a time, no adapter, greedy and sampled (temperature 0.8, top_p 0.9,
 top_k 50), `--batch1-tokens` output tokens each: the engine (model-dtype and int8 pages) against
 the base model's own `generate`; time per output token = (last token - first token) / (tokens - 1),
-the median of `--batch1-repeats` runs after one warm-up, into serving_batch1_<device>.json. On a
+the median of `--batch1-repeats` runs after one warm-up, the ways taking turns, and the median of
+each engine run's ratio to the HF run of its turn, into serving_batch1_<device>.json (with the load
+average before and after). On a
 CPU, `--threads 1` compares like for like: the engine's loop runs in a thread of its own, where
 torch's OpenMP regions over 2 threads cost about 3x what they cost in the main thread (HF
 `generate` itself: 1.6 ms per token in the main thread, 5 ms in another, 1.6 there with 1 thread).
@@ -323,13 +325,10 @@ def summarize(start, times, trace, extra):
 SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=50)
 
 
-def _median_tpot_ms(run, repeats):
-    run()  # warm-up
-    return float(np.median([run() for _ in range(repeats)])) * 1e3
-
-
 def run_batch1(base, device, tokens, repeats, prompt_len=32):
-    """Time per output token (ms) at batch 1 on the base model: HF generate and the engine."""
+    """Time per output token (ms) at batch 1 on the base model: HF generate and the engine, one run of
+    each in turn per repeat (a load that drifts over the minutes hits every way alike); the medians,
+    and each engine's median over the repeats of its ratio to the HF run beside it."""
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, base.config.vocab_size, (prompt_len,), generator=generator).tolist()
     ids = torch.tensor([prompt], device=device)
@@ -343,18 +342,30 @@ def run_batch1(base, device, tokens, repeats, prompt_len=32):
                               do_sample=bool(sampling), **sampling, streamer=_Streamer([times], [tokens]))  # fmt: skip
             return (times.last - times.first) / (times.count - 1)
 
-        rows[f"hf_generate_{mode}"] = _median_tpot_ms(hf, repeats)
-        for kv_dtype in ("model", "int8"):
-            engine = Engine(copy.deepcopy(base), kv_dtype=kv_dtype, kv_cache_tokens=4096, max_batch_tokens=1024)
-            params = SamplingParams(max_tokens=tokens, ignore_eos=True, **(sampling or dict(temperature=0)))
-            try:
-                rows[f"engine_{kv_dtype}_{mode}"] = _median_tpot_ms(
-                    lambda: engine.generate([prompt], params)[0].time_per_output_token, repeats
-                )
-            finally:
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True, **(sampling or dict(temperature=0)))
+        engines = {}
+        try:
+            for kv_dtype in ("model", "int8"):
+                engines[kv_dtype] = Engine(copy.deepcopy(base), kv_dtype=kv_dtype, kv_cache_tokens=4096,
+                                           max_batch_tokens=1024)  # fmt: skip
+            ways = {"hf_generate": hf} | {
+                f"engine_{kv_dtype}": lambda engine=engine: engine.generate([prompt], params)[0].time_per_output_token
+                for kv_dtype, engine in engines.items()
+            }
+            for run in ways.values():
+                run()  # warm-up
+            times = {way: [] for way in ways}
+            for _ in range(repeats):
+                for way, run in ways.items():
+                    times[way].append(run())
+        finally:
+            for engine in engines.values():
                 engine.shutdown()
-        for kv_dtype in ("model", "int8"):
-            rows[f"engine_{kv_dtype}_{mode}_over_hf"] = rows[f"engine_{kv_dtype}_{mode}"] / rows[f"hf_generate_{mode}"]
+        for way, values in times.items():
+            rows[f"{way}_{mode}"] = float(np.median(values)) * 1e3
+        for kv_dtype in engines:
+            ratios = np.array(times[f"engine_{kv_dtype}"]) / np.array(times["hf_generate"])
+            rows[f"engine_{kv_dtype}_{mode}_over_hf"] = float(np.median(ratios))
     return rows
 
 
@@ -442,9 +453,11 @@ def main(argv=None):
                       transformers=transformers.__version__, threads=torch.get_num_threads(),
                       model=config.to_diff_dict())  # fmt: skip
         if args.batch1:
+            load_before = os.getloadavg()
             rows = run_batch1(base, device, args.batch1_tokens, args.batch1_repeats)
             path = os.path.join(args.out, f"serving_batch1_{device}.json")
-            report |= dict(tokens=args.batch1_tokens, repeats=args.batch1_repeats, sampled=SAMPLED, tpot_ms=rows)
+            report |= dict(tokens=args.batch1_tokens, repeats=args.batch1_repeats, sampled=SAMPLED, tpot_ms=rows,
+                           load_average_before=load_before, load_average_after=os.getloadavg())  # fmt: skip
         else:
             rows = run_generate_batch(base)
             path = os.path.join(args.out, f"serving_generate_batch_{device}.json")

@@ -65,19 +65,19 @@ def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size, num_kv_he
         torch.stack([kv_lens.min(), kv_lens.max(), num_queries.max()]).tolist() if batch else (0, 0, 0)
     )
     key_index = torch.arange(max_len, device=device)
-    key_ok = key_index[None, :] < kv_lens[:, None]  # [batch, keys]
-    keys = torch.where(key_ok, key_index[None, :], 0)
-    pages = page_table.long().gather(1, keys // page_size)
+    key_ok = key_index[None, :] < kv_lens[:, None] if min_len < max_len or max_queries > 1 else None  # [batch, keys]
+    keys = key_index[None, :] if key_ok is None else torch.where(key_ok, key_index[None, :], 0)
+    pages = page_table.long().gather(1, (keys // page_size).expand(batch, max_len))
     if min_len == 0:  # the page table's entries of a sequence without pages are never read
         pages = torch.where(kv_lens[:, None] > 0, pages, 0)
-    heads = torch.arange(num_kv_heads, device=device)
-    key_rows = (pages[:, None, :] * num_kv_heads + heads[None, :, None]) * page_size + (keys % page_size)[:, None, :]
+    head_rows = torch.arange(0, num_kv_heads * page_size, page_size, device=device)
+    key_rows = (pages * (num_kv_heads * page_size) + keys % page_size)[:, None, :] + head_rows[None, :, None]
     query_index = torch.arange(max_queries, device=device)
     positions = (kv_lens - num_queries)[:, None] + query_index[None, :]  # [batch, max_queries]
     visible = None
     if max_queries > 1:
         visible = (key_index[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]
-    elif min_len < max_len:  # one query per sequence, at its last position: it sees all its keys
+    elif key_ok is not None:  # one query per sequence, at its last position: it sees all its keys
         visible = key_ok[:, None, :]
     rows = query_ok = None
     if cu_seqlens_q is not None:
@@ -116,14 +116,14 @@ def paged_decode_attention_ref(
     def gather(pages, scales):
         """[batch, num_kv_heads, keys, head_dim] in compute_dtype."""
         shape = (batch, num_kv_heads, num_keys, head_dim)
-        gathered = pages.reshape(-1, head_dim).index_select(0, plan.key_rows).view(shape).to(compute_dtype)
+        gathered = _as(pages.reshape(-1, head_dim).index_select(0, plan.key_rows).view(shape), compute_dtype)
         if scales is None:
             return gathered
-        return gathered * scales.reshape(-1).index_select(0, plan.key_rows).view(shape[:3] + (1,)).to(compute_dtype)
+        return gathered * _as(scales.reshape(-1).index_select(0, plan.key_rows).view(shape[:3] + (1,)), compute_dtype)
 
     keys, values = gather(k_pages, k_scales), gather(v_pages, v_scales)
     q_padded = q if plan.rows is None else q[plan.rows]
-    q_padded = q_padded.reshape(batch, max_queries, num_heads, head_dim).transpose(1, 2).to(compute_dtype)
+    q_padded = _as(q_padded.reshape(batch, max_queries, num_heads, head_dim).transpose(1, 2), compute_dtype)
     visible = plan.visible
     if window_left >= 0:
         key_index = torch.arange(num_keys, device=q.device)
@@ -147,7 +147,13 @@ def paged_decode_attention_ref(
     attended = attended.transpose(1, 2)  # [batch, max_queries, num_heads, head_dim]
     # Sequences' queries follow each other in q, as the rows of query_ok do.
     attended = attended.reshape(total_q, num_heads, head_dim) if plan.query_ok is None else attended[plan.query_ok]
-    return attended.to(q.dtype)
+    return _as(attended, q.dtype)
+
+
+def _as(tensor, dtype):
+    """`tensor.to(dtype)`, without the call when it has that dtype: the reference runs the serving
+    engine's steps on a CPU, where each torch call costs about as much as a small layer's math."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def check_paged_decode_attention_inputs(

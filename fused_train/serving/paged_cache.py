@@ -95,13 +95,13 @@ class StepCache(Cache):
     """`past_key_values` of one step's forward over `cache`, its tokens placed by `metadata`."""
 
     def __init__(self, cache: PagedKVCache, metadata: PagedAttentionMetadata, config):
+        # Checked here, once per step, not by every layer: only the fused_train attention reads PagedKV.
+        if getattr(config.get_text_config(decoder=True), "_attn_implementation", None) != ATTENTION_NAME:
+            raise ValueError("StepCache needs a model patched with fused_train.patch(model)")
         self.cache, self.metadata = cache, metadata
-        self.config = config.get_text_config(decoder=True)
         super().__init__(layers=[_StepLayer() for _ in range(cache.num_layers)])
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if getattr(self.config, "_attn_implementation", None) != ATTENTION_NAME:
-            raise ValueError("StepCache needs a model patched with fused_train.patch(model)")
         cache = self.cache
         # [1, num_kv_heads, tokens, head_dim] -> [tokens, num_kv_heads, head_dim]
         keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
