@@ -35,7 +35,7 @@ class PagedAttentionPlan(NamedTuple):
     """What `paged_decode_attention_ref` derives from the page table and lengths alone, the same for
     every layer of a step: built once per step (`paged_attention_plan`), read by each layer."""
 
-    key_rows: torch.Tensor  # int64 [batch * num_kv_heads * num_keys]: rows of pages.view(-1, head_dim), see below
+    key_rows: torch.Tensor  # int64 [batch * num_kv_heads * num_keys]: rows of pages.view(-1, head_dim)
     num_kv_heads: int
     num_keys: int  # keys per sequence in the gathered batch: those of the longest
     visible: torch.Tensor | None  # bool [batch, 1, max_queries, keys]: causal and a token of the sequence; None: all
@@ -55,15 +55,19 @@ def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size, num_kv_he
     batch = page_table.shape[0]
     device = page_table.device
     kv_lens = kv_lens.long()
+    # One read back: the reference runs on CPU tensors, where it costs nothing.
     if cu_seqlens_q is None:
-        num_queries = torch.ones(batch, dtype=torch.long, device=device)
+        min_len, max_len = torch.stack(torch.aminmax(kv_lens)).tolist() if batch else (0, 0)
+        max_queries = 1
+        positions = (kv_lens - 1)[:, None]
     else:
         cu = cu_seqlens_q.long()
         num_queries = cu[1:] - cu[:-1]
-    # One read back: the reference runs on CPU tensors, where it costs nothing.
-    min_len, max_len, max_queries = (
-        torch.stack([kv_lens.min(), kv_lens.max(), num_queries.max()]).tolist() if batch else (0, 0, 0)
-    )
+        min_len, max_len, max_queries = (
+            torch.stack([kv_lens.min(), kv_lens.max(), num_queries.max()]).tolist() if batch else (0, 0, 0)
+        )
+        query_index = torch.arange(max_queries, device=device)
+        positions = (kv_lens - num_queries)[:, None] + query_index[None, :]
     key_index = torch.arange(max_len, device=device)
     key_ok = key_index[None, :] < kv_lens[:, None] if min_len < max_len or max_queries > 1 else None  # [batch, keys]
     keys = key_index[None, :] if key_ok is None else torch.where(key_ok, key_index[None, :], 0)
@@ -72,8 +76,6 @@ def paged_attention_plan(page_table, kv_lens, cu_seqlens_q, page_size, num_kv_he
         pages = torch.where(kv_lens[:, None] > 0, pages, 0)
     head_rows = torch.arange(0, num_kv_heads * page_size, page_size, device=device)
     key_rows = (pages * (num_kv_heads * page_size) + keys % page_size)[:, None, :] + head_rows[None, :, None]
-    query_index = torch.arange(max_queries, device=device)
-    positions = (kv_lens - num_queries)[:, None] + query_index[None, :]  # [batch, max_queries]
     visible = None
     if max_queries > 1:
         visible = (key_index[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]

@@ -273,9 +273,9 @@ def _paged_attention(query, key, value, scaling, sliding_window, softcap):
         ))  # fmt: skip
     if q.shape[0] > prefill:
         outs.append(paged_decode_attention(
-            q[prefill:], key.pages, value.pages, metadata.page_table, metadata.kv_lens, k_scales=key.scales,
-            v_scales=value.scales, softmax_scale=scaling, window_left=window_left, softcap=softcap or 0.0,
-            check_inputs=False, plan=metadata.decode_plan,
+            q[prefill:] if prefill else q, key.pages, value.pages, metadata.page_table, metadata.kv_lens,
+            k_scales=key.scales, v_scales=value.scales, softmax_scale=scaling, window_left=window_left,
+            softcap=softcap or 0.0, check_inputs=False, plan=metadata.decode_plan,
         ))  # fmt: skip
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.unsqueeze(0)

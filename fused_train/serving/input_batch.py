@@ -37,6 +37,7 @@ class InputBatch:
 
     def __init__(self, page_size: int, num_kv_heads: int, device, rows: int = 16, pages_per_row: int = 16):
         self.page_size, self.num_kv_heads, self.device = page_size, num_kv_heads, torch.device(device)
+        self._on_host = self.device.type == "cpu"
         self.page_table = torch.zeros(rows, pages_per_row, dtype=torch.int32)
         self._rows: dict[str, _Row] = {}
         self._free = list(range(rows - 1, -1, -1))
@@ -170,4 +171,6 @@ class InputBatch:
         return ids, positions, row_index[token_seq], cu, context
 
     def _device(self, tensor: torch.Tensor, dtype=None) -> torch.Tensor:
+        if self._on_host and (dtype is None or tensor.dtype == dtype):
+            return tensor  # not even a no-op `to`: a batch-1 step on a CPU is made of such calls
         return tensor.to(self.device, dtype, non_blocking=True)
