@@ -16,7 +16,7 @@ import torch
 
 from fused_train.kernels import paged_decode_attention as kernel_module
 from fused_train.kernels.int8_kv_quantize_ref import quantize_kv_ref
-from fused_train.kernels.paged_decode_attention_ref import paged_decode_attention_ref
+from fused_train.kernels.paged_decode_attention_ref import paged_attention_plan, paged_decode_attention_ref
 from fused_train.ops.paged_kv import paged_decode_attention, paged_decode_attention_op
 from tests.conftest import DEVICE
 from tests.kernels.conftest import assert_bad_input_named
@@ -178,6 +178,24 @@ def test_reference_matches_loop_reference(pages_dtype):
         _check([40, 7, 26, 12], [9, 0, 26, 1], 4, 2, 32, 8, dtype=dtype, pages_dtype=pages_dtype, seed=3,
                attention=attention, window_left=11, softcap=4.0)
     _check([1, 37, 16, 70], None, 4, 2, 32, 16, pages_dtype=pages_dtype, seed=4, attention=attention)
+
+
+@pytest.mark.parametrize("num_queries", [None, [3, 1, 0, 2]], ids=["decode", "chunks"])
+def test_reference_plan_built_once_serves_every_layer(num_queries):
+    """The serving runner's path: one `paged_attention_plan` per step, read by every layer's
+    reference call (here two layers, int8 and float pages of one page table); the decodes' case of
+    sequences of one length takes attention without a mask."""
+    lengths = [37, 37, 37, 37] if num_queries is None else [37, 9, 20, 30]
+    plan = None
+    for pages_dtype in (torch.int8, "float"):  # one seed: one page table
+        q, (k_pages, v_pages, k_scales, v_scales, page_table), kv_lens, cu, counts = _case(
+            lengths, num_queries, 4, 2, 32, 8, pages_dtype=pages_dtype, seed=21)
+        if plan is None:
+            plan = paged_attention_plan(page_table, kv_lens, cu, 8, 2)
+            assert (plan.visible is None) == (num_queries is None)
+        out = paged_decode_attention_ref(q, k_pages, v_pages, page_table, kv_lens, k_scales, v_scales, cu, plan=plan)
+        expected = _expected(q, k_pages, v_pages, k_scales, v_scales, page_table, lengths, counts)
+        _assert_close(out, expected, torch.float32)
 
 
 @pytest.mark.parametrize("pages_dtype", [torch.int8, "float"], ids=["int8_pages", "float_pages"])

@@ -79,6 +79,19 @@ def test_reference_matches(pages_dtype):
     _write_and_check(torch.float32, pages_dtype, 13, 2, 32, 8, seed=4, write=write_kv_pages_ref)
 
 
+@pytest.mark.parametrize("pages_dtype", [torch.int8, torch.bfloat16], ids=["int8_pages", "bf16_pages"])
+def test_reference_writes_at_precomputed_slot_pages_and_offsets(pages_dtype):
+    """The serving runner's path: the step's slots split into pages and offsets once, for every
+    layer's write; junk slots prove that the split given is what the write uses."""
+
+    def write(k_new, v_new, k_pages, v_pages, slots, k_scales, v_scales):
+        page_size = k_pages.shape[2]
+        write_kv_pages_ref(k_new, v_new, k_pages, v_pages, torch.full_like(slots, -1), k_scales, v_scales,
+                           slot_pages=slots // page_size, slot_offsets=slots % page_size)  # fmt: skip
+
+    _write_and_check(torch.float32, pages_dtype, 13, 2, 32, 8, seed=5, write=write)
+
+
 def test_no_tokens_write_nothing():
     (k_pages, v_pages), (k_scales, v_scales) = _pool(2, 2, 8, 16, torch.int8)
     empty = torch.zeros(0, 2, 16, device=DEVICE)

@@ -68,6 +68,9 @@ def _prepared(batch, step):
     assert metadata.page_table.dtype == metadata.kv_lens.dtype == metadata.cu_seqlens_prefill.dtype == torch.int32
     assert input_ids.dtype == position_ids.dtype == metadata.slots.dtype == last.dtype == torch.int64
     assert metadata.page_table.shape == (len(step.decodes), max((len(s.pages) for s in step.decodes), default=1))
+    # The slots split once per step for every layer's write.
+    assert torch.equal(metadata.slot_pages * PAGE_SIZE + metadata.slot_offsets, metadata.slots)
+    assert ((metadata.slot_offsets >= 0) & (metadata.slot_offsets < PAGE_SIZE)).all()
     return {name: value.tolist() if isinstance(value, torch.Tensor) else value for name, value in got.items()}
 
 
