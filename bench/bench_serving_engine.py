@@ -328,7 +328,9 @@ SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=50)
 def run_batch1(base, device, tokens, repeats, prompt_len=32):
     """Time per output token (ms) at batch 1 on the base model: HF generate and the engine, one run of
     each in turn per repeat (a load that drifts over the minutes hits every way alike); the medians,
-    and each engine's median over the repeats of its ratio to the HF run beside it."""
+    and each engine's median over the repeats of its ratio to the HF run beside it. Also the CPU
+    time per output token (`_cpu` rows, prefill included) of the thread that runs the model (the
+    caller's for HF, the engine's loop thread), which a machine loaded by others inflates far less."""
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, base.config.vocab_size, (prompt_len,), generator=generator).tolist()
     ids = torch.tensor([prompt], device=device)
@@ -337,10 +339,17 @@ def run_batch1(base, device, tokens, repeats, prompt_len=32):
 
         def hf(sampling=sampling):
             times = _Times()
+            cpu = time.thread_time()
             with torch.no_grad():
                 base.generate(input_ids=ids, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0,
                               do_sample=bool(sampling), **sampling, streamer=_Streamer([times], [tokens]))  # fmt: skip
-            return (times.last - times.first) / (times.count - 1)
+            return (times.last - times.first) / (times.count - 1), (time.thread_time() - cpu) / tokens
+
+        def engine_run(engine):
+            clock = time.pthread_getcpuclockid(engine._thread.ident)  # the loop thread's CPU clock
+            cpu = time.clock_gettime(clock)
+            output = engine.generate([prompt], params)[0]
+            return output.time_per_output_token, (time.clock_gettime(clock) - cpu) / len(output.token_ids)
 
         params = SamplingParams(max_tokens=tokens, ignore_eos=True, **(sampling or dict(temperature=0)))
         engines = {}
@@ -348,10 +357,8 @@ def run_batch1(base, device, tokens, repeats, prompt_len=32):
             for kv_dtype in ("model", "int8"):
                 engines[kv_dtype] = Engine(copy.deepcopy(base), kv_dtype=kv_dtype, kv_cache_tokens=4096,
                                            max_batch_tokens=1024)  # fmt: skip
-            ways = {"hf_generate": hf} | {
-                f"engine_{kv_dtype}": lambda engine=engine: engine.generate([prompt], params)[0].time_per_output_token
-                for kv_dtype, engine in engines.items()
-            }
+            ways = {"hf_generate": hf} | {f"engine_{kv_dtype}": lambda engine=engine: engine_run(engine)
+                                          for kv_dtype, engine in engines.items()}  # fmt: skip
             for run in ways.values():
                 run()  # warm-up
             times = {way: [] for way in ways}
@@ -361,11 +368,13 @@ def run_batch1(base, device, tokens, repeats, prompt_len=32):
         finally:
             for engine in engines.values():
                 engine.shutdown()
-        for way, values in times.items():
-            rows[f"{way}_{mode}"] = float(np.median(values)) * 1e3
-        for kv_dtype in engines:
-            ratios = np.array(times[f"engine_{kv_dtype}"]) / np.array(times["hf_generate"])
-            rows[f"engine_{kv_dtype}_{mode}_over_hf"] = float(np.median(ratios))
+        for suffix, column in (("", 0), ("_cpu", 1)):
+            values = {way: np.array([row[column] for row in runs]) for way, runs in times.items()}
+            for way, value in values.items():
+                rows[f"{way}_{mode}{suffix}"] = float(np.median(value)) * 1e3
+            for kv_dtype in engines:
+                ratios = values[f"engine_{kv_dtype}"] / values["hf_generate"]
+                rows[f"engine_{kv_dtype}_{mode}{suffix}_over_hf"] = float(np.median(ratios))
     return rows
 
 
@@ -464,6 +473,12 @@ def main(argv=None):
             report |= dict(prompts=64, output_tokens=64, repeats=3, output_tokens_per_s=rows)
         with open(path, "w") as f:
             json.dump(report, f, indent=1, default=str)
+        if args.batch1:
+            groups = {way: {f"{mode}{suffix.replace('_cpu', ' CPU')}": rows[f"{way}_{mode}{suffix}"]
+                            for suffix in ("", "_cpu") for mode in ("greedy", "sampled")}
+                      for way in ("hf_generate", "engine_model", "engine_int8")}  # fmt: skip
+            _bars(groups, path.replace(".json", ".png"), f"batch 1, ms per output token ({report['device']}, "
+                  f"{report['threads']} thread(s)): wall clock, and CPU time of the model's thread")
         for name, value in rows.items():
             unit = "x" if "_over_" in name else " ms" if args.batch1 else " tokens/s"
             print(f"{name:>34} {value:10.3f}{unit}")
