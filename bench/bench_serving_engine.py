@@ -39,8 +39,9 @@ holds the whole prompt), into serving_long_prompt_<device>.json.
 top_k 50), `--batch1-tokens` output tokens each: the engine (model-dtype and int8 pages) against
 the base model's own `generate`; time per output token = (last token - first token) / (tokens - 1),
 the median of `--batch1-repeats` runs after one warm-up, the ways taking turns, and the median of
-each engine run's ratio to the HF run of its turn, into serving_batch1_<device>.json (with the load
-average before and after). On a
+each engine run's ratio to the HF run of its turn; the same for the CPU time per output token of
+the thread that runs the model (`_cpu` rows: robust to other processes' load), into
+serving_batch1_<device>.json (with the load average before and after) and a PNG. On a
 CPU, `--threads 1` compares like for like: the engine's loop runs in a thread of its own, where
 torch's OpenMP regions over 2 threads cost about 3x what they cost in the main thread (HF
 `generate` itself: 1.6 ms per token in the main thread, 5 ms in another, 1.6 there with 1 thread).
