@@ -94,8 +94,8 @@ def multi_lora_linear(
             False (the adapter pool does); shapes, dtypes and devices are always checked.
         slot_plan: `plan_slots(token_slots.reshape(-1), S)`, for a batch whose layers all take the
             same `token_slots`: made once, it spares each call the reference's grouping of tokens by
-            slot (the Triton kernels need none). Its shapes are always checked; with `check_values`
-            on a CPU, its values against `token_slots` (a plan of other slots gives wrong outputs).
+            slot (the Triton kernels need none). Its shapes are always checked, and with
+            `check_values` its values against `token_slots` (a plan of other slots gives wrong outputs).
 
     Returns `y` `[..., out]` in the dtype of `x`. No autograd: with grad mode on, no input may
     require a gradient. The Triton kernels run where `fused_train.ops.dispatch.triton_runs_on` allows,
@@ -111,10 +111,8 @@ def multi_lora_linear(
         _check_plan(slot_plan, slots, lora_a.shape[0])
     if check_values and not torch.compiler.is_compiling():
         _check_values(token_slots, ranks, lora_a.shape[0], lora_a.shape[1])
-        if slot_plan is not None and values_readable(slots):
-            expected = plan_slots(slots, lora_a.shape[0])
-            if not (torch.equal(slot_plan.order, expected.order) and torch.equal(slot_plan.ends, expected.ends)):
-                raise ValueError("slot_plan is not plan_slots(token_slots.reshape(-1), slots): it groups other slots")
+        if slot_plan is not None:
+            _check_plan_values(slot_plan, slots, lora_a.shape[0])
     order, ends = (None, None) if slot_plan is None else slot_plan
     y = multi_lora_linear_op(
         x2d, weight, lora_a, lora_b, slots, scalings, ranks, bias, weight_scale, weight_offset, order, ends
@@ -192,6 +190,18 @@ def _check_plan(slot_plan, slots, num_slots):
     if ends.dtype != torch.int32 or ends.shape != (num_slots + 1,) or ends.device != slots.device:
         raise ValueError(f"slot_plan.ends must be int32 [slots + 1 = {num_slots + 1}] on {slots.device}, "
                          f"got {describe(ends)}")  # fmt: skip
+
+
+def _check_plan_values(slot_plan, slots, num_slots):
+    """Raise ValueError when `slot_plan` is not `plan_slots(slots, num_slots)` (on a GPU the same
+    asserted on the device, as `_check_values` does)."""
+    expected = plan_slots(slots, num_slots)
+    same = (slot_plan.order == expected.order).all() & (slot_plan.ends == expected.ends).all()
+    message = "slot_plan is not plan_slots(token_slots.reshape(-1), slots): it groups other slots"
+    if not values_readable(slots):
+        assert_on_device(same, message)
+    elif not same:
+        raise ValueError(message)
 
 
 def _check_weight(x, weight, weight_scale, weight_offset):

@@ -7,7 +7,7 @@ import fused_train
 from fused_train.kernels import multi_lora as multi_lora_kernels
 from fused_train.kernels import multi_lora_ref
 from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
-from fused_train.kernels.multi_lora_ref import base_linear_ref, multi_lora_linear_ref
+from fused_train.kernels.multi_lora_ref import SlotPlan, base_linear_ref, multi_lora_linear_ref, plan_slots
 from fused_train.ops import multi_lora as multi_lora_ops
 from tests.conftest import DEVICE
 from tests.kernels.conftest import make_base_weight
@@ -43,8 +43,9 @@ def _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=None
     return y
 
 
+@pytest.mark.parametrize("plan_given", [False, True], ids=["plan made", "plan given"])
 @pytest.mark.parametrize("num_tokens, num_slots", [(3, 5), (40, 4), (0, 3)])
-def test_reference_matches_per_token_loop(num_tokens, num_slots):
+def test_reference_matches_per_token_loop(plan_given, num_tokens, num_slots):
     """With NaN padding, and feature counts that are no multiple of 16 bytes (grouped_mm's stride rule)."""
     in_features, out_features, r_max = 33, 17, 16
     ranks = torch.randint(0, r_max + 1, (num_slots,), dtype=torch.int32, device=DEVICE)
@@ -53,7 +54,8 @@ def test_reference_matches_per_token_loop(num_tokens, num_slots):
     weight = torch.randn(out_features, in_features, device=DEVICE)
     token_slots = torch.randint(-1, num_slots, (num_tokens,), dtype=torch.int32, device=DEVICE)
     scalings = torch.rand(num_slots, device=DEVICE)
-    y = multi_lora_linear_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks)
+    plan = plan_slots(token_slots, num_slots) if plan_given else None
+    y = multi_lora_linear_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks, slot_plan=plan)
     expected = _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -282,6 +284,27 @@ def test_device_value_checks_name_the_argument(monkeypatch, what):
     name, changes = BAD_INPUTS[what]
     with pytest.raises(RuntimeError, match=name):
         fused_train.multi_lora_linear(**{k: v.cpu() for k, v in (_valid_inputs() | changes).items()})
+
+def test_slot_plan_of_other_slots_or_shape_is_refused():
+    inputs = {k: v.cpu() for k, v in _valid_inputs().items()}  # a CPU's check reads values: ValueError
+    num_slots = inputs["lora_a"].shape[0]
+    token_slots = inputs["token_slots"]
+    other = plan_slots(torch.roll(token_slots, 1), num_slots)
+    assert not torch.equal(other.order, plan_slots(token_slots, num_slots).order)  # the case tests something
+    with pytest.raises(ValueError, match="slot_plan is not plan_slots"):
+        fused_train.multi_lora_linear(**inputs, slot_plan=other)
+    plan = plan_slots(token_slots, num_slots)
+    bad_plans = {
+        "slot_plan.order": SlotPlan(plan.order.int(), plan.ends),
+        "slot_plan.ends": SlotPlan(plan.order, plan.ends[:-1]),
+        "a SlotPlan": tuple(plan),
+    }
+    for match, bad in bad_plans.items():
+        with pytest.raises(ValueError, match=match):
+            fused_train.multi_lora_linear(**inputs, slot_plan=bad, check_values=False)
+    with_plan = fused_train.multi_lora_linear(**inputs, slot_plan=plan)
+    torch.testing.assert_close(with_plan, fused_train.multi_lora_linear(**inputs))
+
 
 def test_leading_dimensions_and_default_ranks():
     inputs = _valid_inputs()
