@@ -283,7 +283,7 @@ def _stacked_adapters(layer: LoraLinear, compute_dtype: torch.dtype, device: tor
         return cached[1]
     r_max = max(layer.r[name] for name in names)
     # Never inference tensors (generate runs under inference mode): the op's reference path caches a
-    # compacted copy of the stacks by their version counters, which those lack.
+    # padded copy of the stacks by their version counters, which those lack.
     with torch.inference_mode(False), torch.no_grad():
         lora_a = torch.zeros(len(names), r_max, layer.in_features, dtype=dtype, device=device)
         lora_b = torch.zeros(len(names), layer.out_features, r_max, dtype=dtype, device=device)

@@ -92,7 +92,7 @@ class _LayerSlots:
         self.layer = layer
         self.batch = batch
         # Never inference tensors (a first fill may run under inference mode): the op's reference
-        # path caches a compacted copy of the stacks by their version counters, which those lack.
+        # path caches a padded copy of the stacks by their version counters, which those lack.
         with torch.inference_mode(False):
             device = weight.device
             self.lora_a = torch.zeros(num_slots, max_rank, layer.in_features, dtype=weight.dtype, device=device)
