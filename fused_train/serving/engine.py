@@ -308,10 +308,10 @@ class Engine(RequestLoop):
     def _run(self, step, requests) -> list[tuple[_Request, int | None]]:
         """Forward and sample: (request, its next token) for each request of the step, None for a
         request whose step ended inside its prefill (a chunk: nothing to draw yet) or that draws
-        nothing (max_tokens=0). A request
-        whose adapter cannot be served fails alone, and the step runs again without it. When the
-        forward raises for another reason, each request runs again alone, and only those that
-        raise alone fail: one bad request does not fail the others of its step."""
+        nothing (max_tokens=0). A request whose adapter cannot be served fails alone, and the step
+        runs again without it. When the forward raises for another reason, each request runs again
+        alone, and only those that raise alone fail: one bad request does not fail the others of
+        its step."""
         try:
             requests, logits = self._forward(step, requests)
         except Exception as error:  # noqa: BLE001 - every request must end with a reason

@@ -401,19 +401,19 @@ class _Server:
                                   "total_tokens": prompt_tokens + done}  # fmt: skip
             return f"data: {json.dumps({**base, 'object': obj, 'choices': choices, **extra})}\n\n"
 
+        text_offsets = [0] * len(handles)  # of each choice's next token in its text
+
         def choice(index, text, finish_reason=None, pieces=None):
-            chosen = None
+            shaped = None
             # pieces: the token ids since the last chunk, and their logprobs (None: the engine gave none)
             if pieces is not None and pieces[0] and None not in pieces[1]:
-                chosen = self.logprobs_of(kind, *pieces, text_offset=text_offsets[index])
+                shaped = self.logprobs_of(kind, *pieces, text_offset=text_offsets[index])
                 if kind != "chat":
-                    text_offsets[index] += sum(len(token) for token in chosen["tokens"])
+                    text_offsets[index] += sum(len(token) for token in shaped["tokens"])
             if kind == "chat":
                 delta = {} if text is None else {"content": text}
-                return {"index": index, "delta": delta, "logprobs": chosen, "finish_reason": finish_reason}
-            return {"index": index, "text": text or "", "logprobs": chosen, "finish_reason": finish_reason}
-
-        text_offsets = [0] * len(handles)
+                return {"index": index, "delta": delta, "logprobs": shaped, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": shaped, "finish_reason": finish_reason}
 
         outputs = [None] * len(handles)
         try:
@@ -449,7 +449,7 @@ class _Server:
         item and their logprobs entries (else None)."""
         detokenizer = _Detokenizer(self.engine.tokenizer, tuple(stop))
         entries, sent = [], 0
-        async for item in handle.stream(logprobs=True) if logprobs else handle.stream():
+        async for item in handle.stream(logprobs=logprobs):
             token_id, entry = item if logprobs else (item, None)
             entries.append(entry)
             text = detokenizer.push(token_id)
