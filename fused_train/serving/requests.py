@@ -121,6 +121,10 @@ class RequestOutput:
     preemptions: int = 0
     # With `SamplingParams.logprobs`: per generated token (its logprob, [(token id, logprob)] top first).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # The mean of its generated tokens' logprobs under the model (raw logits), whatever the request
+    # asked: a quality signal (`quality.QualityMonitor`). None without tokens, or from an engine
+    # that does not compute it.
+    mean_logprob: float | None = None
 
 
 @dataclass(eq=False)
@@ -134,6 +138,7 @@ class _Request:
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
     logprobs: list | None = None  # one per generated token, with `params.logprobs`
+    logprob_sum: float = 0.0  # of every generated token's logprob
     text: str | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -269,6 +274,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
     if text is None and tokenizer is not None:
         text = decode_text(tokenizer, request.generated)
     logprobs = getattr(request, "logprobs", None)  # a list where the request asked for them
+    logprob_sum = getattr(request, "logprob_sum", None)  # where the engine computes it
     tpot = None
     if request.first_token is not None and len(request.generated) > 1:
         tpot = (now - request.first_token) / (len(request.generated) - 1)
@@ -286,6 +292,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
         latency=now - request.arrival,
         preemptions=preemptions,
         logprobs=None if logprobs is None else logprobs[: len(request.generated)],
+        mean_logprob=logprob_sum / len(request.generated) if logprob_sum is not None and request.generated else None,
     )
 
 
