@@ -7,8 +7,8 @@
 Per model (an adapter by its name, the base model by its served name), over its last `window`
 completed requests: the mean of their mean output-token logprobs (`RequestOutput.mean_logprob`: the
 model's own log-probability of each token it emitted, before temperature and penalties), their mean
-output length, and the share of each finish reason. Cancelled and failed requests say nothing of
-the model's quality and are not counted here.
+output length, and the share of each finish reason. Cancelled and failed requests, and those that
+only score their prompt (max_tokens 0), say nothing of what the model writes and are not counted.
 
 Drift is the two-sample Kolmogorov-Smirnov statistic D = max_x |F_ref(x) - F_now(x)| between the
 per-request mean logprobs of a reference window (the first `window` requests after the model was
@@ -59,8 +59,9 @@ class QualityMonitor:
 
     def observe(self, model: str, output) -> None:
         """Count `output` (a RequestOutput, or anything with `finish_reason`, `token_ids` and
-        `mean_logprob`) for `model`, if it completed."""
-        if output.finish_reason not in COMPLETED:
+        `mean_logprob`) for `model`, if it completed and generated tokens (a request that only
+        scores its prompt, max_tokens 0 with echo, says nothing of what the model writes)."""
+        if output.finish_reason not in COMPLETED or not output.token_ids:
             return
         mean_logprob = getattr(output, "mean_logprob", None)  # None from an engine that does not compute it
         with self._lock:

@@ -112,6 +112,7 @@ def test_the_monitor_keeps_a_frozen_reference_and_a_rolling_window():
     monitor.observe("a", _output(-3.0, tokens=2, finish_reason="length"))
     monitor.observe("a", _output(None, finish_reason="cancelled"))  # says nothing of quality: not counted
     monitor.observe("a", _output(None, finish_reason="error"))
+    monitor.observe("a", _output(None, tokens=0, finish_reason="length"))  # max_tokens 0: scored its prompt only
     signals = monitor.snapshot()["a"]
     assert signals == {"requests": 4, "mean_logprob": -1.5, "output_tokens": 6.5,
                        "finish_reasons": {"stop": 0.75, "length": 0.25}, "drift": 0.25}  # fmt: skip
