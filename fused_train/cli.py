@@ -15,6 +15,7 @@ import os
 import sys
 
 from fused_train.serving.loading import DTYPES, open_engine
+from fused_train.serving.routing import parse_route
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:
@@ -22,6 +23,13 @@ def _adapter_spec(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--adapter takes NAME=PATH, got {text!r}")
     return name, path
+
+
+def _route_spec(text: str):
+    try:
+        return parse_route(text)
+    except ValueError as error:  # said before the model loads
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="a peft adapter (safetensors) loaded at start, as model NAME; repeatable")  # fmt: skip
     serve.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                        help="/v1/load_lora_adapter may load from under DIR; repeatable (none: off)")  # fmt: skip
-    serve.add_argument("--route", action="append", default=[], metavar="NAME=ARM:WEIGHT,...",
+    serve.add_argument("--route", action="append", type=_route_spec, default=[], metavar="NAME=ARM:WEIGHT,...",
                        help="model NAME served by these arms (adapters or the base model) split by weight, "
                             "sticky by the request's user; e.g. assistant=v1:90,v2:10; repeatable")  # fmt: skip
     serve.add_argument("--quality-window", type=int, default=100,
@@ -89,7 +97,7 @@ def serve(args) -> None:
     except BaseException:
         engine.shutdown(drain=False)
         raise
-    routes = "".join(f", route {route}" for route in args.route)
+    routes = f" and routes {[route.name for route in args.route]}" if args.route else ""
     print(f"fused-train: serving {model_name!r} with adapters {names}{routes} at {server.url}", flush=True)
     try:
         while not stop.wait(0.5):

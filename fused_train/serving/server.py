@@ -183,7 +183,7 @@ class _Metrics:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
         self.registry.register(_QualityCollector(quality))
-        self.route_requests = Counter("fused_train_route_requests", "requests to a route, by the arm that served them",
+        self.route_requests = Counter("fused_train_route_requests", "requests to a route, by the arm chosen for them",
                                       ["route", "arm"], registry=self.registry)  # fmt: skip
         for route in routes.values():  # every arm shows from the start, at 0
             for arm, _ in route.arms:

@@ -115,3 +115,11 @@ def test_routes_are_validated_and_their_arms_kept(routed_server):
                           json={"lora_name": "exp", "lora_path": routed_server.adapters["c"]})  # fmt: skip
     assert_error(response, 400, param="lora_name", match="exists already")
     assert "a" in engine.adapters()
+
+
+def test_the_cli_refuses_a_bad_route_before_it_loads_the_model(capsys):
+    from fused_train.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "/no/such/model", "--route", "exp=a:0"])
+    assert "argument --route: route 'exp': arm 'a' needs a positive integer weight" in capsys.readouterr().err
