@@ -28,6 +28,7 @@ that the engine does not have is refused (400 naming it), never ignored.
 import asyncio
 import hmac
 import inspect
+import itertools
 import json
 import os
 import threading
@@ -309,9 +310,19 @@ class _Server:
             prompt_tokens = sum(len(prompt) for prompt in prompts) if continuous else None
             events = self.stream_events(kind, base, handles, params[0].stop, include_usage, prompt_tokens, len(params))
             return StreamingResponse(events, media_type="text/event-stream")
-        return JSONResponse(await self.complete(request, kind, base, handles, len(params)))
+        echoed = None
+        if kind == "completion" and body.echo:
+            echoed = await run_in_threadpool(self.prompt_texts, body.prompt, prompts)
+        return JSONResponse(await self.complete(request, kind, base, handles, len(params), echoed))
 
-    async def complete(self, request: fastapi.Request, kind, base, handles, n) -> dict:
+    def prompt_texts(self, prompt, prompts: list[list[int]]) -> list[str]:
+        """The text of each prompt, for `echo`: as sent, or its token ids decoded."""
+        texts = [prompt] if isinstance(prompt, str) else prompt if prompt and isinstance(prompt[0], str) else None
+        return texts or [decode_text(self.engine.tokenizer, ids) for ids in prompts]
+
+    async def complete(self, request: fastapi.Request, kind, base, handles, n, echoed=None) -> dict:
+        """The answer of a request not streamed; `echoed` (with `echo`): each prompt's text, put
+        before its choices' texts, its tokens' logprobs before theirs."""
         watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
         try:
             outputs = []
@@ -326,20 +337,27 @@ class _Server:
             watcher.cancel()
             for handle in handles:
                 handle.cancel()
-        choices = []
-        for index, output in enumerate(outputs):
-            choice = {"index": index, "logprobs": self.logprobs(kind, output), "finish_reason": output.finish_reason}
-            if kind == "chat":
-                choice["message"] = {"role": "assistant", "content": output.text}
-            else:
-                choice["text"] = output.text
-            choices.append(choice)
+        choices = await run_in_threadpool(self.choices, kind, outputs, n, echoed)  # decodes each token
         obj = "chat.completion" if kind == "chat" else "text_completion"
         return {**base, "object": obj, "choices": choices, "usage": usage(outputs, n)}
 
-    def logprobs(self, kind: str, output) -> dict | None:
-        """A choice's `logprobs` in OpenAI's shape for `kind` (None when not asked for)."""
-        if output.logprobs is None:
+    def choices(self, kind: str, outputs, n: int, echoed) -> list[dict]:
+        choices = []
+        for index, output in enumerate(outputs):
+            echo = echoed is not None
+            choice = {"index": index, "logprobs": self.logprobs(kind, output, echo),
+                      "finish_reason": output.finish_reason}  # fmt: skip
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": output.text}
+            else:
+                choice["text"] = echoed[index // n] + output.text if echo else output.text
+            choices.append(choice)
+        return choices
+
+    def logprobs(self, kind: str, output, echo: bool = False) -> dict | None:
+        """A choice's `logprobs` in OpenAI's shape for `kind` (None when not asked for); with `echo`
+        (completions), the prompt's tokens first, the first with a null logprob (nothing predicts it)."""
+        if output.logprobs is None or (echo and output.prompt_logprobs is None):
             return None
         tokenizer = self.engine.tokenizer
 
@@ -353,10 +371,13 @@ class _Server:
 
             return {"content": [{**entry(token_id, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
                                 for token_id, (logprob, top) in zip(output.token_ids, output.logprobs)]}  # fmt: skip
-        tokens = [text(token_id) for token_id in output.token_ids]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        return {"tokens": tokens, "token_logprobs": [logprob for logprob, _ in output.logprobs],
-                "top_logprobs": [{text(t): lp for t, lp in top} for _, top in output.logprobs],
+        token_ids, entries = output.token_ids, output.logprobs
+        if echo:
+            token_ids, entries = output.prompt_token_ids + token_ids, output.prompt_logprobs + entries
+        tokens = [text(token_id) for token_id in token_ids]
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+        return {"tokens": tokens, "token_logprobs": [None if entry is None else entry[0] for entry in entries],
+                "top_logprobs": [None if entry is None else {text(t): lp for t, lp in entry[1]} for entry in entries],
                 "text_offset": offsets}  # fmt: skip
 
     async def stream_events(self, kind, base, handles, stop, include_usage, prompt_tokens, n):

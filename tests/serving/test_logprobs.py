@@ -58,6 +58,51 @@ def test_completion_logprobs_equal_hf(float_server, tiny_model_dir, tiny_adapter
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
 
 
+def _all_logprobs(model_dir, adapter_dir, token_ids):
+    """log_softmax of the unpatched model at every position of `token_ids`: row p predicts token p + 1."""
+    # The rows from position 0 on: a prompt of the first token, followed by the rest.
+    return _reference_logprobs(model_dir, adapter_dir, token_ids[:1], token_ids[1:])
+
+
+def test_echo_scores_the_prompt_and_the_completion_as_hf(float_server, tiny_model_dir, tiny_adapters):
+    tokenizer = float_server.engine.tokenizer
+    prompt = "The cat sat on the mat"
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    client = float_server.client()
+    out = client.completions.create(model="a", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True,
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    output_ids = float_server.engine.generate(prompt_ids, greedy, "a")[0].token_ids
+    choice, token_ids = out.choices[0], prompt_ids + output_ids
+    assert choice.text == prompt + tokenizer.decode(output_ids)
+    logprobs = choice.logprobs
+    # A special token (the BOS) is no text, as in the echoed text: text_offset indexes that text.
+    assert logprobs.tokens == [tokenizer.decode([i], skip_special_tokens=True) for i in token_ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    expected = _all_logprobs(tiny_model_dir, tiny_adapters["a"], token_ids)
+    chosen = expected[torch.arange(len(token_ids) - 1), token_ids[1:]]
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:]), chosen, rtol=0, atol=1e-4)
+    for position, top in enumerate(logprobs.top_logprobs[1:]):
+        values, ids = expected[position].topk(2)
+        texts = [tokenizer.decode([i]) for i in ids.tolist()]
+        assert set(top) == set(texts)
+        for text, value in top.items():
+            assert min(abs(value - float(v)) for t, v in zip(texts, values) if t == text) < 1e-4
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(token_ids))]
+    assert out.usage.prompt_tokens == len(prompt_ids) and out.usage.completion_tokens == 3
+
+    # max_tokens 0 (what lm-eval's log-likelihood requests send): the prompt alone, scored.
+    alone = client.completions.create(model="a", prompt=prompt_ids, max_tokens=0, logprobs=1, echo=True).choices[0]
+    assert alone.text == prompt and alone.finish_reason == "length"
+    assert alone.logprobs.tokens == logprobs.tokens[: len(prompt_ids)]
+    assert alone.logprobs.token_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(alone.logprobs.token_logprobs[1:]),
+                               torch.tensor(logprobs.token_logprobs[1 : len(prompt_ids)]), rtol=0, atol=1e-4)
+    plain = client.completions.create(model="tiny", prompt=[prompt, "Hi"], max_tokens=0, echo=True, n=2)
+    assert [c.text for c in plain.choices] == [prompt, prompt, "Hi", "Hi"] and plain.choices[0].logprobs is None
+    assert plain.usage.completion_tokens == 0
+
+
 def test_chat_logprobs_equal_hf(float_server, tiny_model_dir):
     tokenizer = float_server.engine.tokenizer
     messages = [{"role": "user", "content": "Hi there"}]
