@@ -4,8 +4,9 @@
 The tasks (bench/lm_eval_tasks/) are made from the embedded sentences corpus: `corpus_choice`, which of
 four endings belongs to a sentence (multiple-choice log-likelihood: acc, acc_norm), and `corpus_next_word`,
 the sentence's next word generated greedily (generate-until: exact_match). Both clients get the same
-prompts token for token (the local tokenizer, BOS prepended, one request at a time); the server runs the
-model's dtype in its KV cache, so that the log-likelihoods are the model's own and compare to 1e-3.
+prompts token for token (the local tokenizer, BOS prepended, one request at a time); the server keeps its
+KV cache in the model's dtype (`--kv-dtype int8` to see what int8 pages cost), so that its log-likelihoods
+are the model's own and compare to 1e-3.
 
     python bench/eval_lm_harness.py                          # the tiny model (random init) and an adapter
     python bench/eval_lm_harness.py --model DIR --adapter NAME=DIR ...
@@ -116,13 +117,13 @@ def compare(hf: dict, served: dict) -> dict:
 
 
 @contextlib.contextmanager
-def serving(model_dir: str, adapters: dict[str, str]):
-    """`fused-train serve`'s app over `model_dir` and `adapters` on 127.0.0.1 (a free port), KV cache in the
-    model's dtype, on the PyTorch reference path; yields its /v1/completions URL; stopped on exit."""
+def serving(model_dir: str, adapters: dict[str, str], kv_dtype: str = "model"):
+    """`fused-train serve`'s app over `model_dir` and `adapters` on 127.0.0.1 (a free port); yields its
+    /v1/completions URL; stopped on exit."""
     from fused_train.serving.loading import open_engine
     from fused_train.serving.server import build_app, start_server
 
-    engine = open_engine(model_dir, adapters, kv_dtype="model", kv_cache_tokens=8192, max_batch_tokens=1024)
+    engine = open_engine(model_dir, adapters, kv_dtype=kv_dtype, kv_cache_tokens=8192, max_batch_tokens=1024)
     try:
         app = build_app(engine, model_name=SERVED_MODEL_NAME, adapter_paths=adapters)
         with start_server(app) as server:
@@ -131,10 +132,10 @@ def serving(model_dir: str, adapters: dict[str, str]):
         engine.shutdown(drain=False)
 
 
-def compare_all(model_dir: str, adapters: dict[str, str]) -> dict:
+def compare_all(model_dir: str, adapters: dict[str, str], kv_dtype: str = "model") -> dict:
     """compare() for the base model and each adapter, against one server holding them all."""
     reports = {}
-    with serving(model_dir, adapters) as url:
+    with serving(model_dir, adapters, kv_dtype) as url:
         for name, adapter_dir in {SERVED_MODEL_NAME: None, **adapters}.items():
             reports[name] = compare(evaluate_hf(model_dir, adapter_dir), evaluate_server(url, name, model_dir))
     return reports
@@ -153,13 +154,13 @@ def rows_of(reports: dict) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':>10} {'task':>17} {'metric':>10} {'hf':>7} {'server':>7}  agreement")
+    print(f"{'model':>10} {'task':>17} {'metric':>11} {'hf':>7} {'server':>7}  agreement")
     for row in rows:
         if "max_abs_loglikelihood_diff" in row:
             agreement = f"max |Δ log-likelihood| {row['max_abs_loglikelihood_diff']:.1e} of {row['loglikelihoods']}"
         else:
             agreement = f"{row['generations_differing']} of {row['samples']} generations differ"
-        print(f"{row['model']:>10} {row['task']:>17} {row['metric']:>10} {row['hf']:7.4f} {row['server']:7.4f}  "
+        print(f"{row['model']:>10} {row['task']:>17} {row['metric']:>11} {row['hf']:7.4f} {row['server']:7.4f}  "
               f"{agreement}")  # fmt: skip
 
 
@@ -182,6 +183,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a Hugging Face model directory (default: the tiny model, random init)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a peft adapter (many)")
+    parser.add_argument("--kv-dtype", choices=["model", "int8"], default="model",
+                        help="the server's KV cache (int8 moves the log-likelihoods off the checkpoint's)")
     parser.add_argument("--write-data", action="store_true", help="rebuild the tasks' corpus.jsonl and stop")
     parser.add_argument("--label", default="cpu", help="the results' file name: eval_lm_harness_LABEL.json")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="folder for the JSON and PNG")
@@ -200,10 +203,10 @@ def main(argv=None) -> int:
 
             model_dir = make_model_dir(os.path.join(folder, "model"))
             adapters = make_adapters(model_dir, os.path.join(folder, "adapters"), {"adapter": 8})
-        reports = compare_all(model_dir, adapters)
+        reports = compare_all(model_dir, adapters, args.kv_dtype)
     rows = rows_of(reports)
     print_table(rows)
-    report = {"tasks": list(TASKS), "tolerance": LOGLIKELIHOOD_TOLERANCE, "rows": rows}
+    report = {"tasks": list(TASKS), "kv_dtype": args.kv_dtype, "tolerance": LOGLIKELIHOOD_TOLERANCE, "rows": rows}
     write_report(report, os.path.join(args.out, f"eval_lm_harness_{args.label}"), chart)
     return 0
 
