@@ -386,7 +386,9 @@ class Engine(RequestLoop):
                 continue
             scored, cached, prompt = len(request.prompt_logprobs), request.seq.num_cached, request.prompt_token_ids
             first, end = scored - 1 - cached, min(len(logits), len(prompt) - 1 - cached)  # rows of the step
-            if first < 0 or end <= first:  # the step starts after the next unscored token, or scores none
+            if first < 0:  # it reads no cached prefix, and its chunks come in order: a bug
+                raise AssertionError(f"request {request.request_id}: prompt token {scored} was skipped")
+            if end <= first:  # the step fed only the last prompt token (it predicts the first output)
                 continue
             logprobs = torch.log_softmax(logits[first:end], dim=-1)
             targets = torch.tensor(prompt[scored : scored + end - first], device=logprobs.device)

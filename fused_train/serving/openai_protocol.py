@@ -169,9 +169,6 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         logprobs = body.logprobs
-    if logprobs is not None and body.stream:
-        raise APIError(400, "logprobs with stream: true are not supported by this server yet", param="logprobs",
-                       code="unsupported_parameter")  # fmt: skip
     prompt_logprobs = logprobs if echo else None  # vLLM's: echo scores the prompt with the same top k
     return [
         SamplingParams(**penalties, logprobs=logprobs, prompt_logprobs=prompt_logprobs, max_tokens=max_tokens,

@@ -308,7 +308,9 @@ class _Server:
             include_usage = options is not None and options.include_usage
             continuous = include_usage and options.continuous_usage_stats
             prompt_tokens = sum(len(prompt) for prompt in prompts) if continuous else None
-            events = self.stream_events(kind, base, handles, params[0].stop, include_usage, prompt_tokens, len(params))
+            logprobs = params[0].logprobs is not None
+            events = self.stream_events(kind, base, handles, params[0].stop, logprobs, include_usage, prompt_tokens,
+                                        len(params))  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream")
         echoed = None
         if kind == "completion" and body.echo:
@@ -359,6 +361,14 @@ class _Server:
         (completions), the prompt's tokens first, the first with a null logprob (nothing predicts it)."""
         if output.logprobs is None or (echo and output.prompt_logprobs is None):
             return None
+        token_ids, entries = output.token_ids, output.logprobs
+        if echo:
+            token_ids, entries = output.prompt_token_ids + token_ids, output.prompt_logprobs + entries
+        return self.logprobs_of(kind, token_ids, entries)
+
+    def logprobs_of(self, kind: str, token_ids: list[int], entries: list, text_offset: int = 0) -> dict:
+        """OpenAI's `logprobs` for `kind` of `token_ids` and their `RequestOutput.logprobs` entries
+        (None: a first prompt token); a completion's `text_offset` counts from `text_offset`."""
         tokenizer = self.engine.tokenizer
 
         def text(token_id):
@@ -370,18 +380,17 @@ class _Server:
                 return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
             return {"content": [{**entry(token_id, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
-                                for token_id, (logprob, top) in zip(output.token_ids, output.logprobs)]}  # fmt: skip
-        token_ids, entries = output.token_ids, output.logprobs
-        if echo:
-            token_ids, entries = output.prompt_token_ids + token_ids, output.prompt_logprobs + entries
+                                for token_id, (logprob, top) in zip(token_ids, entries)]}  # fmt: skip
         tokens = [text(token_id) for token_id in token_ids]
-        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=text_offset)) if tokens else []
         return {"tokens": tokens, "token_logprobs": [None if entry is None else entry[0] for entry in entries],
                 "top_logprobs": [None if entry is None else {text(t): lp for t, lp in entry[1]} for entry in entries],
                 "text_offset": offsets}  # fmt: skip
 
-    async def stream_events(self, kind, base, handles, stop, include_usage, prompt_tokens, n):
-        """The SSE events; with `prompt_tokens` (continuous_usage_stats), every chunk has the usage so far."""
+    async def stream_events(self, kind, base, handles, stop, logprobs, include_usage, prompt_tokens, n):
+        """The SSE events; with `logprobs`, each chunk has those of its tokens (OpenAI's shape for
+        `kind`, concatenated: the answer's not streamed); with `prompt_tokens`
+        (continuous_usage_stats), every chunk has the usage so far."""
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         completion_tokens = [0] * len(handles)
 
@@ -392,11 +401,19 @@ class _Server:
                                   "total_tokens": prompt_tokens + done}  # fmt: skip
             return f"data: {json.dumps({**base, 'object': obj, 'choices': choices, **extra})}\n\n"
 
-        def choice(index, text, finish_reason=None):
+        def choice(index, text, finish_reason=None, pieces=None):
+            chosen = None
+            # pieces: the token ids since the last chunk, and their logprobs (None: the engine gave none)
+            if pieces is not None and pieces[0] and None not in pieces[1]:
+                chosen = self.logprobs_of(kind, *pieces, text_offset=text_offsets[index])
+                if kind != "chat":
+                    text_offsets[index] += sum(len(token) for token in chosen["tokens"])
             if kind == "chat":
                 delta = {} if text is None else {"content": text}
-                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+                return {"index": index, "delta": delta, "logprobs": chosen, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": chosen, "finish_reason": finish_reason}
+
+        text_offsets = [0] * len(handles)
 
         outputs = [None] * len(handles)
         try:
@@ -405,15 +422,17 @@ class _Server:
                     for index in range(len(handles)):
                         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}])  # fmt: skip
-                async for index, text, output, tokens in _merge([self.choice_events(h, stop) for h in handles]):
+                choices = [self.choice_events(handle, stop, logprobs) for handle in handles]
+                async for index, text, output, tokens, pieces in _merge(choices):
                     completion_tokens[index] = tokens
                     if output is None:
-                        yield chunk([choice(index, text)])
+                        yield chunk([choice(index, text, pieces=pieces)])
                         continue
                     outputs[index] = output
                     if text:
-                        yield chunk([choice(index, text)])
-                    yield chunk([choice(index, None, output.finish_reason)])
+                        yield chunk([choice(index, text, pieces=pieces)])
+                        pieces = None
+                    yield chunk([choice(index, None, output.finish_reason, pieces)])
                 if include_usage:
                     yield chunk([], usage=usage(outputs, n))
             except RequestFailed as error:
@@ -424,17 +443,24 @@ class _Server:
             for handle in handles:
                 handle.cancel()
 
-    async def choice_events(self, handle, stop):
-        """(text, None, tokens so far) as a choice's text becomes final, then (the rest, its
-        RequestOutput, its tokens)."""
+    async def choice_events(self, handle, stop, logprobs: bool):
+        """(text, None, tokens so far, pieces) as a choice's text becomes final, then (the rest, its
+        RequestOutput, its tokens, pieces); with `logprobs`, pieces are the token ids since the last
+        item and their logprobs entries (else None)."""
         detokenizer = _Detokenizer(self.engine.tokenizer, tuple(stop))
-        async for token_id in handle.stream():
+        entries, sent = [], 0
+        async for item in handle.stream(logprobs=True) if logprobs else handle.stream():
+            token_id, entry = item if logprobs else (item, None)
+            entries.append(entry)
             text = detokenizer.push(token_id)
             if text:
-                yield text, None, len(detokenizer.token_ids)
+                done = len(detokenizer.token_ids)
+                yield text, None, done, (detokenizer.token_ids[sent:done], entries[sent:done]) if logprobs else None
+                sent = done
         output = handle.result(timeout=0)
         self.metrics.observe(output)
-        yield detokenizer.finish(output.text), output, len(output.token_ids)
+        pieces = (detokenizer.token_ids[sent:], entries[sent:]) if logprobs else None
+        yield detokenizer.finish(output.text), output, len(output.token_ids), pieces
 
 
 async def _cancel_on_disconnect(request: fastapi.Request, handles) -> None:

@@ -1,6 +1,6 @@
 """Logprobs through the live server: each output token's logprob and top-k equal log_softmax of an
 unpatched HF forward (float32, the same adapter through peft) over the prompt and the tokens
-before it, for completions and chat; the not-yet-supported combination (streamed) is refused."""
+before it, for completions and chat, streamed and not; with `echo`, the prompt's tokens too."""
 
 import pytest
 import torch
@@ -123,6 +123,35 @@ def test_chat_logprobs_equal_hf(float_server, tiny_model_dir):
         values, ids = expected[position].topk(2)
         assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i in ids.tolist()]
         torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top_logprobs]), values, rtol=0, atol=1e-4)
+
+
+def test_streamed_logprobs_concatenated_equal_the_answer_not_streamed(float_server):
+    client = float_server.client()
+    options = dict(model="a", prompt="The cat", max_tokens=8, temperature=0.8, seed=3, n=2, logprobs=3,
+                   extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**options)
+    streamed = {index: dict(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[], text="") for index in (0, 1)}
+    for chunk in client.completions.create(stream=True, **options):
+        for choice in chunk.choices:
+            streamed[choice.index]["text"] += choice.text
+            if choice.logprobs is not None:
+                for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    streamed[choice.index][field] += getattr(choice.logprobs, field)
+    for choice in whole.choices:
+        assert streamed[choice.index] == dict(choice.logprobs.model_dump(), text=choice.text)
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    options = dict(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+                   extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.chat.completions.create(**options).choices[0]
+    content, text = [], ""
+    for chunk in client.chat.completions.create(stream=True, **options):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs is not None:
+                content += [entry.model_dump() for entry in choice.logprobs.content]
+    assert text == whole.message.content and len(content) == 6
+    assert content == [entry.model_dump() for entry in whole.logprobs.content]
 
 
 def test_out_of_range_logprobs_are_refused(float_server):
