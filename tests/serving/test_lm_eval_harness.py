@@ -5,7 +5,10 @@ same generations and log-likelihoods within 1e-3. Offline: the tasks and the tok
 
 import pytest
 
+from bench.common import BOS_ID
 from bench.eval_lm_harness import LOGLIKELIHOOD_TOLERANCE, METRICS, compare, evaluate_hf, evaluate_server
+from bench.tiny_serving import EOS_ID
+from tests.serving.conftest import MODEL_NAME
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity")  # lm-eval's API models (its `api` extra)
@@ -32,3 +35,21 @@ def test_lm_eval_scores_the_server_as_the_checkpoint(serve, tiny_model_dir, tiny
     for task, metrics in METRICS.items():
         for metric in metrics:
             assert report[task][metric]["hf"] == report[task][metric]["server"], (task, metric)
+
+
+def test_lm_eval_scores_a_prompt_whose_drawn_token_ends_the_request(serve):
+    # lm-eval's log-likelihood request is an echo with max_tokens 1, and it drops the echoed list's last
+    # entry as the drawn token's: that entry must be there when the token is the end of sequence too.
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    client = serve(kv_dtype="model").client()
+    prompt = [BOS_ID, *range(80, 86)]
+    request = dict(model=MODEL_NAME, prompt=[prompt], max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234)
+    drawn = client.completions.create(**request).model_dump()
+    ended = client.completions.create(**request, logit_bias={str(EOS_ID): 100}).model_dump()
+    assert ended["choices"][0]["finish_reason"] == "stop" and drawn["choices"][0]["finish_reason"] == "length"
+    for response in (drawn, ended):
+        assert len(response["choices"][0]["logprobs"]["token_logprobs"]) == len(prompt) + 1
+    context_tokens = 3
+    assert LocalCompletionsAPI.parse_logprobs(ended, ctxlens=[context_tokens]) == \
+        LocalCompletionsAPI.parse_logprobs(drawn, ctxlens=[context_tokens])  # fmt: skip
