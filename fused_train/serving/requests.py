@@ -124,6 +124,10 @@ class RequestOutput:
     preemptions: int = 0
     # With `SamplingParams.logprobs`: per generated token (its logprob, [(token id, logprob)] top first).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # The mean of its generated tokens' logprobs under the model (raw logits), whatever the request
+    # asked: a quality signal (`quality.QualityMonitor`). None without tokens, or from an engine
+    # that does not compute it.
+    mean_logprob: float | None = None
     # With `SamplingParams.prompt_logprobs`: per prompt token, None for the first (nothing predicts it),
     # then the same tuples as `logprobs`: each token's logprob given the tokens before it. Shorter only
     # when the request ended (cancelled, failed) before its whole prompt was computed.
@@ -141,6 +145,7 @@ class _Request:
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
     logprobs: list | None = None  # one per generated token, with `params.logprobs`
+    logprob_sum: float = 0.0  # of every generated token's logprob
     prompt_logprobs: list | None = None  # [None, one per prompt token scored so far], with params.prompt_logprobs
     text: str | None = None
     first_scheduled: float | None = None
@@ -289,6 +294,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
     if text is None and tokenizer is not None:
         text = decode_text(tokenizer, request.generated)
     logprobs = getattr(request, "logprobs", None)  # a list where the request asked for them
+    logprob_sum = getattr(request, "logprob_sum", None)  # where the engine computes it
     prompt_logprobs = getattr(request, "prompt_logprobs", None)
     tpot = None
     if request.first_token is not None and len(request.generated) > 1:
@@ -307,6 +313,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
         latency=now - request.arrival,
         preemptions=preemptions,
         logprobs=None if logprobs is None else logprobs[: len(request.generated)],
+        mean_logprob=logprob_sum / len(request.generated) if logprob_sum is not None and request.generated else None,
         prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
     )
 

@@ -1,6 +1,7 @@
 """Logprobs through the live server: each output token's logprob and top-k equal log_softmax of an
 unpatched HF forward (float32, the same adapter through peft) over the prompt and the tokens
-before it, for completions and chat, streamed and not; with `echo`, the prompt's tokens too."""
+before it, for completions and chat, streamed and not; with `echo`, the prompt's tokens too.
+Every engine output's `mean_logprob` is the mean of those logprobs over its tokens."""
 
 import pytest
 import torch
@@ -165,3 +166,16 @@ def test_out_of_range_logprobs_are_refused(float_server):
         with pytest.raises(openai.BadRequestError) as error:
             call()
         assert error.value.body["param"] == param and error.value.body["code"] != "unsupported_parameter"
+
+
+def test_every_output_has_its_mean_logprob_under_the_raw_model(float_server, tiny_model_dir, tiny_adapters):
+    # Without logprobs asked, sampled, with a penalty and a bias: the mean is still of the model's own
+    # distribution (the quality signal of /metrics), over the tokens the request kept.
+    tokenizer = float_server.engine.tokenizer
+    prompt_ids = tokenizer("A dog")["input_ids"]
+    params = SamplingParams(max_tokens=6, temperature=0.9, seed=11, ignore_eos=True, presence_penalty=1.5,
+                            logit_bias={40: 5.0})  # fmt: skip
+    output = float_server.engine.generate(prompt_ids, params, "b")[0]
+    expected = _reference_logprobs(tiny_model_dir, tiny_adapters["b"], prompt_ids, output.token_ids)
+    assert output.logprobs is None and len(output.token_ids) == 6
+    assert abs(output.mean_logprob - float(expected[torch.arange(6), output.token_ids].mean())) < 1e-4
