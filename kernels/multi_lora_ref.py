@@ -71,11 +71,25 @@ def multi_lora_linear_ref(
     in_features = x.shape[1]
     if padded.lora_a_t.shape[1] != in_features:
         grouped_x = F.pad(grouped_x, (0, padded.lora_a_t.shape[1] - in_features))
-    shrunk = F.grouped_mm(grouped_x, padded.lora_a_t, offs=slot_plan.ends)
-    expanded = F.grouped_mm(shrunk, padded.lora_b_t, offs=slot_plan.ends)
+    expanded = _grouped_lora(grouped_x, padded, slot_plan.ends)
     y = base_linear_ref(x, weight, bias, weight_scale, weight_offset).to(lora_a.dtype)
     y.index_add_(0, slot_plan.order, expanded[:, : weight.shape[0]])
     return y.to(x.dtype)
+
+
+def _grouped_lora(grouped_x, padded, ends):
+    """`(x_g·A_gᵀ)·B_gᵀ` for each group g of `grouped_x`'s rows (`ends`): two grouped matmuls where
+    torch has them (`F.grouped_mm`, public from torch 2.10), else a loop over the groups (their ends
+    read on the host), for the older torch releases the package supports."""
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(F.grouped_mm(grouped_x, padded.lora_a_t, offs=ends), padded.lora_b_t, offs=ends)
+    expanded = grouped_x.new_empty(grouped_x.shape[0], padded.lora_b_t.shape[2])
+    start = 0
+    for slot, end in enumerate(ends.tolist()):
+        if end > start:
+            torch.mm(grouped_x[start:end] @ padded.lora_a_t[slot], padded.lora_b_t[slot], out=expanded[start:end])
+        start = end
+    return expanded
 
 
 class PaddedStacks(NamedTuple):

@@ -43,10 +43,14 @@ def _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=None
     return y
 
 
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "torch before 2.10"])
 @pytest.mark.parametrize("plan_given", [False, True], ids=["plan made", "plan given"])
 @pytest.mark.parametrize("num_tokens, num_slots", [(3, 5), (40, 4), (0, 3)])
-def test_reference_matches_per_token_loop(plan_given, num_tokens, num_slots):
-    """With NaN padding, and feature counts that are no multiple of 16 bytes (grouped_mm's stride rule)."""
+def test_reference_matches_per_token_loop(plan_given, num_tokens, num_slots, grouped_mm, monkeypatch):
+    """With NaN padding, and feature counts that are no multiple of 16 bytes (grouped_mm's stride
+    rule); without `F.grouped_mm` (torch < 2.10) the groups are looped over."""
+    if not grouped_mm:
+        monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
     in_features, out_features, r_max = 33, 17, 16
     ranks = torch.randint(0, r_max + 1, (num_slots,), dtype=torch.int32, device=DEVICE)
     lora_a, lora_b = _adapters(num_slots, r_max, in_features, out_features, ranks, torch.float32, pad=float("nan"))
