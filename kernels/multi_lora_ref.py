@@ -33,101 +33,113 @@ def base_linear_ref(x, weight, bias=None, weight_scale=None, weight_offset=None)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-# Up to this many multiply-adds through the named slots' rows (`_through_every_slot`: every token
-# through every slot the batch names), the reference runs that way, a few large ops; above, one
-# segment per present slot: few large ops win while the wasted multiply-adds stay small (the
-# CPU timings that set the bound: kernels/TUNING.md).
-EVERY_SLOT_MAX_MACS = 2**25
+class SlotPlan(NamedTuple):
+    """Which tokens take which slot, for one batch (`plan_slots`): every layer's call reuses it.
+
+    `order` int64 `[T]`: the tokens grouped by slot, slot 0 first, the base tokens (-1) last, each
+    group in token order. `ends` int32 `[S + 1]`: where each group ends in `order` (the base last).
+    """
+
+    order: torch.Tensor
+    ends: torch.Tensor
+
+
+def plan_slots(token_slots, num_slots) -> SlotPlan:
+    """The `SlotPlan` of `token_slots` `[T]` (in `[-1, num_slots)`): a few small ops, no host sync."""
+    group = torch.where(token_slots < 0, num_slots, token_slots).long()  # the base tokens' group last
+    counts = torch.bincount(group, minlength=num_slots + 1)
+    return SlotPlan(torch.argsort(group, stable=True), counts.cumsum(0).to(torch.int32))
 
 
 def multi_lora_linear_ref(
-    x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=None, weight_scale=None, weight_offset=None
-):
+    x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=None, weight_scale=None, weight_offset=None,
+    slot_plan=None,
+):  # fmt: skip
     """Plain-PyTorch `y` of the module docstring for `x` `[T, in]`; `token_slots`, `ranks` integer,
-    `scalings` float. The LoRA branch runs in the dtype of `lora_a` (as peft does), the sum is
-    returned in the dtype of `x`. Inputs are assumed valid.
+    `scalings` float; `slot_plan` the `plan_slots` of `token_slots`, made here when None. The LoRA
+    branch runs in the dtype of `lora_a` (as peft does), the sum is returned in the dtype of `x`.
+    Inputs are assumed valid.
 
-    No loop over tokens: small problems go through the adapters of every slot the batch names at
-    once, larger ones through one segment of slot-sorted tokens per slot present
-    (EVERY_SLOT_MAX_MACS says where).
-    Both read values back (a host sync on a GPU, where the kernels run instead).
+    No loop over tokens or slots: the tokens gathered in slot order, two grouped matmuls (one group
+    per slot: `A`, then `B`, of stacks zero-padded past each rank, `padded_stacks`), and one
+    scatter-add into the base output.
     """
-    base = base_linear_ref(x, weight, bias, weight_scale, weight_offset)
-    lora_x = x.to(lora_a.dtype)
-    macs_per_row = x.shape[0] * (lora_a.shape[2] + lora_b.shape[1])
-    if macs_per_row <= EVERY_SLOT_MAX_MACS:
-        compact = compact_stacks(lora_a, lora_b, scalings, ranks)
-        named = torch.isin(compact.rank_rows, token_slots.to(compact.rank_rows.device)).nonzero().squeeze(1)
-        if macs_per_row * len(named) <= EVERY_SLOT_MAX_MACS:
-            if len(named) < len(compact.rank_rows):
-                # A decode step names a few of a pool's slots: copying their rows costs less than reading all.
-                compact = CompactStacks(*(t.index_select(0, named) for t in compact))
-            return (base + _through_every_slot(lora_x, compact, token_slots)).to(x.dtype)
-    y = base.to(lora_a.dtype)  # the base output itself when the dtypes agree: segments add into it
-    _add_present_slots(y, lora_x, lora_a, lora_b, token_slots, scalings.to(lora_a.dtype), ranks)
+    if slot_plan is None:
+        slot_plan = plan_slots(token_slots, lora_a.shape[0])
+    padded = padded_stacks(lora_a, lora_b, scalings, ranks)
+    grouped_x = x.to(lora_a.dtype).index_select(0, slot_plan.order)
+    in_features = x.shape[1]
+    if padded.lora_a_t.shape[1] != in_features:
+        grouped_x = F.pad(grouped_x, (0, padded.lora_a_t.shape[1] - in_features))
+    expanded = _grouped_lora(grouped_x, padded, slot_plan.ends)
+    y = base_linear_ref(x, weight, bias, weight_scale, weight_offset).to(lora_a.dtype)
+    y.index_add_(0, slot_plan.order, expanded[:, : weight.shape[0]])
     return y.to(x.dtype)
 
 
-class CompactStacks(NamedTuple):
-    """Every slot's live rank rows side by side, padding gone: `lora_a` rows `[R, in]`, `lora_b`
-    columns as rows `[R, out]`, and each row's slot `[R]` and scale `[R]` (R = sum of ranks)."""
+def _grouped_lora(grouped_x, padded, ends):
+    """`(x_g·A_gᵀ)·B_gᵀ` for each group g of `grouped_x`'s rows (`ends`): two grouped matmuls where
+    torch has them (`F.grouped_mm`, public from torch 2.10), else a loop over the groups (their ends
+    read on the host), for the older torch releases the package supports."""
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(F.grouped_mm(grouped_x, padded.lora_a_t, offs=ends), padded.lora_b_t, offs=ends)
+    expanded = grouped_x.new_empty(grouped_x.shape[0], padded.lora_b_t.shape[2])
+    start = 0
+    for slot, end in enumerate(ends.tolist()):
+        if end > start:
+            torch.mm(grouped_x[start:end] @ padded.lora_a_t[slot], padded.lora_b_t[slot], out=expanded[start:end])
+        start = end
+    return expanded
 
-    lora_a: torch.Tensor
+
+class PaddedStacks(NamedTuple):
+    """A slot stack as `F.grouped_mm` takes it: `lora_a_t` `[S + 1, in', r']` (each slot's `A`
+    transposed) and `lora_b_t` `[S + 1, r', out']` (its `B` transposed, times its scale), zero past
+    each slot's rank, and a last slot of zeros for the base tokens. `in'`, `r'` and `out'` are
+    rounded up to 16 bytes of the dtype: grouped_mm refuses other strides. Both are transposed
+    views of contiguous copies."""
+
+    lora_a_t: torch.Tensor
     lora_b_t: torch.Tensor
-    rank_rows: torch.Tensor
-    row_scalings: torch.Tensor
 
 
 # Stacks that stay the same tensors between calls (an adapter pool's, a patched peft model's) are
-# compacted once per change: keyed by the four tensors' ids, checked against weak references (an id
+# padded once per change: keyed by the four tensors' ids, checked against weak references (an id
 # can be reused) and version counters. A version is bumped after its in-place write completes, so
 # an entry built while a write ran carries the old version and is rebuilt on the next call.
-# Inference tensors have no version counter; theirs are compacted on every call.
-_compacted: dict[tuple[int, ...], tuple[tuple, tuple[int, ...], CompactStacks]] = {}
+# Inference tensors have no version counter; theirs are padded on every call.
+_padded: dict[tuple[int, ...], tuple[tuple, tuple[int, ...], PaddedStacks]] = {}
 
 
-def compact_stacks(lora_a, lora_b, scalings, ranks) -> CompactStacks:
-    """The `CompactStacks` of a slot stack, from the cache when its tensors are unchanged."""
+def padded_stacks(lora_a, lora_b, scalings, ranks) -> PaddedStacks:
+    """The `PaddedStacks` of a slot stack, from the cache when its tensors are unchanged."""
     stacks = (lora_a, lora_b, scalings, ranks)
     if any(t.is_inference() for t in stacks):
-        return _compact(*stacks)
+        return _pad(*stacks)
     key = tuple(map(id, stacks))
     versions = tuple(t._version for t in stacks)
-    cached = _compacted.get(key)
+    cached = _padded.get(key)
     if cached is not None and cached[1] == versions and all(ref() is t for ref, t in zip(cached[0], stacks)):
         return cached[2]
-    for stale in [k for k, (refs, _, _) in list(_compacted.items()) if any(ref() is None for ref in refs)]:
-        _compacted.pop(stale, None)  # another thread may have pruned it
-    compact = _compact(*stacks)
-    _compacted[key] = (tuple(map(weakref.ref, stacks)), versions, compact)
-    return compact
+    for stale in [k for k, (refs, _, _) in list(_padded.items()) if any(ref() is None for ref in refs)]:
+        _padded.pop(stale, None)  # another thread may have pruned it
+    padded = _pad(*stacks)
+    _padded[key] = (tuple(map(weakref.ref, stacks)), versions, padded)
+    return padded
 
 
-def _compact(lora_a, lora_b, scalings, ranks) -> CompactStacks:
-    num_slots, r_max, _ = lora_a.shape
-    ranks = ranks.to(lora_a.device)
-    in_rank = torch.arange(r_max, device=lora_a.device) < ranks[:, None]  # [S, r_max]
-    rank_rows = torch.arange(num_slots, device=lora_a.device).repeat_interleave(ranks.long())
-    return CompactStacks(
-        lora_a[in_rank], lora_b.transpose(1, 2)[in_rank], rank_rows, scalings.to(lora_a.device, lora_a.dtype)[rank_rows]
-    )
-
-
-def _through_every_slot(x, compact, token_slots):
-    """Every token through all rows of `compact`'s `A` (one matmul, `[T, R]`), its own slot's
-    columns kept and scaled (-1 owns none), then one matmul through the `B`s."""
-    shrunk = x @ compact.lora_a.T
-    own = token_slots[:, None].to(compact.rank_rows.device) == compact.rank_rows
-    return torch.where(own, shrunk * compact.row_scalings, 0) @ compact.lora_b_t
-
-
-def _add_present_slots(y, x, lora_a, lora_b, token_slots, scalings, ranks):
-    """Add each token's LoRA term into `y` in place: tokens grouped by slot (a stable sort), each
-    present slot's segment through its own first `ranks[s]` rows of `A` and columns of `B`."""
-    order = torch.argsort(token_slots, stable=True)
-    present, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
-    rank_of = ranks.tolist()
-    for slot, rows in zip(present.tolist(), order.split(counts.tolist())):
-        rank = rank_of[slot] if slot >= 0 else 0
-        if rank:
-            y.index_add_(0, rows, (x[rows] @ lora_a[slot, :rank].T * scalings[slot]) @ lora_b[slot, :, :rank].T)
+def _pad(lora_a, lora_b, scalings, ranks) -> PaddedStacks:
+    num_slots, r_max, in_features = lora_a.shape
+    out_features = lora_b.shape[1]
+    multiple = 16 // lora_a.element_size()
+    in_p, r_p, out_p = (-(-n // multiple) * multiple for n in (in_features, r_max, out_features))
+    past_rank = torch.arange(r_max, device=lora_a.device) >= ranks.to(lora_a.device)[:, None]  # [S, r_max]
+    # Copies in the stacks' own layout (grouped_mm takes the transposes as strides), in place into
+    # one zeroed buffer each: a pool refills its slots one adapter at a time, and every refill
+    # re-pads every layer's stacks.
+    padded_a = lora_a.new_zeros(num_slots + 1, r_p, in_p)
+    padded_a[:num_slots, :r_max, :in_features].copy_(lora_a).masked_fill_(past_rank[:, :, None], 0)
+    padded_b = lora_b.new_zeros(num_slots + 1, out_p, r_p)
+    in_b = padded_b[:num_slots, :out_features, :r_max].copy_(lora_b)
+    in_b.masked_fill_(past_rank[:, None, :], 0).mul_(scalings.to(lora_b.device, lora_b.dtype)[:, None, None])
+    return PaddedStacks(padded_a.transpose(1, 2), padded_b.transpose(1, 2))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("datasets", "trl", "fastapi", "uvicorn", "httpx", "prometheus_client", "openai", "ray", "guidellm",
-            "liger_kernel")  # fmt: skip
+            "lm_eval", "liger_kernel")  # fmt: skip
 
 # Runs pytest with OPTIONAL made absent: their imports fail as those of missing packages do, and
 # importlib's find_spec and metadata (which transformers' `is_*_available` read) do not see them.

@@ -36,7 +36,7 @@ from fused_train.hf.quantize import QuantizedLinear
 from fused_train.kernels.lora_ref import MAX_RANK
 from fused_train.ops.checks import FLOAT_DTYPES, is_dtensor
 from fused_train.ops.lora import lora_linear
-from fused_train.ops.multi_lora import multi_lora_linear
+from fused_train.ops.multi_lora import SlotPlan, multi_lora_linear, plan_slots
 
 logger = logging.getLogger("fused_train")
 
@@ -248,12 +248,12 @@ def _mixed_batch_forward(layer: LoraLinear, x: torch.Tensor, adapter_names) -> t
         return base(x)
     x, weight, bias = _in_compute_dtype(x, base.weight, base.bias)
     lora_a, lora_b, scalings, ranks, slot_of = _stacked_adapters(layer, x.dtype, x.device)
-    token_slots = _token_slots(adapter_names, slot_of, x.numel() // (x.shape[-1] * len(x)), x.device)
-    # The slots and ranks are ours, valid by construction: no read-back (a host sync per layer on a GPU).
+    token_slots, plan = _token_slots(adapter_names, slot_of, x.numel() // (x.shape[-1] * len(x)), x.device)
+    # The slots, ranks and plan are ours, valid by construction: no read-back (a host sync per layer on a GPU).
     return multi_lora_linear(
         x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=bias,
         weight_scale=getattr(base, "weight_scale", None), weight_offset=getattr(base, "weight_offset", None),
-        check_values=False,
+        check_values=False, slot_plan=plan,
     )  # fmt: skip
 
 
@@ -283,7 +283,7 @@ def _stacked_adapters(layer: LoraLinear, compute_dtype: torch.dtype, device: tor
         return cached[1]
     r_max = max(layer.r[name] for name in names)
     # Never inference tensors (generate runs under inference mode): the op's reference path caches a
-    # compacted copy of the stacks by their version counters, which those lack.
+    # padded copy of the stacks by their version counters, which those lack.
     with torch.inference_mode(False), torch.no_grad():
         lora_a = torch.zeros(len(names), r_max, layer.in_features, dtype=dtype, device=device)
         lora_b = torch.zeros(len(names), layer.out_features, r_max, dtype=dtype, device=device)
@@ -298,22 +298,26 @@ def _stacked_adapters(layer: LoraLinear, compute_dtype: torch.dtype, device: tor
     return stacked
 
 
-# (adapter_names, slot_of, tokens per row, device) -> token_slots. Every layer with the same adapters
-# shares one entry, and a decode step's entry serves the next steps: no host-to-device copy per layer.
-_token_slots_cache: dict[tuple, torch.Tensor] = {}
+# (adapter_names, slot_of, tokens per row, device) -> token_slots and their SlotPlan. Every layer with
+# the same adapters shares one entry, and a decode step's entry serves the next steps: no
+# host-to-device copy, and no grouping of tokens by slot, per layer.
+_token_slots_cache: dict[tuple, tuple[torch.Tensor, SlotPlan]] = {}
 _TOKEN_SLOTS_CACHE_SIZE = 64
 
 
-def _token_slots(adapter_names, slot_of: dict[str, int], tokens_per_row: int, device: torch.device) -> torch.Tensor:
+def _token_slots(
+    adapter_names, slot_of: dict[str, int], tokens_per_row: int, device: torch.device
+) -> tuple[torch.Tensor, SlotPlan]:
     key = (tuple(adapter_names), tuple(slot_of.items()), tokens_per_row, device)
-    token_slots = _token_slots_cache.get(key)
-    if token_slots is None:
+    cached = _token_slots_cache.get(key)
+    if cached is None:
         rows = torch.tensor([slot_of.get(name, -1) for name in adapter_names], dtype=torch.int32)
         token_slots = rows.repeat_interleave(tokens_per_row).to(device)
+        cached = (token_slots, plan_slots(token_slots, len(slot_of)))
         if len(_token_slots_cache) >= _TOKEN_SLOTS_CACHE_SIZE:
             _token_slots_cache.clear()
-        _token_slots_cache[key] = token_slots
-    return token_slots
+        _token_slots_cache[key] = cached
+    return cached
 
 
 def _is_patched(module: nn.Module) -> bool:

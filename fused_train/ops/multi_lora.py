@@ -8,7 +8,7 @@ layout of the stacked adapters is in `fused_train.kernels.multi_lora_ref`. Forwa
 import torch
 
 from fused_train.kernels.lora_ref import MAX_RANK
-from fused_train.kernels.multi_lora_ref import multi_lora_linear_ref
+from fused_train.kernels.multi_lora_ref import SlotPlan, multi_lora_linear_ref, plan_slots
 from fused_train.ops.checks import FLOAT_DTYPES, assert_on_device, check_int4_weight, describe, values_readable
 from fused_train.ops.dispatch import HAS_TRITON, triton_runs_on
 
@@ -28,9 +28,12 @@ def multi_lora_linear_op(
     bias: torch.Tensor | None,
     weight_scale: torch.Tensor | None,
     weight_offset: torch.Tensor | None,
+    slot_order: torch.Tensor | None = None,
+    slot_ends: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`y` `[T, out]` for 2-D `x` `[T, in]` and 1-D `token_slots` `[T]`, inputs already checked: the
-    Triton kernels where `triton_runs_on` allows, else the reference."""
+    Triton kernels where `triton_runs_on` allows, else the reference (given `token_slots`'
+    `SlotPlan` as `slot_order` and `slot_ends`, it reuses it)."""
     tensors = [t for t in (x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset)
                if t is not None]  # fmt: skip
     if triton_runs_on(*tensors):
@@ -38,13 +41,15 @@ def multi_lora_linear_op(
             x.contiguous(), weight, lora_a, lora_b, token_slots.contiguous(), scalings, ranks, bias, weight_scale,
             weight_offset,
         )  # fmt: skip
+    slot_plan = None if slot_order is None else SlotPlan(slot_order, slot_ends)
     return multi_lora_linear_ref(
-        x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset
+        x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset, slot_plan
     )
 
 
 @multi_lora_linear_op.register_fake
-def _(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset):
+def _(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset, slot_order=None,
+      slot_ends=None):  # fmt: skip
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -61,6 +66,7 @@ def multi_lora_linear(
     weight_offset: torch.Tensor | None = None,
     *,
     check_values: bool = True,
+    slot_plan: SlotPlan | None = None,
 ) -> torch.Tensor:
     """A linear layer whose tokens each take their own LoRA adapter out of a stack of `S` slots.
 
@@ -86,6 +92,10 @@ def multi_lora_linear(
             (ValueError), on a GPU on the device without a host sync (a device-side assert), a few
             small launches that a hot loop with slots checked once per batch skips by passing
             False (the adapter pool does); shapes, dtypes and devices are always checked.
+        slot_plan: `plan_slots(token_slots.reshape(-1), S)`, for a batch whose layers all take the
+            same `token_slots`: made once, it spares each call the reference's grouping of tokens by
+            slot (the Triton kernels need none). Its shapes are always checked, and with
+            `check_values` its values against `token_slots` (a plan of other slots gives wrong outputs).
 
     Returns `y` `[..., out]` in the dtype of `x`. No autograd: with grad mode on, no input may
     require a gradient. The Triton kernels run where `fused_train.ops.dispatch.triton_runs_on` allows,
@@ -95,11 +105,18 @@ def multi_lora_linear(
     if ranks is None and isinstance(lora_a, torch.Tensor) and lora_a.dim() == 3:
         ranks = torch.full((lora_a.shape[0],), lora_a.shape[1], dtype=torch.int32, device=lora_a.device)
     _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias, weight_scale, weight_offset)
-    if check_values and not torch.compiler.is_compiling():
-        _check_values(token_slots, ranks, lora_a.shape[0], lora_a.shape[1])
     x2d = x.reshape(-1, x.shape[-1])
     slots = token_slots.reshape(-1)
-    y = multi_lora_linear_op(x2d, weight, lora_a, lora_b, slots, scalings, ranks, bias, weight_scale, weight_offset)
+    if slot_plan is not None:
+        _check_plan(slot_plan, slots, lora_a.shape[0])
+    if check_values and not torch.compiler.is_compiling():
+        _check_values(token_slots, ranks, lora_a.shape[0], lora_a.shape[1])
+        if slot_plan is not None:
+            _check_plan_values(slot_plan, slots, lora_a.shape[0])
+    order, ends = (None, None) if slot_plan is None else slot_plan
+    y = multi_lora_linear_op(
+        x2d, weight, lora_a, lora_b, slots, scalings, ranks, bias, weight_scale, weight_offset, order, ends
+    )
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -161,6 +178,30 @@ def _check_inputs(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias,
             f"{', '.join(name for name, t in tensors.items() if t is not None)} must be on one device, "
             f"got {sorted(map(str, devices))}"
         )
+
+
+def _check_plan(slot_plan, slots, num_slots):
+    """Raise ValueError when `slot_plan` is not a `SlotPlan` of `slots`' shape for `num_slots` slots."""
+    if not isinstance(slot_plan, SlotPlan):
+        raise ValueError(f"slot_plan must be a SlotPlan (plan_slots makes one) or None, got {type(slot_plan).__name__}")
+    order, ends = slot_plan
+    if order.dtype != torch.int64 or order.shape != slots.shape or order.device != slots.device:
+        raise ValueError(f"slot_plan.order must be int64 [{len(slots)}] on {slots.device}, got {describe(order)}")
+    if ends.dtype != torch.int32 or ends.shape != (num_slots + 1,) or ends.device != slots.device:
+        raise ValueError(f"slot_plan.ends must be int32 [slots + 1 = {num_slots + 1}] on {slots.device}, "
+                         f"got {describe(ends)}")  # fmt: skip
+
+
+def _check_plan_values(slot_plan, slots, num_slots):
+    """Raise ValueError when `slot_plan` is not `plan_slots(slots, num_slots)` (on a GPU the same
+    asserted on the device, as `_check_values` does)."""
+    expected = plan_slots(slots, num_slots)
+    same = (slot_plan.order == expected.order).all() & (slot_plan.ends == expected.ends).all()
+    message = "slot_plan is not plan_slots(token_slots.reshape(-1), slots): it groups other slots"
+    if not values_readable(slots):
+        assert_on_device(same, message)
+    elif not same:
+        raise ValueError(message)
 
 
 def _check_weight(x, weight, weight_scale, weight_offset):

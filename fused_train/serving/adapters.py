@@ -56,7 +56,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from fused_train.kernels.lora_ref import MAX_RANK
 from fused_train.hf.peft_lora import BASE_ADAPTER
 from fused_train.ops.checks import check_int, describe
-from fused_train.ops.multi_lora import multi_lora_linear
+from fused_train.ops.multi_lora import SlotPlan, multi_lora_linear, plan_slots
 from fused_train.serving.adapter_files import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (importable here before)
 from fused_train.serving.adapter_files import HostAdapter, file_stamps, read_adapter
 
@@ -81,6 +81,7 @@ class AdapterVersion(NamedTuple):
 class _Batch(NamedTuple):
     token_slots: torch.Tensor
     slots: frozenset[int]
+    plan: SlotPlan  # the tokens grouped by slot, once for every layer of the forward
 
 
 class _LayerSlots:
@@ -91,7 +92,7 @@ class _LayerSlots:
         self.layer = layer
         self.batch = batch
         # Never inference tensors (a first fill may run under inference mode): the op's reference
-        # path caches a compacted copy of the stacks by their version counters, which those lack.
+        # path caches a padded copy of the stacks by their version counters, which those lack.
         with torch.inference_mode(False):
             device = weight.device
             self.lora_a = torch.zeros(num_slots, max_rank, layer.in_features, dtype=weight.dtype, device=device)
@@ -109,7 +110,7 @@ class _LayerSlots:
         # The pool checked the slots once per batch; the op need not read them back per layer.
         return multi_lora_linear(
             x, layer.weight, self.lora_a, self.lora_b, batch.token_slots, self.scalings, self.ranks, bias=layer.bias,
-            check_values=False,
+            check_values=False, slot_plan=batch.plan,
         )  # fmt: skip
 
 
@@ -296,7 +297,7 @@ class AdapterPool:
             stream = torch.cuda.current_stream(self._device)
             for event in ready:
                 stream.wait_event(event)
-        reset = self._batch.set(_Batch(token_slots, slots))
+        reset = self._batch.set(_Batch(token_slots, slots, plan_slots(token_slots, self.max_loras)))
         try:
             yield
         finally:

@@ -35,7 +35,7 @@ class EngineStopped(RuntimeError):
 class SamplingParams:
     """How a request's tokens are chosen and when it stops (vLLM's names and defaults)."""
 
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: none; the request ends once its prompt is computed (for prompt_logprobs)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: no cut
@@ -50,12 +50,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # a logit of a prompt or output token: / if > 0, * if < 0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: int | None = None  # each output token's logprob and this many top ones (None: none)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (None: none)
     # OpenAI's {"type": "json_object"} / {"type": "json_schema", ...}: a grammar masks every step's tokens
     response_format: dict | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")
         temperature = self.temperature
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
@@ -91,9 +92,11 @@ class SamplingParams:
                 f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}"
             )
         object.__setattr__(self, "logit_bias", bias)
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):  # fmt: skip
-            raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= MAX_LOGPROBS):  # fmt: skip
+                raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {value!r}")
 
     @property
     def penalized(self) -> bool:
@@ -121,6 +124,14 @@ class RequestOutput:
     preemptions: int = 0
     # With `SamplingParams.logprobs`: per generated token (its logprob, [(token id, logprob)] top first).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # The mean of its generated tokens' logprobs under the model (raw logits), whatever the request
+    # asked: a quality signal (`quality.QualityMonitor`). None without tokens, or from an engine
+    # that does not compute it.
+    mean_logprob: float | None = None
+    # With `SamplingParams.prompt_logprobs`: per prompt token, None for the first (nothing predicts it),
+    # then the same tuples as `logprobs`: each token's logprob given the tokens before it. Shorter only
+    # when the request ended (cancelled, failed) before its whole prompt was computed.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 @dataclass(eq=False)
@@ -134,6 +145,8 @@ class _Request:
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
     logprobs: list | None = None  # one per generated token, with `params.logprobs`
+    logprob_sum: float = 0.0  # of every generated token's logprob
+    prompt_logprobs: list | None = None  # [None, one per prompt token scored so far], with params.prompt_logprobs
     text: str | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -148,15 +161,22 @@ class _Request:
     def preemptions(self) -> int:
         return self.seq.preemptions
 
+    @property
+    def scoring_prompt(self) -> bool:
+        """Whether it asked for prompt logprobs and some prompt tokens have none yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
+
 
 class RequestHandle:
     """A request's live view: iterate it (or `async for` over `stream()`) for its token ids as they
-    are produced; `result()` waits for the `RequestOutput`; `cancel()` ends it."""
+    are produced (`stream(logprobs=True)`: with each one's logprobs); `result()` waits for the
+    `RequestOutput`; `cancel()` ends it."""
 
     def __init__(self, owner: "RequestLoop", request_id: str):
         self.request_id = request_id
         self._owner = owner
         self._tokens: list[int] = []
+        self._logprobs: list = []  # one per token where the request asked for logprobs, else none
         self._output: RequestOutput | None = None
         self._changed = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -186,14 +206,17 @@ class RequestHandle:
                 self._raise_if_failed()
                 return
 
-    async def stream(self):
-        """The asyncio form of iterating the handle: `async for token_id in handle.stream()`."""
+    async def stream(self, logprobs: bool = False):
+        """The asyncio form of iterating the handle: `async for token_id in handle.stream()`; with
+        `logprobs`, `(token_id, entry)`: its `RequestOutput.logprobs` entry, None where the request
+        asked for none."""
         loop = asyncio.get_running_loop()
         index = 0
         while True:
             event = asyncio.Event()
             with self._changed:
                 new, ended = self._tokens[index:], self.done()
+                entries = self._logprobs[index : index + len(new)]
                 if not new and not ended:
                     self._async_waiters.append((loop, event))
             if not new and not ended:
@@ -204,8 +227,8 @@ class RequestHandle:
                         if (loop, event) in self._async_waiters:
                             self._async_waiters.remove((loop, event))
                 continue
-            for token in new:
-                yield token
+            for offset, token in enumerate(new):
+                yield (token, entries[offset] if offset < len(entries) else None) if logprobs else token
             index += len(new)
             if ended and index == len(self._tokens):
                 self._raise_if_failed()
@@ -215,11 +238,13 @@ class RequestHandle:
         if self._output.finish_reason == "error":
             raise RequestFailed(f"request {self.request_id} failed: {self._output.error}")
 
-    def publish(self, tokens: list[int], output: RequestOutput | None) -> None:
-        """The producer's side (the loop thread): `tokens` are produced; `output`, when given, ends
-        the request. Wakes every waiting consumer, threads and asyncio loops alike."""
+    def publish(self, tokens: list[int], output: RequestOutput | None, logprobs=()) -> None:
+        """The producer's side (the loop thread): `tokens` are produced, with their `logprobs`
+        entries where the request asked for them; `output`, when given, ends the request. Wakes
+        every waiting consumer, threads and asyncio loops alike."""
         with self._changed:
             self._tokens.extend(tokens)
+            self._logprobs.extend(logprobs)
             if output is not None:
                 self._output = output
             self._changed.notify_all()
@@ -269,6 +294,8 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
     if text is None and tokenizer is not None:
         text = decode_text(tokenizer, request.generated)
     logprobs = getattr(request, "logprobs", None)  # a list where the request asked for them
+    logprob_sum = getattr(request, "logprob_sum", None)  # where the engine computes it
+    prompt_logprobs = getattr(request, "prompt_logprobs", None)
     tpot = None
     if request.first_token is not None and len(request.generated) > 1:
         tpot = (now - request.first_token) / (len(request.generated) - 1)
@@ -286,6 +313,8 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
         latency=now - request.arrival,
         preemptions=preemptions,
         logprobs=None if logprobs is None else logprobs[: len(request.generated)],
+        mean_logprob=logprob_sum / len(request.generated) if logprob_sum is not None and request.generated else None,
+        prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
     )
 
 
@@ -403,17 +432,19 @@ class RequestLoop:
         reason, text = stop_reason(request.params, request.generated, self._eos, self.tokenizer)
         if text is not None:
             request.text = text
+        logprobs = getattr(request, "logprobs", None)  # recorded before the token is appended
+        entries = logprobs[len(request.generated) - 1 : len(request.generated)] if logprobs else []
         if reason is None:
-            request.handle.publish([token], None)
+            request.handle.publish([token], None, entries)
             return False
-        self._end(request, reason, new_tokens=[token])
+        self._end(request, reason, new_tokens=[token], new_logprobs=entries)
         return True
 
-    def _end(self, request, reason: str, error: str | None = None, new_tokens=()) -> None:
+    def _end(self, request, reason: str, error: str | None = None, new_tokens=(), new_logprobs=()) -> None:
         """The one place a request ends (under the lock): what it holds released, its output published."""
         self._release(request)
         key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self._counters[key] += 1
         output = ended_output(request, request.request_id, request.adapter, reason, error, self.clock(),
                               self.tokenizer, preemptions=request.preemptions)  # fmt: skip
-        request.handle.publish(list(new_tokens), output)
+        request.handle.publish(list(new_tokens), output, list(new_logprobs))

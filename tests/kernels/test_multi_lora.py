@@ -7,7 +7,7 @@ import fused_train
 from fused_train.kernels import multi_lora as multi_lora_kernels
 from fused_train.kernels import multi_lora_ref
 from fused_train.kernels.lora_ref import quantize_int4, quantize_int8
-from fused_train.kernels.multi_lora_ref import base_linear_ref, multi_lora_linear_ref
+from fused_train.kernels.multi_lora_ref import SlotPlan, base_linear_ref, multi_lora_linear_ref, plan_slots
 from fused_train.ops import multi_lora as multi_lora_ops
 from tests.conftest import DEVICE
 from tests.kernels.conftest import make_base_weight
@@ -43,11 +43,14 @@ def _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=None
     return y
 
 
-@pytest.mark.parametrize("every_slot_max_macs", [0, 2**40], ids=["present slots", "every slot"])
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "torch before 2.10"])
+@pytest.mark.parametrize("plan_given", [False, True], ids=["plan made", "plan given"])
 @pytest.mark.parametrize("num_tokens, num_slots", [(3, 5), (40, 4), (0, 3)])
-def test_reference_matches_per_token_loop(monkeypatch, every_slot_max_macs, num_tokens, num_slots):
-    """Both ways of the reference, forced, with NaN padding."""
-    monkeypatch.setattr(multi_lora_ref, "EVERY_SLOT_MAX_MACS", every_slot_max_macs)
+def test_reference_matches_per_token_loop(plan_given, num_tokens, num_slots, grouped_mm, monkeypatch):
+    """With NaN padding, and feature counts that are no multiple of 16 bytes (grouped_mm's stride
+    rule); without `F.grouped_mm` (torch < 2.10) the groups are looped over."""
+    if not grouped_mm:
+        monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
     in_features, out_features, r_max = 33, 17, 16
     ranks = torch.randint(0, r_max + 1, (num_slots,), dtype=torch.int32, device=DEVICE)
     lora_a, lora_b = _adapters(num_slots, r_max, in_features, out_features, ranks, torch.float32, pad=float("nan"))
@@ -55,7 +58,8 @@ def test_reference_matches_per_token_loop(monkeypatch, every_slot_max_macs, num_
     weight = torch.randn(out_features, in_features, device=DEVICE)
     token_slots = torch.randint(-1, num_slots, (num_tokens,), dtype=torch.int32, device=DEVICE)
     scalings = torch.rand(num_slots, device=DEVICE)
-    y = multi_lora_linear_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks)
+    plan = plan_slots(token_slots, num_slots) if plan_given else None
+    y = multi_lora_linear_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks, slot_plan=plan)
     expected = _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -285,6 +289,27 @@ def test_device_value_checks_name_the_argument(monkeypatch, what):
     with pytest.raises(RuntimeError, match=name):
         fused_train.multi_lora_linear(**{k: v.cpu() for k, v in (_valid_inputs() | changes).items()})
 
+def test_slot_plan_of_other_slots_or_shape_is_refused():
+    inputs = {k: v.cpu() for k, v in _valid_inputs().items()}  # a CPU's check reads values: ValueError
+    num_slots = inputs["lora_a"].shape[0]
+    token_slots = inputs["token_slots"]
+    other = plan_slots(torch.roll(token_slots, 1), num_slots)
+    assert not torch.equal(other.order, plan_slots(token_slots, num_slots).order)  # the case tests something
+    with pytest.raises(ValueError, match="slot_plan is not plan_slots"):
+        fused_train.multi_lora_linear(**inputs, slot_plan=other)
+    plan = plan_slots(token_slots, num_slots)
+    bad_plans = {
+        "slot_plan.order": SlotPlan(plan.order.int(), plan.ends),
+        "slot_plan.ends": SlotPlan(plan.order, plan.ends[:-1]),
+        "a SlotPlan": tuple(plan),
+    }
+    for match, bad in bad_plans.items():
+        with pytest.raises(ValueError, match=match):
+            fused_train.multi_lora_linear(**inputs, slot_plan=bad, check_values=False)
+    with_plan = fused_train.multi_lora_linear(**inputs, slot_plan=plan)
+    torch.testing.assert_close(with_plan, fused_train.multi_lora_linear(**inputs))
+
+
 def test_leading_dimensions_and_default_ranks():
     inputs = _valid_inputs()
     x = inputs["x"][:4].reshape(2, 2, -1)
@@ -317,11 +342,11 @@ def test_compiles_fullgraph():
 
 
 def test_reference_sees_stacks_changed_in_place():
-    """The reference caches compacted stacks per tensor (an adapter pool's stay the same tensors):
+    """The reference caches padded stacks per tensor (an adapter pool's stay the same tensors):
     a slot refilled, a rank and a scale changed in place, as the pool does, show on the next call."""
     inputs = _case(12, 3, 16, 20, 24, torch.float32, torch.float32, "random", [16, 4, 9], None, None)
     stacks = [inputs[name] for name in ("lora_a", "lora_b", "scalings", "ranks")]
-    assert multi_lora_ref.compact_stacks(*stacks) is multi_lora_ref.compact_stacks(*stacks)
+    assert multi_lora_ref.padded_stacks(*stacks) is multi_lora_ref.padded_stacks(*stacks)
     multi_lora_linear_ref(**inputs)
     inputs["lora_b"][1, :, :4].mul_(-2.0)
     inputs["ranks"][2] = 3

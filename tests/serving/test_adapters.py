@@ -10,7 +10,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fused_train.kernels import multi_lora_ref
+from fused_train.kernels.multi_lora_ref import plan_slots
+from fused_train.ops import multi_lora as multi_lora_ops
 from fused_train.serving import AdapterPool, NoFreeSlot
+from fused_train.serving import adapters as adapters_module
 from tests.conftest import DEVICE
 from tests.hf.tiny_models import COMMON, tiny_model
 
@@ -283,3 +287,23 @@ def test_loads_while_a_batch_runs_leave_it_alone(adapter_dirs, reference):
     _assert_close(result["logits"], expected)
     assert pool.stats()["leased_slots"] == [held.item()]
     assert pool.slots_for(["extra"]).tolist() == [1]  # all8's slot, free now
+
+
+def test_reference_path_groups_tokens_by_slot_once_per_forward(adapter_dirs, reference, monkeypatch):
+    """Where the PyTorch reference runs (a CPU without Triton's interpreter), `activate` groups the
+    batch's tokens by slot once (`plan_slots`) and every layer reuses it; the logits match peft's."""
+    monkeypatch.setattr(multi_lora_ops, "triton_runs_on", lambda *tensors: False)
+    plans = []
+    monkeypatch.setattr(adapters_module, "plan_slots", lambda *args: plans.append(args) or plan_slots(*args))
+
+    def no_plan_per_layer(*args):
+        raise AssertionError("a layer grouped the tokens by slot itself")
+
+    monkeypatch.setattr(multi_lora_ref, "plan_slots", no_plan_per_layer)
+    model = _base()
+    pool = _pool(model, adapter_dirs)
+    names = ["attn4", "__base__", "all8", "mlp2"]
+    with torch.no_grad():
+        expected = reference(_input_ids(), adapter_names=names).logits
+    _assert_close(_pool_logits(pool, model, names), expected)
+    assert len(plans) == 1
