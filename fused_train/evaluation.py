@@ -137,10 +137,11 @@ class _Request:
     choice: int | None = None
 
 
-def score(engine, examples, models, max_tokens: int | None = None) -> dict[str, dict[str, float]]:
+def score(engine, examples, models, max_tokens: int | None = None, generate: bool = True) -> dict[str, dict]:
     """model -> metric -> value, for each of `models` (`BASE` or a loaded adapter's name) on
     `examples`, every request in one `engine.generate`; metrics without examples are left out.
-    `max_tokens` None: each generation runs as many tokens as its reference has."""
+    `max_tokens` None: each generation runs as many tokens as its reference has; `generate` False:
+    no generations, so only the log-likelihood metrics (perplexity, choice accuracy)."""
     from fused_train.serving import SamplingParams
 
     tokenizer = engine.tokenizer
@@ -163,7 +164,8 @@ def score(engine, examples, models, max_tokens: int | None = None) -> dict[str, 
             if example.reference is not None:
                 reference_ids = continuation(example.reference, example, "reference")
                 requests.append(_Request(model, example, "reference", prompt_ids, reference_ids))
-                requests.append(_Request(model, example, "generation", prompt_ids, reference_ids))
+                if generate:
+                    requests.append(_Request(model, example, "generation", prompt_ids, reference_ids))
             for index, choice in enumerate(example.choices or ()):
                 requests.append(_Request(model, example, "choice", prompt_ids, continuation(choice, example, "choices"),
                                          index))  # fmt: skip
@@ -175,7 +177,7 @@ def score(engine, examples, models, max_tokens: int | None = None) -> dict[str, 
     adapters = [None if r.model == BASE else r.model for r in requests]
     outputs = engine.generate(prompts, params, adapters)
 
-    scorer = _rouge_scorer() if any(example.reference is not None for example in examples) else None
+    scorer = _rouge_scorer() if any(r.kind == "generation" for r in requests) else None
     sums = {model: dict(nll=0.0, tokens=0, exact=0, rouge=0.0, generations=0, choices={}) for model in models}
     for request, output in zip(requests, outputs):
         if output.finish_reason == "error":
@@ -202,6 +204,7 @@ def score(engine, examples, models, max_tokens: int | None = None) -> dict[str, 
         metrics = {}
         if total["tokens"]:
             metrics["perplexity"] = math.exp(total["nll"] / total["tokens"])
+        if total["generations"]:
             metrics["exact_match"] = total["exact"] / total["generations"]
             metrics["rouge_l"] = total["rouge"] / total["generations"]
         if answers:
@@ -212,8 +215,8 @@ def score(engine, examples, models, max_tokens: int | None = None) -> dict[str, 
     return results
 
 
-def evaluate(model_path, adapters: dict, examples, variants=(REFERENCE_VARIANT,), *, max_tokens=None, device=None,
-             dtype="auto", **engine_options) -> dict:  # fmt: skip
+def evaluate(model_path, adapters: dict, examples, variants=(REFERENCE_VARIANT,), *, max_tokens=None, generate=True,
+             device=None, dtype="auto", **engine_options) -> dict:  # fmt: skip
     """variant -> model -> metric -> value: `score` of the base model and every adapter (name ->
     peft adapter directory) under each variant of `VARIANTS`, each variant an engine of its own."""
     from fused_train.serving.loading import open_engine
@@ -228,7 +231,7 @@ def evaluate(model_path, adapters: dict, examples, variants=(REFERENCE_VARIANT,)
         engine = open_engine(model_path, adapters, device=device, dtype=dtype, max_loras=max(1, len(adapters)),
                              **VARIANTS[variant], **engine_options)  # fmt: skip
         try:
-            results[variant] = score(engine, examples, [BASE, *adapters], max_tokens)
+            results[variant] = score(engine, examples, [BASE, *adapters], max_tokens, generate)
         finally:
             engine.shutdown(drain=False)
     return results

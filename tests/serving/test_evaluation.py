@@ -125,18 +125,34 @@ def test_metrics_equal_an_unpatched_hf_forward(tiny_model_dir, tiny_adapters, re
     assert 0 <= results["a"]["rouge_l"] <= 1 and results["a"]["exact_match"] < 3 / 4
 
 
+def _greedy_texts(model_dir, prompts, max_new_tokens):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = _hf_model(model_dir)
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        texts.append(tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
 def test_eval_command_prints_the_table_and_fails_the_gate_on_a_broken_adapter(tiny_model_dir, tmp_path, capsys,
                                                                               reference_path):  # fmt: skip
     pytest.importorskip("rouge_score")
     pytest.importorskip("matplotlib")
-    # Three adapters that change the model a little, and one whose LoRA B is 10,000x theirs.
-    good = make_adapters(tiny_model_dir, tmp_path / "adapters", {"files": 4, "strings": 8, "numbers": 4}, scale=0.005)
-    broken = make_adapters(tiny_model_dir, tmp_path / "broken", {"broken": 8}, scale=50.0)
+    # Three adapters that change the model a little, and one whose LoRA B is 1,000x theirs.
+    good = make_adapters(tiny_model_dir, tmp_path / "adapters", {"files": 4, "strings": 8, "numbers": 4}, scale=0.001)
+    broken = make_adapters(tiny_model_dir, tmp_path / "broken", {"broken": 8}, scale=1.0)
+    # References: the base model's greedy continuations (its exact match is 1); the right choice is
+    # the shortest (a random model's summed log-likelihood favours it).
+    references = _greedy_texts(tiny_model_dir, PROMPTS, 8)
     data = _write(tmp_path / "data.jsonl", [
-        {"prompt": prompt, "reference": " the value", "choices": CHOICES, "answer": 0} for prompt in PROMPTS
+        dict(prompt=prompt, reference=reference, choices=CHOICES[::-1], answer=2)
+        for prompt, reference in zip(PROMPTS, references)
     ])  # fmt: skip
-    command = ["eval", "--model", tiny_model_dir, "--data", data, "--fail-if-worse", "3", "--kv-dtype", "int8",
-               *[f"--adapter={name}={path}" for name, path in good.items()]]  # fmt: skip
+    command = ["eval", "--model", tiny_model_dir, "--data", data, "--fail-if-worse", "10", "--max-tokens", "8",
+               "--kv-dtype", "int8", *[f"--adapter={name}={path}" for name, path in good.items()]]  # fmt: skip
 
     assert main([*command, "--out", str(tmp_path / "good")]) == 0
     out = capsys.readouterr().out
@@ -147,14 +163,16 @@ def test_eval_command_prints_the_table_and_fails_the_gate_on_a_broken_adapter(ti
         ["full", "numbers", "full/base"], ["kv_int8", "base", "full/base"], ["kv_int8", "files", "full/files"],
         ["kv_int8", "strings", "full/strings"], ["kv_int8", "numbers", "full/numbers"],
     ]  # fmt: skip
-    assert "every row within 3% of its reference" in out
+    assert "every row within 10% of its reference" in out
+    report = json.loads((tmp_path / "good" / "eval.json").read_text())
+    assert report["results"]["full"]["base"]["exact_match"] == 1
 
     assert main([*command, f"--adapter=broken={broken['broken']}", "--out", str(tmp_path / "broken_run")]) == 1
     failures = [line for line in capsys.readouterr().err.splitlines() if "FAIL" in line]
     assert failures and all("/broken: " in line for line in failures), failures
     report = json.loads((tmp_path / "broken_run" / "eval.json").read_text())
     assert report["gate"]["failures"] and set(report["results"]) == {"full", "kv_int8"}
-    assert report["results"]["full"]["broken"]["perplexity"] > 1.5 * report["results"]["full"]["base"]["perplexity"]
+    assert report["results"]["full"]["broken"]["exact_match"] < 0.5
     assert (tmp_path / "broken_run" / "eval.png").stat().st_size > 0
 
 
