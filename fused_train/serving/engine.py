@@ -22,6 +22,13 @@ a plain transformers causal LM (adapters come from the pool, not from peft). Sam
 model's device, one vectorized pass for the step (`runner.sample_batch`), and only the chosen ids
 come to the host; its noise is a pure function of (the request's seed, the token's index), so a
 seeded request draws the same tokens whatever batches it shares; greedy is temperature 0.
+
+Prompt logprobs (`SamplingParams.prompt_logprobs`, vLLM's): the steps of such a request keep the
+logits of every prompt token they feed, chunk after chunk, and `RequestOutput.prompt_logprobs`
+gets each prompt token's logprob and top-k (None for the first). It reads no cached prefix (a
+cached page has no logits, as in vLLM) but registers its pages for the others. With max_tokens=0
+it draws nothing and ends ("length") once its prompt is computed (vLLM refuses 0 and its server
+draws one token for an `echo` that asks for none; here nothing is drawn).
 """
 
 import secrets
@@ -166,7 +173,9 @@ class Engine(RequestLoop):
         with self._lock:
             request_id = self._new_request_id(request_id)
             version = None if adapter is None else self.pool.acquire(adapter)  # raises UnknownAdapter
-            seq = Sequence(request_id, list(prompt_ids), total, version)
+            # A cached page has no logits: a request that scores its prompt computes all of it (as vLLM).
+            seq = Sequence(request_id, list(prompt_ids), total, version,
+                           reads_prefix_cache=params.prompt_logprobs is None)  # fmt: skip
             handle = RequestHandle(self, request_id)
             try:
                 self.scheduler.add(seq)  # raises ValueError / QueueFull before anything is recorded
@@ -174,9 +183,11 @@ class Engine(RequestLoop):
                 if version is not None:
                     self.pool.release(version)
                 raise
-            self._requests[request_id] = _Request(seq, params, list(prompt_ids), seed, self.clock(), handle,
-                                                  adapter, grammar=grammar,
-                                                  logprobs=None if params.logprobs is None else [])  # fmt: skip
+            self._requests[request_id] = _Request(
+                seq, params, list(prompt_ids), seed, self.clock(), handle, adapter, grammar=grammar,
+                logprobs=None if params.logprobs is None else [],
+                prompt_logprobs=None if params.prompt_logprobs is None else [None],
+            )
             self._counters["prompt_tokens"] += len(prompt_ids)
             self._lock.notify_all()
         return handle
@@ -291,10 +302,13 @@ class Engine(RequestLoop):
                         self._end(request, "cancelled")
                     elif token is not None:
                         self._append(request, token, now)
+                    elif request.params.max_tokens == 0 and not request.seq.num_uncached:
+                        self._end(request, "length")  # its prompt is computed, and it draws nothing
 
     def _run(self, step, requests) -> list[tuple[_Request, int | None]]:
         """Forward and sample: (request, its next token) for each request of the step, None for a
-        request whose step ended inside its prefill (a chunk: nothing to draw yet). A request
+        request whose step ended inside its prefill (a chunk: nothing to draw yet) or that draws
+        nothing (max_tokens=0). A request
         whose adapter cannot be served fails alone, and the step runs again without it. When the
         forward raises for another reason, each request runs again alone, and only those that
         raise alone fail: one bad request does not fail the others of its step."""
@@ -320,9 +334,10 @@ class Engine(RequestLoop):
                     kept += alive
                     rows.append(row)
             requests, logits = kept, torch.cat(rows) if rows else None
-        drawing = [row for row, request in enumerate(requests) if request.seq.samples]
+        drawing = [row for row, request in enumerate(requests) if request.seq.samples and request.params.max_tokens]
         if len(drawing) < len(requests):
-            chunks = [(request, None) for request in requests if not request.seq.samples]
+            drawn = set(drawing)
+            chunks = [(request, None) for row, request in enumerate(requests) if row not in drawn]
             requests = [requests[row] for row in drawing]
             logits = logits[torch.tensor(drawing, dtype=torch.int64, device=logits.device)] if drawing else None
         else:
@@ -360,6 +375,30 @@ class Engine(RequestLoop):
             want = requests[row].params.logprobs
             requests[row].logprobs.append((chosen[i], list(zip(top_ids[i][:want], top_values[i][:want]))))
 
+    def _record_prompt_logprobs(self, requests, fed: dict) -> None:
+        """For the requests whose prompt is being scored: the logprobs of the prompt tokens that the
+        step's rows (`fed`: each sequence's logits at every token it fed) predict, with the top
+        `params.prompt_logprobs`, raw as `_record_logprobs`. The row at position p predicts token
+        p + 1; a request preempted after its prompt was scored computes it again and records nothing."""
+        for request in requests:
+            logits = fed.get(request.seq)
+            if logits is None:
+                continue
+            scored, cached, prompt = len(request.prompt_logprobs), request.seq.num_cached, request.prompt_token_ids
+            first, end = scored - 1 - cached, min(len(logits), len(prompt) - 1 - cached)  # rows of the step
+            if first < 0 or end <= first:  # the step starts after the next unscored token, or scores none
+                continue
+            logprobs = torch.log_softmax(logits[first:end], dim=-1)
+            targets = torch.tensor(prompt[scored : scored + end - first], device=logprobs.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            k = request.params.prompt_logprobs
+            if k:
+                top = logprobs.topk(k, dim=-1)
+                tops = [list(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            request.prompt_logprobs.extend(zip(chosen, tops))
+
     def _processed_logits(self, logits: torch.Tensor, requests) -> torch.Tensor:
         """The one place per-row logits processors apply before sampling, on the device: the logit
         bias and the penalties (`runner.penalize`) of the rows that ask for them, then the
@@ -385,7 +424,10 @@ class Engine(RequestLoop):
                 token_slots = None
                 if any(version is not None for version in versions):
                     token_slots = self.pool.slots_for(versions, num_tokens=[r.seq.num_new for r in requests])
-                return requests, self.runner.run(step, token_slots)
+                scoring = frozenset(request.seq for request in requests if request.scoring_prompt)
+                logits, fed = self.runner.run(step, token_slots, every_token=scoring)
+                self._record_prompt_logprobs(requests, fed)
+                return requests, logits
             except Exception:
                 broken = self._broken_adapters(versions)
                 if not broken:

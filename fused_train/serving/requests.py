@@ -35,7 +35,7 @@ class EngineStopped(RuntimeError):
 class SamplingParams:
     """How a request's tokens are chosen and when it stops (vLLM's names and defaults)."""
 
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: none; the request ends once its prompt is computed (for prompt_logprobs)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: no cut
@@ -50,12 +50,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # a logit of a prompt or output token: / if > 0, * if < 0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: int | None = None  # each output token's logprob and this many top ones (None: none)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (None: none)
     # OpenAI's {"type": "json_object"} / {"type": "json_schema", ...}: a grammar masks every step's tokens
     response_format: dict | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")
         temperature = self.temperature
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
@@ -91,9 +92,11 @@ class SamplingParams:
                 f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}"
             )
         object.__setattr__(self, "logit_bias", bias)
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):  # fmt: skip
-            raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= MAX_LOGPROBS):  # fmt: skip
+                raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {value!r}")
 
     @property
     def penalized(self) -> bool:
@@ -121,6 +124,10 @@ class RequestOutput:
     preemptions: int = 0
     # With `SamplingParams.logprobs`: per generated token (its logprob, [(token id, logprob)] top first).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # With `SamplingParams.prompt_logprobs`: per prompt token, None for the first (nothing predicts it),
+    # then the same tuples as `logprobs`: each token's logprob given the tokens before it. Shorter only
+    # when the request ended (cancelled, failed) before its whole prompt was computed.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 @dataclass(eq=False)
@@ -134,6 +141,7 @@ class _Request:
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
     logprobs: list | None = None  # one per generated token, with `params.logprobs`
+    prompt_logprobs: list | None = None  # [None, one per prompt token scored so far], with params.prompt_logprobs
     text: str | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -147,6 +155,11 @@ class _Request:
     @property
     def preemptions(self) -> int:
         return self.seq.preemptions
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Whether it asked for prompt logprobs and some prompt tokens have none yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
 
 class RequestHandle:
@@ -269,6 +282,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
     if text is None and tokenizer is not None:
         text = decode_text(tokenizer, request.generated)
     logprobs = getattr(request, "logprobs", None)  # a list where the request asked for them
+    prompt_logprobs = getattr(request, "prompt_logprobs", None)
     tpot = None
     if request.first_token is not None and len(request.generated) > 1:
         tpot = (now - request.first_token) / (len(request.generated) - 1)
@@ -286,6 +300,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
         latency=now - request.arrival,
         preemptions=preemptions,
         logprobs=None if logprobs is None else logprobs[: len(request.generated)],
+        prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
     )
 
 

@@ -7,7 +7,8 @@ it had generated, after what is cached: a shared prefix, its earlier chunks) at 
 (`PagedAttentionMetadata`, and the slots of each prefill's cached context), and, with an adapter
 pool, each token's adapter slot; `input_batch.InputBatch` builds them from page-table rows kept
 across steps. The model runs once on that row, through `StepCache`, and the logits of each
-sequence's last token come back.
+sequence's last token come back (and of every token it fed, for the sequences that ask: prompt
+logprobs).
 
 `sample_batch` chooses every sequence's next token in one vectorized pass on the logits' device and
 hands only the ids to the host; `sample`, one row on the CPU with a `torch.Generator`, is its
@@ -15,13 +16,14 @@ reference (and the naive baseline's sampler).
 """
 
 import inspect
+import itertools
 
 import torch
 
 from fused_train.serving.adapters import AdapterPool
 from fused_train.serving.input_batch import InputBatch
 from fused_train.serving.paged_cache import PagedAttentionMetadata, PagedKVCache, StepCache
-from fused_train.serving.scheduler import Step
+from fused_train.serving.scheduler import Sequence, Step
 
 
 class Runner:
@@ -37,20 +39,34 @@ class Runner:
         sequence's last token in it (`InputBatch.prepare`, from buffers kept across steps)."""
         return self.inputs.prepare(step)
 
-    def run(self, step: Step, token_slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits `[sequences, vocab]` of each sequence's next token, on the model's device.
-        `token_slots` (from the pool's `slots_for`, one per token of the row) applies adapters."""
+    def run(self, step: Step, token_slots: torch.Tensor | None = None,
+            every_token=frozenset()) -> tuple[torch.Tensor, dict[Sequence, torch.Tensor]]:  # fmt: skip
+        """Float32 logits `[sequences, vocab]` of each sequence's next token, on the model's device,
+        and for each sequence of the step in `every_token` the logits `[num_new, vocab]` of every
+        token it fed (prompt logprobs). `token_slots` (from the pool's `slots_for`, one per token of
+        the row) applies adapters."""
         input_ids, position_ids, metadata, last = self.prepare_inputs(step)
+        wanted, keep = [], last
+        if every_token:
+            # The row holds each sequence's num_new tokens in step order (a decode feeds one).
+            starts = itertools.accumulate((seq.num_new for seq in step.sequences), initial=0)
+            wanted = [(seq, start) for seq, start in zip(step.sequences, starts) if seq in every_token]
+            rows = [row for seq, start in wanted for row in range(start, start + seq.num_new)]
+            keep = torch.cat([last, torch.tensor(rows, dtype=last.dtype).to(last.device, non_blocking=True)])
         kwargs = {self._cache_kwarg: StepCache(self.cache, metadata, self.model.config)}
         with torch.inference_mode():
             if token_slots is None:
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                                 logits_to_keep=last, **kwargs)  # fmt: skip
+                                 logits_to_keep=keep, **kwargs)  # fmt: skip
             else:
                 with self.pool.activate(token_slots):
                     out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                                     logits_to_keep=last, **kwargs)  # fmt: skip
-        return out.logits[0].float()
+                                     logits_to_keep=keep, **kwargs)  # fmt: skip
+        logits = out.logits[0].float()
+        fed, at = {}, len(last)
+        for seq, _ in wanted:
+            fed[seq], at = logits[at : at + seq.num_new], at + seq.num_new
+        return logits[: len(last)], fed
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator) -> int:

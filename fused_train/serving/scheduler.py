@@ -27,7 +27,9 @@ budget (`max_batch_tokens`), so prefill chunks and decodes are the same thing (v
    token up to the page's end (`pages.block_key`). An admitted sequence shares the registered pages
    its tokens start with and its prefill starts after them; its last token is always computed, for
    the logits of the next one. A preempted sequence finds its own pages again when it comes back,
-   unless they were evicted meanwhile.
+   unless they were evicted meanwhile. A sequence with `reads_prefix_cache=False` (one that needs
+   the logits of every prompt token: a cached page has none) computes its whole prompt, and still
+   registers its pages for the others (vLLM skips the cache for prompt logprobs the same way).
 The waiting queue is bounded (`max_waiting`); `add` raises `QueueFull` beyond it.
 
 `add` refuses a sequence whose longest length (prompt + max new tokens) could never fit the cache;
@@ -68,6 +70,7 @@ class Sequence:
     preemptions: int = 0
     overtakes: int = 0  # admissions of later sequences while this one waited for an adapter slot
     block_keys: list[bytes] = field(default_factory=list, repr=False)  # of its full pages, as far as computed
+    reads_prefix_cache: bool = True  # False: shares no cached pages, computes every token
 
     @property
     def num_uncached(self) -> int:
@@ -196,7 +199,8 @@ class Scheduler:
         """Give waiting `seq` its cached pages, and pages for as much of the rest of its prefill as
         `budget` allows; False (and no pages held) when they are not free."""
         shared = []
-        if self.prefix_caching:
+        reads_cache = self.prefix_caching and seq.reads_prefix_cache
+        if reads_cache:
             # Full pages before the last token: that one is computed whatever is cached.
             shared = self.pages.cached(self._block_keys(seq, (len(seq.token_ids) - 1) // self.pages.page_size))
         num_cached = len(shared) * self.pages.page_size
@@ -206,7 +210,7 @@ class Scheduler:
             self.pages.release(seq.pages)
             return False
         seq.num_cached, seq.num_new = num_cached, num_new
-        if self.prefix_caching:
+        if reads_cache:
             self.prefix_cache_queries += len(seq.token_ids)
             self.prefix_cache_hits += num_cached
         return True
