@@ -169,8 +169,8 @@ def score(engine, examples, models, max_tokens: int | None = None, generate: boo
             for index, choice in enumerate(example.choices or ()):
                 requests.append(_Request(model, example, "choice", prompt_ids, continuation(choice, example, "choices"),
                                          index))  # fmt: skip
-    # Scoring a text is a prefill of prompt + text with its prompt logprobs, and one token drawn.
-    scoring = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    # Scoring a text: a prefill of prompt + text for its prompt logprobs, no token drawn.
+    scoring = SamplingParams(max_tokens=0, prompt_logprobs=0)
     params = [scoring if r.kind != "generation" else
               SamplingParams(max_tokens=max_tokens or len(r.continuation_ids), temperature=0) for r in requests]
     prompts = [r.prompt_ids + r.continuation_ids if r.kind != "generation" else r.prompt_ids for r in requests]
