@@ -226,6 +226,9 @@ def evaluate(model_path, adapters: dict, examples, variants=(REFERENCE_VARIANT,)
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; the variants are {list(VARIANTS)}")
+    # Every request is queued at once (one batched run); the server's default cap on waiting ones is lifted.
+    requests = (1 + len(adapters)) * sum(2 * (e.reference is not None) + len(e.choices or ()) for e in examples)
+    engine_options = dict(max_waiting=max(1024, requests), **engine_options)
     results = {}
     for variant in variants:
         engine = open_engine(model_path, adapters, device=device, dtype=dtype, max_loras=max(1, len(adapters)),

@@ -184,3 +184,10 @@ def test_eval_command_refuses_bad_options(tiny_model_dir, tmp_path):
         main(["eval", "--model", tiny_model_dir, "--data", data, "--fail-if-worse", "-1"])
     with pytest.raises(SystemExit, match=r"fused-train eval: .*data\.jsonl:1: field 'prompt'"):
         main(["eval", "--model", tiny_model_dir, "--data", _write(tmp_path / "data.jsonl", [{"reference": "r"}])])
+
+
+def test_evaluate_queues_more_requests_than_a_servers_waiting_cap(tiny_model_dir, reference_path):
+    # 345 examples x (a reference + 2 choices): 1,035 requests at once, beyond the Engine's default max_waiting.
+    examples = [evaluation.Example(i + 1, "a", "b", ("c", "dd"), 0) for i in range(345)]
+    results = evaluation.evaluate(tiny_model_dir, {}, examples, generate=False, kv_cache_tokens=4096)
+    assert set(results["full"][evaluation.BASE]) == {"perplexity", "choice_accuracy"}
