@@ -332,6 +332,7 @@ def plot(results: dict, path) -> None:
             ax.bar([j + (i - (len(results) - 1) / 2) * width for j in range(len(models))],
                    [rows[model][metric] for model in models], width, label=variant)  # fmt: skip
         ax.set_xticks(range(len(models)), models)
+        ax.set_ylim(bottom=0)  # every metric is >= 0
         ax.set_title(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
     axes[0][0].legend()
     fig.tight_layout()
