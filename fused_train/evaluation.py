@@ -134,7 +134,6 @@ class _Request:
     kind: str  # "reference" (its log-likelihood), "generation", or "choice"
     prompt_ids: list[int]
     continuation_ids: list[int]  # scored ("reference", "choice") or the reference ("generation")
-    choice: int | None = None
 
 
 def score(engine, examples, models, max_tokens: int | None = None, generate: bool = True) -> dict[str, dict]:
@@ -160,21 +159,26 @@ def score(engine, examples, models, max_tokens: int | None = None, generate: boo
         if not prompt_ids:
             raise ValueError(f"line {example.line}: field 'prompt' encodes to no tokens, so its continuation's "
                              "first token has no log-likelihood (the tokenizer adds no BOS)")  # fmt: skip
+        reference_ids = None if example.reference is None else continuation(example.reference, example, "reference")
+        choice_ids = [continuation(choice, example, "choices") for choice in example.choices or ()]
         for model in models:
-            if example.reference is not None:
-                reference_ids = continuation(example.reference, example, "reference")
+            if reference_ids is not None:
                 requests.append(_Request(model, example, "reference", prompt_ids, reference_ids))
                 if generate:
                     requests.append(_Request(model, example, "generation", prompt_ids, reference_ids))
-            for index, choice in enumerate(example.choices or ()):
-                requests.append(_Request(model, example, "choice", prompt_ids, continuation(choice, example, "choices"),
-                                         index))  # fmt: skip
+            # In the order of the choices: their log-likelihoods are collected in it.
+            requests += [_Request(model, example, "choice", prompt_ids, ids) for ids in choice_ids]
     # Scoring a text: a prefill of prompt + text for its prompt logprobs, no token drawn.
     scoring = SamplingParams(max_tokens=0, prompt_logprobs=0)
     params = [scoring if r.kind != "generation" else
               SamplingParams(max_tokens=max_tokens or len(r.continuation_ids), temperature=0) for r in requests]
     prompts = [r.prompt_ids + r.continuation_ids if r.kind != "generation" else r.prompt_ids for r in requests]
     adapters = [None if r.model == BASE else r.model for r in requests]
+    for request, prompt, param in zip(requests, prompts, params):
+        if engine.max_model_len is not None and len(prompt) + param.max_tokens > engine.max_model_len:
+            raise ValueError(f"line {request.example.line}: its {request.kind} request takes "
+                             f"{len(prompt) + param.max_tokens} tokens, more than the model's context length "
+                             f"({engine.max_model_len})")  # fmt: skip
     outputs = engine.generate(prompts, params, adapters)
 
     scorer = _rouge_scorer() if any(r.kind == "generation" for r in requests) else None

@@ -191,3 +191,9 @@ def test_evaluate_queues_more_requests_than_a_servers_waiting_cap(tiny_model_dir
     examples = [evaluation.Example(i + 1, "a", "b", ("c", "dd"), 0) for i in range(345)]
     results = evaluation.evaluate(tiny_model_dir, {}, examples, generate=False, kv_cache_tokens=4096)
     assert set(results["full"][evaluation.BASE]) == {"perplexity", "choice_accuracy"}
+
+
+def test_an_example_beyond_the_context_length_is_refused_naming_its_line(tiny_model_dir, reference_path):
+    examples = [evaluation.Example(1, "a", "b"), evaluation.Example(2, "a", "b" * 2048)]  # 2,048 positions
+    with pytest.raises(ValueError, match=r"line 2: its reference request takes 2050 tokens, more than .* \(2048\)"):
+        evaluation.evaluate(tiny_model_dir, {}, examples, kv_cache_tokens=8192)
