@@ -100,6 +100,9 @@ class NaiveEngine(RequestLoop):
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.prompt_logprobs is not None or params.max_tokens == 0:
+            raise ValueError("the naive baseline scores no prompt (prompt_logprobs) and draws at least one token "
+                             "(max_tokens >= 1)")  # fmt: skip
         prompt_ids = encode_prompt(prompt, self.tokenizer)
         if not prompt_ids:
             raise ValueError("prompt must hold at least one token")

@@ -7,7 +7,9 @@
 
 `serve` starts the OpenAI-compatible server (`fused_train.serving.server`) over an `Engine` on the
 Hugging Face model directory `--model`, with the peft adapters of `--adapter NAME=PATH` loaded at
-start; `--adapter-dir DIR` (repeatable) lets clients load more from under DIR at run time.
+start; `--adapter-dir DIR` (repeatable) lets clients load more from under DIR at run time; `--route
+NAME=ARM:WEIGHT,...` (repeatable) serves model NAME by its arms (adapters or the base model) split
+by weight, sticky by the request's `user` (`fused_train.serving.routing`).
 `eval` measures the base model and each adapter on a JSONL file, under each variant asked for, and
 prints the table (`fused_train.evaluation` has the metrics, the variants and the gate).
 Also runnable as `python -m fused_train.cli serve ...`.
@@ -18,6 +20,7 @@ import os
 import sys
 
 from fused_train.serving.loading import DTYPES, open_engine
+from fused_train.serving.routing import parse_route
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:
@@ -25,6 +28,13 @@ def _adapter_spec(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--adapter takes NAME=PATH, got {text!r}")
     return name, path
+
+
+def _route_spec(text: str):
+    try:
+        return parse_route(text)
+    except ValueError as error:  # said before the model loads
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="a peft adapter (safetensors) loaded at start, as model NAME; repeatable")  # fmt: skip
     serve.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                        help="/v1/load_lora_adapter may load from under DIR; repeatable (none: off)")  # fmt: skip
+    serve.add_argument("--route", action="append", type=_route_spec, default=[], metavar="NAME=ARM:WEIGHT,...",
+                       help="model NAME served by these arms (adapters or the base model) split by weight, "
+                            "sticky by the request's user; e.g. assistant=v1:90,v2:10; repeatable")  # fmt: skip
+    serve.add_argument("--quality-window", type=int, default=100,
+                       help="requests per model in /metrics' quality signals and drift windows")  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: a free port (the URL is printed)")
     serve.add_argument("--served-model-name", help="the base model's `model` name (default: the directory's name)")
@@ -112,12 +127,14 @@ def serve(args) -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         app = build_app(engine, model_name=model_name, adapter_dirs=args.adapter_dir, api_key=args.api_key,
-                        adapter_paths=adapters, max_body_bytes=args.max_body_bytes)  # fmt: skip
+                        adapter_paths=adapters, max_body_bytes=args.max_body_bytes, routes=args.route,
+                        quality_window=args.quality_window)  # fmt: skip
         server = start_server(app, args.host, args.port, log_level=args.log_level)
     except BaseException:
         engine.shutdown(drain=False)
         raise
-    print(f"fused-train: serving {model_name!r} with adapters {names} at {server.url}", flush=True)
+    routes = f" and routes {[route.name for route in args.route]}" if args.route else ""
+    print(f"fused-train: serving {model_name!r} with adapters {names}{routes} at {server.url}", flush=True)
     try:
         while not stop.wait(0.5):
             pass

@@ -40,7 +40,7 @@ import fused_train
 from fused_train.serving.adapters import AdapterPool
 from fused_train.serving.pages import PageAllocator
 from fused_train.serving.paged_cache import PagedKVCache
-from fused_train.serving.runner import Runner, penalize, sample_batch
+from fused_train.serving.runner import Runner, chosen_logprobs, penalize, sample_batch
 from fused_train.serving.requests import (  # noqa: F401 - re-exported: their old paths
     SEED_RANGE, EngineStopped, RequestFailed, RequestHandle, RequestLoop, RequestOutput, SamplingParams, _Request,
     decode_text, encode_prompt, ended_output, held_back_ids, request_generator, stop_reason, suppress_stops,
@@ -296,22 +296,22 @@ class Engine(RequestLoop):
                 self._counters["step_seconds"] += time.perf_counter() - started
                 self._last_batch_size = len(requests)
                 now = self.clock()
-                for request, token in sampled:
+                for request, token, logprob in sampled:
                     self.scheduler.computed(request.seq)
                     if request.cancelled:
                         self._end(request, "cancelled")
                     elif token is not None:
-                        self._append(request, token, now)
+                        self._append(request, token, now, logprob)
                     elif request.params.max_tokens == 0 and not request.seq.num_uncached:
                         self._end(request, "length")  # its prompt is computed, and it draws nothing
 
-    def _run(self, step, requests) -> list[tuple[_Request, int | None]]:
-        """Forward and sample: (request, its next token) for each request of the step, None for a
-        request whose step ended inside its prefill (a chunk: nothing to draw yet) or that draws
-        nothing (max_tokens=0). A request
-        whose adapter cannot be served fails alone, and the step runs again without it. When the
-        forward raises for another reason, each request runs again alone, and only those that
-        raise alone fail: one bad request does not fail the others of its step."""
+    def _run(self, step, requests) -> list[tuple[_Request, int | None, float | None]]:
+        """Forward and sample: (request, its next token, that token's logprob) for each request of
+        the step, None twice for a request whose step ended inside its prefill (a chunk: nothing to
+        draw yet) or that draws nothing (max_tokens=0). A request whose adapter cannot be served
+        fails alone, and the step runs again without it. When the forward raises for another
+        reason, each request runs again alone, and only those that raise alone fail: one bad
+        request does not fail the others of its step."""
         try:
             requests, logits = self._forward(step, requests)
         except Exception as error:  # noqa: BLE001 - every request must end with a reason
@@ -337,7 +337,7 @@ class Engine(RequestLoop):
         drawing = [row for row, request in enumerate(requests) if request.seq.samples and request.params.max_tokens]
         if len(drawing) < len(requests):
             drawn = set(drawing)
-            chunks = [(request, None) for row, request in enumerate(requests) if row not in drawn]
+            chunks = [(request, None, None) for row, request in enumerate(requests) if row not in drawn]
             requests = [requests[row] for row in drawing]
             logits = logits[torch.tensor(drawing, dtype=torch.int64, device=logits.device)] if drawing else None
         else:
@@ -352,28 +352,27 @@ class Engine(RequestLoop):
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(processed, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
-        self._record_logprobs(logits, requests, tokens)
-        return chunks + list(zip(requests, tokens))
+        chosen = chosen_logprobs(logits, tokens)
+        self._record_logprobs(logits, requests, chosen)
+        return chunks + list(zip(requests, tokens, chosen))
 
-    def _record_logprobs(self, logits: torch.Tensor, requests, tokens: list[int]) -> None:
-        """For the rows that ask: the chosen token's logprob and the top `params.logprobs`, of the
-        model's own distribution (log_softmax of the raw logits, before penalties, bias and
-        temperature: vLLM's default "raw_logprobs"), computed on the device; only those values come
-        to the host."""
+    def _record_logprobs(self, logits: torch.Tensor, requests, chosen: list[float]) -> None:
+        """For the rows that ask: the chosen token's logprob (`chosen`, one per row) and the top
+        `params.logprobs`, of the model's own distribution (log_softmax of the raw logits, before
+        penalties, bias and temperature: vLLM's default "raw_logprobs"), computed on the device;
+        only those values come to the host."""
         rows = [row for row, request in enumerate(requests) if request.params.logprobs is not None]
         if not rows:
             return
-        device = logits.device
-        index = torch.tensor(rows, dtype=torch.int64, device=device)
-        logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows], device=device))[:, 0]
         k = max(requests[row].params.logprobs for row in rows)
-        top = logprobs.topk(k, dim=-1) if k else None
-        chosen = chosen.tolist()
-        top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if k else ([[]] * len(rows), [[]] * len(rows))
+        top_values, top_ids = [[]] * len(rows), [[]] * len(rows)
+        if k:
+            index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+            top = torch.log_softmax(logits.index_select(0, index), dim=-1).topk(k, dim=-1)
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
         for i, row in enumerate(rows):
             want = requests[row].params.logprobs
-            requests[row].logprobs.append((chosen[i], list(zip(top_ids[i][:want], top_values[i][:want]))))
+            requests[row].logprobs.append((chosen[row], list(zip(top_ids[i][:want], top_values[i][:want]))))
 
     def _record_prompt_logprobs(self, requests, fed: dict) -> None:
         """For the requests whose prompt is being scored: the logprobs of the prompt tokens that the
@@ -386,7 +385,9 @@ class Engine(RequestLoop):
                 continue
             scored, cached, prompt = len(request.prompt_logprobs), request.seq.num_cached, request.prompt_token_ids
             first, end = scored - 1 - cached, min(len(logits), len(prompt) - 1 - cached)  # rows of the step
-            if first < 0 or end <= first:  # the step starts after the next unscored token, or scores none
+            if first < 0:  # it reads no cached prefix, and its chunks come in order: a bug
+                raise AssertionError(f"request {request.request_id}: prompt token {scored} was skipped")
+            if end <= first:  # the step fed only the last prompt token (it predicts the first output)
                 continue
             logprobs = torch.log_softmax(logits[first:end], dim=-1)
             targets = torch.tensor(prompt[scored : scored + end - first], device=logprobs.device)
@@ -451,13 +452,14 @@ class Engine(RequestLoop):
                 broken[version] = f"{type(error).__name__}: {error}"
         return broken
 
-    def _append(self, request: _Request, token: int, now: float) -> bool:
+    def _append(self, request: _Request, token: int, now: float, logprob: float) -> bool:
         request.seq.token_ids.append(token)
         if request.grammar is not None and not accept(request.grammar, token):
             # This request alone fails: the others of the step go on.
             self._end(request, "error", "response_format: its grammar allows no token here "
                       "(min_tokens or stop settings that the format cannot satisfy?)")  # fmt: skip
             return True
+        request.logprob_sum += logprob
         return super()._append(request, token, now)
 
     def _release(self, request: _Request) -> None:

@@ -76,8 +76,9 @@ class SamplingBody(Body):
 
 class CompletionRequest(SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top logprobs per token (vLLM's limit: 20)
-    echo: bool | None = None
+    echo: bool | None = False  # the prompt before the text, and with logprobs, its tokens' logprobs first
     suffix: str | None = None
     best_of: int | None = None
 
@@ -124,7 +125,7 @@ class UnloadAdapterRequest(Body):
 
 # The values of unsupported parameters that change nothing (what a client sends by default).
 NEUTRAL = {
-    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "suffix": (None, ""), "best_of": (None, 1),
     "tools": (None, []), "tool_choice": (None, "none"),
 }  # fmt: skip
 
@@ -132,8 +133,7 @@ NEUTRAL = {
 def refuse_unsupported(body: SamplingBody) -> None:
     for name, neutral in NEUTRAL.items():
         if name in type(body).model_fields and getattr(body, name) not in neutral:
-            what = "logprobs are" if "logprobs" in name else f"{name} is"
-            raise APIError(400, f"{what} not supported by this server", param=name, code="unsupported_parameter")
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
 
 
 def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_tokens: int) -> list[SamplingParams]:
@@ -143,7 +143,14 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
         raise APIError(400, "stop strings must be non-empty", param="stop")
     if body.stop_token_ids is not None and any(t < 0 for t in body.stop_token_ids):
         raise APIError(400, "stop_token_ids must be token ids (>= 0)", param="stop_token_ids")
-    max_tokens = max_tokens or default_max_tokens
+    echo = bool(getattr(body, "echo", False))
+    if max_tokens == 0 and not echo:
+        raise APIError(400, "max_tokens: 0 generates nothing; it needs echo: true (the prompt alone)",
+                       param="max_tokens")  # fmt: skip
+    if echo and body.stream:
+        raise APIError(400, "echo with stream: true is not supported by this server yet", param="echo",
+                       code="unsupported_parameter")  # fmt: skip
+    max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})",
                        param="min_tokens")  # fmt: skip
@@ -162,11 +169,10 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         logprobs = body.logprobs
-    if logprobs is not None and body.stream:
-        raise APIError(400, "logprobs with stream: true are not supported by this server yet", param="logprobs",
-                       code="unsupported_parameter")  # fmt: skip
+    prompt_logprobs = logprobs if echo else None  # vLLM's: echo scores the prompt with the same top k
     return [
-        SamplingParams(**penalties, logprobs=logprobs, max_tokens=max_tokens, temperature=body.temperature,
+        SamplingParams(**penalties, logprobs=logprobs, prompt_logprobs=prompt_logprobs, max_tokens=max_tokens,
+                       temperature=body.temperature,
                        top_p=body.top_p, top_k=body.top_k,
                        seed=None if body.seed is None else body.seed + i, stop=stop,
                        stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,

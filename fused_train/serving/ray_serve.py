@@ -122,8 +122,9 @@ class EngineDeployment:
             self.engine.unload_adapter(name)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
-        """Stream the request's id once its engine has queued it, then its token ids, then its
-        `RequestOutput`; the adapter is the request's multiplexed model id (none: the base model).
+        """Stream the request's id once its engine has queued it, then its token ids (pairs of a
+        token id and its logprobs where the request asked for them), then its `RequestOutput`; the
+        adapter is the request's multiplexed model id (none: the base model).
         Raises what `Engine.add_request` raises."""
         name = serve.get_multiplexed_model_id() or None
         if name is not None:
@@ -134,8 +135,8 @@ class EngineDeployment:
             handle = self.engine.add_request(prompt_token_ids, params, name, request_id)
             try:
                 yield handle.request_id  # queued: the ingress returns its handle now
-                async for token in handle.stream():
-                    yield token
+                async for item in handle.stream(logprobs=params.logprobs is not None):
+                    yield item  # (token id, its logprobs) where the request asked for them
             except RequestFailed:
                 pass  # the output below says why; the ingress raises it there
             finally:
@@ -181,11 +182,13 @@ class RemoteRequest:
         except RayError as error:  # the replica died, or the call was cancelled
             raise RequestFailed(f"request {self.request_id} failed: {type(error).__name__}: {error}") from error
 
-    async def stream(self):
-        """The request's token ids as its replica produces them; raises `RequestFailed` if it fails."""
+    async def stream(self, logprobs: bool = False):
+        """The request's token ids as its replica produces them (`RequestHandle.stream`'s items);
+        raises `RequestFailed` if it fails."""
         try:
             while not isinstance(item := await self._next(), RequestOutput):
-                yield item
+                token, entry = item if isinstance(item, tuple) else (item, None)
+                yield (token, entry) if logprobs else token
         except BaseException as error:
             gone = isinstance(error, (GeneratorExit, asyncio.CancelledError))  # our caller went away
             self._end(None, error, "requests_cancelled" if gone else "requests_failed")

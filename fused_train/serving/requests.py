@@ -124,6 +124,10 @@ class RequestOutput:
     preemptions: int = 0
     # With `SamplingParams.logprobs`: per generated token (its logprob, [(token id, logprob)] top first).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # The mean of its generated tokens' logprobs under the model (raw logits), whatever the request
+    # asked: a quality signal (`quality.QualityMonitor`). None without tokens, or from an engine
+    # that does not compute it.
+    mean_logprob: float | None = None
     # With `SamplingParams.prompt_logprobs`: per prompt token, None for the first (nothing predicts it),
     # then the same tuples as `logprobs`: each token's logprob given the tokens before it. Shorter only
     # when the request ended (cancelled, failed) before its whole prompt was computed.
@@ -141,6 +145,7 @@ class _Request:
     adapter: str | None  # its name; `seq.adapter` holds the version this request runs with
     generated: list[int] = field(default_factory=list)
     logprobs: list | None = None  # one per generated token, with `params.logprobs`
+    logprob_sum: float = 0.0  # of every generated token's logprob
     prompt_logprobs: list | None = None  # [None, one per prompt token scored so far], with params.prompt_logprobs
     text: str | None = None
     first_scheduled: float | None = None
@@ -164,12 +169,14 @@ class _Request:
 
 class RequestHandle:
     """A request's live view: iterate it (or `async for` over `stream()`) for its token ids as they
-    are produced; `result()` waits for the `RequestOutput`; `cancel()` ends it."""
+    are produced (`stream(logprobs=True)`: with each one's logprobs); `result()` waits for the
+    `RequestOutput`; `cancel()` ends it."""
 
     def __init__(self, owner: "RequestLoop", request_id: str):
         self.request_id = request_id
         self._owner = owner
         self._tokens: list[int] = []
+        self._logprobs: list = []  # one per token where the request asked for logprobs, else none
         self._output: RequestOutput | None = None
         self._changed = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -199,14 +206,17 @@ class RequestHandle:
                 self._raise_if_failed()
                 return
 
-    async def stream(self):
-        """The asyncio form of iterating the handle: `async for token_id in handle.stream()`."""
+    async def stream(self, logprobs: bool = False):
+        """The asyncio form of iterating the handle: `async for token_id in handle.stream()`; with
+        `logprobs`, `(token_id, entry)`: its `RequestOutput.logprobs` entry, None where the request
+        asked for none."""
         loop = asyncio.get_running_loop()
         index = 0
         while True:
             event = asyncio.Event()
             with self._changed:
                 new, ended = self._tokens[index:], self.done()
+                entries = self._logprobs[index : index + len(new)]
                 if not new and not ended:
                     self._async_waiters.append((loop, event))
             if not new and not ended:
@@ -217,8 +227,8 @@ class RequestHandle:
                         if (loop, event) in self._async_waiters:
                             self._async_waiters.remove((loop, event))
                 continue
-            for token in new:
-                yield token
+            for offset, token in enumerate(new):
+                yield (token, entries[offset] if offset < len(entries) else None) if logprobs else token
             index += len(new)
             if ended and index == len(self._tokens):
                 self._raise_if_failed()
@@ -228,11 +238,13 @@ class RequestHandle:
         if self._output.finish_reason == "error":
             raise RequestFailed(f"request {self.request_id} failed: {self._output.error}")
 
-    def publish(self, tokens: list[int], output: RequestOutput | None) -> None:
-        """The producer's side (the loop thread): `tokens` are produced; `output`, when given, ends
-        the request. Wakes every waiting consumer, threads and asyncio loops alike."""
+    def publish(self, tokens: list[int], output: RequestOutput | None, logprobs=()) -> None:
+        """The producer's side (the loop thread): `tokens` are produced, with their `logprobs`
+        entries where the request asked for them; `output`, when given, ends the request. Wakes
+        every waiting consumer, threads and asyncio loops alike."""
         with self._changed:
             self._tokens.extend(tokens)
+            self._logprobs.extend(logprobs)
             if output is not None:
                 self._output = output
             self._changed.notify_all()
@@ -282,6 +294,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
     if text is None and tokenizer is not None:
         text = decode_text(tokenizer, request.generated)
     logprobs = getattr(request, "logprobs", None)  # a list where the request asked for them
+    logprob_sum = getattr(request, "logprob_sum", None)  # where the engine computes it
     prompt_logprobs = getattr(request, "prompt_logprobs", None)
     tpot = None
     if request.first_token is not None and len(request.generated) > 1:
@@ -300,6 +313,7 @@ def ended_output(request, request_id: str, adapter: str | None, reason: str, err
         latency=now - request.arrival,
         preemptions=preemptions,
         logprobs=None if logprobs is None else logprobs[: len(request.generated)],
+        mean_logprob=logprob_sum / len(request.generated) if logprob_sum is not None and request.generated else None,
         prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
     )
 
@@ -418,17 +432,19 @@ class RequestLoop:
         reason, text = stop_reason(request.params, request.generated, self._eos, self.tokenizer)
         if text is not None:
             request.text = text
+        logprobs = getattr(request, "logprobs", None)  # recorded before the token is appended
+        entries = logprobs[len(request.generated) - 1 : len(request.generated)] if logprobs else []
         if reason is None:
-            request.handle.publish([token], None)
+            request.handle.publish([token], None, entries)
             return False
-        self._end(request, reason, new_tokens=[token])
+        self._end(request, reason, new_tokens=[token], new_logprobs=entries)
         return True
 
-    def _end(self, request, reason: str, error: str | None = None, new_tokens=()) -> None:
+    def _end(self, request, reason: str, error: str | None = None, new_tokens=(), new_logprobs=()) -> None:
         """The one place a request ends (under the lock): what it holds released, its output published."""
         self._release(request)
         key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self._counters[key] += 1
         output = ended_output(request, request.request_id, request.adapter, reason, error, self.clock(),
                               self.tokenizer, preemptions=request.preemptions)  # fmt: skip
-        request.handle.publish(list(new_tokens), output)
+        request.handle.publish(list(new_tokens), output, list(new_logprobs))

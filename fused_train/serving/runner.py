@@ -164,6 +164,14 @@ def sample_batch(logits: torch.Tensor, temperatures: list[float], top_ps: list[f
     return chosen.index_copy(0, selected, (scaled + gumbel).argmax(-1)).tolist()
 
 
+def chosen_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
+    """Each row's log-probability of its chosen token under float32 `logits` `[rows, vocab]` (the
+    raw ones: before penalties and temperature), `logit - logsumexp(row)` on their device: one
+    float per row comes to the host, never a row of the distribution."""
+    index = torch.tensor(tokens, dtype=torch.int64).to(logits.device, non_blocking=True)
+    return (logits.gather(1, index[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+
+
 def penalize(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]], presence: list[float],
              frequency: list[float], repetition: list[float],
              biases: list[dict[int, float]]) -> torch.Tensor:  # fmt: skip

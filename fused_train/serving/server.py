@@ -7,7 +7,14 @@
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (`stream: true` as server-sent
 events ending with `data: [DONE]`), `GET /v1/models`, `POST /v1/load_lora_adapter`,
 `POST /v1/unload_lora_adapter`, `GET /health`, `GET /metrics` (Prometheus text). The request's
-`model` is the base model's name or an adapter's (vLLM's and LoRAX's convention).
+`model` is the base model's name or an adapter's (vLLM's and LoRAX's convention), or a route's
+(`routes`, `routing.Route`): an alias whose requests are split between adapters by weight, sticky
+by the body's `user`; the response's `model` names the arm that served it.
+
+/metrics holds the engine's `metrics()`, latency histograms, requests per route and arm, and each
+model's rolling quality signals with their drift (`quality.QualityMonitor`): the mean output-token
+logprob, output length and finish-reason shares of its last requests, and `fused_train_drift`, the
+Kolmogorov-Smirnov statistic between those requests' mean logprobs and a reference window's.
 
 The app uses only this much of the engine, so another engine (a naive baseline, a Ray proxy) can
 stand in: `tokenizer` (the server tokenizes, applies chat templates and detokenizes),
@@ -28,6 +35,7 @@ that the engine does not have is refused (400 naming it), never ignored.
 import asyncio
 import hmac
 import inspect
+import itertools
 import json
 import os
 import threading
@@ -37,12 +45,14 @@ import uuid
 import fastapi
 import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fused_train.serving.quality import QualityMonitor
 from fused_train.serving.requests import RequestFailed, SamplingParams, decode_text
+from fused_train.serving.routing import validate_routes
 from fused_train.serving.openai_protocol import (
     CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, MAX_BODY_BYTES, APIError, ChatMessage, ChatRequest, CompletionRequest,
     LoadAdapterRequest, UnloadAdapterRequest, engine_error, parse_body, refuse_unsupported, sampling_params, usage,
@@ -133,10 +143,51 @@ def _flatten(metrics: dict, prefix: str = "") -> dict:
     return flat
 
 
+class _QualityCollector:
+    """Each model's rolling quality signals (`QualityMonitor.snapshot`) read at scrape time, as
+    gauges labelled by `adapter` (the base model by its served name)."""
+
+    def __init__(self, monitor: QualityMonitor):
+        self.monitor = monitor
+
+    def collect(self):
+        window = self.monitor.window
+        families = {
+            "requests": GaugeMetricFamily("fused_train_quality_window_requests",
+                                          f"completed requests in the window (the last {window})", labels=["adapter"]),
+            "mean_logprob": GaugeMetricFamily("fused_train_quality_mean_logprob",
+                                              "mean over the window's requests of their mean output-token logprob",
+                                              labels=["adapter"]),
+            "output_tokens": GaugeMetricFamily("fused_train_quality_output_tokens",
+                                               "mean output tokens of the window's requests", labels=["adapter"]),
+            "finish_reasons": GaugeMetricFamily("fused_train_quality_finish_reason_ratio",
+                                                "share of the window's requests that ended with this reason",
+                                                labels=["adapter", "reason"]),
+            "drift": GaugeMetricFamily("fused_train_drift",
+                                       f"Kolmogorov-Smirnov statistic between the mean output logprobs of the last "
+                                       f"{window} requests and of the first {window} after load", labels=["adapter"]),
+        }  # fmt: skip
+        for adapter, signals in self.monitor.snapshot().items():
+            for key, family in families.items():
+                value = signals[key]
+                if key == "finish_reasons":
+                    for reason, share in value.items():
+                        family.add_metric([adapter, reason], share)
+                elif value is not None:
+                    family.add_metric([adapter], value)
+        yield from families.values()
+
+
 class _Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, quality: QualityMonitor, routes: dict):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
+        self.registry.register(_QualityCollector(quality))
+        self.route_requests = Counter("fused_train_route_requests", "requests to a route, by the arm chosen for them",
+                                      ["route", "arm"], registry=self.registry)  # fmt: skip
+        for route in routes.values():  # every arm shows from the start, at 0
+            for arm, _ in route.arms:
+                self.route_requests.labels(route.name, arm)
 
         def histogram(name, what):
             return Histogram(f"fused_train_{name}_seconds", what, buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -175,23 +226,35 @@ def _read_chat_template(path: str) -> str | None:
 class _Server:
     """The app's state and request handling (the routes are thin wrappers in `build_app`)."""
 
-    def __init__(self, engine, model_name, adapter_dirs, adapter_paths, max_body_bytes):
+    def __init__(self, engine, model_name, adapter_dirs, adapter_paths, max_body_bytes, routes, quality_window):
         self.engine, self.model_name, self.max_body_bytes = engine, model_name, max_body_bytes
         self.adapter_dirs = [os.path.realpath(d) for d in adapter_dirs]
         self.adapter_paths = dict(adapter_paths or {})
         self.templates = {name: _read_chat_template(path) for name, path in self.adapter_paths.items()}
-        self.metrics = _Metrics(engine)
+        self.routes = validate_routes(routes, model_name, engine.adapters())
+        self.quality = QualityMonitor(quality_window)
+        self.metrics = _Metrics(engine, self.quality, self.routes)
         self.created = int(time.time())
 
     # -- models
 
-    def adapter_for(self, model: str) -> str | None:
+    def adapter_for(self, model: str, user: str | None) -> str | None:
+        """The adapter (None: the base model) that serves a request for `model`: a route's arm
+        for `user`, or `model` itself."""
+        route = self.routes.get(model)
+        if route is not None:
+            model = route.choose(user)
+            self.metrics.route_requests.labels(route.name, model).inc()
         if model == self.model_name:
             return None
         if model in self.engine.adapters():
             return model
         raise APIError(404, f"the model {model!r} does not exist; see GET /v1/models", param="model",
                        code="model_not_found")  # fmt: skip
+
+    def observe(self, output) -> None:
+        self.metrics.observe(output)
+        self.quality.observe(self.model_name if output.adapter is None else output.adapter, output)
 
     def models(self) -> dict:
         max_model_len = getattr(self.engine, "max_model_len", None)
@@ -203,6 +266,9 @@ class _Server:
 
         cards = [card(self.model_name, self.model_name, None)]
         cards += [card(name, self.adapter_paths.get(name, name), self.model_name) for name in self.engine.adapters()]
+        # A route is a model clients may ask for: listed with its arms' weights.
+        cards += [{**card(name, self.model_name, None), "route": dict(route.arms)}
+                  for name, route in self.routes.items()]  # fmt: skip
         return {"object": "list", "data": cards}
 
     # -- adapters at run time
@@ -215,12 +281,13 @@ class _Server:
         if not any(os.path.commonpath([path, root]) == root for root in self.adapter_dirs):
             raise APIError(403, f"lora_path {body.lora_path!r} is not under an --adapter-dir of this server",
                            type="permission_error", param="lora_path")  # fmt: skip
-        if body.lora_name == self.model_name or body.lora_name in self.engine.adapters():
+        if body.lora_name in (self.model_name, *self.routes) or body.lora_name in self.engine.adapters():
             raise APIError(400, f"the model {body.lora_name!r} exists already", param="lora_name")
         try:
             await run_in_threadpool(self.engine.load_adapter, body.lora_name, path)
         except ValueError as error:
             raise APIError(400, str(error), param="lora_path") from error
+        self.quality.reset(body.lora_name)  # its quality is a new adapter's: a new reference window
         self.adapter_paths[body.lora_name] = path
         self.templates[body.lora_name] = _read_chat_template(path)
         return {"status": "ok", "lora_name": body.lora_name}
@@ -228,12 +295,17 @@ class _Server:
     async def unload_adapter(self, body: UnloadAdapterRequest) -> dict:
         if body.lora_name not in self.engine.adapters():
             raise APIError(404, f"no adapter {body.lora_name!r} is loaded", param="lora_name", code="model_not_found")
+        routes = [name for name, route in self.routes.items() if body.lora_name in dict(route.arms)]
+        if routes:
+            raise APIError(400, f"the adapter {body.lora_name!r} is an arm of the route(s) {routes} of this server: "
+                           "their requests for it would fail", param="lora_name")  # fmt: skip
         try:
             await run_in_threadpool(self.engine.unload_adapter, body.lora_name)
         except ValueError as error:  # unloaded meanwhile
             raise APIError(404, str(error), param="lora_name", code="model_not_found") from error
         self.adapter_paths.pop(body.lora_name, None)
         self.templates.pop(body.lora_name, None)
+        self.quality.reset(body.lora_name)
         return {"status": "ok", "lora_name": body.lora_name}
 
     # -- generation
@@ -301,17 +373,31 @@ class _Server:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         handles = await self.submit(prompts, params, adapter, request_id, param)
-        base = {"id": request_id, "created": int(time.time()), "model": body.model}
+        # The model that served it: a route's arm (as OpenAI answers an alias with its snapshot).
+        served = self.model_name if adapter is None else adapter
+        base = {"id": request_id, "created": int(time.time()), "model": served}
         if body.stream:
             options = body.stream_options
             include_usage = options is not None and options.include_usage
             continuous = include_usage and options.continuous_usage_stats
             prompt_tokens = sum(len(prompt) for prompt in prompts) if continuous else None
-            events = self.stream_events(kind, base, handles, params[0].stop, include_usage, prompt_tokens, len(params))
+            logprobs = params[0].logprobs is not None
+            events = self.stream_events(kind, base, handles, params[0].stop, logprobs, include_usage, prompt_tokens,
+                                        len(params))  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream")
-        return JSONResponse(await self.complete(request, kind, base, handles, len(params)))
+        echoed = None
+        if kind == "completion" and body.echo:
+            echoed = await run_in_threadpool(self.prompt_texts, body.prompt, prompts)
+        return JSONResponse(await self.complete(request, kind, base, handles, len(params), echoed))
 
-    async def complete(self, request: fastapi.Request, kind, base, handles, n) -> dict:
+    def prompt_texts(self, prompt, prompts: list[list[int]]) -> list[str]:
+        """The text of each prompt, for `echo`: as sent, or its token ids decoded."""
+        texts = [prompt] if isinstance(prompt, str) else prompt if prompt and isinstance(prompt[0], str) else None
+        return texts or [decode_text(self.engine.tokenizer, ids) for ids in prompts]
+
+    async def complete(self, request: fastapi.Request, kind, base, handles, n, echoed=None) -> dict:
+        """The answer of a request not streamed; `echoed` (with `echo`): each prompt's text, put
+        before its choices' texts, its tokens' logprobs before theirs."""
         watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
         try:
             outputs = []
@@ -319,28 +405,43 @@ class _Server:
                 async for _ in handle.stream():
                     pass
                 outputs.append(handle.result(timeout=0))
-                self.metrics.observe(outputs[-1])
+                self.observe(outputs[-1])
         except RequestFailed as error:
             raise APIError(500, str(error), type="server_error", code="request_failed") from error
         finally:
             watcher.cancel()
             for handle in handles:
                 handle.cancel()
-        choices = []
-        for index, output in enumerate(outputs):
-            choice = {"index": index, "logprobs": self.logprobs(kind, output), "finish_reason": output.finish_reason}
-            if kind == "chat":
-                choice["message"] = {"role": "assistant", "content": output.text}
-            else:
-                choice["text"] = output.text
-            choices.append(choice)
+        choices = await run_in_threadpool(self.choices, kind, outputs, n, echoed)  # decodes each token
         obj = "chat.completion" if kind == "chat" else "text_completion"
         return {**base, "object": obj, "choices": choices, "usage": usage(outputs, n)}
 
-    def logprobs(self, kind: str, output) -> dict | None:
-        """A choice's `logprobs` in OpenAI's shape for `kind` (None when not asked for)."""
-        if output.logprobs is None:
+    def choices(self, kind: str, outputs, n: int, echoed) -> list[dict]:
+        choices = []
+        for index, output in enumerate(outputs):
+            echo = echoed is not None
+            choice = {"index": index, "logprobs": self.logprobs(kind, output, echo),
+                      "finish_reason": output.finish_reason}  # fmt: skip
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": output.text}
+            else:
+                choice["text"] = echoed[index // n] + output.text if echo else output.text
+            choices.append(choice)
+        return choices
+
+    def logprobs(self, kind: str, output, echo: bool = False) -> dict | None:
+        """A choice's `logprobs` in OpenAI's shape for `kind` (None when not asked for); with `echo`
+        (completions), the prompt's tokens first, the first with a null logprob (nothing predicts it)."""
+        if output.logprobs is None or (echo and output.prompt_logprobs is None):
             return None
+        token_ids, entries = output.token_ids, output.logprobs
+        if echo:
+            token_ids, entries = output.prompt_token_ids + token_ids, output.prompt_logprobs + entries
+        return self.logprobs_of(kind, token_ids, entries)
+
+    def logprobs_of(self, kind: str, token_ids: list[int], entries: list, text_offset: int = 0) -> dict:
+        """OpenAI's `logprobs` for `kind` of `token_ids` and their `RequestOutput.logprobs` entries
+        (None: a first prompt token); a completion's `text_offset` counts from `text_offset`."""
         tokenizer = self.engine.tokenizer
 
         def text(token_id):
@@ -352,15 +453,17 @@ class _Server:
                 return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
             return {"content": [{**entry(token_id, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
-                                for token_id, (logprob, top) in zip(output.token_ids, output.logprobs)]}  # fmt: skip
-        tokens = [text(token_id) for token_id in output.token_ids]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        return {"tokens": tokens, "token_logprobs": [logprob for logprob, _ in output.logprobs],
-                "top_logprobs": [{text(t): lp for t, lp in top} for _, top in output.logprobs],
+                                for token_id, (logprob, top) in zip(token_ids, entries)]}  # fmt: skip
+        tokens = [text(token_id) for token_id in token_ids]
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=text_offset)) if tokens else []
+        return {"tokens": tokens, "token_logprobs": [None if entry is None else entry[0] for entry in entries],
+                "top_logprobs": [None if entry is None else {text(t): lp for t, lp in entry[1]} for entry in entries],
                 "text_offset": offsets}  # fmt: skip
 
-    async def stream_events(self, kind, base, handles, stop, include_usage, prompt_tokens, n):
-        """The SSE events; with `prompt_tokens` (continuous_usage_stats), every chunk has the usage so far."""
+    async def stream_events(self, kind, base, handles, stop, logprobs, include_usage, prompt_tokens, n):
+        """The SSE events; with `logprobs`, each chunk has those of its tokens (OpenAI's shape for
+        `kind`, concatenated: the answer's not streamed); with `prompt_tokens`
+        (continuous_usage_stats), every chunk has the usage so far."""
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         completion_tokens = [0] * len(handles)
 
@@ -371,11 +474,19 @@ class _Server:
                                   "total_tokens": prompt_tokens + done}  # fmt: skip
             return f"data: {json.dumps({**base, 'object': obj, 'choices': choices, **extra})}\n\n"
 
-        def choice(index, text, finish_reason=None):
+        text_offsets = [0] * len(handles)  # of each choice's next token in its text
+
+        def choice(index, text, finish_reason=None, pieces=None):
+            shaped = None
+            # pieces: the token ids since the last chunk, and their logprobs (None: the engine gave none)
+            if pieces is not None and pieces[0] and None not in pieces[1]:
+                shaped = self.logprobs_of(kind, *pieces, text_offset=text_offsets[index])
+                if kind != "chat":
+                    text_offsets[index] += sum(len(token) for token in shaped["tokens"])
             if kind == "chat":
                 delta = {} if text is None else {"content": text}
-                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+                return {"index": index, "delta": delta, "logprobs": shaped, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": shaped, "finish_reason": finish_reason}
 
         outputs = [None] * len(handles)
         try:
@@ -384,15 +495,17 @@ class _Server:
                     for index in range(len(handles)):
                         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}])  # fmt: skip
-                async for index, text, output, tokens in _merge([self.choice_events(h, stop) for h in handles]):
+                choices = [self.choice_events(handle, stop, logprobs) for handle in handles]
+                async for index, text, output, tokens, pieces in _merge(choices):
                     completion_tokens[index] = tokens
                     if output is None:
-                        yield chunk([choice(index, text)])
+                        yield chunk([choice(index, text, pieces=pieces)])
                         continue
                     outputs[index] = output
                     if text:
-                        yield chunk([choice(index, text)])
-                    yield chunk([choice(index, None, output.finish_reason)])
+                        yield chunk([choice(index, text, pieces=pieces)])
+                        pieces = None
+                    yield chunk([choice(index, None, output.finish_reason, pieces)])
                 if include_usage:
                     yield chunk([], usage=usage(outputs, n))
             except RequestFailed as error:
@@ -403,17 +516,24 @@ class _Server:
             for handle in handles:
                 handle.cancel()
 
-    async def choice_events(self, handle, stop):
-        """(text, None, tokens so far) as a choice's text becomes final, then (the rest, its
-        RequestOutput, its tokens)."""
+    async def choice_events(self, handle, stop, logprobs: bool):
+        """(text, None, tokens so far, pieces) as a choice's text becomes final, then (the rest, its
+        RequestOutput, its tokens, pieces); with `logprobs`, pieces are the token ids since the last
+        item and their logprobs entries (else None)."""
         detokenizer = _Detokenizer(self.engine.tokenizer, tuple(stop))
-        async for token_id in handle.stream():
+        entries, sent = [], 0
+        async for item in handle.stream(logprobs=logprobs):
+            token_id, entry = item if logprobs else (item, None)
+            entries.append(entry)
             text = detokenizer.push(token_id)
             if text:
-                yield text, None, len(detokenizer.token_ids)
+                done = len(detokenizer.token_ids)
+                yield text, None, done, (detokenizer.token_ids[sent:done], entries[sent:done]) if logprobs else None
+                sent = done
         output = handle.result(timeout=0)
-        self.metrics.observe(output)
-        yield detokenizer.finish(output.text), output, len(output.token_ids)
+        self.observe(output)
+        pieces = (detokenizer.token_ids[sent:], entries[sent:]) if logprobs else None
+        yield detokenizer.finish(output.text), output, len(output.token_ids), pieces
 
 
 async def _cancel_on_disconnect(request: fastapi.Request, handles) -> None:
@@ -455,7 +575,8 @@ async def _merge(streams):
 
 
 def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None = None,
-              adapter_paths: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> fastapi.FastAPI:  # fmt: skip
+              adapter_paths: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES, routes=(),
+              quality_window: int = 100) -> fastapi.FastAPI:  # fmt: skip
     """The FastAPI app over `engine` (see the module docstring).
 
     Args:
@@ -468,6 +589,11 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
         adapter_paths: name -> directory of the adapters loaded at start: `/v1/models` shows
             them as `root`, and an adapter's own chat template is read from there.
         max_body_bytes: a request body beyond this gets 413 (8 MiB by default).
+        routes: A/B routes, `NAME=ARM:WEIGHT,...` strings (or `routing.Route`s): `model: NAME`
+            is served by one arm (the base model's name or a loaded adapter's), chosen by weight,
+            sticky by the body's `user`. Their arms cannot be unloaded.
+        quality_window: completed requests per model in /metrics' quality signals, and the size of
+            the drift statistic's reference window and recent window (`quality.QualityMonitor`).
     """
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty str, got {model_name!r}")
@@ -480,7 +606,11 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
     for directory in adapter_dirs:
         if not os.path.isdir(directory):
             raise ValueError(f"adapter_dirs: {directory!r} is not a directory")
-    server = _Server(engine, model_name, adapter_dirs, adapter_paths, max_body_bytes)
+    if not isinstance(quality_window, int) or isinstance(quality_window, bool) or quality_window < 2:
+        raise ValueError(f"quality_window must be an int >= 2, got {quality_window!r}")
+    if isinstance(routes, str):
+        raise ValueError("routes must be a list of NAME=ARM:WEIGHT,... strings, not one string")
+    server = _Server(engine, model_name, adapter_dirs, adapter_paths, max_body_bytes, routes, quality_window)
     app = fastapi.FastAPI(title="fused_train", openapi_url=None)
     app.state.server = server
 
@@ -514,14 +644,14 @@ def build_app(engine, *, model_name: str, adapter_dirs=(), api_key: str | None =
     @v1.post("/completions")
     async def completions(request: fastapi.Request):
         body = await body_of(request, CompletionRequest)
-        adapter = server.adapter_for(body.model)
+        adapter = server.adapter_for(body.model, body.user)
         prompts = await run_in_threadpool(server.encode_prompts, body.prompt)
         return await server.generate(request, "completion", body, prompts, adapter, "prompt")
 
     @v1.post("/chat/completions")
     async def chat_completions(request: fastapi.Request):
         body = await body_of(request, ChatRequest)
-        adapter = server.adapter_for(body.model)
+        adapter = server.adapter_for(body.model, body.user)
         prompts = [await run_in_threadpool(server.encode_chat, body.messages, adapter)]
         return await server.generate(request, "chat", body, prompts, adapter, "messages")
 

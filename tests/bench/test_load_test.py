@@ -162,6 +162,8 @@ def test_naive_engine_gives_the_engines_greedy_tokens(tiny, reference_path):
         assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 6
         with pytest.raises(ValueError, match="unknown adapter"):
             naive.add_request(prompts[0], params, "nope")
+        with pytest.raises(ValueError, match="prompt_logprobs"):  # rather than a token max_tokens=0 never asked for
+            naive.add_request(prompts[0], SamplingParams(max_tokens=0, prompt_logprobs=1))
     finally:
         naive.shutdown()
 

@@ -80,11 +80,12 @@ def reference_path():
 
 
 @contextlib.contextmanager
-def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None, max_body_bytes=None,
-            **engine_options):  # fmt: skip
+def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None, max_body_bytes=None, routes=(),
+            quality_window=100, **engine_options):  # fmt: skip
     """A LiveServer over `engine` (or a new Engine on `model_dir` with `adapters` and `engine_options`
     over ENGINE_OPTIONS); server and engine are stopped on exit. `max_body_bytes` None: the server's
-    default. Skips the test where SERVER_PACKAGES are not installed."""
+    default; `routes` and `quality_window` are `build_app`'s. Skips the test where SERVER_PACKAGES are
+    not installed."""
     for name in SERVER_PACKAGES:
         pytest.importorskip(name)
     from fused_train.serving.server import build_app, start_server
@@ -95,7 +96,7 @@ def running(model_dir, adapters, *, api_key=None, adapter_dirs=None, engine=None
     engine = engine or open_engine(model_dir, adapters, **{**ENGINE_OPTIONS, **engine_options})
     try:
         app = build_app(engine, model_name=MODEL_NAME, adapter_dirs=adapter_dirs, api_key=api_key,
-                        adapter_paths=adapters, **limits)  # fmt: skip
+                        adapter_paths=adapters, routes=routes, quality_window=quality_window, **limits)  # fmt: skip
         with start_server(app) as server:
             yield LiveServer(server.url, engine, MODEL_NAME, dict(adapters), api_key)
     finally:

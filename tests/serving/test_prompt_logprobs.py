@@ -79,6 +79,16 @@ def test_prompt_logprobs_equal_hf_whole_chunked_and_with_a_warm_prefix_cache(ada
     assert scored[4].token_ids == [] and scored[4].finish_reason == "length" and scored[4].text is None
 
 
+def test_a_request_preempted_after_its_prompt_was_scored_scores_it_once(cpu_path):
+    prompts = _prompts()[1:3]  # 6 and 23 tokens: 3 of the 4 pages at first, 5 at their longest
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, prompt_logprobs=TOP)
+    with Engine(tiny_model("llama"), kv_dtype="model", kv_cache_tokens=64) as engine:
+        outputs = engine.generate(prompts, params)
+        assert engine.metrics()["preemptions"] > 0
+    for output in outputs:
+        _assert_equal_to_hf(output, None)
+
+
 def test_prompt_logprobs_zero_gives_the_tokens_logprobs_alone(cpu_path):
     prompt = _prompts()[2]
     with Engine(tiny_model("llama"), kv_dtype="model", kv_cache_tokens=512) as engine:

@@ -137,6 +137,21 @@ def test_every_request_answered_by_a_replica_holding_its_adapter(ray_server, exp
     assert base == len(cases) - per_adapter * len(names)
 
 
+def test_streamed_logprobs_through_a_replica_equal_the_answer_not_streamed(ray_server):
+    async def both():
+        client = _client(ray_server)
+        options = dict(model="tiny", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, logprobs=2)
+        whole = (await client.completions.create(**options)).choices[0].logprobs
+        chunks = await client.completions.create(stream=True, **options)
+        streamed = [chunk.choices[0].logprobs async for chunk in chunks]
+        return whole, [logprobs for logprobs in streamed if logprobs is not None]
+
+    whole, streamed = asyncio.run(both())
+    assert [token for logprobs in streamed for token in logprobs.tokens] == whole.tokens
+    assert [value for logprobs in streamed for value in logprobs.token_logprobs] == whole.token_logprobs
+    assert len(whole.tokens) == MAX_TOKENS
+
+
 def test_errors_of_a_replica_reach_the_client_as_the_local_server_gives_them(ray_server, tiny_adapters):
     # The replica's engine refuses the prompt (beyond the context length): 400 from the ingress, not 500.
     too_long = [5] * 2048

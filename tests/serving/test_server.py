@@ -199,6 +199,8 @@ BAD_COMPLETIONS = [
     ({"model": "tiny", "prompt": [1, 5, 10**6]}, 400, "prompt", None, "token ids"),
     ({"model": "tiny", "prompt": PROMPT, "seed": 2**64}, 400, "seed", None, ""),
     ({"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens", None, "at most"),
+    ({"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", None, "needs echo"),
+    ({"model": "tiny", "prompt": PROMPT, "echo": True, "stream": True}, 400, "echo", "unsupported_parameter", ""),
 ]  # fmt: skip
 BAD_CHATS = [
     ({"model": "tiny", "messages": "hi"}, 400, "messages", None, ""),
@@ -408,7 +410,8 @@ def test_503_while_draining_then_metrics(serve):
 def test_the_cli_serves_until_terminated(tiny_model_dir, tiny_adapters):
     command = [sys.executable, "-m", "fused_train.cli", "serve", "--model", tiny_model_dir, "--adapter",
                f"a={tiny_adapters['a']}", "--port", "0", "--served-model-name", "tiny", "--max-model-len", "512",
-               "--max-body-bytes", "1000", "--no-enable-prefix-caching", "--log-level", "warning"]  # fmt: skip
+               "--max-body-bytes", "1000", "--no-enable-prefix-caching", "--log-level", "warning",
+               "--route", "exp=a:1,tiny:1", "--quality-window", "10"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -422,7 +425,7 @@ def test_the_cli_serves_until_terminated(tiny_model_dir, tiny_adapters):
         url = next(line for line in lines if "serving" in line).split()[-1]
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
-        assert [(m["id"], m["max_model_len"]) for m in models] == [("tiny", 512), ("a", 512)]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [("tiny", 512), ("a", 512), ("exp", 512)]
         response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x" * 1000}, timeout=30)
         assert_error(response, 413, code="request_too_large", match="1000 bytes")
         process.terminate()
