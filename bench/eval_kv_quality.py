@@ -37,6 +37,12 @@ Triton kernels run (float32 matmuls as tf32 there, see `--matmul-precision`).
 Writes kv_quality.json (with a flat "summary": one row per metric, its target and pass/miss) and
 kv_quality.png under bench/results/ or `--out`.
 
+Not a caller of `fused-train eval` (fused_train.evaluation), whose kv_int8 variant is another cache:
+the engine's paged int8 pages, scored by prefill (which reads its own exact keys). What this measures
+has no counterpart there: `Int8KVCache`, the transformers cache of `model.generate`, through
+incremental decoding (every token read back from the cache), positional and teacher-forced
+agreement of the caches with each other, and their logit differences.
+
     python bench/eval_kv_quality.py            # CPU: several minutes per seed
     python bench/eval_kv_quality.py --quick    # smoke run: an undertrained model, small sets
 """

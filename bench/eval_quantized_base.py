@@ -13,10 +13,15 @@ What quantizing the frozen base costs in quality, and what LoRA training on top 
    then cosine, gradient norm clipped to 1 as transformers' Trainer does).
 3. Bytes of the 7 projections' weights in each format, against bfloat16.
 
-Perplexity: a full forward (no cache) over the first L tokens of every held-out document of at
-least L tokens. On a plain CPU the fused LoRA path runs its PyTorch reference (dequantize, then
-matmul), numerically what the kernel computes; on a GPU the Triton kernels run.
-Writes quantized_base.json and quantized_base.png under bench/results/ or `--out`.
+Perplexity is `fused-train eval`'s (`fused_train.evaluation`), through the serving `Engine`: the
+pretrained model and the three LoRA adapters are saved, and evaluated under its variants full,
+base_int8 and base_int4 (which quantize the same 7 projections the same way), each on the first L
+tokens of every held-out document of at least L tokens (a reference after the BOS prompt, cut back
+to a whole character where L falls inside one). "Before LoRA" is the base model's row of each
+variant, "after LoRA" the row of the adapter trained over that base. The LoRA training and the
+bytes have no counterpart in the tool and stay here. On a plain CPU the fused LoRA path runs its
+PyTorch reference (dequantize, then matmul), numerically what the kernel computes; on a GPU the
+Triton kernels run. Writes quantized_base.json and quantized_base.png under bench/results/ or `--out`.
 
     python bench/eval_quantized_base.py            # CPU: several minutes
     python bench/eval_quantized_base.py --quick    # smoke run
@@ -26,6 +31,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,10 +44,9 @@ if not __package__:  # run as a script: its siblings as `bench.*`, the way tests
     sys.path.insert(0, str(REPO))
 
 import fused_train  # noqa: E402
-from bench.common import pyplot  # noqa: E402
+from bench.common import BYTE_OFFSET, pyplot  # noqa: E402
 from bench.eval_kv_quality import (  # noqa: E402
     add_training_arguments,
-    full_forward_perplexity,
     learning_rate,
     packed_collator,
     perplexity_documents,
@@ -49,9 +54,12 @@ from bench.eval_kv_quality import (  # noqa: E402
     train,
     train_step,
 )
+from bench.tiny_serving import make_model_dir  # noqa: E402
+from fused_train import evaluation  # noqa: E402
 from fused_train.hf.peft_lora import patch_lora_layers  # noqa: E402
 
 BASES = {"float32": None, "int8": 8, "int4": 4}
+VARIANT_OF = {"float32": "full", "int8": "base_int8", "int4": "base_int4"}  # fused_train.evaluation.VARIANTS
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULTS = dict(steps=400, batch_size=16, lora_steps=200, ppl_len=256, ppl_docs=64)
 QUICK = dict(steps=12, batch_size=8, lora_steps=6, ppl_len=64, ppl_docs=8)
@@ -104,7 +112,8 @@ def lora_train(model, documents, args, device):
     return losses
 
 
-def evaluate_base(pretrained, bits, tokens, train_docs, args, device):
+def train_lora(pretrained, bits, train_docs, args, device, path):
+    """LoRA trained over the base quantized to `bits` (None: float), saved to `path`; its record."""
     model = copy.deepcopy(pretrained)
     torch.manual_seed(args.seed + 1)  # the same LoRA initialization (and dropout masks) for every base
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS)
@@ -113,21 +122,25 @@ def evaluate_base(pretrained, bits, tokens, train_docs, args, device):
         fused_train.quantize_base(model, bits=bits)
     fused_train.patch(model)
     report = patch_lora_layers(model)  # already patched: only the report
-    model.eval()
     stored, bf16 = projection_bytes(model)
-    before = full_forward_perplexity(model, tokens)
     start = time.perf_counter()
     losses = lora_train(model, train_docs, args, device)
+    fused_train.unpatch(model).save_pretrained(path)
     return dict(
         bits=bits,
         fused_layers=report.num_fused,
         projection_bytes=stored,
         projection_bytes_over_bfloat16=stored / bf16,
-        ppl_before_lora=before,
-        ppl_after_lora=full_forward_perplexity(model, tokens),
         lora_seconds=time.perf_counter() - start,
         lora_losses=losses,
     )
+
+
+def perplexity_examples(documents, length):
+    """`fused_train.evaluation` examples: each document's first `length` tokens (BOS and bytes)
+    as a reference after the empty prompt (the tokenizer's BOS), cut back to a whole character."""
+    texts = [bytes(t - BYTE_OFFSET for t in doc[1:length]).decode("utf-8", errors="ignore") for doc in documents]
+    return [evaluation.Example(line, "", text) for line, text in enumerate(texts, 1)]
 
 
 def plot(report, path):
@@ -168,14 +181,22 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     train_docs, held_out, corpus = split_documents(args)
     chosen, _ = perplexity_documents(held_out, args)
-    tokens = torch.tensor([doc[: args.ppl_len] for doc in chosen], device=device)
+    examples = perplexity_examples(chosen, args.ppl_len)
     pretrained, training = train(args, args.seed, train_docs, device)
     fused_train.unpatch(pretrained)  # each base is wrapped in peft, then patched whole
-    bases = {}
-    for name, bits in BASES.items():
-        bases[name] = evaluate_base(pretrained, bits, tokens, train_docs, args, device)
-        print(f"{name}: perplexity {bases[name]['ppl_before_lora']:.4f} before LoRA, "
-              f"{bases[name]['ppl_after_lora']:.4f} after {args.lora_steps} steps")
+    with tempfile.TemporaryDirectory(prefix="eval_quantized_base_") as folder:
+        model_dir = make_model_dir(Path(folder) / "model", pretrained)
+        adapters = {f"lora_{name}": str(Path(folder) / f"lora_{name}") for name in BASES}
+        bases = {name: train_lora(pretrained, bits, train_docs, args, device, adapters[f"lora_{name}"])
+                 for name, bits in BASES.items()}  # fmt: skip
+        results = evaluation.evaluate(model_dir, adapters, examples, list(VARIANT_OF.values()), generate=False,
+                                      device=device, dtype="float32")  # fmt: skip
+    for name, base in bases.items():
+        rows = results[VARIANT_OF[name]]
+        base["ppl_before_lora"] = rows[evaluation.BASE]["perplexity"]
+        base["ppl_after_lora"] = rows[f"lora_{name}"]["perplexity"]
+        print(f"{name}: perplexity {base['ppl_before_lora']:.4f} before LoRA, "
+              f"{base['ppl_after_lora']:.4f} after {args.lora_steps} steps")
     reference = bases["float32"]
     for base in bases.values():
         base["ppl_rel_diff_before_lora"] = base["ppl_before_lora"] / reference["ppl_before_lora"] - 1
@@ -187,7 +208,9 @@ def main(argv=None) -> int:
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         corpus=corpus,
         pretraining=training,
-        perplexity_documents=dict(count=len(chosen), L=args.ppl_len),
+        perplexity_documents=dict(count=len(chosen), L=args.ppl_len,
+                                  evaluated_by="fused_train.evaluation (fused-train eval) through the Engine",
+                                  reference_tokens=sum(len(example.reference.encode()) for example in examples)),
         lora=dict(r=8, alpha=16, dropout=0.05, targets=TARGETS, steps=args.lora_steps, lr=args.lora_lr),
         bases=bases,
     )

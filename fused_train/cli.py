@@ -2,11 +2,16 @@
 
     fused-train serve --model DIR --adapter support=adapters/support --adapter-dir adapters --port 8000
 
+    fused-train eval --model DIR --adapter support=adapters/support --data eval.jsonl --kv-dtype int8 \
+        --quantize-base 8 --fail-if-worse 3
+
 `serve` starts the OpenAI-compatible server (`fused_train.serving.server`) over an `Engine` on the
 Hugging Face model directory `--model`, with the peft adapters of `--adapter NAME=PATH` loaded at
 start; `--adapter-dir DIR` (repeatable) lets clients load more from under DIR at run time; `--route
 NAME=ARM:WEIGHT,...` (repeatable) serves model NAME by its arms (adapters or the base model) split
 by weight, sticky by the request's `user` (`fused_train.serving.routing`).
+`eval` measures the base model and each adapter on a JSONL file, under each variant asked for, and
+prints the table (`fused_train.evaluation` has the metrics, the variants and the gate).
 Also runnable as `python -m fused_train.cli serve ...`.
 """
 
@@ -66,6 +71,37 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="request bodies at most; beyond: 413")
     serve.add_argument("--drain-timeout", type=float, default=30, help="seconds running requests get at shutdown")
     serve.add_argument("--log-level", default="info")
+
+    eval_parser = commands.add_parser(
+        "eval", help="quality of a model and its LoRA adapters, per variant, and a quality gate",
+        description="Perplexity on references, exact match, ROUGE-L and choice accuracy of the base model and "
+                    "each adapter, through the engine (all of a variant's requests in one batched run). Variant "
+                    "'full' (the model's dtype, KV cache included) always runs; --kv-dtype and --quantize-base add "
+                    "one variant each. Every row shows its relative change against its reference row: a variant's "
+                    "row against the same model's 'full' row; in 'full', an adapter's row against the base "
+                    "model's.",
+    )  # fmt: skip
+    eval_parser.add_argument("--model", required=True, help="Hugging Face model directory (model + tokenizer)")
+    eval_parser.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=PATH",
+                             help="a peft adapter (safetensors) evaluated as row NAME; repeatable")  # fmt: skip
+    eval_parser.add_argument("--data", required=True, metavar="FILE.jsonl",
+                             help='one example per line: {"prompt", "reference"} and/or '
+                                  '{"prompt", "choices", "answer"} (answer: index of the right choice)')  # fmt: skip
+    eval_parser.add_argument("--kv-dtype", choices=["int8"], action="append", default=[],
+                             help="add the variant kv_int8: int8 KV cache pages (variant 'full' has the model's dtype)")
+    eval_parser.add_argument("--quantize-base", type=int, choices=[8, 4], action="append", default=[],
+                             help="add the variant base_int8 or base_int4: the decoder's linear layers stored int8 or "
+                                  "int4 (lm_head and embeddings float); repeatable")  # fmt: skip
+    eval_parser.add_argument("--fail-if-worse", type=float, metavar="PCT",
+                             help="exit with status 1 when a row is worse than its reference row (see above) by more "
+                                  "than PCT percent, relative, on any metric (perplexity: higher is worse; the "
+                                  "others: lower), or a value is not finite")  # fmt: skip
+    eval_parser.add_argument("--max-tokens", type=int,
+                             help="tokens each generation runs at most (default: as many as its reference has)")
+    eval_parser.add_argument("--out", default="eval_results", help="folder for eval.json and eval.png")
+    eval_parser.add_argument("--device", help="where the model runs (default: cuda when there is a GPU, else cpu)")
+    eval_parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                             help="auto: bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
     return parser
 
 
@@ -110,12 +146,52 @@ def serve(args) -> None:
         server.stop()
 
 
-def main(argv=None) -> None:
+def evaluate(args) -> int:
+    """Print the table, write eval.json and eval.png; 1 when --fail-if-worse fails a row, else 0."""
+    import json
+
+    from fused_train import evaluation
+
+    names = [name for name, _ in args.adapter]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--adapter names must differ, got {names}")
+    if args.fail_if_worse is not None and not args.fail_if_worse >= 0:
+        raise ValueError(f"--fail-if-worse must be a percentage >= 0, got {args.fail_if_worse}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    examples = evaluation.load_examples(args.data)
+    variants = [evaluation.REFERENCE_VARIANT, *dict.fromkeys(
+        ["kv_int8"] * bool(args.kv_dtype) + [f"base_int{bits}" for bits in args.quantize_base])]  # fmt: skip
+    adapters = dict(args.adapter)
+    results = evaluation.evaluate(args.model, adapters, examples, variants, max_tokens=args.max_tokens,
+                                  device=args.device, dtype=args.dtype)  # fmt: skip
+    print(evaluation.format_table(results))
+    failures = [] if args.fail_if_worse is None else evaluation.gate(results, args.fail_if_worse)
+    report = dict(model=args.model, adapters=adapters, data=dict(path=args.data, examples=len(examples)),
+                  variants={v: evaluation.VARIANTS[v] for v in variants}, results=results,
+                  comparisons=evaluation.comparisons(results),
+                  gate=dict(fail_if_worse_percent=args.fail_if_worse, failures=failures))  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval.png")
+    with open(json_path, "w") as file:
+        json.dump(report, file, indent=1)
+    evaluation.plot(results, png_path)
+    print(f"wrote {json_path} and {png_path}")
+    for failure in failures:
+        print(f"fused-train eval: FAIL {failure}", file=sys.stderr)
+    if args.fail_if_worse is not None and not failures:
+        print(f"fused-train eval: every row within {args.fail_if_worse:g}% of its reference")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
             serve(args)
-    except ValueError as error:  # a bad model, adapter or option: said without a traceback
+            return 0
+        return evaluate(args)
+    except (ValueError, ImportError) as error:  # a bad model, adapter, option or file; a missing extra
         raise SystemExit(f"fused-train {args.command}: {error}") from error
 
 

@@ -77,11 +77,14 @@ def multi_lora_linear_ref(
     return y.to(x.dtype)
 
 
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _grouped_lora(grouped_x, padded, ends):
     """`(x_g·A_gᵀ)·B_gᵀ` for each group g of `grouped_x`'s rows (`ends`): two grouped matmuls where
-    torch has them (`F.grouped_mm`, public from torch 2.10), else a loop over the groups (their ends
-    read on the host), for the older torch releases the package supports."""
-    if hasattr(F, "grouped_mm"):
+    torch has them (`F.grouped_mm`, public from torch 2.10; float32 and half types only), else a loop
+    over the groups (their ends read on the host): float64, and the older torch releases supported."""
+    if hasattr(F, "grouped_mm") and grouped_x.dtype in _GROUPED_MM_DTYPES:
         return F.grouped_mm(F.grouped_mm(grouped_x, padded.lora_a_t, offs=ends), padded.lora_b_t, offs=ends)
     expanded = grouped_x.new_empty(grouped_x.shape[0], padded.lora_b_t.shape[2])
     start = 0

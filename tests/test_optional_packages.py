@@ -1,5 +1,5 @@
 """The suite collects without its optional packages, as on the lent GPU machine (../shared/GPU.md),
-where neither `datasets` nor `trl`, the serve extras, `openai` nor `ray` are installed: the tests
+where neither `datasets` nor `trl`, the serve and eval extras, `openai` nor `ray` are installed: the tests
 that need one skip, and a collection error would stop the whole run before its first test."""
 
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("datasets", "trl", "fastapi", "uvicorn", "httpx", "prometheus_client", "openai", "ray", "guidellm",
-            "lm_eval", "liger_kernel")  # fmt: skip
+            "lm_eval", "liger_kernel", "rouge_score")  # fmt: skip
 
 # Runs pytest with OPTIONAL made absent: their imports fail as those of missing packages do, and
 # importlib's find_spec and metadata (which transformers' `is_*_available` read) do not see them.

@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fused_train.hf.quantize import QuantizedLinear
 from fused_train.ops.checks import FLOAT_DTYPES
 
 CONFIG_FILE = "adapter_config.json"
@@ -136,8 +137,11 @@ def read_adapter(path: str, modules: Mapping[str, nn.Module], *, max_rank: int, 
     for name, pair in sorted(pairs.items()):
         where = f"adapter {path!r}, module {name!r}"
         layer = modules[name]
-        if type(layer) is not nn.Linear or layer.weight.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{where}: the model's {type(layer).__name__} there is not a float nn.Linear")
+        if not (type(layer) is nn.Linear and layer.weight.dtype in FLOAT_DTYPES or isinstance(layer, QuantizedLinear)):
+            raise ValueError(
+                f"{where}: the model's {type(layer).__name__} there is not a float nn.Linear "
+                "(or one that fused_train.quantize_base stored int8 or int4)"
+            )
         if "forward" in layer.__dict__ and name not in attached:
             raise ValueError(f"{where}: the model's layer has its forward replaced by something else")
         validated[name] = _validated(where, config, name, layer, pair, max_rank)
@@ -169,7 +173,8 @@ def _validated(where: str, config: dict, name: str, layer: nn.Linear, pair: dict
         raise ValueError(f"{where}: the weights hold NaN or infinite values")
     alpha = pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    dtype = layer.weight.dtype
+    # A quantized base's adapters are held in float32, as the pool's slots hold them.
+    dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
     return lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous(), scaling
 
 

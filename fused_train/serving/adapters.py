@@ -93,10 +93,13 @@ class _LayerSlots:
         self.batch = batch
         # Never inference tensors (a first fill may run under inference mode): the op's reference
         # path caches a padded copy of the stacks by their version counters, which those lack.
+        # A base that `fused_train.quantize_base` stored int8 or int4: its adapters stay float32 (the op's
+        # other allowed dtype), whatever the activations' dtype.
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
         with torch.inference_mode(False):
             device = weight.device
-            self.lora_a = torch.zeros(num_slots, max_rank, layer.in_features, dtype=weight.dtype, device=device)
-            self.lora_b = torch.zeros(num_slots, layer.out_features, max_rank, dtype=weight.dtype, device=device)
+            self.lora_a = torch.zeros(num_slots, max_rank, layer.in_features, dtype=dtype, device=device)
+            self.lora_b = torch.zeros(num_slots, layer.out_features, max_rank, dtype=dtype, device=device)
             self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
             self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=device)
         # Slots with rank > 0 here; replaced, never mutated, so a running forward reads a consistent set.
@@ -110,6 +113,7 @@ class _LayerSlots:
         # The pool checked the slots once per batch; the op need not read them back per layer.
         return multi_lora_linear(
             x, layer.weight, self.lora_a, self.lora_b, batch.token_slots, self.scalings, self.ranks, bias=layer.bias,
+            weight_scale=getattr(layer, "weight_scale", None), weight_offset=getattr(layer, "weight_offset", None),
             check_values=False, slot_plan=batch.plan,
         )  # fmt: skip
 

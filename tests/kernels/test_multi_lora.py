@@ -43,19 +43,21 @@ def _loop_ref(x, weight, lora_a, lora_b, token_slots, scalings, ranks, bias=None
     return y
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "torch before 2.10"])
+@pytest.mark.parametrize("grouped_mm, dtype", [(True, torch.float32), (True, torch.float64), (False, torch.float32)],
+                         ids=["grouped_mm", "float64", "torch before 2.10"])  # fmt: skip
 @pytest.mark.parametrize("plan_given", [False, True], ids=["plan made", "plan given"])
 @pytest.mark.parametrize("num_tokens, num_slots", [(3, 5), (40, 4), (0, 3)])
-def test_reference_matches_per_token_loop(plan_given, num_tokens, num_slots, grouped_mm, monkeypatch):
+def test_reference_matches_per_token_loop(plan_given, num_tokens, num_slots, grouped_mm, dtype, monkeypatch):
     """With NaN padding, and feature counts that are no multiple of 16 bytes (grouped_mm's stride
-    rule); without `F.grouped_mm` (torch < 2.10) the groups are looped over."""
+    rule); in float64 (which grouped_mm refuses) and without `F.grouped_mm` (torch < 2.10) the
+    groups are looped over."""
     if not grouped_mm:
         monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
     in_features, out_features, r_max = 33, 17, 16
     ranks = torch.randint(0, r_max + 1, (num_slots,), dtype=torch.int32, device=DEVICE)
-    lora_a, lora_b = _adapters(num_slots, r_max, in_features, out_features, ranks, torch.float32, pad=float("nan"))
-    x = torch.randn(num_tokens, in_features, device=DEVICE)
-    weight = torch.randn(out_features, in_features, device=DEVICE)
+    lora_a, lora_b = _adapters(num_slots, r_max, in_features, out_features, ranks, dtype, pad=float("nan"))
+    x = torch.randn(num_tokens, in_features, device=DEVICE, dtype=dtype)
+    weight = torch.randn(out_features, in_features, device=DEVICE, dtype=dtype)
     token_slots = torch.randint(-1, num_slots, (num_tokens,), dtype=torch.int32, device=DEVICE)
     scalings = torch.rand(num_slots, device=DEVICE)
     plan = plan_slots(token_slots, num_slots) if plan_given else None
