@@ -378,27 +378,36 @@ class Engine(RequestLoop):
         """For the requests whose prompt is being scored: the logprobs of the prompt tokens that the
         step's rows (`fed`: each sequence's logits at every token it fed) predict, with the top
         `params.prompt_logprobs`, raw as `_record_logprobs`. The row at position p predicts token
-        p + 1; a request preempted after its prompt was scored computes it again and records nothing."""
+        p + 1; a request preempted after its prompt was scored computes it again and records nothing.
+        Once all are scored they go to its handle, so a stream (`echo`) has them before the first token."""
         for request in requests:
-            logits = fed.get(request.seq)
-            if logits is None:
-                continue
-            scored, cached, prompt = len(request.prompt_logprobs), request.seq.num_cached, request.prompt_token_ids
-            first, end = scored - 1 - cached, min(len(logits), len(prompt) - 1 - cached)  # rows of the step
-            if first < 0:  # it reads no cached prefix, and its chunks come in order: a bug
-                raise AssertionError(f"request {request.request_id}: prompt token {scored} was skipped")
-            if end <= first:  # the step fed only the last prompt token (it predicts the first output)
-                continue
-            logprobs = torch.log_softmax(logits[first:end], dim=-1)
-            targets = torch.tensor(prompt[scored : scored + end - first], device=logprobs.device)
-            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-            k = request.params.prompt_logprobs
-            if k:
-                top = logprobs.topk(k, dim=-1)
-                tops = [list(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
-            else:
-                tops = [[] for _ in chosen]
-            request.prompt_logprobs.extend(zip(chosen, tops))
+            self._score_prompt(request, fed.get(request.seq))
+            scored = request.prompt_logprobs
+            if scored is not None and not request.prompt_published and len(scored) == len(request.prompt_token_ids):
+                request.prompt_published = True
+                request.handle.publish([], None, prompt_logprobs=list(scored))
+
+    @staticmethod
+    def _score_prompt(request, logits) -> None:
+        """`_record_prompt_logprobs` of one request, `logits` its rows of the step (None: none)."""
+        if logits is None:
+            return
+        scored, cached, prompt = len(request.prompt_logprobs), request.seq.num_cached, request.prompt_token_ids
+        first, end = scored - 1 - cached, min(len(logits), len(prompt) - 1 - cached)  # rows of the step
+        if first < 0:  # it reads no cached prefix, and its chunks come in order: a bug
+            raise AssertionError(f"request {request.request_id}: prompt token {scored} was skipped")
+        if end <= first:  # the step fed only the last prompt token (it predicts the first output)
+            return
+        logprobs = torch.log_softmax(logits[first:end], dim=-1)
+        targets = torch.tensor(prompt[scored : scored + end - first], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        k = request.params.prompt_logprobs
+        if k:
+            top = logprobs.topk(k, dim=-1)
+            tops = [list(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        request.prompt_logprobs.extend(zip(chosen, tops))
 
     def _processed_logits(self, logits: torch.Tensor, requests) -> torch.Tensor:
         """The one place per-row logits processors apply before sampling, on the device: the logit

@@ -147,9 +147,6 @@ def sampling_params(body: SamplingBody, max_tokens: int | None, default_max_toke
     if max_tokens == 0 and not echo:
         raise APIError(400, "max_tokens: 0 generates nothing; it needs echo: true (the prompt alone)",
                        param="max_tokens")  # fmt: skip
-    if echo and body.stream:
-        raise APIError(400, "echo with stream: true is not supported by this server yet", param="echo",
-                       code="unsupported_parameter")  # fmt: skip
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})",

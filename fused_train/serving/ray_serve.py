@@ -123,7 +123,8 @@ class EngineDeployment:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
         """Stream the request's id once its engine has queued it, then its token ids (pairs of a
-        token id and its logprobs where the request asked for them), then its `RequestOutput`; the
+        token id and its logprobs where the request asked for them; before them the list of its
+        prompt's logprobs where it asked for those), then its `RequestOutput`; the
         adapter is the request's multiplexed model id (none: the base model).
         Raises what `Engine.add_request` raises."""
         name = serve.get_multiplexed_model_id() or None
@@ -135,8 +136,9 @@ class EngineDeployment:
             handle = self.engine.add_request(prompt_token_ids, params, name, request_id)
             try:
                 yield handle.request_id  # queued: the ingress returns its handle now
-                async for item in handle.stream(logprobs=params.logprobs is not None):
-                    yield item  # (token id, its logprobs) where the request asked for them
+                async for item in handle.stream(logprobs=params.logprobs is not None,
+                                                prompt_logprobs=params.prompt_logprobs is not None):  # fmt: skip
+                    yield item  # (token id, its logprobs) where the request asked for them; the prompt's first
             except RequestFailed:
                 pass  # the output below says why; the ingress raises it there
             finally:
@@ -182,11 +184,15 @@ class RemoteRequest:
         except RayError as error:  # the replica died, or the call was cancelled
             raise RequestFailed(f"request {self.request_id} failed: {type(error).__name__}: {error}") from error
 
-    async def stream(self, logprobs: bool = False):
+    async def stream(self, logprobs: bool = False, prompt_logprobs: bool = False):
         """The request's token ids as its replica produces them (`RequestHandle.stream`'s items);
         raises `RequestFailed` if it fails."""
         try:
             while not isinstance(item := await self._next(), RequestOutput):
+                if isinstance(item, list):  # the prompt's logprobs
+                    if prompt_logprobs:
+                        yield item
+                    continue
                 token, entry = item if isinstance(item, tuple) else (item, None)
                 yield (token, entry) if logprobs else token
         except BaseException as error:

@@ -147,6 +147,7 @@ class _Request:
     logprobs: list | None = None  # one per generated token, with `params.logprobs`
     logprob_sum: float = 0.0  # of every generated token's logprob
     prompt_logprobs: list | None = None  # [None, one per prompt token scored so far], with params.prompt_logprobs
+    prompt_published: bool = False  # its complete prompt_logprobs went to the handle (for a stream)
     text: str | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -169,14 +170,15 @@ class _Request:
 
 class RequestHandle:
     """A request's live view: iterate it (or `async for` over `stream()`) for its token ids as they
-    are produced (`stream(logprobs=True)`: with each one's logprobs); `result()` waits for the
-    `RequestOutput`; `cancel()` ends it."""
+    are produced (`stream(logprobs=True)`: with each one's logprobs; `prompt_logprobs=True`: the
+    prompt's first); `result()` waits for the `RequestOutput`; `cancel()` ends it."""
 
     def __init__(self, owner: "RequestLoop", request_id: str):
         self.request_id = request_id
         self._owner = owner
         self._tokens: list[int] = []
         self._logprobs: list = []  # one per token where the request asked for logprobs, else none
+        self._prompt_logprobs: list | None = None  # `RequestOutput.prompt_logprobs`, once all are scored
         self._output: RequestOutput | None = None
         self._changed = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -206,26 +208,38 @@ class RequestHandle:
                 self._raise_if_failed()
                 return
 
-    async def stream(self, logprobs: bool = False):
+    async def stream(self, logprobs: bool = False, prompt_logprobs: bool = False):
         """The asyncio form of iterating the handle: `async for token_id in handle.stream()`; with
         `logprobs`, `(token_id, entry)`: its `RequestOutput.logprobs` entry, None where the request
-        asked for none."""
+        asked for none. With `prompt_logprobs` (a request that asked for them), the first item is
+        the list of its `RequestOutput.prompt_logprobs`, before any token; a request that ends
+        before its prompt is scored (cancelled, failed) gives none."""
         loop = asyncio.get_running_loop()
-        index = 0
+        index, prompt_due = 0, prompt_logprobs
         while True:
             event = asyncio.Event()
             with self._changed:
-                new, ended = self._tokens[index:], self.done()
+                ended, prompt = self.done(), None
+                if prompt_due:
+                    prompt = self._prompt_logprobs
+                    if prompt is None and ended:
+                        prompt_due = False
+                new = [] if prompt_due and prompt is None else self._tokens[index:]
                 entries = self._logprobs[index : index + len(new)]
-                if not new and not ended:
+                waits = not new and not ended and prompt is None
+                if waits:
                     self._async_waiters.append((loop, event))
-            if not new and not ended:
+            if waits:
                 try:
                     await event.wait()
                 finally:  # cancelled, too: a waiter left behind would be woken on a loop that may be closed
                     with self._changed:
                         if (loop, event) in self._async_waiters:
                             self._async_waiters.remove((loop, event))
+                continue
+            if prompt is not None:
+                prompt_due = False
+                yield prompt
                 continue
             for offset, token in enumerate(new):
                 yield (token, entries[offset] if offset < len(entries) else None) if logprobs else token
@@ -238,11 +252,14 @@ class RequestHandle:
         if self._output.finish_reason == "error":
             raise RequestFailed(f"request {self.request_id} failed: {self._output.error}")
 
-    def publish(self, tokens: list[int], output: RequestOutput | None, logprobs=()) -> None:
+    def publish(self, tokens: list[int], output: RequestOutput | None, logprobs=(), prompt_logprobs=None) -> None:
         """The producer's side (the loop thread): `tokens` are produced, with their `logprobs`
-        entries where the request asked for them; `output`, when given, ends the request. Wakes
-        every waiting consumer, threads and asyncio loops alike."""
+        entries where the request asked for them; `prompt_logprobs`, when given, all of the prompt's
+        (before its first token); `output`, when given, ends the request. Wakes every waiting
+        consumer, threads and asyncio loops alike."""
         with self._changed:
+            if prompt_logprobs is not None:
+                self._prompt_logprobs = prompt_logprobs
             self._tokens.extend(tokens)
             self._logprobs.extend(logprobs)
             if output is not None:

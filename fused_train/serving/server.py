@@ -376,18 +376,21 @@ class _Server:
         # The model that served it: a route's arm (as OpenAI answers an alias with its snapshot).
         served = self.model_name if adapter is None else adapter
         base = {"id": request_id, "created": int(time.time()), "model": served}
+        echoed = None
+        if kind == "completion" and body.echo:
+            echoed = await run_in_threadpool(self.prompt_texts, body.prompt, prompts)
         if body.stream:
             options = body.stream_options
             include_usage = options is not None and options.include_usage
             continuous = include_usage and options.continuous_usage_stats
             prompt_tokens = sum(len(prompt) for prompt in prompts) if continuous else None
             logprobs = params[0].logprobs is not None
+            # With echo, each choice's prompt (and its prompt's logprobs) comes before its first token.
+            echoes = None if echoed is None else [(echoed[i], prompt) for i, prompt in enumerate(prompts)
+                                                  for _ in params]  # fmt: skip
             events = self.stream_events(kind, base, handles, params[0].stop, logprobs, include_usage, prompt_tokens,
-                                        len(params))  # fmt: skip
+                                        len(params), echoes)  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream")
-        echoed = None
-        if kind == "completion" and body.echo:
-            echoed = await run_in_threadpool(self.prompt_texts, body.prompt, prompts)
         return JSONResponse(await self.complete(request, kind, base, handles, len(params), echoed))
 
     def prompt_texts(self, prompt, prompts: list[list[int]]) -> list[str]:
@@ -460,10 +463,11 @@ class _Server:
                 "top_logprobs": [None if entry is None else {text(t): lp for t, lp in entry[1]} for entry in entries],
                 "text_offset": offsets}  # fmt: skip
 
-    async def stream_events(self, kind, base, handles, stop, logprobs, include_usage, prompt_tokens, n):
+    async def stream_events(self, kind, base, handles, stop, logprobs, include_usage, prompt_tokens, n, echoes=None):
         """The SSE events; with `logprobs`, each chunk has those of its tokens (OpenAI's shape for
         `kind`, concatenated: the answer's not streamed); with `prompt_tokens`
-        (continuous_usage_stats), every chunk has the usage so far."""
+        (continuous_usage_stats), every chunk has the usage so far; `echoes` (completions' echo):
+        each handle's prompt text and token ids, its first chunk."""
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         completion_tokens = [0] * len(handles)
 
@@ -476,10 +480,11 @@ class _Server:
 
         text_offsets = [0] * len(handles)  # of each choice's next token in its text
 
-        def choice(index, text, finish_reason=None, pieces=None):
+        def choice(index, text, finish_reason=None, pieces=None, echo=False):
             shaped = None
-            # pieces: the token ids since the last chunk, and their logprobs (None: the engine gave none)
-            if pieces is not None and pieces[0] and None not in pieces[1]:
+            # pieces: the token ids since the last chunk, and their logprobs (None: the engine gave
+            # none; an echoed prompt's first token has None, nothing predicts it)
+            if pieces is not None and pieces[0] and None not in pieces[1][1 if echo else 0 :]:
                 shaped = self.logprobs_of(kind, *pieces, text_offset=text_offsets[index])
                 if kind != "chat":
                     text_offsets[index] += sum(len(token) for token in shaped["tokens"])
@@ -495,11 +500,12 @@ class _Server:
                     for index in range(len(handles)):
                         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}])  # fmt: skip
-                choices = [self.choice_events(handle, stop, logprobs) for handle in handles]
-                async for index, text, output, tokens, pieces in _merge(choices):
+                choices = [self.choice_events(handle, stop, logprobs, None if echoes is None else echoes[index])
+                           for index, handle in enumerate(handles)]  # fmt: skip
+                async for index, text, output, tokens, pieces, echo in _merge(choices):
                     completion_tokens[index] = tokens
                     if output is None:
-                        yield chunk([choice(index, text, pieces=pieces)])
+                        yield chunk([choice(index, text, pieces=pieces, echo=echo)])
                         continue
                     outputs[index] = output
                     if text:
@@ -516,24 +522,31 @@ class _Server:
             for handle in handles:
                 handle.cancel()
 
-    async def choice_events(self, handle, stop, logprobs: bool):
-        """(text, None, tokens so far, pieces) as a choice's text becomes final, then (the rest, its
-        RequestOutput, its tokens, pieces); with `logprobs`, pieces are the token ids since the last
-        item and their logprobs entries (else None)."""
+    async def choice_events(self, handle, stop, logprobs: bool, echo=None):
+        """(text, None, tokens so far, pieces, False) as a choice's text becomes final, then (the
+        rest, its RequestOutput, its tokens, pieces, False); with `logprobs`, pieces are the token
+        ids since the last item and their logprobs entries (else None). With `echo` (the prompt's
+        text and token ids), first (its text, None, 0, its pieces, True)."""
         detokenizer = _Detokenizer(self.engine.tokenizer, tuple(stop))
         entries, sent = [], 0
-        async for item in handle.stream(logprobs=logprobs):
+        if echo is not None and not logprobs:
+            yield echo[0], None, 0, None, True
+        async for item in handle.stream(logprobs=logprobs, prompt_logprobs=echo is not None and logprobs):
+            if isinstance(item, list):  # the prompt's logprobs, before its first token
+                yield echo[0], None, 0, (echo[1], item), True
+                continue
             token_id, entry = item if logprobs else (item, None)
             entries.append(entry)
             text = detokenizer.push(token_id)
             if text:
                 done = len(detokenizer.token_ids)
-                yield text, None, done, (detokenizer.token_ids[sent:done], entries[sent:done]) if logprobs else None
+                pieces = (detokenizer.token_ids[sent:done], entries[sent:done]) if logprobs else None
+                yield text, None, done, pieces, False
                 sent = done
         output = handle.result(timeout=0)
         self.observe(output)
         pieces = (detokenizer.token_ids[sent:], entries[sent:]) if logprobs else None
-        yield detokenizer.finish(output.text), output, len(output.token_ids), pieces
+        yield detokenizer.finish(output.text), output, len(output.token_ids), pieces, False
 
 
 async def _cancel_on_disconnect(request: fastapi.Request, handles) -> None:

@@ -155,6 +155,44 @@ def test_streamed_logprobs_concatenated_equal_the_answer_not_streamed(float_serv
     assert content == [entry.model_dump() for entry in whole.logprobs.content]
 
 
+def _streamed_completions(client, **options) -> dict:
+    """Each choice's streamed text and logprobs fields, concatenated, and the order of its chunks' texts."""
+    streamed = {}
+    for chunk in client.completions.create(stream=True, **options):
+        for choice in chunk.choices:
+            got = streamed.setdefault(choice.index, dict(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[],
+                                                         text="", logprobs=None, pieces=[]))  # fmt: skip
+            got["text"] += choice.text
+            got["pieces"].append(choice.text)
+            if choice.logprobs is not None:
+                got["logprobs"] = True
+                for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    got[field] += getattr(choice.logprobs, field)
+    return streamed
+
+
+@pytest.mark.parametrize("max_tokens", [4, 0])
+def test_streamed_echo_equals_the_answer_not_streamed(float_server, max_tokens):
+    """The prompt (and its logprobs) is each choice's first chunk; concatenated, a stream equals the
+    answer not streamed, with logprobs and without, several prompts and choices."""
+    client = float_server.client()
+    options = dict(model="a", prompt=["The cat sat", "Hi"], max_tokens=max_tokens, temperature=0.8, seed=5, n=2,
+                   echo=True, extra_body={"ignore_eos": True})  # fmt: skip
+    for logprobs in (2, None):
+        whole = client.completions.create(**options, logprobs=logprobs)
+        streamed = _streamed_completions(client, **options, logprobs=logprobs)
+        assert sorted(streamed) == [0, 1, 2, 3]
+        for choice in whole.choices:
+            got = streamed[choice.index]
+            prompt = options["prompt"][choice.index // 2]
+            assert got["text"] == choice.text and got["pieces"][0] == prompt
+            if logprobs is None:
+                assert choice.logprobs is None and got["logprobs"] is None
+            else:
+                fields = {field: got[field] for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+                assert fields == choice.logprobs.model_dump() and fields["token_logprobs"][0] is None
+
+
 def test_out_of_range_logprobs_are_refused(float_server):
     client = float_server.client()
     for call, param in ((lambda: client.completions.create(model="tiny", prompt="x", max_tokens=1, logprobs=21),

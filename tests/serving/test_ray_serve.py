@@ -137,10 +137,11 @@ def test_every_request_answered_by_a_replica_holding_its_adapter(ray_server, exp
     assert base == len(cases) - per_adapter * len(names)
 
 
-def test_streamed_logprobs_through_a_replica_equal_the_answer_not_streamed(ray_server):
+@pytest.mark.parametrize("echo", [False, True], ids=["", "echo"])
+def test_streamed_logprobs_through_a_replica_equal_the_answer_not_streamed(ray_server, echo):
     async def both():
         client = _client(ray_server)
-        options = dict(model="tiny", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, logprobs=2)
+        options = dict(model="tiny", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, logprobs=2, echo=echo)
         whole = (await client.completions.create(**options)).choices[0].logprobs
         chunks = await client.completions.create(stream=True, **options)
         streamed = [chunk.choices[0].logprobs async for chunk in chunks]
@@ -149,7 +150,8 @@ def test_streamed_logprobs_through_a_replica_equal_the_answer_not_streamed(ray_s
     whole, streamed = asyncio.run(both())
     assert [token for logprobs in streamed for token in logprobs.tokens] == whole.tokens
     assert [value for logprobs in streamed for value in logprobs.token_logprobs] == whole.token_logprobs
-    assert len(whole.tokens) == MAX_TOKENS
+    assert len(whole.tokens) == MAX_TOKENS + (len(streamed[0].tokens) if echo else 0)
+    assert (whole.token_logprobs[0] is None) == echo
 
 
 def test_errors_of_a_replica_reach_the_client_as_the_local_server_gives_them(ray_server, tiny_adapters):

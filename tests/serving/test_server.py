@@ -200,7 +200,6 @@ BAD_COMPLETIONS = [
     ({"model": "tiny", "prompt": PROMPT, "seed": 2**64}, 400, "seed", None, ""),
     ({"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens", None, "at most"),
     ({"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", None, "needs echo"),
-    ({"model": "tiny", "prompt": PROMPT, "echo": True, "stream": True}, 400, "echo", "unsupported_parameter", ""),
 ]  # fmt: skip
 BAD_CHATS = [
     ({"model": "tiny", "messages": "hi"}, 400, "messages", None, ""),
