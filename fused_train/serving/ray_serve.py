@@ -44,6 +44,7 @@ from ray.exceptions import RayError, RayTaskError
 from fused_train.ops.checks import check_int
 from fused_train.serving.requests import RequestFailed, RequestOutput, SamplingParams
 from fused_train.serving.loading import open_engine
+from fused_train.serving.routing import Route, parse_route
 
 __all__ = ["EngineDeployment", "OpenAIIngress", "RemoteEngine", "app_builder", "build_deployment"]
 
@@ -278,11 +279,13 @@ class RemoteEngine:
 class OpenAIIngress:
     """The OpenAI-compatible app of `fused-train serve` (`build_app`) over `RemoteEngine`."""
 
-    def __init__(self, engine_handle, model_dir: str, adapters: dict, model_name: str, api_key: str | None = None):
+    def __init__(self, engine_handle, model_dir: str, adapters: dict, model_name: str, api_key: str | None = None,
+                 routes=(), quality_window: int = 100):  # fmt: skip
         from transformers import AutoTokenizer
 
         self.engine = RemoteEngine(engine_handle, AutoTokenizer.from_pretrained(model_dir), adapters)
-        self._app_options = dict(model_name=model_name, adapter_paths=dict(adapters), api_key=api_key)
+        self._app_options = dict(model_name=model_name, adapter_paths=dict(adapters), api_key=api_key,
+                                 routes=list(routes), quality_window=quality_window)  # fmt: skip
 
     def __serve_build_asgi_app__(self):
         from fused_train.serving.server import build_app
@@ -292,14 +295,17 @@ class OpenAIIngress:
 
 def build_deployment(model_dir: str, adapters: dict, *, num_replicas: int = 2, max_models_per_replica: int = 2,
                      served_model_name: str | None = None, api_key: str | None = None,
-                     engine_kwargs: dict | None = None, ray_actor_options: dict | None = None):  # fmt: skip
+                     engine_kwargs: dict | None = None, ray_actor_options: dict | None = None, routes=(),
+                     quality_window: int = 100):  # fmt: skip
     """The Serve application: `OpenAIIngress` in front of `num_replicas` replicas of
     `EngineDeployment`, each holding at most `max_models_per_replica` of `adapters` (name -> peft
     adapter directory) at a time. `served_model_name` is the base model's `model` name (default:
     the directory's name); `engine_kwargs` go to each replica's `open_engine` (device, dtype and the
     `Engine`'s options); `ray_actor_options` are each engine replica's resources (e.g.
-    `{"num_gpus": 1}`). Run it with `serve.run(app)`."""
-    check_int(num_replicas=num_replicas, max_models_per_replica=max_models_per_replica)
+    `{"num_gpus": 1}`); `routes` and `quality_window` are `build_app`'s (A/B routes, the quality
+    signals' window). Run it with `serve.run(app)`."""
+    check_int(num_replicas=num_replicas, max_models_per_replica=max_models_per_replica, quality_window=quality_window)
+    routes = [route if isinstance(route, Route) else parse_route(route) for route in routes]  # a bad spec: now
     if not os.path.isdir(model_dir):
         raise ValueError(f"model_dir must be a model directory, got {model_dir!r}")
     adapters = {str(name): os.fspath(path) for name, path in dict(adapters).items()}
@@ -308,14 +314,15 @@ def build_deployment(model_dir: str, adapters: dict, *, num_replicas: int = 2, m
     ingress = serve.deployment(OpenAIIngress, max_ongoing_requests=MAX_ONGOING_REQUESTS)
     model_name = served_model_name or os.path.basename(os.path.normpath(model_dir))
     return ingress.bind(engine.bind(model_dir, adapters, max_models_per_replica, engine_kwargs), model_dir, adapters,
-                        model_name, api_key)  # fmt: skip
+                        model_name, api_key, routes, quality_window)  # fmt: skip
 
 
 def app_builder(args: dict):
     """`serve run fused_train.serving.ray_serve:app_builder model_dir=DIR adapters=NAME=DIR,NAME=DIR
-    [num_replicas=2] [max_models_per_replica=2] [served_model_name=NAME] [api_key=KEY]`, or the
-    same keys under an application's `args:` in a Serve config file, where `adapters`,
-    `engine_kwargs` and `ray_actor_options` may be mappings."""
+    [num_replicas=2] [max_models_per_replica=2] [served_model_name=NAME] [api_key=KEY]
+    [routes="NAME=ARM:WEIGHT,...;NAME=..."] [quality_window=100]`, or the same keys under an
+    application's `args:` in a Serve config file, where `adapters`, `engine_kwargs` and
+    `ray_actor_options` may be mappings and `routes` a list."""
     args = dict(args)
     if "model_dir" not in args:
         raise ValueError("app_builder needs model_dir=DIR")
@@ -325,14 +332,16 @@ def app_builder(args: dict):
         if any(not name or not sep or not path for name, sep, path in items):
             raise ValueError(f"adapters must be NAME=DIR,NAME=DIR..., got {adapters!r}")
         adapters = {name: path for name, _, path in items}
-    for arg in ("num_replicas", "max_models_per_replica"):
+    if isinstance(args.get("routes"), str):
+        args["routes"] = [route for route in args["routes"].split(";") if route]
+    for arg in ("num_replicas", "max_models_per_replica", "quality_window"):
         if arg in args:
             try:
                 args[arg] = int(args[arg])
             except (TypeError, ValueError):
                 raise ValueError(f"{arg} must be an int, got {args[arg]!r}") from None
     known = {"model_dir", "num_replicas", "max_models_per_replica", "served_model_name", "api_key", "engine_kwargs",
-             "ray_actor_options"}  # fmt: skip
+             "ray_actor_options", "routes", "quality_window"}  # fmt: skip
     if set(args) - known:
         raise ValueError(f"unknown app_builder args {sorted(set(args) - known)}; known: {sorted(known | {'adapters'})}")
     return build_deployment(args.pop("model_dir"), adapters, **args)

@@ -45,7 +45,7 @@ def ray_server(tiny_model_dir, tiny_adapters, reference_path):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_deployment(tiny_model_dir, tiny_adapters, num_replicas=2, max_models_per_replica=2,
                                served_model_name="tiny", engine_kwargs=ENGINE_OPTIONS,
-                               ray_actor_options={"num_cpus": 1})  # fmt: skip
+                               ray_actor_options={"num_cpus": 1}, routes=["ab=a:50,b:50"])  # fmt: skip
         serve.run(app, name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -154,6 +154,22 @@ def test_streamed_logprobs_through_a_replica_equal_the_answer_not_streamed(ray_s
     assert (whole.token_logprobs[0] is None) == echo
 
 
+def test_a_route_splits_users_between_its_arms_through_the_replicas(ray_server, expected):
+    """`model: ab` (a:50, b:50): each user's requests go to one arm, named in the response's
+    `model`, whose text is that adapter's own."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{ray_server}/v1", api_key="none")
+    arms = {}
+    for user in [f"user-{i}" for i in range(8)] * 2:
+        out = client.completions.create(model="ab", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, user=user)
+        assert arms.setdefault(user, out.model) == out.model
+        assert out.choices[0].text == expected[(PROMPTS[0], out.model)]
+    assert set(arms.values()) == {"a", "b"}
+    routes = [m for m in httpx.get(f"{ray_server}/v1/models", timeout=60).json()["data"] if m["id"] == "ab"]
+    assert routes and routes[0]["route"] == {"a": 50, "b": 50}
+
+
 def test_errors_of_a_replica_reach_the_client_as_the_local_server_gives_them(ray_server, tiny_adapters):
     # The replica's engine refuses the prompt (beyond the context length): 400 from the ingress, not 500.
     too_long = [5] * 2048
@@ -163,7 +179,8 @@ def test_errors_of_a_replica_reach_the_client_as_the_local_server_gives_them(ray
     response = httpx.post(f"{ray_server}/v1/completions", json={"model": "e", "prompt": "x"}, timeout=60)
     assert response.status_code == 404, response.text
     models = httpx.get(f"{ray_server}/v1/models", timeout=60).json()["data"]
-    assert [(m["id"], m["parent"]) for m in models] == [("tiny", None)] + [(name, "tiny") for name in tiny_adapters]
+    assert [(m["id"], m["parent"]) for m in models if m["id"] != "ab"] == [("tiny", None)] + [
+        (name, "tiny") for name in tiny_adapters]  # fmt: skip
     assert httpx.get(f"{ray_server}/health", timeout=60).status_code == 200
 
 
@@ -284,8 +301,10 @@ def test_app_builder_reads_serve_run_arguments(tiny_model_dir, tiny_adapters, mo
     config_args = {"model_dir": tiny_model_dir, "adapters": tiny_adapters, "engine_kwargs": {"kv_dtype": "model"}}
     app_builder(config_args)
     assert built[1] == ((tiny_model_dir, tiny_adapters), {"engine_kwargs": {"kv_dtype": "model"}})
+    app_builder({"model_dir": tiny_model_dir, "routes": "x=a:9,b:1;y=c:1", "quality_window": "50"})
+    assert built[2] == ((tiny_model_dir, {}), {"routes": ["x=a:9,b:1", "y=c:1"], "quality_window": 50})
     for args, match in [({"adapters": "a"}, "adapters"), ({"num_replicas": "two"}, "num_replicas"),
-                        ({"replicas": 2}, "unknown")]:  # fmt: skip
+                        ({"replicas": 2}, "unknown"), ({"quality_window": "many"}, "quality_window")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             app_builder({"model_dir": tiny_model_dir, **args})
     with pytest.raises(ValueError, match="model_dir"):
@@ -293,6 +312,10 @@ def test_app_builder_reads_serve_run_arguments(tiny_model_dir, tiny_adapters, mo
 
 
 def test_build_deployment_refuses_bad_arguments(tiny_model_dir, tiny_adapters, tmp_path):
+    with pytest.raises(ValueError, match="weight"):
+        build_deployment(tiny_model_dir, tiny_adapters, routes=["ab=a:ten"])
+    with pytest.raises(ValueError, match="quality_window"):
+        build_deployment(tiny_model_dir, tiny_adapters, quality_window=0)
     with pytest.raises(ValueError, match="max_models_per_replica"):
         build_deployment(tiny_model_dir, tiny_adapters, max_models_per_replica=0)
     with pytest.raises(ValueError, match="num_replicas"):
