@@ -352,23 +352,25 @@ class Engine(RequestLoop):
         seeds, indices = [r.seed for r in requests], [len(r.generated) for r in requests]
         tokens = sample_batch(processed, [p.temperature for p in params], [p.top_p for p in params],
                               [p.top_k for p in params], seeds, indices, banned)  # fmt: skip
-        chosen = chosen_logprobs(logits, tokens)
-        self._record_logprobs(logits, requests, chosen)
+        # The model's own distribution (raw logits: before penalties, bias and temperature, vLLM's
+        # default "raw_logprobs"), once for the chosen tokens and the top logprobs.
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = chosen_logprobs(logprobs, tokens)
+        self._record_logprobs(logprobs, requests, chosen)
         return chunks + list(zip(requests, tokens, chosen))
 
-    def _record_logprobs(self, logits: torch.Tensor, requests, chosen: list[float]) -> None:
+    def _record_logprobs(self, logprobs: torch.Tensor, requests, chosen: list[float]) -> None:
         """For the rows that ask: the chosen token's logprob (`chosen`, one per row) and the top
-        `params.logprobs`, of the model's own distribution (log_softmax of the raw logits, before
-        penalties, bias and temperature: vLLM's default "raw_logprobs"), computed on the device;
-        only those values come to the host."""
+        `params.logprobs` of `logprobs` (the step's raw log_softmax), taken on the device; only
+        those values come to the host."""
         rows = [row for row, request in enumerate(requests) if request.params.logprobs is not None]
         if not rows:
             return
         k = max(requests[row].params.logprobs for row in rows)
         top_values, top_ids = [[]] * len(rows), [[]] * len(rows)
         if k:
-            index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-            top = torch.log_softmax(logits.index_select(0, index), dim=-1).topk(k, dim=-1)
+            index = torch.tensor(rows, dtype=torch.int64, device=logprobs.device)
+            top = logprobs.index_select(0, index).topk(k, dim=-1)
             top_values, top_ids = top.values.tolist(), top.indices.tolist()
         for i, row in enumerate(rows):
             want = requests[row].params.logprobs

@@ -164,13 +164,13 @@ def sample_batch(logits: torch.Tensor, temperatures: list[float], top_ps: list[f
     return chosen.index_copy(0, selected, (scaled + gumbel).argmax(-1)).tolist()
 
 
-def chosen_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
-    """Each row's log-probability of its chosen token under float32 `logits` `[rows, vocab]` (the
-    raw ones: before penalties and temperature), `log_softmax(row)` at the token on their device
-    (one fused op, where logsumexp is several: it runs at every step, and a batch-1 step on a CPU
-    pays for each op), the same values as the top logprobs; one float per row comes to the host."""
-    index = torch.tensor(tokens, dtype=torch.int64).to(logits.device, non_blocking=True)
-    return torch.log_softmax(logits, dim=-1).gather(1, index[:, None])[:, 0].tolist()
+def chosen_logprobs(logprobs: torch.Tensor, tokens: list[int]) -> list[float]:
+    """Each row's log-probability of its chosen token: `logprobs` `[rows, vocab]` (the step's
+    `log_softmax` of its raw logits, one fused op where logsumexp is several: it runs at every
+    step, and a batch-1 step on a CPU pays for each op) at the token, on their device; one float
+    per row comes to the host."""
+    index = torch.tensor(tokens, dtype=torch.int64).to(logprobs.device, non_blocking=True)
+    return logprobs.gather(1, index[:, None])[:, 0].tolist()
 
 
 def penalize(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]], presence: list[float],
