@@ -296,10 +296,16 @@ def gate(results: dict, percent: float) -> list[str]:
     return failures
 
 
+def _metrics_present(results: dict) -> list[str]:
+    """The metrics that some row of `results` has, in `METRICS` order."""
+    return [m for m in METRICS if any(m in row for models in results.values() for row in models.values())]
+
+
 def format_table(results: dict) -> str:
     """The results as a text table: a row per variant and model, each value with its change against
-    the row's reference (in brackets: which)."""
-    metrics = [m for m in METRICS if any(m in row for models in results.values() for row in models.values())]
+    the row's reference (`comparisons`; in the "vs" column: which)."""
+    metrics = _metrics_present(results)
+    compared = {(row["variant"], row["model"], row["metric"]): row for row in comparisons(results)}
     header = ["variant", "model", "vs", *metrics]
     lines = []
     for variant, models in results.items():
@@ -308,9 +314,9 @@ def format_table(results: dict) -> str:
             cells = [variant, model, "/".join(reference) if reference and reference[0] in results else "-"]
             for metric in metrics:
                 cell = f"{values[metric]:.4f}"
-                if cells[2] != "-":
-                    change = relative_change(values[metric], results[reference[0]][reference[1]][metric])
-                    cell += " (n/a)" if change is None else f" ({change:+.1%})"
+                row = compared.get((variant, model, metric))
+                if row is not None:
+                    cell += " (n/a)" if row["change"] is None else f" ({row['change']:+.1%})"
                 cells.append(cell)
             lines.append(cells)
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
@@ -327,7 +333,7 @@ def plot(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in METRICS if any(m in row for models in results.values() for row in models.values())]
+    metrics = _metrics_present(results)
     models = list(next(iter(results.values())))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
     width = 0.8 / len(results)
