@@ -118,14 +118,15 @@ def paged_decode_attention_ref(
     def gather(pages, scales):
         """[batch, num_kv_heads, keys, head_dim] in compute_dtype."""
         shape = (batch, num_kv_heads, num_keys, head_dim)
-        gathered = _as(pages.reshape(-1, head_dim).index_select(0, plan.key_rows).view(shape), compute_dtype)
+        gathered = cast_to(pages.reshape(-1, head_dim).index_select(0, plan.key_rows).view(shape), compute_dtype)
         if scales is None:
             return gathered
-        return gathered * _as(scales.reshape(-1).index_select(0, plan.key_rows).view(shape[:3] + (1,)), compute_dtype)
+        row_scales = scales.reshape(-1).index_select(0, plan.key_rows).view(shape[:3] + (1,))
+        return gathered * cast_to(row_scales, compute_dtype)
 
     keys, values = gather(k_pages, k_scales), gather(v_pages, v_scales)
     q_padded = q if plan.rows is None else q[plan.rows]
-    q_padded = _as(q_padded.reshape(batch, max_queries, num_heads, head_dim).transpose(1, 2), compute_dtype)
+    q_padded = cast_to(q_padded.reshape(batch, max_queries, num_heads, head_dim).transpose(1, 2), compute_dtype)
     visible = plan.visible
     if window_left >= 0:
         key_index = torch.arange(num_keys, device=q.device)
@@ -149,10 +150,10 @@ def paged_decode_attention_ref(
     attended = attended.transpose(1, 2)  # [batch, max_queries, num_heads, head_dim]
     # Sequences' queries follow each other in q, as the rows of query_ok do.
     attended = attended.reshape(total_q, num_heads, head_dim) if plan.query_ok is None else attended[plan.query_ok]
-    return _as(attended, q.dtype)
+    return cast_to(attended, q.dtype)
 
 
-def _as(tensor, dtype):
+def cast_to(tensor, dtype):
     """`tensor.to(dtype)`, without the call when it has that dtype: the reference runs the serving
     engine's steps on a CPU, where each torch call costs about as much as a small layer's math."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)

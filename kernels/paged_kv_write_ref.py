@@ -14,7 +14,7 @@ import torch
 
 from .int8_kv_quantize_ref import KERNEL_DTYPES, MAX_HEAD_DIM, quantize_kv_ref
 from .launch import describe
-from .paged_decode_attention_ref import MIN_PAGE_SIZE
+from .paged_decode_attention_ref import MIN_PAGE_SIZE, cast_to
 
 
 def write_kv_pages_ref(k_new, v_new, k_pages, v_pages, slots, k_scales=None, v_scales=None, slot_pages=None,
@@ -26,9 +26,8 @@ def write_kv_pages_ref(k_new, v_new, k_pages, v_pages, slots, k_scales=None, v_s
         page_size = k_pages.shape[2]
         slot_pages, slot_offsets = slots // page_size, slots % page_size
     if k_scales is None:
-        # No `to` call when the dtypes agree: the serving engine's CPU steps pay for every torch call.
-        k_pages[slot_pages, :, slot_offsets] = k_new if k_new.dtype == k_pages.dtype else k_new.to(k_pages.dtype)
-        v_pages[slot_pages, :, slot_offsets] = v_new if v_new.dtype == v_pages.dtype else v_new.to(v_pages.dtype)
+        k_pages[slot_pages, :, slot_offsets] = cast_to(k_new, k_pages.dtype)
+        v_pages[slot_pages, :, slot_offsets] = cast_to(v_new, v_pages.dtype)
         return
     # Keys and values quantized in one call (each head vector has its own scale): half the torch calls.
     data, scale = quantize_kv_ref(torch.stack([k_new, v_new]))
