@@ -204,6 +204,13 @@ class RemoteRequest:
         if item.finish_reason == "error":
             raise RequestFailed(f"request {item.request_id} failed: {item.error}")
 
+    async def wait(self) -> RequestOutput:
+        """`RequestHandle.wait`: the `RequestOutput` once the request ends, its stream consumed (the
+        replica sends every token); raises `RequestFailed` if it fails."""
+        async for _ in self.stream():
+            pass
+        return self.result(timeout=0)
+
     def result(self, timeout: float | None = None) -> RequestOutput:
         """The `RequestOutput`, once `stream()` has ended; raises what ended it otherwise."""
         if not self._ended.wait(timeout):

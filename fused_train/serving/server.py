@@ -405,9 +405,7 @@ class _Server:
         try:
             outputs = []
             for handle in handles:
-                async for _ in handle.stream():
-                    pass
-                outputs.append(handle.result(timeout=0))
+                outputs.append(await handle.wait())
                 self.observe(outputs[-1])
         except RequestFailed as error:
             raise APIError(500, str(error), type="server_error", code="request_failed") from error

@@ -175,6 +175,34 @@ def test_cancel_stream_stop_ids_and_a_full_queue(adapter_dirs, cpu_path):
         assert engine.metrics()["kv_pages_used"] == 0
 
 
+def test_waiting_for_the_end_wakes_its_asyncio_loop_once_and_raises_for_a_failure(adapter_dirs, cpu_path):
+    """`wait()` (how the server awaits an answer not streamed) is woken at the end alone: a wake-up
+    per token costs the loop thread's steps."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def wait_counting_wakes(engine, prompt):
+        loop, wakes = asyncio.get_running_loop(), []
+        call_soon_threadsafe = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: wakes.append(args) or call_soon_threadsafe(*args)
+        handle = engine.add_request(prompt, params, "qv4")
+        output = await handle.wait()
+        return output, len(wakes), await handle.wait()
+
+    with _engine(adapter_dirs) as engine:
+        (expected,) = engine.generate([[5, 6, 7]], params, "qv4")
+        output, wakes, again = asyncio.run(wait_counting_wakes(engine, [5, 6, 7]))
+        assert output.token_ids == expected.token_ids and len(output.token_ids) == 12 and again is output
+        assert wakes == 1
+
+        def poisoned(module, args):
+            if (args[0] == 96).any():
+                raise RuntimeError("poisoned input")
+
+        engine.model.model.embed_tokens.register_forward_pre_hook(poisoned)
+        with pytest.raises(RequestFailed, match="poisoned input"):
+            asyncio.run(wait_counting_wakes(engine, [8, 96]))
+
+
 def test_a_request_whose_adapter_breaks_fails_alone(adapter_dirs, cpu_path, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
