@@ -6,7 +6,13 @@ sequence gained (a decode crossing into a new page), and a preempted or ended se
 row back (an ended one at the next step: requests end on other threads too, the rows are only the
 loop thread's). The step's flat tensors (token ids, positions, page slots, the decodes' page table and
 lengths, the prefills' offsets and cached context) are computed from those rows with a few
-vectorized index operations, not rebuilt from Python lists of every token and page.
+vectorized index operations, not rebuilt from Python lists of every token and page; a decode's
+come from one short list per sequence, in a single host tensor.
+
+Where the PyTorch reference runs (a CPU), each row also holds the rows of its keys in the pages
+seen as `[-1, head_dim]`, written with its pages, so the decodes' `PagedAttentionPlan` is a slice
+of them: a batch-1 step on a CPU pays for every torch call, and building the plan from the page
+table took a dozen.
 
 A row is rebuilt from its sequence whenever its bookkeeping does not match it (another sequence of
 that id, a preemption since, fewer pages or tokens than the row holds), so a missed `forget`
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fused_train.hf.attention import PagedAttentionMetadata
-from fused_train.kernels.paged_decode_attention_ref import paged_attention_plan
+from fused_train.kernels.paged_decode_attention_ref import PagedAttentionPlan
 from fused_train.serving.scheduler import FINISHED, Sequence, Step
 
 
@@ -39,6 +45,12 @@ class InputBatch:
         self.page_size, self.num_kv_heads, self.device = page_size, num_kv_heads, torch.device(device)
         self._on_host = self.device.type == "cpu"
         self.page_table = torch.zeros(rows, pages_per_row, dtype=torch.int32)
+        # Where the reference runs: key j of a row's sequence in kv head h is row `(page(j) *
+        # num_kv_heads + h) * page_size + j % page_size` of the pages (`paged_attention_plan`'s).
+        width = pages_per_row * page_size if self._on_host else 0
+        self.key_rows = torch.zeros(rows, num_kv_heads, width, dtype=torch.int64)
+        self._page_key_rows = (torch.arange(num_kv_heads)[:, None] * page_size + torch.arange(page_size))[None]
+        self._no_prefill = self._device(torch.zeros(1, dtype=torch.int32))
         self._rows: dict[str, _Row] = {}
         self._free = list(range(rows - 1, -1, -1))
 
@@ -60,6 +72,7 @@ class InputBatch:
             if not self._free:
                 rows = self.page_table.shape[0]
                 self.page_table = torch.cat([self.page_table, torch.zeros_like(self.page_table)])
+                self.key_rows = torch.cat([self.key_rows, torch.zeros_like(self.key_rows)])
                 self._free = list(range(2 * rows - 1, rows - 1, -1))
             index = self._free.pop()
             self.page_table[index].zero_()
@@ -72,8 +85,18 @@ class InputBatch:
                 grown = torch.zeros(self.page_table.shape[0], max(2 * width, num_pages), dtype=torch.int32)
                 grown[:, :width] = self.page_table
                 self.page_table = grown
-            self.page_table[row.index, row.num_pages:num_pages] = torch.tensor(seq.pages[row.num_pages:],
-                                                                               dtype=torch.int32)  # fmt: skip
+                if self._on_host:
+                    key_rows = self.key_rows
+                    self.key_rows = key_rows.new_zeros(*key_rows.shape[:2], grown.shape[1] * self.page_size)
+                    self.key_rows[:, :, : key_rows.shape[2]] = key_rows
+            pages = torch.tensor(seq.pages[row.num_pages:], dtype=torch.int64)
+            self.page_table[row.index, row.num_pages:num_pages] = pages
+            if self._on_host:
+                page_size = self.page_size
+                key_rows = pages[:, None, None] * (self.num_kv_heads * page_size) + self._page_key_rows
+                self.key_rows[row.index, :, row.num_pages * page_size : num_pages * page_size] = (
+                    key_rows.transpose(0, 1).reshape(self.num_kv_heads, -1)
+                )
             row.num_pages = num_pages
         return row
 
@@ -104,38 +127,67 @@ class InputBatch:
             self.forget(seq)
         prefill_rows = [self._row(seq) for seq in step.prefills]
         decode_rows = [self._row(seq) for seq in step.decodes]
-        num_decodes = len(step.decodes)
-        decode_index = torch.tensor([row.index for row in decode_rows], dtype=torch.int64)
-        kv_lens = torch.tensor([len(seq.token_ids) for seq in step.decodes], dtype=torch.int64)
-        ids = torch.tensor([seq.token_ids[-1] for seq in step.decodes], dtype=torch.int64)
-        positions, rows = kv_lens - 1, decode_index
-        last = torch.arange(num_decodes)
-        num_prefill, max_prefill_len, cu_prefill, context = 0, 0, torch.zeros(1, dtype=torch.int64), {}
+        num_decodes, page_size = len(step.decodes), self.page_size
+        # A decode feeds its last token, at its last position: (row, length, id, position, page,
+        # offset, slot) of each, one tensor.
+        decodes = []
+        for seq, row in zip(step.decodes, decode_rows):
+            position = len(seq.token_ids) - 1
+            page, offset = seq.pages[position // page_size], position % page_size
+            slot = page * page_size + offset
+            decodes.append((row.index, position + 1, seq.token_ids[-1], position, page, offset, slot))
+        decode_index, kv_lens, ids, positions, slot_pages, slot_offsets, slots = torch.tensor(
+            list(zip(*decodes)) or [[]] * 7, dtype=torch.int64
+        )
+        last, decode_positions = torch.arange(num_decodes), positions
+        num_prefill, max_prefill_len, cu_prefill, context = 0, 0, self._no_prefill, {}
         if step.prefills:
             prefill_ids, prefill_positions, prefill_rows, cu_prefill, context = self._prefills(step, prefill_rows)
             num_prefill, max_prefill_len = len(prefill_ids), int((cu_prefill[1:] - cu_prefill[:-1]).max())
+            prefill_pages, prefill_offsets = self._pages_and_offsets(prefill_rows, prefill_positions)
             ids, positions = torch.cat([prefill_ids, ids]), torch.cat([prefill_positions, positions])
-            rows, last = torch.cat([prefill_rows, rows]), torch.cat([cu_prefill[1:] - 1, last + num_prefill])
+            slot_pages = torch.cat([prefill_pages, slot_pages])
+            slot_offsets = torch.cat([prefill_offsets, slot_offsets])
+            slots = slot_pages * page_size + slot_offsets
+            last = torch.cat([cu_prefill[1:] - 1, last + num_prefill])
+            cu_prefill = self._device(cu_prefill, torch.int32)
         max_pages = max((row.num_pages for row in decode_rows), default=1)
         page_table = self._device(self.page_table[:, :max_pages].index_select(0, decode_index))
-        kv_lens = self._device(kv_lens, torch.int32)
         plan = None
-        if num_decodes and self.device.type == "cpu":  # where the reference runs: its per-step part, once
-            plan = paged_attention_plan(page_table, kv_lens, None, self.page_size, self.num_kv_heads)
-        slot_pages, slot_offsets = self._pages_and_offsets(rows, positions)
+        if num_decodes and self._on_host:  # where the reference runs: its per-step part, once
+            plan = self._decode_plan(decode_index, kv_lens, decode_positions, decodes)
         metadata = PagedAttentionMetadata(
-            slots=self._device(slot_pages * self.page_size + slot_offsets),
+            slots=self._device(slots),
             num_prefill_tokens=num_prefill,
-            cu_seqlens_prefill=self._device(cu_prefill, torch.int32),
+            cu_seqlens_prefill=cu_prefill,
             max_prefill_len=max_prefill_len,
             page_table=page_table,
-            kv_lens=kv_lens,
+            kv_lens=self._device(kv_lens, torch.int32),
             decode_plan=plan,
             slot_pages=self._device(slot_pages),
             slot_offsets=self._device(slot_offsets),
             **context,
         )
         return self._device(ids)[None], self._device(positions)[None], metadata, self._device(last)
+
+    def _decode_plan(self, decode_index, kv_lens, positions, decodes) -> PagedAttentionPlan:
+        """`paged_attention_plan` of the decodes (int64 `decode_index`, `kv_lens` and `positions`;
+        `decodes` the rows of `prepare`'s table, as ints), sliced from the rows' key rows. A sequence
+        shorter than the longest repeats its key 0 (a slot it wrote: its row's later entries may be
+        slots not yet written, or stale), masked, as the reference does."""
+        lengths = [decode[1] for decode in decodes]
+        num_keys = max(lengths)
+        if len(decodes) == 1:
+            key_rows = self.key_rows[decodes[0][0], :, :num_keys]
+        else:
+            key_rows = self.key_rows[:, :, :num_keys].index_select(0, decode_index)
+        visible = None
+        if min(lengths) < num_keys:
+            key_ok = torch.arange(num_keys) < kv_lens[:, None]
+            key_rows = torch.where(key_ok[:, None, :], key_rows, key_rows[:, :, :1])
+            visible = key_ok[:, None, None, :]
+        return PagedAttentionPlan(key_rows.reshape(-1), self.num_kv_heads, num_keys, visible, positions[:, None],
+                                  None, None, None)  # fmt: skip
 
     def _prefills(self, step: Step, rows: list[_Row]):
         """The prefills' token ids, positions and rows (one each per token), their `cu_seqlens` and

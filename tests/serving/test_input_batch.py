@@ -8,11 +8,13 @@ import random
 import pytest
 import torch
 
+from fused_train.kernels.paged_decode_attention_ref import paged_attention_plan
 from fused_train.serving.input_batch import InputBatch
 from fused_train.serving.pages import PageAllocator
 from fused_train.serving.scheduler import Scheduler, Sequence
 
 PAGE_SIZE = 8
+NUM_KV_HEADS = 2
 
 
 def _from_scratch(step):
@@ -71,6 +73,14 @@ def _prepared(batch, step):
     # The slots split once per step for every layer's write.
     assert torch.equal(metadata.slot_pages * PAGE_SIZE + metadata.slot_offsets, metadata.slots)
     assert ((metadata.slot_offsets >= 0) & (metadata.slot_offsets < PAGE_SIZE)).all()
+    # The decodes' plan, sliced from the rows' key rows, is the reference's own.
+    if step.decodes:
+        expected = paged_attention_plan(metadata.page_table, metadata.kv_lens, None, PAGE_SIZE, NUM_KV_HEADS)
+        for name, value in expected._asdict().items():
+            got_value = getattr(metadata.decode_plan, name)
+            assert got_value == value if not isinstance(value, torch.Tensor) else torch.equal(got_value, value), name
+    else:
+        assert metadata.decode_plan is None
     return {name: value.tolist() if isinstance(value, torch.Tensor) else value for name, value in got.items()}
 
 
@@ -82,7 +92,8 @@ def test_persistent_inputs_equal_inputs_built_from_scratch_at_every_step(prefix_
     # the prefix cache; without it a preempted sequence comes back to other pages).
     scheduler = Scheduler(PageAllocator(12, PAGE_SIZE), max_batch_tokens=24, max_running=5, max_adapters=2,
                           max_waiting=64, prefix_caching=prefix_caching)  # fmt: skip
-    batch = InputBatch(PAGE_SIZE, 2, "cpu", rows=2, pages_per_row=2)  # small: the rows and the table must grow
+    # Small: the rows and the table must grow.
+    batch = InputBatch(PAGE_SIZE, NUM_KV_HEADS, "cpu", rows=2, pages_per_row=2)
     prefixes = [[rng.randrange(1, 100) for _ in range(16)] for _ in range(2)]
     kinds = set()
     for i in range(24):
