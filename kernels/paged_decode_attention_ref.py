@@ -113,7 +113,6 @@ def paged_decode_attention_ref(
     num_keys = plan.num_keys
     if total_q == 0 or num_keys == 0:
         return torch.zeros_like(q)
-    max_queries = plan.positions.shape[1]
 
     def gather(pages, scales):
         """[batch, num_kv_heads, keys, head_dim] in compute_dtype."""
@@ -125,8 +124,8 @@ def paged_decode_attention_ref(
         return gathered * cast_to(row_scales, compute_dtype)
 
     keys, values = gather(k_pages, k_scales), gather(v_pages, v_scales)
-    q_padded = q if plan.rows is None else q[plan.rows]
-    q_padded = cast_to(q_padded.reshape(batch, max_queries, num_heads, head_dim).transpose(1, 2), compute_dtype)
+    # [batch, num_heads, max_queries, head_dim]; with one query per sequence, a view of q.
+    q_padded = cast_to(q.unsqueeze(2) if plan.rows is None else q[plan.rows].transpose(1, 2), compute_dtype)
     visible = plan.visible
     if window_left >= 0:
         key_index = torch.arange(num_keys, device=q.device)
@@ -147,10 +146,11 @@ def paged_decode_attention_ref(
     if plan.empty is not None:
         # Queries of sequences without keys see none: zeros (their gathered keys may be NaN).
         attended = attended.masked_fill(plan.empty, 0)
-    attended = attended.transpose(1, 2)  # [batch, max_queries, num_heads, head_dim]
-    # Sequences' queries follow each other in q, as the rows of query_ok do.
-    attended = attended.reshape(total_q, num_heads, head_dim) if plan.query_ok is None else attended[plan.query_ok]
-    return cast_to(attended, q.dtype)
+    if plan.rows is None:
+        return cast_to(attended.squeeze(2), q.dtype)
+    # [batch, max_queries, num_heads, head_dim]; sequences' queries follow each other in q, as the
+    # rows of query_ok do.
+    return cast_to(attended.transpose(1, 2)[plan.query_ok], q.dtype)
 
 
 def cast_to(tensor, dtype):
