@@ -28,6 +28,13 @@ from fused_train.kernels.paged_decode_attention_ref import PagedAttentionPlan
 from fused_train.serving.scheduler import FINISHED, Sequence, Step
 
 
+def _widened(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` with its last dimension grown to `width`, zeros after its entries."""
+    grown = tensor.new_zeros(*tensor.shape[:-1], width)
+    grown[..., : tensor.shape[-1]] = tensor
+    return grown
+
+
 @dataclass(eq=False)
 class _Row:
     index: int  # in the page table
@@ -82,13 +89,9 @@ class InputBatch:
         if num_pages > row.num_pages:
             width = self.page_table.shape[1]
             if num_pages > width:
-                grown = torch.zeros(self.page_table.shape[0], max(2 * width, num_pages), dtype=torch.int32)
-                grown[:, :width] = self.page_table
-                self.page_table = grown
+                self.page_table = _widened(self.page_table, max(2 * width, num_pages))
                 if self._on_host:
-                    key_rows = self.key_rows
-                    self.key_rows = key_rows.new_zeros(*key_rows.shape[:2], grown.shape[1] * self.page_size)
-                    self.key_rows[:, :, : key_rows.shape[2]] = key_rows
+                    self.key_rows = _widened(self.key_rows, self.page_table.shape[1] * self.page_size)
             pages = torch.tensor(seq.pages[row.num_pages:], dtype=torch.int64)
             self.page_table[row.index, row.num_pages:num_pages] = pages
             if self._on_host:
